@@ -1,0 +1,86 @@
+//! Extractors whose rejections are [`ApiError`]s: JSON bodies, path parameters, and
+//! [`Authorized`], which checks the bearer token and the scope a handler declares.
+
+use std::marker::PhantomData;
+
+use axum::extract::{FromRequest, FromRequestParts};
+use axum::http::header;
+use axum::http::request::Parts;
+use axum::response::{IntoResponse, Response};
+
+use super::{ApiError, AppState};
+use crate::auth::service::{Scope, TokenError};
+
+/// `axum::Json` with [`ApiError`] rejections (400004, 413001, 415001).
+#[derive(Debug, FromRequest)]
+#[from_request(via(axum::Json), rejection(ApiError))]
+pub struct ApiJson<T>(pub T);
+
+impl<T: serde::Serialize> IntoResponse for ApiJson<T> {
+    fn into_response(self) -> Response {
+        axum::Json(self.0).into_response()
+    }
+}
+
+/// `axum::extract::Path` with [`ApiError`] rejections.
+#[derive(Debug, FromRequestParts)]
+#[from_request(via(axum::extract::Path), rejection(ApiError))]
+pub struct ApiPath<T>(pub T);
+
+/// A scope a route requires, as a type so handlers declare it in their signature.
+pub trait RequiredScope: Send + Sync + 'static {
+    /// The scope.
+    const SCOPE: Scope;
+}
+
+/// Marker: the route needs `registry:read`.
+#[derive(Debug)]
+pub struct RegistryRead;
+impl RequiredScope for RegistryRead {
+    const SCOPE: Scope = Scope::RegistryRead;
+}
+
+/// Marker: the route needs `registry:write`.
+#[derive(Debug)]
+pub struct RegistryWrite;
+impl RequiredScope for RegistryWrite {
+    const SCOPE: Scope = Scope::RegistryWrite;
+}
+
+/// Proof that the request carries a valid service token with scope `S`.
+#[derive(Debug)]
+pub struct Authorized<S>(PhantomData<S>);
+
+impl<S: RequiredScope> FromRequestParts<AppState> for Authorized<S> {
+    type Rejection = ApiError;
+
+    async fn from_request_parts(parts: &mut Parts, state: &AppState) -> Result<Self, ApiError> {
+        let value = parts
+            .headers
+            .get(header::AUTHORIZATION)
+            .ok_or_else(|| ApiError::Unauthenticated("missing bearer token".into()))?;
+        let value = value
+            .to_str()
+            .map_err(|_| ApiError::Unauthenticated("malformed Authorization header".into()))?;
+        let token = match value.split_once(' ') {
+            Some((scheme, token)) if scheme.eq_ignore_ascii_case("bearer") => token.trim(),
+            _ => {
+                return Err(ApiError::Unauthenticated(
+                    "the Authorization header must be `Bearer <token>`".into(),
+                ));
+            }
+        };
+        let claims = state.service_key.verify(token).map_err(|err| match err {
+            TokenError::Expired => ApiError::TokenExpired,
+            TokenError::Invalid(reason) => {
+                tracing::debug!(%reason, "refused service token");
+                ApiError::Unauthenticated("invalid bearer token".into())
+            }
+        })?;
+        if !claims.has(S::SCOPE) {
+            return Err(ApiError::MissingScope(S::SCOPE));
+        }
+        tracing::debug!(subject = %claims.sub, scope = %S::SCOPE, "authorized request");
+        Ok(Self(PhantomData))
+    }
+}

@@ -1,0 +1,68 @@
+//! The service REST API (axum): routes, shared state, body and concurrency limits,
+//! and the JSON error shape. Handlers live one file per resource; extractors in
+//! [`extract`] turn every rejection into an [`ApiError`].
+
+mod devices;
+mod error;
+mod extract;
+mod health;
+
+use std::sync::Arc;
+
+use axum::Router;
+use axum::extract::DefaultBodyLimit;
+use axum::http::{Method, Uri};
+use axum::routing::get;
+
+pub use error::ApiError;
+
+use crate::auth::service::ServiceKey;
+use crate::registry::Registry;
+use crate::store::StoreHealth;
+
+/// What handlers share.
+#[derive(Clone)]
+pub struct AppState {
+    /// Device identities.
+    pub registry: Registry,
+    /// Verifies bearer tokens.
+    pub service_key: Arc<ServiceKey>,
+    /// Answers readiness checks.
+    pub store: Arc<dyn StoreHealth>,
+}
+
+/// Limits of the HTTP edge.
+#[derive(Debug, Clone, Copy)]
+pub struct HttpLimits {
+    /// Largest request body, bytes.
+    pub max_body_bytes: usize,
+    /// Most requests handled at once; more wait.
+    pub max_concurrent_requests: usize,
+}
+
+/// The router with every route and layer.
+pub fn router(state: AppState, limits: HttpLimits) -> Router {
+    Router::new()
+        .route("/devices", get(devices::list))
+        .route(
+            "/devices/{id}",
+            get(devices::get).put(devices::put).delete(devices::delete),
+        )
+        .route("/healthz", get(health::healthz))
+        .route("/readyz", get(health::readyz))
+        .fallback(route_not_found)
+        .method_not_allowed_fallback(method_not_allowed)
+        .layer(DefaultBodyLimit::max(limits.max_body_bytes))
+        .layer(tower::limit::GlobalConcurrencyLimitLayer::new(
+            limits.max_concurrent_requests,
+        ))
+        .with_state(state)
+}
+
+async fn route_not_found(method: Method, uri: Uri) -> ApiError {
+    ApiError::RouteNotFound(format!("{method} {}", uri.path()))
+}
+
+async fn method_not_allowed() -> ApiError {
+    ApiError::MethodNotAllowed
+}

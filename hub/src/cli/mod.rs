@@ -1,0 +1,121 @@
+//! The admin CLI: `hub token`, `hub device …` (a client of the REST API, authorized
+//! with a short-lived token minted from the data dir's owner key), and
+//! `hub cert device`.
+
+mod client;
+mod device;
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use anyhow::{Context, Result};
+use clap::Args;
+use hub::auth::service::{Scope, ServiceKey};
+use hub::data_dir;
+
+pub use device::{DeviceCommand, device};
+
+/// Where the CLI finds the hub: the data dir (owner key, endpoints.json) and
+/// optionally an explicit API URL.
+#[derive(Args, Debug, Clone)]
+pub struct Target {
+    /// Data directory of the hub (default ./hub-data).
+    #[arg(
+        long,
+        env = "HUB_DATA_DIR",
+        default_value = "./hub-data",
+        global = true
+    )]
+    pub data_dir: PathBuf,
+    /// REST API base URL (default: the http address in DATA_DIR/endpoints.json).
+    #[arg(long, env = "HUB_URL", global = true)]
+    pub url: Option<String>,
+}
+
+/// `hub token` arguments.
+#[derive(Args, Debug)]
+pub struct TokenArgs {
+    /// Data directory holding service.key.
+    #[arg(long, env = "HUB_DATA_DIR", default_value = "./hub-data")]
+    data_dir: PathBuf,
+    /// Scopes, comma- or space-separated: registry:read, registry:write, service:connect.
+    #[arg(long, default_value = "registry:read,registry:write,service:connect")]
+    scope: String,
+    /// Lifetime in seconds.
+    #[arg(long, default_value_t = 3600)]
+    ttl: u64,
+}
+
+/// Parses a comma- or space-separated scope list.
+fn parse_scopes(raw: &str) -> Result<Vec<Scope>> {
+    let scopes = raw
+        .split([',', ' '])
+        .filter(|s| !s.is_empty())
+        .map(|s| s.parse::<Scope>().map_err(anyhow::Error::msg))
+        .collect::<Result<Vec<_>>>()?;
+    anyhow::ensure!(!scopes.is_empty(), "--scope names no scope");
+    Ok(scopes)
+}
+
+/// `hub token`: prints a bearer token and nothing else.
+pub fn token(args: &TokenArgs) -> Result<()> {
+    let scopes = parse_scopes(&args.scope)?;
+    anyhow::ensure!(args.ttl > 0, "--ttl must be at least 1 second");
+    let key = ServiceKey::load(&data_dir::service_key_path(&args.data_dir))?;
+    println!(
+        "{}",
+        key.mint("owner", &scopes, Duration::from_secs(args.ttl))?
+    );
+    Ok(())
+}
+
+/// `hub cert …`.
+#[derive(clap::Subcommand, Debug)]
+pub enum CertCommand {
+    /// Issue a device certificate (CN = ID) from the data dir's CA into OUT/ID.pem + ID.key.
+    Device {
+        /// The device id.
+        id: String,
+        /// Data directory holding certs/ca.pem.
+        #[arg(long, env = "HUB_DATA_DIR", default_value = "./hub-data")]
+        data_dir: PathBuf,
+        /// Output directory (default: DATA_DIR/certs/devices).
+        #[arg(long)]
+        out: Option<PathBuf>,
+    },
+}
+
+/// `hub cert device ID`.
+pub fn cert(command: CertCommand) -> Result<()> {
+    match command {
+        CertCommand::Device { id, data_dir, out } => {
+            let id = hub::registry::DeviceId::parse(&id)?;
+            let ca_dir = data_dir.join("certs");
+            let ca = certs::Ca::read(&ca_dir, "ca")?.with_context(|| {
+                format!(
+                    "no CA in {} (start `hub serve` once to create it)",
+                    ca_dir.display()
+                )
+            })?;
+            let out = out.unwrap_or_else(|| ca_dir.join("devices"));
+            ca.issue_device(id.as_str())?.write(&out, id.as_str())?;
+            println!("{}", out.join(format!("{id}.pem")).display());
+            Ok(())
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn scopes_parse_from_commas_or_spaces() {
+        assert_eq!(
+            parse_scopes("registry:read, registry:write").unwrap(),
+            vec![Scope::RegistryRead, Scope::RegistryWrite]
+        );
+        assert!(parse_scopes("registry:read,admin").is_err());
+        assert!(parse_scopes(",").is_err());
+    }
+}

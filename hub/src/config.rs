@@ -1,0 +1,307 @@
+//! The hub's configuration: a serde TOML tree with documented defaults, the
+//! precedence flags > `HUB_*` environment > file > defaults, and [`Config::validate`],
+//! whose errors name the offending key.
+//!
+//! Flags and environment variables are resolved by clap in the binary (each flag has
+//! its `HUB_*` variable) and arrive here as [`Overrides`]; this module layers them over
+//! the file, which is layered over [`Config::default`].
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Serialize};
+
+/// Why a configuration could not be loaded. Every variant names the file or key.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    /// The config file could not be read.
+    #[error("cannot read config file {path}: {source}")]
+    Read {
+        /// The file named by `--config`.
+        path: PathBuf,
+        /// The underlying I/O error.
+        source: std::io::Error,
+    },
+    /// The config file is not valid TOML for this tree (the message names the key).
+    #[error("invalid config file {path}: {message}")]
+    Parse {
+        /// The file named by `--config`.
+        path: PathBuf,
+        /// The TOML parser's message, which names the key and position.
+        message: String,
+    },
+    /// A value is out of its allowed range.
+    #[error("{key} {message}")]
+    Invalid {
+        /// Dotted path of the key, e.g. `mqtt.max_packet_size`.
+        key: &'static str,
+        /// What is wrong with it, e.g. `must be ≥ 1024`.
+        message: String,
+    },
+}
+
+/// The whole configuration tree. Every field has a default; a TOML file may set any
+/// subset. Unknown keys are refused, so a typo fails start-up instead of being ignored.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct Config {
+    /// Directory holding the store, certificates, the owner key and `endpoints.json`.
+    /// Default `./hub-data`; created on first start.
+    pub data_dir: PathBuf,
+    /// The host name devices use to reach the hub: checked in SAS `sr` fields and JWT
+    /// `aud` claims, and put in the server certificate. Default `localhost`.
+    pub hostname: String,
+    /// Device-facing MQTT listeners and limits.
+    pub mqtt: MqttConfig,
+    /// Service REST API listener and limits.
+    pub http: HttpConfig,
+}
+
+/// `[mqtt]`: the device-facing MQTT endpoint.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct MqttConfig {
+    /// MQTT over TCP. Default `127.0.0.1:1883`; port 0 picks a free port.
+    pub tcp_listen: SocketAddr,
+    /// MQTT over TLS. Default `127.0.0.1:8883` (the port Azure's device SDKs dial).
+    pub tls_listen: SocketAddr,
+    /// Largest MQTT packet accepted, in bytes: the telemetry limit (256 KiB) plus
+    /// headroom for topic and properties. Default 270336 (264 KiB); at least 1024.
+    pub max_packet_size: usize,
+    /// Most device connections served at once. Default 100000.
+    pub max_connections: usize,
+}
+
+/// `[http]`: the service REST API.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct HttpConfig {
+    /// Listen address. Default `127.0.0.1:8080`; port 0 picks a free port.
+    pub listen: SocketAddr,
+    /// Largest request body accepted, in bytes (larger gets 413). Default 1 MiB.
+    pub max_body_bytes: usize,
+    /// Most requests handled at once; further ones wait. Default 1024.
+    pub max_concurrent_requests: usize,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Self {
+            data_dir: PathBuf::from("./hub-data"),
+            hostname: "localhost".to_string(),
+            mqtt: MqttConfig::default(),
+            http: HttpConfig::default(),
+        }
+    }
+}
+
+impl Default for MqttConfig {
+    fn default() -> Self {
+        Self {
+            tcp_listen: SocketAddr::from(([127, 0, 0, 1], 1883)),
+            tls_listen: SocketAddr::from(([127, 0, 0, 1], 8883)),
+            max_packet_size: 264 * 1024,
+            max_connections: 100_000,
+        }
+    }
+}
+
+impl Default for HttpConfig {
+    fn default() -> Self {
+        Self {
+            listen: SocketAddr::from(([127, 0, 0, 1], 8080)),
+            max_body_bytes: 1024 * 1024,
+            max_concurrent_requests: 1024,
+        }
+    }
+}
+
+/// Values given as flags or `HUB_*` environment variables; each one set replaces the
+/// file's value.
+#[derive(Debug, Clone, Default)]
+pub struct Overrides {
+    /// `--data-dir` / `HUB_DATA_DIR`.
+    pub data_dir: Option<PathBuf>,
+    /// `--hostname` / `HUB_HOSTNAME`.
+    pub hostname: Option<String>,
+    /// `--mqtt` / `HUB_MQTT`.
+    pub mqtt: Option<SocketAddr>,
+    /// `--mqtts` / `HUB_MQTTS`.
+    pub mqtts: Option<SocketAddr>,
+    /// `--http` / `HUB_HTTP`.
+    pub http: Option<SocketAddr>,
+}
+
+/// The largest packet MQTT 3.1.1 can express (remaining length of four bytes).
+const MQTT_MAX_PACKET: usize = 268_435_455;
+
+impl Config {
+    /// Loads the configuration: defaults, then `file` if given, then `overrides`;
+    /// validates the result.
+    pub fn load(file: Option<&Path>, overrides: &Overrides) -> Result<Self, ConfigError> {
+        let mut config = match file {
+            Some(path) => Self::from_file(path)?,
+            None => Self::default(),
+        };
+        config.apply(overrides);
+        config.validate()?;
+        Ok(config)
+    }
+
+    /// Parses a TOML file over the defaults (without validating).
+    pub fn from_file(path: &Path) -> Result<Self, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.to_path_buf(),
+            source,
+        })?;
+        Self::from_toml(&text).map_err(|message| ConfigError::Parse {
+            path: path.to_path_buf(),
+            message,
+        })
+    }
+
+    /// Parses TOML text over the defaults (without validating).
+    pub fn from_toml(text: &str) -> Result<Self, String> {
+        toml::from_str(text).map_err(|err| err.to_string().trim_end().to_string())
+    }
+
+    /// Replaces file values with the ones given on the command line or environment.
+    pub fn apply(&mut self, overrides: &Overrides) {
+        if let Some(dir) = &overrides.data_dir {
+            self.data_dir.clone_from(dir);
+        }
+        if let Some(hostname) = &overrides.hostname {
+            self.hostname.clone_from(hostname);
+        }
+        if let Some(addr) = overrides.mqtt {
+            self.mqtt.tcp_listen = addr;
+        }
+        if let Some(addr) = overrides.mqtts {
+            self.mqtt.tls_listen = addr;
+        }
+        if let Some(addr) = overrides.http {
+            self.http.listen = addr;
+        }
+    }
+
+    /// Checks every value against its allowed range; the error names the key.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        let invalid = |key, message: &str| {
+            Err(ConfigError::Invalid {
+                key,
+                message: message.to_string(),
+            })
+        };
+        if self.data_dir.as_os_str().is_empty() {
+            return invalid("data_dir", "must not be empty");
+        }
+        if !is_valid_hostname(&self.hostname) {
+            return invalid(
+                "hostname",
+                "must be a DNS name or IP address (letters, digits, '-', '.', ':')",
+            );
+        }
+        if self.mqtt.max_packet_size < 1024 {
+            return invalid("mqtt.max_packet_size", "must be ≥ 1024");
+        }
+        if self.mqtt.max_packet_size > MQTT_MAX_PACKET {
+            return invalid(
+                "mqtt.max_packet_size",
+                "must be ≤ 268435455 (the MQTT maximum)",
+            );
+        }
+        if self.mqtt.max_connections == 0 {
+            return invalid("mqtt.max_connections", "must be ≥ 1");
+        }
+        if self.http.max_body_bytes < 1024 {
+            return invalid("http.max_body_bytes", "must be ≥ 1024");
+        }
+        if self.http.max_concurrent_requests == 0 {
+            return invalid("http.max_concurrent_requests", "must be ≥ 1");
+        }
+        Ok(())
+    }
+
+    /// The effective configuration as TOML, for `hub print-config`.
+    pub fn to_toml(&self) -> String {
+        // A tree of plain strings, paths and integers always serializes.
+        toml::to_string_pretty(self).unwrap_or_else(|err| format!("# cannot render: {err}\n"))
+    }
+}
+
+fn is_valid_hostname(name: &str) -> bool {
+    !name.is_empty()
+        && name.len() <= 253
+        && name
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '.' | ':'))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn defaults_are_the_documented_ones() {
+        let config = Config::default();
+        assert_eq!(config.data_dir, PathBuf::from("./hub-data"));
+        assert_eq!(config.hostname, "localhost");
+        assert_eq!(config.mqtt.tcp_listen.to_string(), "127.0.0.1:1883");
+        assert_eq!(config.mqtt.tls_listen.to_string(), "127.0.0.1:8883");
+        assert_eq!(config.http.listen.to_string(), "127.0.0.1:8080");
+        config.validate().unwrap();
+    }
+
+    #[test]
+    fn a_file_sets_a_subset_and_keeps_the_other_defaults() {
+        let config =
+            Config::from_toml("hostname = 'hub.lan'\n[mqtt]\nmax_packet_size = 4096\n").unwrap();
+        assert_eq!(config.hostname, "hub.lan");
+        assert_eq!(config.mqtt.max_packet_size, 4096);
+        assert_eq!(config.http, HttpConfig::default());
+    }
+
+    #[test]
+    fn overrides_win_over_the_file() {
+        let mut config = Config::from_toml("[http]\nlisten = '127.0.0.1:9000'\n").unwrap();
+        config.apply(&Overrides {
+            http: Some("127.0.0.1:0".parse().unwrap()),
+            ..Overrides::default()
+        });
+        assert_eq!(config.http.listen.to_string(), "127.0.0.1:0");
+    }
+
+    #[test]
+    fn validation_errors_name_the_key() {
+        let mut config = Config::default();
+        config.mqtt.max_packet_size = 10;
+        let err = config.validate().unwrap_err().to_string();
+        assert_eq!(err, "mqtt.max_packet_size must be ≥ 1024");
+
+        let config = Config {
+            hostname: "bad host".into(),
+            ..Config::default()
+        };
+        assert!(
+            config
+                .validate()
+                .unwrap_err()
+                .to_string()
+                .starts_with("hostname ")
+        );
+    }
+
+    #[test]
+    fn parse_errors_name_the_key_and_unknown_keys_are_refused() {
+        let err = Config::from_toml("[mqtt]\nmax_packet_size = 'big'\n").unwrap_err();
+        assert!(err.contains("max_packet_size"), "{err}");
+        let err = Config::from_toml("[http]\nlistn = '127.0.0.1:1'\n").unwrap_err();
+        assert!(err.contains("listn"), "{err}");
+    }
+
+    #[test]
+    fn print_config_output_parses_back_to_the_same_tree() {
+        let config = Config::default();
+        assert_eq!(Config::from_toml(&config.to_toml()).unwrap(), config);
+    }
+}

@@ -1,0 +1,27 @@
+//! The hub: a self-hosted IoT device hub speaking Azure IoT Hub's device contract.
+//!
+//! A map of the crate, following a request from the edge inwards:
+//!
+//! - [`server`] starts a hub: opens the [`data_dir`] (certificates, owner key), the
+//!   store, binds the listeners, prints `hub ready …`, and shuts down gracefully.
+//! - [`api`] is the service REST API (axum). Each handler checks its bearer token
+//!   ([`auth::service`]) and calls a capability service.
+//! - [`registry`] owns device identities (ids, credentials, status, etags) and live
+//!   presence; it talks to storage only through its [`registry::RegistryStore`] trait.
+//! - [`store`] holds the backends implementing the capability traits: today the
+//!   embedded redb store.
+//! - [`config`] is the configuration tree, its defaults and validation.
+//!
+//! Still to come, each in its own module: the MQTT gateway, telemetry streams, twins,
+//! cloud-to-device commands and direct methods, and cluster mode.
+
+pub mod api;
+pub mod auth;
+pub mod config;
+pub mod data_dir;
+pub mod registry;
+pub mod server;
+pub mod store;
+
+pub use config::Config;
+pub use server::{ServeError, Server, run};

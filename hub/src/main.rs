@@ -1,0 +1,167 @@
+//! `hub`: the server (`hub serve`) and its admin CLI (`print-config`, `token`,
+//! `device …`, `cert device`). Start-up failures print one clear line; a bad
+//! configuration exits with code 2.
+
+mod cli;
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::{Args, Parser, Subcommand};
+use hub::config::{Config, ConfigError, Overrides};
+
+#[derive(Parser)]
+#[command(version, about = "Self-hosted IoT device hub")]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run the hub until Ctrl-C or SIGTERM.
+    Serve(ConfigArgs),
+    /// Print the effective configuration (defaults < file < env < flags) as TOML.
+    PrintConfig(ConfigArgs),
+    /// Mint a service bearer token from the data dir's owner key; prints only the token.
+    Token(cli::TokenArgs),
+    /// Manage device identities through the REST API.
+    #[command(subcommand)]
+    Device(cli::DeviceCommand),
+    /// Issue certificates from the data dir's development CA.
+    #[command(subcommand)]
+    Cert(cli::CertCommand),
+}
+
+/// Where the configuration comes from; each flag also reads a `HUB_*` variable.
+#[derive(Args)]
+struct ConfigArgs {
+    /// TOML config file.
+    #[arg(long, env = "HUB_CONFIG")]
+    config: Option<PathBuf>,
+    /// Data directory (default ./hub-data).
+    #[arg(long, env = "HUB_DATA_DIR")]
+    data_dir: Option<PathBuf>,
+    /// Host name devices use (default localhost).
+    #[arg(long, env = "HUB_HOSTNAME")]
+    hostname: Option<String>,
+    /// MQTT over TCP listen address (default 127.0.0.1:1883).
+    #[arg(long, env = "HUB_MQTT")]
+    mqtt: Option<std::net::SocketAddr>,
+    /// MQTT over TLS listen address (default 127.0.0.1:8883).
+    #[arg(long, env = "HUB_MQTTS")]
+    mqtts: Option<std::net::SocketAddr>,
+    /// REST API listen address (default 127.0.0.1:8080).
+    #[arg(long, env = "HUB_HTTP")]
+    http: Option<std::net::SocketAddr>,
+}
+
+impl ConfigArgs {
+    fn load(&self) -> Result<Config, ConfigError> {
+        let overrides = Overrides {
+            data_dir: self.data_dir.clone(),
+            hostname: self.hostname.clone(),
+            mqtt: self.mqtt,
+            mqtts: self.mqtts,
+            http: self.http,
+        };
+        Config::load(self.config.as_deref(), &overrides)
+    }
+}
+
+/// Exit code for a configuration the hub refuses.
+const EXIT_BAD_CONFIG: u8 = 2;
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let default_log = match cli.command {
+        Command::Serve(_) => "info",
+        _ => "warn",
+    };
+    init_logging(default_log);
+
+    let runtime = match tokio::runtime::Runtime::new() {
+        Ok(runtime) => runtime,
+        Err(err) => {
+            eprintln!("error: cannot start the async runtime: {err}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match cli.command {
+        Command::Serve(args) => {
+            let config = match args.load() {
+                Ok(config) => config,
+                Err(err) => return config_failure(&err),
+            };
+            match runtime.block_on(hub::run(config, shutdown_signal())) {
+                Ok(()) => ExitCode::SUCCESS,
+                Err(err) => {
+                    eprintln!("error: {err}");
+                    ExitCode::FAILURE
+                }
+            }
+        }
+        Command::PrintConfig(args) => match args.load() {
+            Ok(config) => {
+                print!("{}", config.to_toml());
+                ExitCode::SUCCESS
+            }
+            Err(err) => config_failure(&err),
+        },
+        Command::Token(args) => report(cli::token(&args)),
+        Command::Device(command) => report(runtime.block_on(cli::device(command))),
+        Command::Cert(command) => report(cli::cert(command)),
+    }
+}
+
+fn config_failure(err: &ConfigError) -> ExitCode {
+    eprintln!("error: {err}");
+    ExitCode::from(EXIT_BAD_CONFIG)
+}
+
+fn report(result: anyhow::Result<()>) -> ExitCode {
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(err) => {
+            eprintln!("error: {err:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn init_logging(default: &str) {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default));
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .init();
+}
+
+/// Completes on Ctrl-C or SIGTERM.
+async fn shutdown_signal() {
+    let ctrl_c = async {
+        if let Err(err) = tokio::signal::ctrl_c().await {
+            tracing::error!(error = %err, "cannot listen for Ctrl-C");
+            std::future::pending::<()>().await;
+        }
+    };
+    #[cfg(unix)]
+    let terminate = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut signal) => {
+                signal.recv().await;
+            }
+            Err(err) => {
+                tracing::error!(error = %err, "cannot listen for SIGTERM");
+                std::future::pending::<()>().await;
+            }
+        }
+    };
+    #[cfg(not(unix))]
+    let terminate = std::future::pending::<()>();
+    tokio::select! {
+        () = ctrl_c => tracing::info!("Ctrl-C: shutting down"),
+        () = terminate => tracing::info!("SIGTERM: shutting down"),
+    }
+}

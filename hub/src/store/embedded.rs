@@ -1,0 +1,285 @@
+//! The embedded backend: one redb database (`DIR/hub.redb`) holding every capability's
+//! tables. Values are JSON so records can gain fields without a migration; a `meta`
+//! table records the schema version and refuses files from a newer hub.
+//!
+//! redb calls block (a commit is an fsync), so every operation runs on tokio's
+//! blocking pool.
+
+use std::ops::Bound;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use async_trait::async_trait;
+use redb::{Database, ReadableDatabase, ReadableTable, TableDefinition};
+
+use super::{StoreError, StoreHealth};
+use crate::registry::{Device, DeviceId, RegistryStore, RegistryStoreError};
+
+/// Schema version this build writes; a file with a higher one is refused.
+const SCHEMA_VERSION: u64 = 1;
+
+const META: TableDefinition<&str, u64> = TableDefinition::new("meta");
+const DEVICES: TableDefinition<&str, &[u8]> = TableDefinition::new("devices");
+
+/// The embedded redb store. Cheap to clone.
+#[derive(Clone)]
+pub struct EmbeddedStore {
+    db: Arc<Database>,
+    path: PathBuf,
+}
+
+impl std::fmt::Debug for EmbeddedStore {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("EmbeddedStore")
+            .field("path", &self.path)
+            .finish()
+    }
+}
+
+impl EmbeddedStore {
+    /// Opens (or creates) the database at `path` and its tables.
+    pub fn open(path: &Path) -> Result<Self, StoreError> {
+        let open_err = |reason: String| StoreError::Open {
+            path: path.to_path_buf(),
+            reason,
+        };
+        let db = Database::create(path).map_err(|err| open_err(err.to_string()))?;
+        let txn = db.begin_write().map_err(|err| open_err(err.to_string()))?;
+        {
+            let mut meta = txn
+                .open_table(META)
+                .map_err(|err| open_err(err.to_string()))?;
+            let stored = meta
+                .get("schema_version")
+                .map_err(|err| open_err(err.to_string()))?
+                .map(|v| v.value());
+            match stored {
+                Some(version) if version > SCHEMA_VERSION => {
+                    return Err(open_err(format!(
+                        "schema version {version} is newer than this hub's {SCHEMA_VERSION}"
+                    )));
+                }
+                Some(_) => {}
+                None => {
+                    meta.insert("schema_version", SCHEMA_VERSION)
+                        .map_err(|err| open_err(err.to_string()))?;
+                }
+            }
+            txn.open_table(DEVICES)
+                .map_err(|err| open_err(err.to_string()))?;
+        }
+        txn.commit().map_err(|err| open_err(err.to_string()))?;
+        Ok(Self {
+            db: Arc::new(db),
+            path: path.to_path_buf(),
+        })
+    }
+
+    async fn blocking<T, E>(
+        &self,
+        op: impl FnOnce(&Database) -> Result<T, E> + Send + 'static,
+    ) -> Result<T, E>
+    where
+        T: Send + 'static,
+        E: From<StoreError> + Send + 'static,
+    {
+        let db = Arc::clone(&self.db);
+        tokio::task::spawn_blocking(move || op(&db))
+            .await
+            .map_err(|err| E::from(StoreError::Task(err.to_string())))?
+    }
+}
+
+fn encode(device: &Device) -> Result<Vec<u8>, StoreError> {
+    serde_json::to_vec(device).map_err(|err| StoreError::Corrupt {
+        table: "devices",
+        key: device.device_id.to_string(),
+        reason: err.to_string(),
+    })
+}
+
+fn decode(key: &str, bytes: &[u8]) -> Result<Device, StoreError> {
+    serde_json::from_slice(bytes).map_err(|err| StoreError::Corrupt {
+        table: "devices",
+        key: key.to_string(),
+        reason: err.to_string(),
+    })
+}
+
+/// Reads the version of the stored device `id` inside a write transaction.
+fn stored_version(table: &redb::Table<&str, &[u8]>, id: &str) -> Result<Option<u64>, StoreError> {
+    match table.get(id)? {
+        Some(bytes) => Ok(Some(decode(id, bytes.value())?.version)),
+        None => Ok(None),
+    }
+}
+
+#[async_trait]
+impl StoreHealth for EmbeddedStore {
+    async fn ping(&self) -> Result<(), StoreError> {
+        self.blocking(|db| {
+            let txn = db.begin_read()?;
+            txn.open_table(META)?;
+            Ok(())
+        })
+        .await
+    }
+}
+
+#[async_trait]
+impl RegistryStore for EmbeddedStore {
+    async fn insert(&self, device: Device) -> Result<(), RegistryStoreError> {
+        self.blocking(move |db| {
+            let bytes = encode(&device)?;
+            let txn = db.begin_write().map_err(StoreError::from)?;
+            {
+                let mut table = txn.open_table(DEVICES).map_err(StoreError::from)?;
+                if table
+                    .get(device.device_id.as_str())
+                    .map_err(StoreError::from)?
+                    .is_some()
+                {
+                    return Err(RegistryStoreError::AlreadyExists);
+                }
+                table
+                    .insert(device.device_id.as_str(), bytes.as_slice())
+                    .map_err(StoreError::from)?;
+            }
+            txn.commit().map_err(StoreError::from)?;
+            Ok(())
+        })
+        .await
+    }
+
+    async fn get(&self, id: &DeviceId) -> Result<Option<Device>, RegistryStoreError> {
+        let id = id.clone();
+        self.blocking(move |db| {
+            let txn = db.begin_read().map_err(StoreError::from)?;
+            let table = txn.open_table(DEVICES).map_err(StoreError::from)?;
+            let found = table.get(id.as_str()).map_err(StoreError::from)?;
+            Ok(found
+                .map(|bytes| decode(id.as_str(), bytes.value()))
+                .transpose()?)
+        })
+        .await
+    }
+
+    async fn replace(
+        &self,
+        device: Device,
+        expected_version: u64,
+    ) -> Result<(), RegistryStoreError> {
+        self.blocking(move |db| {
+            let bytes = encode(&device)?;
+            let txn = db.begin_write().map_err(StoreError::from)?;
+            {
+                let mut table = txn.open_table(DEVICES).map_err(StoreError::from)?;
+                match stored_version(&table, device.device_id.as_str())? {
+                    None => return Err(RegistryStoreError::NotFound),
+                    Some(version) if version != expected_version => {
+                        return Err(RegistryStoreError::VersionConflict);
+                    }
+                    Some(_) => {}
+                }
+                table
+                    .insert(device.device_id.as_str(), bytes.as_slice())
+                    .map_err(StoreError::from)?;
+            }
+            txn.commit().map_err(StoreError::from)?;
+            Ok(())
+        })
+        .await
+    }
+
+    async fn remove(
+        &self,
+        id: &DeviceId,
+        expected_version: Option<u64>,
+    ) -> Result<Device, RegistryStoreError> {
+        let id = id.clone();
+        self.blocking(move |db| {
+            let txn = db.begin_write().map_err(StoreError::from)?;
+            let removed = {
+                let mut table = txn.open_table(DEVICES).map_err(StoreError::from)?;
+                let current = match table.get(id.as_str()).map_err(StoreError::from)? {
+                    Some(bytes) => decode(id.as_str(), bytes.value())?,
+                    None => return Err(RegistryStoreError::NotFound),
+                };
+                if expected_version.is_some_and(|v| v != current.version) {
+                    return Err(RegistryStoreError::VersionConflict);
+                }
+                table.remove(id.as_str()).map_err(StoreError::from)?;
+                current
+            };
+            txn.commit().map_err(StoreError::from)?;
+            Ok(removed)
+        })
+        .await
+    }
+
+    async fn list(
+        &self,
+        after: Option<&DeviceId>,
+        limit: usize,
+    ) -> Result<Vec<Device>, RegistryStoreError> {
+        let after = after.cloned();
+        self.blocking(move |db| {
+            let txn = db.begin_read().map_err(StoreError::from)?;
+            let table = txn.open_table(DEVICES).map_err(StoreError::from)?;
+            let lower = match &after {
+                Some(id) => Bound::Excluded(id.as_str()),
+                None => Bound::Unbounded,
+            };
+            let mut devices = Vec::new();
+            for entry in table
+                .range::<&str>((lower, Bound::Unbounded))
+                .map_err(StoreError::from)?
+                .take(limit)
+            {
+                let (key, value) = entry.map_err(StoreError::from)?;
+                devices.push(decode(key.value(), value.value())?);
+            }
+            Ok(devices)
+        })
+        .await
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_file_that_is_not_a_database_is_a_clear_open_error() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("hub.redb");
+        std::fs::write(&path, vec![0x42u8; 8192]).unwrap();
+        let err = EmbeddedStore::open(&path).unwrap_err().to_string();
+        assert!(err.starts_with("cannot open store"), "{err}");
+        assert!(err.contains("hub.redb"), "{err}");
+    }
+
+    #[test]
+    fn a_newer_schema_is_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("hub.redb");
+        {
+            let store = EmbeddedStore::open(&path).unwrap();
+            let txn = store.db.begin_write().unwrap();
+            txn.open_table(META)
+                .unwrap()
+                .insert("schema_version", 99)
+                .unwrap();
+            txn.commit().unwrap();
+        }
+        let err = EmbeddedStore::open(&path).unwrap_err().to_string();
+        assert!(err.contains("schema version 99"), "{err}");
+    }
+
+    #[tokio::test]
+    async fn ping_answers_on_an_open_store() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = EmbeddedStore::open(&dir.path().join("hub.redb")).unwrap();
+        store.ping().await.unwrap();
+    }
+}
