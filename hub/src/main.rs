@@ -10,11 +10,18 @@ use std::process::ExitCode;
 use clap::{Args, Parser, Subcommand};
 use hub::config::{Config, ConfigError, Overrides};
 
+/// Without a subcommand, `hub` serves (`hub` = `hub serve`).
 #[derive(Parser)]
-#[command(version, about = "Self-hosted IoT device hub")]
+#[command(
+    version,
+    about = "Self-hosted IoT device hub",
+    args_conflicts_with_subcommands = true
+)]
 struct Cli {
     #[command(subcommand)]
-    command: Command,
+    command: Option<Command>,
+    #[command(flatten)]
+    serve: ConfigArgs,
 }
 
 #[derive(Subcommand)]
@@ -74,7 +81,8 @@ const EXIT_BAD_CONFIG: u8 = 2;
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    let default_log = match cli.command {
+    let command = cli.command.unwrap_or(Command::Serve(cli.serve));
+    let default_log = match command {
         Command::Serve(_) => "info",
         _ => "warn",
     };
@@ -87,13 +95,20 @@ fn main() -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    match cli.command {
+    match command {
         Command::Serve(args) => {
             let config = match args.load() {
                 Ok(config) => config,
                 Err(err) => return config_failure(&err),
             };
-            match runtime.block_on(hub::run(config, shutdown_signal())) {
+            let served = runtime.block_on(async {
+                let shutdown = shutdown_signal()
+                    .map_err(|err| format!("cannot install signal handlers: {err}"))?;
+                hub::run(config, shutdown)
+                    .await
+                    .map_err(|err| err.to_string())
+            });
+            match served {
                 Ok(()) => ExitCode::SUCCESS,
                 Err(err) => {
                     eprintln!("error: {err}");
@@ -138,30 +153,27 @@ fn init_logging(default: &str) {
         .init();
 }
 
-/// Completes on Ctrl-C or SIGTERM.
-async fn shutdown_signal() {
-    let ctrl_c = async {
-        if let Err(err) = tokio::signal::ctrl_c().await {
-            tracing::error!(error = %err, "cannot listen for Ctrl-C");
-            std::future::pending::<()>().await;
-        }
-    };
+/// Installs the Ctrl-C and SIGTERM handlers now (so a signal that arrives right after
+/// the ready line is not lost) and returns a future that completes on either.
+fn shutdown_signal() -> std::io::Result<impl std::future::Future<Output = ()> + Send + 'static> {
     #[cfg(unix)]
-    let terminate = async {
-        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
-            Ok(mut signal) => {
-                signal.recv().await;
+    {
+        use tokio::signal::unix::{SignalKind, signal};
+        let mut interrupt = signal(SignalKind::interrupt())?;
+        let mut terminate = signal(SignalKind::terminate())?;
+        Ok(async move {
+            tokio::select! {
+                _ = interrupt.recv() => tracing::info!("Ctrl-C: shutting down"),
+                _ = terminate.recv() => tracing::info!("SIGTERM: shutting down"),
             }
-            Err(err) => {
-                tracing::error!(error = %err, "cannot listen for SIGTERM");
-                std::future::pending::<()>().await;
-            }
-        }
-    };
+        })
+    }
     #[cfg(not(unix))]
-    let terminate = std::future::pending::<()>();
-    tokio::select! {
-        () = ctrl_c => tracing::info!("Ctrl-C: shutting down"),
-        () = terminate => tracing::info!("SIGTERM: shutting down"),
+    {
+        Ok(async {
+            if tokio::signal::ctrl_c().await.is_ok() {
+                tracing::info!("Ctrl-C: shutting down");
+            }
+        })
     }
 }

@@ -1,1 +1,333 @@
-//! placeholder
+//! The end-to-end test harness: starts the real `hub` binary on ephemeral loopback
+//! ports with a data dir of the test's choosing, waits for its `hub ready` line, and
+//! hands out clients. Tests live in `tests/tests/`, one file per behaviour.
+//!
+//! The binary is the one cargo built next to the test executables
+//! (`target/<profile>/hub`; `cargo test --workspace` builds it), or `$HUB_BIN`.
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::{ExitStatus, Stdio};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use anyhow::{Context, Result, bail};
+use tokio::io::{AsyncBufReadExt, AsyncRead, BufReader};
+use tokio::process::{Child, Command};
+
+/// How long a hub may take to print `hub ready`.
+const READY_TIMEOUT: Duration = Duration::from_secs(30);
+/// How long a hub may take to exit after SIGTERM.
+const STOP_TIMEOUT: Duration = Duration::from_secs(15);
+
+/// Path of the `hub` binary under test.
+pub fn hub_binary() -> Result<PathBuf> {
+    if let Some(path) = std::env::var_os("HUB_BIN") {
+        return Ok(PathBuf::from(path));
+    }
+    let exe = std::env::current_exe().context("cannot locate the test executable")?;
+    // target/<profile>/deps/<test-exe> → target/<profile>/hub
+    let profile_dir = exe
+        .parent()
+        .and_then(Path::parent)
+        .context("unexpected test executable location")?;
+    let binary = profile_dir.join(format!("hub{}", std::env::consts::EXE_SUFFIX));
+    if !binary.exists() {
+        bail!(
+            "no hub binary at {}: run the suite with `cargo test --workspace` (which builds it), \
+             or `cargo build -p hub` first, or set HUB_BIN",
+            binary.display()
+        );
+    }
+    Ok(binary)
+}
+
+/// A `hub` command with the test environment (no inherited `HUB_*` variables).
+pub fn hub_command() -> Result<Command> {
+    let mut command = Command::new(hub_binary()?);
+    for (key, _) in std::env::vars_os() {
+        if key.to_string_lossy().starts_with("HUB_") {
+            command.env_remove(&key);
+        }
+    }
+    command.kill_on_drop(true);
+    Ok(command)
+}
+
+/// What a finished `hub` invocation printed.
+#[derive(Debug)]
+pub struct Output {
+    /// Exit status.
+    pub status: ExitStatus,
+    /// Standard output.
+    pub stdout: String,
+    /// Standard error.
+    pub stderr: String,
+}
+
+/// Runs `hub ARGS…` to completion.
+pub async fn run_hub(args: &[&str]) -> Result<Output> {
+    let output = hub_command()?
+        .args(args)
+        .stdin(Stdio::null())
+        .output()
+        .await
+        .context("cannot run hub")?;
+    Ok(Output {
+        status: output.status,
+        stdout: String::from_utf8_lossy(&output.stdout).into_owned(),
+        stderr: String::from_utf8_lossy(&output.stderr).into_owned(),
+    })
+}
+
+/// Options for starting a hub.
+#[derive(Debug, Clone)]
+pub struct HubOptions {
+    data_dir: PathBuf,
+    http: String,
+    args: Vec<String>,
+    env: Vec<(String, String)>,
+}
+
+impl HubOptions {
+    /// A hub on `data_dir` with every listener on an ephemeral loopback port.
+    pub fn new(data_dir: &Path) -> Self {
+        Self {
+            data_dir: data_dir.to_path_buf(),
+            http: "127.0.0.1:0".to_string(),
+            args: Vec::new(),
+            env: Vec::new(),
+        }
+    }
+
+    /// Listens for HTTP on `addr` instead of an ephemeral port.
+    pub fn http(mut self, addr: &str) -> Self {
+        self.http = addr.to_string();
+        self
+    }
+
+    /// Adds arguments after `hub serve`.
+    pub fn args<I, S>(mut self, args: I) -> Self
+    where
+        I: IntoIterator<Item = S>,
+        S: Into<String>,
+    {
+        self.args.extend(args.into_iter().map(Into::into));
+        self
+    }
+
+    /// Sets an environment variable for the hub.
+    pub fn env(mut self, key: &str, value: &str) -> Self {
+        self.env.push((key.to_string(), value.to_string()));
+        self
+    }
+
+    fn command(&self) -> Result<Command> {
+        let mut command = hub_command()?;
+        command
+            .arg("serve")
+            .arg("--data-dir")
+            .arg(&self.data_dir)
+            .args(["--http", &self.http])
+            .args(["--mqtt", "127.0.0.1:0", "--mqtts", "127.0.0.1:0"])
+            .args(&self.args)
+            .env("RUST_LOG", "info")
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped());
+        for (key, value) in &self.env {
+            command.env(key, value);
+        }
+        Ok(command)
+    }
+
+    /// Starts the hub and waits for its `hub ready` line.
+    pub async fn start(self) -> Result<Hub> {
+        let mut child = self.command()?.spawn().context("cannot start hub")?;
+        let stderr_log = Arc::new(Mutex::new(String::new()));
+        if let Some(stderr) = child.stderr.take() {
+            tokio::spawn(collect(stderr, Arc::clone(&stderr_log)));
+        }
+        let stdout = child.stdout.take().context("hub stdout not captured")?;
+        let mut lines = BufReader::new(stdout).lines();
+        let ready = tokio::time::timeout(READY_TIMEOUT, async {
+            while let Some(line) = lines.next_line().await? {
+                if let Some(rest) = line.strip_prefix("hub ready") {
+                    return Ok::<_, std::io::Error>(Some(rest.to_string()));
+                }
+            }
+            Ok(None)
+        })
+        .await;
+        let log = || stderr_log.lock().map(|s| s.clone()).unwrap_or_default();
+        let fields = match ready {
+            Ok(Ok(Some(fields))) => fields,
+            Ok(Ok(None)) => {
+                let status = child.wait().await?;
+                // Give the stderr collector a moment to drain the pipe.
+                tokio::time::sleep(Duration::from_millis(50)).await;
+                bail!(
+                    "hub exited ({status}) before it was ready; stderr:\n{}",
+                    log()
+                );
+            }
+            Ok(Err(err)) => bail!("reading hub stdout: {err}"),
+            Err(_) => bail!("hub not ready after {READY_TIMEOUT:?}; stderr:\n{}", log()),
+        };
+        // Keep draining stdout so the hub never blocks on a full pipe.
+        tokio::spawn(async move { while let Ok(Some(_)) = lines.next_line().await {} });
+        let endpoints = parse_ready(&fields)?;
+        Ok(Hub {
+            child,
+            data_dir: self.data_dir,
+            endpoints,
+            stderr: stderr_log,
+            http: reqwest::Client::new(),
+        })
+    }
+
+    /// Runs the hub expecting it to fail start-up; returns its output.
+    pub async fn start_expecting_failure(self) -> Result<Output> {
+        let child = self.command()?.spawn().context("cannot start hub")?;
+        let output = tokio::time::timeout(READY_TIMEOUT, child.wait_with_output())
+            .await
+            .context("hub neither failed nor exited")??;
+        let out = Output {
+            status: output.status,
+            stdout: String::from_utf8_lossy(&output.stdout).into_owned(),
+            stderr: String::from_utf8_lossy(&output.stderr).into_owned(),
+        };
+        if out.stdout.contains("hub ready") {
+            bail!(
+                "hub started although it should have failed:\n{}",
+                out.stdout
+            );
+        }
+        Ok(out)
+    }
+}
+
+async fn collect(stream: impl AsyncRead + Unpin, sink: Arc<Mutex<String>>) {
+    let mut lines = BufReader::new(stream).lines();
+    while let Ok(Some(line)) = lines.next_line().await {
+        if let Ok(mut sink) = sink.lock() {
+            sink.push_str(&line);
+            sink.push('\n');
+        }
+    }
+}
+
+/// Parses ` mqtt=ADDR mqtts=ADDR http=ADDR` (the part after `hub ready`).
+pub fn parse_ready(fields: &str) -> Result<HashMap<String, SocketAddr>> {
+    fields
+        .split_whitespace()
+        .map(|field| {
+            let (key, addr) = field
+                .split_once('=')
+                .with_context(|| format!("malformed ready field {field:?}"))?;
+            let addr = addr
+                .parse()
+                .with_context(|| format!("malformed address in {field:?}"))?;
+            Ok((key.to_string(), addr))
+        })
+        .collect()
+}
+
+/// A running hub process; killed when dropped.
+#[derive(Debug)]
+pub struct Hub {
+    child: Child,
+    data_dir: PathBuf,
+    endpoints: HashMap<String, SocketAddr>,
+    stderr: Arc<Mutex<String>>,
+    http: reqwest::Client,
+}
+
+impl Hub {
+    /// Starts a hub on `data_dir` with default options.
+    pub async fn start(data_dir: &Path) -> Result<Self> {
+        HubOptions::new(data_dir).start().await
+    }
+
+    /// The data directory.
+    pub fn data_dir(&self) -> &Path {
+        &self.data_dir
+    }
+
+    /// A bound address from the ready line (`http`, `mqtt`, `mqtts`).
+    pub fn endpoint(&self, name: &str) -> Option<SocketAddr> {
+        self.endpoints.get(name).copied()
+    }
+
+    /// Base URL of the REST API.
+    pub fn url(&self) -> String {
+        match self.endpoint("http") {
+            Some(addr) => format!("http://{addr}"),
+            None => String::from("http://no-http-endpoint"),
+        }
+    }
+
+    /// A plain HTTP client.
+    pub fn http(&self) -> &reqwest::Client {
+        &self.http
+    }
+
+    /// What the hub wrote on stderr so far.
+    pub fn stderr(&self) -> String {
+        self.stderr.lock().map(|s| s.clone()).unwrap_or_default()
+    }
+
+    /// Mints a token with `hub token` for `scopes` (comma-separated).
+    pub async fn token(&self, scopes: &str) -> Result<String> {
+        let data_dir = self.data_dir.to_string_lossy().into_owned();
+        let out = run_hub(&[
+            "token",
+            "--data-dir",
+            &data_dir,
+            "--scope",
+            scopes,
+            "--ttl",
+            "600",
+        ])
+        .await?;
+        if !out.status.success() {
+            bail!("hub token failed: {}", out.stderr);
+        }
+        Ok(out.stdout.trim().to_string())
+    }
+
+    /// A token with every scope.
+    pub async fn owner_token(&self) -> Result<String> {
+        self.token("registry:read,registry:write,service:connect")
+            .await
+    }
+
+    /// Runs a CLI command (`hub ARGS… --data-dir DIR`) against this hub.
+    pub async fn cli(&self, args: &[&str]) -> Result<Output> {
+        let data_dir = self.data_dir.to_string_lossy().into_owned();
+        let mut all: Vec<&str> = args.to_vec();
+        all.extend(["--data-dir", &data_dir]);
+        run_hub(&all).await
+    }
+
+    /// Sends SIGTERM and waits for the exit status.
+    pub async fn stop(mut self) -> Result<ExitStatus> {
+        let pid = self.child.id().context("hub already exited")?;
+        let pid = i32::try_from(pid).context("pid out of range")?;
+        nix::sys::signal::kill(
+            nix::unistd::Pid::from_raw(pid),
+            nix::sys::signal::Signal::SIGTERM,
+        )
+        .context("cannot signal hub")?;
+        tokio::time::timeout(STOP_TIMEOUT, self.child.wait())
+            .await
+            .context("hub did not exit after SIGTERM")?
+            .context("cannot wait for hub")
+    }
+
+    /// Kills the hub with SIGKILL (no shutdown) and waits for it.
+    pub async fn kill(mut self) -> Result<()> {
+        self.child.kill().await.context("cannot kill hub")
+    }
+}

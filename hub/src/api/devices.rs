@@ -87,7 +87,8 @@ fn with_etag(state: &AppState, device: &Device, status: StatusCode) -> Response 
     response
 }
 
-/// `PUT /devices/{id}`: creates without `If-Match` (409 if it exists), updates with it.
+/// `PUT /devices/{id}`: creates without `If-Match` (409 if it exists, also with
+/// `If-None-Match: *`), updates with it (412 on a stale etag, `*` forces).
 pub async fn put(
     _auth: Authorized<RegistryWrite>,
     State(state): State<AppState>,
@@ -96,14 +97,27 @@ pub async fn put(
     ApiJson(spec): ApiJson<DeviceSpec>,
 ) -> Result<Response, ApiError> {
     let id = parse_id(&id)?;
-    let device = match header_str(&headers, &header::IF_MATCH)? {
-        Some(if_match) => {
+    let if_match = header_str(&headers, &header::IF_MATCH)?;
+    let if_none_match = header_str(&headers, &header::IF_NONE_MATCH)?;
+    let device = match (if_match, if_none_match) {
+        (Some(_), Some(_)) => {
+            return Err(ApiError::InvalidArgument(
+                "If-Match and If-None-Match cannot be combined".into(),
+            ));
+        }
+        (Some(if_match), None) => {
             state
                 .registry
                 .update(id, spec, IfMatch::parse(if_match))
                 .await?
         }
-        None => state.registry.create(id, spec).await?,
+        // Without If-Match a PUT creates; `If-None-Match: *` says so explicitly.
+        (None, Some(value)) if value.trim() != "*" => {
+            return Err(ApiError::InvalidArgument(
+                "If-None-Match supports only `*` (create, fail if the device exists)".into(),
+            ));
+        }
+        (None, _) => state.registry.create(id, spec).await?,
     };
     Ok(with_etag(&state, &device, StatusCode::OK))
 }
