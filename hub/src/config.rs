@@ -70,6 +70,15 @@ pub struct MqttConfig {
     pub max_packet_size: usize,
     /// Most device connections served at once. Default 100000.
     pub max_connections: usize,
+    /// Largest telemetry message (body + properties), bytes. Larger closes the
+    /// connection. Default 262144 (256 KiB).
+    pub max_telemetry_bytes: usize,
+    /// Seconds from accept to CONNECT (including the TLS handshake). Default 10.
+    pub connect_timeout_secs: u64,
+    /// Longest device JWT lifetime (`exp - iat`) accepted, seconds. Default 86400.
+    pub jwt_max_lifetime_secs: u64,
+    /// Clock skew allowed on device JWT `exp`/`iat`, seconds. Default 60.
+    pub jwt_clock_skew_secs: u64,
 }
 
 /// `[http]`: the service REST API.
@@ -102,6 +111,10 @@ impl Default for MqttConfig {
             tls_listen: SocketAddr::from(([127, 0, 0, 1], 8883)),
             max_packet_size: 264 * 1024,
             max_connections: 100_000,
+            max_telemetry_bytes: 256 * 1024,
+            connect_timeout_secs: 10,
+            jwt_max_lifetime_secs: 24 * 3600,
+            jwt_clock_skew_secs: 60,
         }
     }
 }
@@ -212,6 +225,15 @@ impl Config {
         }
         if self.mqtt.max_connections == 0 {
             return invalid("mqtt.max_connections", "must be ≥ 1");
+        }
+        if self.mqtt.max_telemetry_bytes == 0 || self.mqtt.max_telemetry_bytes > self.mqtt.max_packet_size {
+            return invalid("mqtt.max_telemetry_bytes", "must be ≥ 1 and ≤ mqtt.max_packet_size");
+        }
+        if self.mqtt.connect_timeout_secs == 0 {
+            return invalid("mqtt.connect_timeout_secs", "must be ≥ 1");
+        }
+        if self.mqtt.jwt_max_lifetime_secs == 0 {
+            return invalid("mqtt.jwt_max_lifetime_secs", "must be ≥ 1");
         }
         if self.http.max_body_bytes < 1024 {
             return invalid("http.max_body_bytes", "must be ≥ 1024");

@@ -4,6 +4,9 @@
 //!
 //! - [`server`] starts a hub: opens the [`data_dir`] (certificates, owner key), the
 //!   store, binds the listeners, prints `hub ready …`, and shuts down gracefully.
+//! - [`gateway`] is the device-facing MQTT endpoint: listeners, one session per
+//!   connection (a state machine without I/O), device authentication ([`auth`]) and
+//!   the topic contract; it hands device traffic to capability services.
 //! - [`api`] is the service REST API (axum). Each handler checks its bearer token
 //!   ([`auth::service`]) and calls a capability service.
 //! - [`registry`] owns device identities (ids, credentials, status, etags) and live
@@ -12,13 +15,14 @@
 //!   embedded redb store.
 //! - [`config`] is the configuration tree, its defaults and validation.
 //!
-//! Still to come, each in its own module: the MQTT gateway, telemetry streams, twins,
-//! cloud-to-device commands and direct methods, and cluster mode.
+//! Still to come, each in its own module: telemetry streams, twins, cloud-to-device
+//! commands and direct methods, and cluster mode.
 
 pub mod api;
 pub mod auth;
 pub mod config;
 pub mod data_dir;
+pub mod gateway;
 pub mod registry;
 pub mod server;
 pub mod store;

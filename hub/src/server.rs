@@ -1,18 +1,28 @@
 //! Start-up and shutdown of a hub: open the data directory, certificates, owner key
 //! and store; bind the listeners; report the endpoints; serve until told to stop;
-//! then stop accepting, drain, and close the store.
+//! then stop accepting, close device connections, drain requests, close the store.
 
 use std::future::Future;
 use std::net::SocketAddr;
 use std::sync::Arc;
+use std::time::Duration;
 
 use certs::SubjectAltNames;
 use tokio::net::TcpListener;
 
 use crate::api::{self, AppState, HttpLimits};
+use crate::auth::device::DeviceAuthenticator;
+use crate::auth::jwt::JwtPolicy;
 use crate::auth::service::{ServiceKey, ServiceKeyError};
+use crate::auth::x509::{DeviceCa, X509Error};
 use crate::config::Config;
 use crate::data_dir::{self, DataDir, DataDirError, Endpoints};
+use crate::gateway::connections::Connections;
+use crate::gateway::metrics::GatewayMetrics;
+use crate::gateway::services::DeviceServices;
+use crate::gateway::session::SessionLimits;
+use crate::gateway::tls::{self, TlsError};
+use crate::gateway::{Gateway, GatewayContext, listener};
 use crate::registry::{Presence, Registry};
 use crate::store::StoreError;
 use crate::store::embedded::EmbeddedStore;
@@ -29,6 +39,12 @@ pub enum ServeError {
     /// The store.
     #[error(transparent)]
     Store(#[from] StoreError),
+    /// The server certificate could not be loaded into TLS.
+    #[error(transparent)]
+    Tls(#[from] TlsError),
+    /// The device CA could not be loaded.
+    #[error(transparent)]
+    DeviceCa(#[from] X509Error),
     /// A listener could not be bound.
     #[error("cannot bind the {listener} listener on {addr}: {source}")]
     Bind {
@@ -55,6 +71,7 @@ pub struct Server {
     data_dir: DataDir,
     endpoints: Endpoints,
     http: TcpListener,
+    gateway: Gateway,
     state: AppState,
     limits: HttpLimits,
 }
@@ -66,50 +83,89 @@ impl std::fmt::Debug for AppState {
 }
 
 impl Server {
-    /// Opens the data directory (creating CA, server certificate and owner key on
-    /// first start), the store, and binds the listeners; writes `endpoints.json`.
+    /// Starts a hub whose telemetry, twin and command capabilities are the ones
+    /// built so far.
     pub async fn start(config: Config) -> Result<Self, ServeError> {
+        Self::start_with(config, DeviceServices::not_yet_available()).await
+    }
+
+    /// Opens the data directory (creating CA, server certificate and owner key on
+    /// first start) and the store, binds the listeners, writes `endpoints.json`.
+    /// Device traffic goes to `services`.
+    pub async fn start_with(config: Config, services: DeviceServices) -> Result<Self, ServeError> {
+        if let Some(limit) = listener::raise_fd_limit() {
+            tracing::debug!(limit, "open-file limit");
+        }
         let data_dir = DataDir::open(&config.data_dir)?;
         let ca = data_dir.ensure_ca()?;
         let names = SubjectAltNames::for_hub(
             &config.hostname,
-            data_dir::listener_ips([
-                config.mqtt.tcp_listen,
-                config.mqtt.tls_listen,
-                config.http.listen,
-            ]),
+            data_dir::listener_ips([config.mqtt.tcp_listen, config.mqtt.tls_listen, config.http.listen]),
         );
-        data_dir.ensure_server_cert(&ca, &names)?;
+        let server_cert = data_dir.ensure_server_cert(&ca, &names)?;
+        let tls_config = tls::server_config(&server_cert.cert_pem, &server_cert.key_pem)?;
+        let device_ca = DeviceCa::from_pem(ca.cert_pem())?;
         let service_key = ServiceKey::load_or_create(&data_dir.service_key_path())?;
         let store = EmbeddedStore::open(&data_dir.store_path())?;
 
-        let http = TcpListener::bind(config.http.listen)
-            .await
-            .map_err(|source| ServeError::Bind {
-                listener: "http",
-                addr: config.http.listen,
-                source,
-            })?;
+        let presence = Presence::default();
+        let registry = Registry::new(Arc::new(store.clone()), presence.clone());
+        let metrics = Arc::new(GatewayMetrics::default());
+        let mqtt = &config.mqtt;
+        let context = GatewayContext {
+            authenticator: DeviceAuthenticator::new(
+                registry.clone(),
+                config.hostname.clone(),
+                device_ca,
+                JwtPolicy {
+                    max_lifetime: Duration::from_secs(mqtt.jwt_max_lifetime_secs),
+                    skew: Duration::from_secs(mqtt.jwt_clock_skew_secs),
+                },
+            ),
+            sessions: Arc::new(store.clone()),
+            connections: Connections::default(),
+            services,
+            presence,
+            metrics: Arc::clone(&metrics),
+            limits: SessionLimits {
+                connect_timeout: Duration::from_secs(mqtt.connect_timeout_secs),
+                max_telemetry_bytes: mqtt.max_telemetry_bytes,
+                ..SessionLimits::default()
+            },
+            max_packet_size: mqtt.max_packet_size,
+        };
+        let gateway = Gateway::bind(context, mqtt.tcp_listen, mqtt.tls_listen, tls_config, mqtt.max_connections)
+            .map_err(|(listener, addr, source)| ServeError::Bind { listener, addr, source })?;
+        let (mqtt_addr, mqtts_addr) = gateway.local_addrs().map_err(|source| ServeError::Bind {
+            listener: "mqtt",
+            addr: mqtt.tcp_listen,
+            source,
+        })?;
+
+        let bind_err = |source| ServeError::Bind {
+            listener: "http",
+            addr: config.http.listen,
+            source,
+        };
+        let http = TcpListener::bind(config.http.listen).await.map_err(bind_err)?;
         let endpoints = Endpoints {
-            mqtt: None,
-            mqtts: None,
-            http: http.local_addr().map_err(|source| ServeError::Bind {
-                listener: "http",
-                addr: config.http.listen,
-                source,
-            })?,
+            mqtt: Some(mqtt_addr),
+            mqtts: Some(mqtts_addr),
+            http: http.local_addr().map_err(bind_err)?,
         };
         data_dir.write_endpoints(&endpoints)?;
 
         let state = AppState {
-            registry: Registry::new(Arc::new(store.clone()), Presence::default()),
+            registry,
             service_key: Arc::new(service_key),
             store: Arc::new(store),
+            metrics,
         };
         Ok(Self {
             data_dir,
             endpoints,
             http,
+            gateway,
             state,
             limits: HttpLimits {
                 max_body_bytes: config.http.max_body_bytes,
@@ -123,11 +179,25 @@ impl Server {
         self.endpoints
     }
 
-    /// Serves until `shutdown` completes, then drains in-flight requests and closes.
-    pub async fn serve(
-        self,
-        shutdown: impl Future<Output = ()> + Send + 'static,
-    ) -> Result<(), ServeError> {
+    /// The device registry.
+    pub fn registry(&self) -> &Registry {
+        &self.state.registry
+    }
+
+    /// The live device connections (to deliver messages to devices).
+    pub fn connections(&self) -> Connections {
+        self.gateway.context().connections.clone()
+    }
+
+    /// Gateway counters.
+    pub fn metrics(&self) -> Arc<GatewayMetrics> {
+        Arc::clone(&self.state.metrics)
+    }
+
+    /// Serves until `shutdown` completes, then closes device connections, drains
+    /// in-flight requests and closes the store.
+    pub async fn serve(self, shutdown: impl Future<Output = ()> + Send + 'static) -> Result<(), ServeError> {
+        let running = self.gateway.start(&self.state.registry);
         let router = api::router(self.state, self.limits);
         let result = axum::serve(self.http, router)
             .with_graceful_shutdown(shutdown)
@@ -136,6 +206,7 @@ impl Server {
                 listener: "http",
                 source,
             });
+        running.shutdown().await;
         // The addresses are no longer served; a stale file would mislead clients.
         let endpoints = data_dir::endpoints_path(self.data_dir.root());
         if let Err(err) = std::fs::remove_file(&endpoints) {
@@ -147,10 +218,7 @@ impl Server {
 }
 
 /// Starts a hub, prints the `hub ready …` line on stdout, and serves until `shutdown`.
-pub async fn run(
-    config: Config,
-    shutdown: impl Future<Output = ()> + Send + 'static,
-) -> Result<(), ServeError> {
+pub async fn run(config: Config, shutdown: impl Future<Output = ()> + Send + 'static) -> Result<(), ServeError> {
     let server = Server::start(config).await?;
     println!("{}", server.endpoints().ready_line());
     server.serve(shutdown).await

@@ -1,4 +1,5 @@
-//! Ops endpoints: `/healthz` (the process answers) and `/readyz` (the store answers).
+//! Ops endpoints: `/healthz` (the process answers), `/readyz` (the store answers)
+//! and `/metrics` (Prometheus text).
 
 use axum::Json;
 use axum::extract::State;
@@ -20,4 +21,12 @@ pub async fn readyz(State(state): State<AppState>) -> Result<Json<Value>, ApiErr
             Err(ApiError::Unavailable)
         }
     }
+}
+
+/// Prometheus text exposition of the hub's counters.
+pub async fn metrics(State(state): State<AppState>) -> ([(axum::http::HeaderName, &'static str); 1], String) {
+    (
+        [(axum::http::header::CONTENT_TYPE, "text/plain; version=0.0.4")],
+        state.metrics.render(),
+    )
 }

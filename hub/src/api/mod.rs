@@ -17,6 +17,7 @@ use axum::routing::get;
 pub use error::ApiError;
 
 use crate::auth::service::ServiceKey;
+use crate::gateway::metrics::GatewayMetrics;
 use crate::registry::Registry;
 use crate::store::StoreHealth;
 
@@ -29,6 +30,8 @@ pub struct AppState {
     pub service_key: Arc<ServiceKey>,
     /// Answers readiness checks.
     pub store: Arc<dyn StoreHealth>,
+    /// Gateway counters for `/metrics`.
+    pub metrics: Arc<GatewayMetrics>,
 }
 
 /// Limits of the HTTP edge.
@@ -50,6 +53,7 @@ pub fn router(state: AppState, limits: HttpLimits) -> Router {
         )
         .route("/healthz", get(health::healthz))
         .route("/readyz", get(health::readyz))
+        .route("/metrics", get(health::metrics))
         .fallback(route_not_found)
         .method_not_allowed_fallback(method_not_allowed)
         .layer(DefaultBodyLimit::max(limits.max_body_bytes))

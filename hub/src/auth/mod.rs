@@ -1,4 +1,9 @@
-//! Authentication: service tokens for the REST API ([`service`]). Device credentials
-//! (SAS, device JWTs, X.509) join here with the MQTT gateway.
+//! Authentication. Devices: SAS tokens ([`sas`]), device JWTs ([`jwt`]) and X.509
+//! client certificates ([`x509`]), combined with the registry by
+//! [`device::DeviceAuthenticator`]. Services: bearer tokens ([`service`]).
 
+pub mod device;
+pub mod jwt;
+pub mod sas;
 pub mod service;
+pub mod x509;

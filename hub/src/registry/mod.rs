@@ -10,6 +10,7 @@ mod store;
 use std::sync::Arc;
 
 use time::OffsetDateTime;
+use tokio::sync::broadcast;
 
 pub use device::{
     AuthType, Authentication, AuthenticationSpec, Device, DeviceSpec, DeviceStatus, SymmetricKey,
@@ -99,6 +100,13 @@ pub struct DevicePage {
     pub next_after: Option<DeviceId>,
 }
 
+/// A change other capabilities react to.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum RegistryEvent {
+    /// The device was disabled or deleted: its live connection must close.
+    Revoked(DeviceId),
+}
+
 /// How often an unconditional (`If-Match: *`) update retries a lost race.
 const UNCONDITIONAL_RETRIES: usize = 8;
 
@@ -107,6 +115,7 @@ const UNCONDITIONAL_RETRIES: usize = 8;
 pub struct Registry {
     store: Arc<dyn RegistryStore>,
     presence: Presence,
+    events: broadcast::Sender<RegistryEvent>,
 }
 
 impl std::fmt::Debug for Registry {
@@ -118,7 +127,22 @@ impl std::fmt::Debug for Registry {
 impl Registry {
     /// A registry over `store`, reading live state from `presence`.
     pub fn new(store: Arc<dyn RegistryStore>, presence: Presence) -> Self {
-        Self { store, presence }
+        let (events, _) = broadcast::channel(1024);
+        Self {
+            store,
+            presence,
+            events,
+        }
+    }
+
+    /// Changes other capabilities react to (revocations).
+    pub fn subscribe(&self) -> broadcast::Receiver<RegistryEvent> {
+        self.events.subscribe()
+    }
+
+    fn revoked(&self, id: &DeviceId) {
+        // No receiver (no gateway running) is fine.
+        let _ = self.events.send(RegistryEvent::Revoked(id.clone()));
     }
 
     /// Live connection state of devices.
@@ -172,7 +196,12 @@ impl Registry {
                 next.authentication = build_authentication(auth, Some(&current.authentication))?;
             }
             match self.store.replace(next.clone(), current.version).await {
-                Ok(()) => return Ok(next),
+                Ok(()) => {
+                    if next.status == DeviceStatus::Disabled {
+                        self.revoked(&id);
+                    }
+                    return Ok(next);
+                }
                 Err(RegistryStoreError::NotFound) => return Err(RegistryError::NotFound(id)),
                 // Someone wrote between our read and write. An etag-conditional update
                 // has lost; an unconditional one reads again.
@@ -210,6 +239,7 @@ impl Registry {
         };
         match self.store.remove(id, expected_version).await {
             Ok(device) => {
+                self.revoked(id);
                 self.presence.forget(id);
                 Ok(device)
             }

@@ -5,6 +5,7 @@
 //! redb calls block (a commit is an fsync), so every operation runs on tokio's
 //! blocking pool.
 
+use std::collections::BTreeSet;
 use std::ops::Bound;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -13,6 +14,8 @@ use async_trait::async_trait;
 use redb::{Database, ReadableDatabase, ReadableTable, TableDefinition};
 
 use super::{StoreError, StoreHealth};
+use crate::gateway::services::SessionStore;
+use crate::gateway::topic::Subscription;
 use crate::registry::{Device, DeviceId, RegistryStore, RegistryStoreError};
 
 /// Schema version this build writes; a file with a higher one is refused.
@@ -20,6 +23,8 @@ const SCHEMA_VERSION: u64 = 1;
 
 const META: TableDefinition<&str, u64> = TableDefinition::new("meta");
 const DEVICES: TableDefinition<&str, &[u8]> = TableDefinition::new("devices");
+/// MQTT sessions of CleanSession=0 devices: device id → JSON list of subscriptions.
+const SESSIONS: TableDefinition<&str, &[u8]> = TableDefinition::new("sessions");
 
 /// The embedded redb store. Cheap to clone.
 #[derive(Clone)]
@@ -66,6 +71,8 @@ impl EmbeddedStore {
                 }
             }
             txn.open_table(DEVICES)
+                .map_err(|err| open_err(err.to_string()))?;
+            txn.open_table(SESSIONS)
                 .map_err(|err| open_err(err.to_string()))?;
         }
         txn.commit().map_err(|err| open_err(err.to_string()))?;
@@ -209,6 +216,11 @@ impl RegistryStore for EmbeddedStore {
                     return Err(RegistryStoreError::VersionConflict);
                 }
                 table.remove(id.as_str()).map_err(StoreError::from)?;
+                // The device's MQTT session goes with it.
+                txn.open_table(SESSIONS)
+                    .map_err(StoreError::from)?
+                    .remove(id.as_str())
+                    .map_err(StoreError::from)?;
                 current
             };
             txn.commit().map_err(StoreError::from)?;
@@ -245,6 +257,55 @@ impl RegistryStore for EmbeddedStore {
     }
 }
 
+#[async_trait]
+impl SessionStore for EmbeddedStore {
+    async fn load(&self, device: &DeviceId) -> Result<Option<BTreeSet<Subscription>>, StoreError> {
+        let id = device.clone();
+        self.blocking(move |db| {
+            let txn = db.begin_read()?;
+            let table = txn.open_table(SESSIONS)?;
+            let Some(bytes) = table.get(id.as_str())? else {
+                return Ok(None);
+            };
+            serde_json::from_slice(bytes.value())
+                .map(Some)
+                .map_err(|err| StoreError::Corrupt {
+                    table: "sessions",
+                    key: id.to_string(),
+                    reason: err.to_string(),
+                })
+        })
+        .await
+    }
+
+    async fn save(&self, device: &DeviceId, subscriptions: &BTreeSet<Subscription>) -> Result<(), StoreError> {
+        let id = device.clone();
+        let bytes = serde_json::to_vec(subscriptions).map_err(|err| StoreError::Corrupt {
+            table: "sessions",
+            key: id.to_string(),
+            reason: err.to_string(),
+        })?;
+        self.blocking(move |db| {
+            let txn = db.begin_write()?;
+            txn.open_table(SESSIONS)?.insert(id.as_str(), bytes.as_slice())?;
+            txn.commit()?;
+            Ok(())
+        })
+        .await
+    }
+
+    async fn remove(&self, device: &DeviceId) -> Result<(), StoreError> {
+        let id = device.clone();
+        self.blocking(move |db| {
+            let txn = db.begin_write()?;
+            txn.open_table(SESSIONS)?.remove(id.as_str())?;
+            txn.commit()?;
+            Ok(())
+        })
+        .await
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -274,6 +335,35 @@ mod tests {
         }
         let err = EmbeddedStore::open(&path).unwrap_err().to_string();
         assert!(err.contains("schema version 99"), "{err}");
+    }
+
+    #[tokio::test]
+    async fn sessions_persist_and_go_with_their_device() {
+        use crate::registry::RegistryStore as _;
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("hub.redb");
+        let id = DeviceId::parse("d1").unwrap();
+        let subs: BTreeSet<Subscription> = [Subscription::Methods, Subscription::CloudToDevice].into();
+        {
+            let store = EmbeddedStore::open(&path).unwrap();
+            assert_eq!(store.load(&id).await.unwrap(), None);
+            store.save(&id, &subs).await.unwrap();
+        }
+        let store = EmbeddedStore::open(&path).unwrap();
+        assert_eq!(store.load(&id).await.unwrap(), Some(subs.clone()));
+        SessionStore::remove(&store, &id).await.unwrap();
+        assert_eq!(store.load(&id).await.unwrap(), None);
+        // Deleting a device deletes its session.
+        store.save(&id, &subs).await.unwrap();
+        let device: Device = serde_json::from_value(serde_json::json!({
+            "deviceId": "d1", "generationId": "g", "version": 1, "status": "enabled",
+            "statusReason": null, "statusUpdatedTime": "2026-01-01T00:00:00Z",
+            "authentication": {"type": "certificateAuthority", "symmetricKey": null}
+        }))
+        .unwrap();
+        store.insert(device).await.unwrap();
+        RegistryStore::remove(&store, &id, None).await.unwrap();
+        assert_eq!(store.load(&id).await.unwrap(), None);
     }
 
     #[tokio::test]

@@ -1,0 +1,409 @@
+//! One device connection: the thin async task around [`Session`]. It reads bytes,
+//! decodes packets, feeds the session, executes its actions (authentication,
+//! ingestion, twin requests, deliveries) and writes what the session sends.
+//!
+//! Backpressure: at most [`MAX_PENDING_INGESTS`] telemetry messages wait for
+//! durability per connection; beyond that the task stops reading the socket, so a
+//! fast device is slowed down by TCP rather than buffered. PUBACKs go out in the
+//! order the PUBLISHes came in (MQTT 4.6), because pending ingests complete in order.
+
+use std::collections::BTreeSet;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use bytes::{Bytes, BytesMut};
+use futures_util::stream::{FuturesOrdered, FuturesUnordered, StreamExt};
+use rumqttc::mqttbytes::QoS;
+use rumqttc::mqttbytes::v4::{ConnectReturnCode, Packet, PubAck};
+use rustls::pki_types::CertificateDer;
+use time::OffsetDateTime;
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use tokio::sync::watch;
+use tokio::time::Instant;
+
+use super::GatewayContext;
+use super::codec::{self, Decoded};
+use super::connections::{Mailbox, Registration};
+use super::services::{IngestError, TelemetryMessage, TwinReply};
+use super::session::{Accepted, Action, CloseReason, ConnectRequest, DeliverError, Outbound, Session};
+use super::topic::{self, Subscription};
+use crate::auth::device::{AuthMethod, Presented};
+use crate::registry::DeviceId;
+
+/// Telemetry messages of one connection waiting to become durable.
+pub const MAX_PENDING_INGESTS: usize = 256;
+/// Twin requests of one connection in progress; more get 429.
+const MAX_PENDING_TWIN: usize = 8;
+/// How long a write may block before the device counts as not reading.
+const WRITE_TIMEOUT: Duration = Duration::from_secs(30);
+/// Read buffer growth step.
+const READ_CHUNK: usize = 2048;
+
+type IngestFuture = Pin<Box<dyn Future<Output = (Option<u16>, Result<(), IngestError>)> + Send>>;
+type TwinFuture = Pin<Box<dyn Future<Output = (String, TwinReply)> + Send>>;
+
+struct Authenticated {
+    device: DeviceId,
+    method: AuthMethod,
+    registration: Registration,
+}
+
+struct Connection<S> {
+    stream: S,
+    certificates: Vec<CertificateDer<'static>>,
+    ctx: Arc<GatewayContext>,
+    session: Session,
+    rbuf: BytesMut,
+    wbuf: BytesMut,
+    actions: Vec<Action>,
+    ingests: FuturesOrdered<IngestFuture>,
+    twins: FuturesUnordered<TwinFuture>,
+    device: Option<Authenticated>,
+    closing: Option<CloseReason>,
+}
+
+/// Serves one accepted connection until it closes.
+pub async fn serve<S>(
+    stream: S,
+    certificates: Vec<CertificateDer<'static>>,
+    ctx: Arc<GatewayContext>,
+    shutdown: watch::Receiver<bool>,
+) where
+    S: AsyncRead + AsyncWrite + Unpin + Send,
+{
+    let session = Session::new(ctx.limits, Instant::now());
+    let mut connection = Connection {
+        stream,
+        certificates,
+        ctx,
+        session,
+        rbuf: BytesMut::new(),
+        wbuf: BytesMut::new(),
+        actions: Vec::new(),
+        ingests: FuturesOrdered::new(),
+        twins: FuturesUnordered::new(),
+        device: None,
+        closing: None,
+    };
+    let reason = connection.run(shutdown).await;
+    connection.finish(reason).await;
+}
+
+async fn mailbox_signal(mailbox: Option<Arc<Mailbox>>) {
+    match mailbox {
+        Some(mailbox) => mailbox.wait().await,
+        None => std::future::pending().await,
+    }
+}
+
+async fn deadline(at: Option<Instant>) {
+    match at {
+        Some(at) => tokio::time::sleep_until(at).await,
+        None => std::future::pending().await,
+    }
+}
+
+impl<S: AsyncRead + AsyncWrite + Unpin + Send> Connection<S> {
+    async fn run(&mut self, mut shutdown: watch::Receiver<bool>) -> CloseReason {
+        loop {
+            self.take_mail();
+            self.decode_buffered().await;
+            self.run_actions().await;
+            if let Some(reason) = self.closing.take() {
+                return reason;
+            }
+            if let Err(reason) = self.flush().await {
+                self.session.close(reason, &mut self.actions);
+                continue;
+            }
+            let mailbox = self.device.as_ref().map(|d| Arc::clone(&d.registration.mailbox));
+            let read_allowed = self.ingests.len() < MAX_PENDING_INGESTS;
+            if self.rbuf.capacity() - self.rbuf.len() < 512 {
+                self.rbuf.reserve(READ_CHUNK);
+            }
+            tokio::select! {
+                // Every branch is cancel-safe: the mailbox is drained at the top of the
+                // loop, completed futures stay in their sets, read_buf loses nothing.
+                _ = shutdown.changed() => self.session.close(CloseReason::Shutdown, &mut self.actions),
+                () = mailbox_signal(mailbox) => {}
+                Some((ack, result)) = self.ingests.next(), if !self.ingests.is_empty() => {
+                    self.ingested(ack, result);
+                }
+                Some((rid, reply)) = self.twins.next(), if !self.twins.is_empty() => {
+                    self.twin_reply(&rid, reply);
+                }
+                () = deadline(self.session.next_deadline()) => {
+                    self.session.on_deadline(Instant::now(), &mut self.actions);
+                }
+                read = self.stream.read_buf(&mut self.rbuf), if read_allowed => match read {
+                    Ok(0) => self.session.close(CloseReason::PeerClosed, &mut self.actions),
+                    Ok(_) => {}
+                    Err(err) => self.session.close(CloseReason::Io(err.to_string()), &mut self.actions),
+                },
+            }
+        }
+    }
+
+    /// Moves queued deliveries into the session and honours close requests.
+    fn take_mail(&mut self) {
+        let Some(device) = &self.device else { return };
+        let (messages, close) = device.registration.mailbox.drain();
+        for message in messages {
+            match self.session.deliver(message, &mut self.actions) {
+                Ok(()) => {}
+                Err(DeliverError::QueueFull) => {
+                    self.session.close(CloseReason::SlowConsumer, &mut self.actions);
+                    return;
+                }
+                Err(err) => tracing::debug!(device = %device.device, error = %err, "delivery dropped"),
+            }
+        }
+        if let Some(reason) = close {
+            self.session.close(reason, &mut self.actions);
+        }
+    }
+
+    /// Decodes and handles complete packets while telemetry may still be queued.
+    async fn decode_buffered(&mut self) {
+        while !self.session.is_closed() && self.ingests.len() < MAX_PENDING_INGESTS {
+            match codec::decode(&mut self.rbuf, self.ctx.max_packet_size) {
+                Ok(Decoded::Packet(packet)) => {
+                    self.session.on_packet(packet, Instant::now(), &mut self.actions);
+                    // Authentication must finish before the next packet is read.
+                    self.run_actions().await;
+                }
+                Ok(Decoded::UnsupportedProtocol(level)) => {
+                    tracing::info!(level, "refused CONNECT: unsupported protocol level");
+                    self.session.on_unsupported_protocol(&mut self.actions);
+                }
+                Ok(Decoded::Incomplete(needed)) => {
+                    self.rbuf.reserve(needed);
+                    break;
+                }
+                Err(err) => {
+                    self.ctx.metrics.malformed.fetch_add(1, Ordering::Relaxed);
+                    tracing::info!(error = %err, "closing connection: undecodable bytes");
+                    self.session.close(CloseReason::Malformed(err.to_string()), &mut self.actions);
+                }
+            }
+        }
+        if self.rbuf.is_empty() && self.rbuf.capacity() > 4 * READ_CHUNK {
+            // Give a burst's buffer back; idle connections stay small.
+            self.rbuf = BytesMut::new();
+        }
+    }
+
+    async fn run_actions(&mut self) {
+        while !self.actions.is_empty() {
+            let batch = std::mem::take(&mut self.actions);
+            for action in batch {
+                self.run_action(action).await;
+            }
+        }
+    }
+
+    async fn run_action(&mut self, action: Action) {
+        match action {
+            Action::Send(packet) => {
+                if matches!(packet, Packet::Publish(_)) {
+                    self.ctx.metrics.messages_out.fetch_add(1, Ordering::Relaxed);
+                }
+                if let Err(err) = codec::encode(&packet, &mut self.wbuf) {
+                    tracing::warn!(error = %err, "cannot encode packet");
+                }
+            }
+            Action::Authenticate(request) => {
+                let result = self.authenticate(request).await;
+                self.session.on_auth(result, Instant::now(), &mut self.actions);
+            }
+            Action::Ingest { properties, payload, ack, will } => {
+                let Some(device) = &self.device else { return };
+                let message = TelemetryMessage {
+                    device_id: device.device.clone(),
+                    auth_method: device.method,
+                    properties,
+                    body: payload,
+                    enqueued_at: OffsetDateTime::now_utc(),
+                };
+                let telemetry = Arc::clone(&self.ctx.services.telemetry);
+                if will {
+                    // The connection is ending; the will is stored on its own.
+                    let id = device.device.clone();
+                    tokio::spawn(async move {
+                        if let Err(err) = telemetry.ingest(message).await {
+                            tracing::warn!(device = %id, error = %err, "cannot store will message");
+                        }
+                    });
+                } else {
+                    self.ingests
+                        .push_back(Box::pin(async move { (ack, telemetry.ingest(message).await) }));
+                }
+            }
+            Action::Twin { rid, op } => {
+                let Some(device) = &self.device else { return };
+                if self.twins.len() >= MAX_PENDING_TWIN {
+                    let reply = TwinReply {
+                        status: 429,
+                        body: Bytes::from_static(br#"{"message":"too many twin requests in flight"}"#),
+                        version: None,
+                    };
+                    self.twin_reply(&rid, reply);
+                    return;
+                }
+                let twins = Arc::clone(&self.ctx.services.twins);
+                let id = device.device.clone();
+                self.twins.push(Box::pin(async move {
+                    let reply = twins.request(&id, op).await;
+                    (rid, reply)
+                }));
+            }
+            Action::MethodResponse { rid, status, payload } => {
+                if let Some(device) = &self.device {
+                    self.ctx.services.methods.respond(&device.device, &rid, status, payload);
+                }
+            }
+            Action::Delivered(id) => {
+                if let Some(device) = &self.device {
+                    self.ctx.services.deliveries.delivered(&device.device, id);
+                }
+            }
+            Action::SaveSubscriptions(subscriptions) => {
+                if let Some(device) = &self.device
+                    && let Err(err) = self.ctx.sessions.save(&device.device, &subscriptions).await
+                {
+                    tracing::warn!(device = %device.device, error = %err, "cannot persist subscriptions");
+                }
+            }
+            Action::Close(reason) => {
+                self.closing.get_or_insert(reason);
+            }
+        }
+    }
+
+    async fn authenticate(&mut self, request: ConnectRequest) -> Result<Accepted, ConnectReturnCode> {
+        let presented = Presented {
+            client_id: &request.client_id,
+            username: request.username.as_deref(),
+            password: request.password.as_deref(),
+            certificates: &self.certificates,
+        };
+        let authenticated = match self.ctx.authenticator.authenticate(presented).await {
+            Ok(authenticated) => authenticated,
+            Err(failure) => {
+                self.ctx.metrics.auth_failure(failure.label());
+                tracing::info!(client_id = %request.client_id, reason = %failure, "refused CONNECT");
+                return Err(ConnectReturnCode::NotAuthorized);
+            }
+        };
+        let device = authenticated.device.device_id.clone();
+        let sessions = &self.ctx.sessions;
+        let restored = if request.clean_session {
+            sessions.remove(&device).await.map(|()| None)
+        } else {
+            sessions.load(&device).await
+        };
+        let (session_present, subscriptions) = match restored {
+            Ok(Some(subscriptions)) => (true, subscriptions),
+            Ok(None) => (false, BTreeSet::new()),
+            Err(err) => {
+                tracing::warn!(%device, error = %err, "cannot load session");
+                return Err(ConnectReturnCode::ServiceUnavailable);
+            }
+        };
+        if !request.clean_session
+            && !session_present
+            && let Err(err) = sessions.save(&device, &subscriptions).await
+        {
+            tracing::warn!(%device, error = %err, "cannot create session");
+            return Err(ConnectReturnCode::ServiceUnavailable);
+        }
+        let registration = self.ctx.connections.register(&device);
+        self.ctx.presence.connected(&device, OffsetDateTime::now_utc());
+        let expires_at = authenticated.expires_at.map(|expiry| {
+            let now = SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0);
+            Instant::now() + Duration::from_secs(expiry.saturating_sub(now))
+        });
+        tracing::debug!(%device, method = ?authenticated.method, session_present, "device connected");
+        self.device = Some(Authenticated {
+            device: device.clone(),
+            method: authenticated.method,
+            registration,
+        });
+        Ok(Accepted {
+            device_id: device,
+            expires_at,
+            session_present,
+            subscriptions,
+        })
+    }
+
+    fn ingested(&mut self, ack: Option<u16>, result: Result<(), IngestError>) {
+        match result {
+            Ok(()) => {
+                self.ctx.metrics.messages_in.fetch_add(1, Ordering::Relaxed);
+                if let Some(pkid) = ack {
+                    self.actions.push(Action::Send(Packet::PubAck(PubAck::new(pkid))));
+                }
+                if let Some(device) = &self.device {
+                    self.ctx.presence.touch(&device.device, OffsetDateTime::now_utc());
+                }
+            }
+            Err(err) => {
+                // Never acknowledge what is not durable: the device will resend.
+                tracing::warn!(error = %err, "telemetry not stored; closing without PUBACK");
+                self.session.close(CloseReason::IngestFailed, &mut self.actions);
+            }
+        }
+    }
+
+    fn twin_reply(&mut self, rid: &str, reply: TwinReply) {
+        let message = Outbound {
+            topic: topic::twin_response(reply.status, rid, reply.version),
+            payload: reply.body,
+            qos: QoS::AtMostOnce,
+            requires: None::<Subscription>,
+            id: 0,
+        };
+        if let Err(err) = self.session.deliver(message, &mut self.actions) {
+            tracing::debug!(error = %err, "twin reply dropped");
+        }
+    }
+
+    async fn flush(&mut self) -> Result<(), CloseReason> {
+        if self.wbuf.is_empty() {
+            return Ok(());
+        }
+        let write = async {
+            self.stream.write_all(&self.wbuf).await?;
+            self.stream.flush().await
+        };
+        match tokio::time::timeout(WRITE_TIMEOUT, write).await {
+            Ok(Ok(())) => {
+                self.wbuf.clear();
+                Ok(())
+            }
+            Ok(Err(err)) => Err(CloseReason::Io(err.to_string())),
+            Err(_) => Err(CloseReason::SlowConsumer),
+        }
+    }
+
+    async fn finish(&mut self, reason: CloseReason) {
+        // What the session sent last (a refusing CONNACK) still goes out.
+        if self.flush().await.is_ok() {
+            let _ = tokio::time::timeout(Duration::from_secs(1), self.stream.shutdown()).await;
+        }
+        if let Some(device) = self.device.take()
+            && self.ctx.connections.unregister(&device.device, device.registration.connection)
+        {
+            self.ctx.presence.disconnected(&device.device);
+        }
+        match &reason {
+            CloseReason::ClientDisconnected | CloseReason::PeerClosed | CloseReason::Shutdown => {
+                tracing::debug!(?reason, "connection closed");
+            }
+            _ => tracing::info!(?reason, "connection closed"),
+        }
+    }
+}

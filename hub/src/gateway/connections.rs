@@ -1,0 +1,236 @@
+//! The table of live device connections: one per device (a newer connection replaces
+//! the older), each with a bounded delivery queue and a close signal. Other
+//! capabilities deliver messages and cut devices off through it.
+
+use std::collections::{HashMap, VecDeque};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
+
+use tokio::sync::Notify;
+
+use super::session::{CloseReason, Outbound};
+use crate::registry::DeviceId;
+
+/// Why a delivery did not reach a connection's queue.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+pub enum QueueError {
+    /// The device has no live connection.
+    #[error("device not connected")]
+    NotConnected,
+    /// The connection's queue is full: it is being closed as a slow consumer.
+    #[error("connection too slow; closed")]
+    SlowConsumer,
+}
+
+/// State shared between a connection task and the table.
+#[derive(Debug)]
+pub struct Mailbox {
+    state: Mutex<MailboxState>,
+    wake: Notify,
+    capacity: usize,
+}
+
+#[derive(Debug, Default)]
+struct MailboxState {
+    queue: VecDeque<Outbound>,
+    close: Option<CloseReason>,
+}
+
+impl Mailbox {
+    fn new(capacity: usize) -> Self {
+        Self {
+            state: Mutex::new(MailboxState::default()),
+            wake: Notify::new(),
+            capacity,
+        }
+    }
+
+    fn lock(&self) -> MutexGuard<'_, MailboxState> {
+        self.state.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// Queues `message`; a full queue closes the connection instead.
+    pub fn push(&self, message: Outbound) -> Result<(), QueueError> {
+        let mut state = self.lock();
+        if state.close.is_some() {
+            return Err(QueueError::NotConnected);
+        }
+        if state.queue.len() >= self.capacity {
+            state.close = Some(CloseReason::SlowConsumer);
+            drop(state);
+            self.wake.notify_one();
+            return Err(QueueError::SlowConsumer);
+        }
+        state.queue.push_back(message);
+        drop(state);
+        self.wake.notify_one();
+        Ok(())
+    }
+
+    /// Asks the connection to close (the first reason wins).
+    pub fn close(&self, reason: CloseReason) {
+        self.lock().close.get_or_insert(reason);
+        self.wake.notify_one();
+    }
+
+    /// Waits until something was queued or a close was asked for.
+    pub async fn wait(&self) {
+        self.wake.notified().await;
+    }
+
+    /// Takes what is queued and the close request, if any.
+    pub fn drain(&self) -> (Vec<Outbound>, Option<CloseReason>) {
+        let mut state = self.lock();
+        (state.queue.drain(..).collect(), state.close.clone())
+    }
+}
+
+#[derive(Debug)]
+struct Entry {
+    connection: u64,
+    mailbox: Arc<Mailbox>,
+}
+
+/// Live connections by device.
+#[derive(Debug, Clone, Default)]
+pub struct Connections {
+    inner: Arc<Mutex<HashMap<DeviceId, Entry>>>,
+    next_id: Arc<AtomicU64>,
+}
+
+/// A connection's place in the table; [`Connections::unregister`] takes it back.
+#[derive(Debug)]
+pub struct Registration {
+    /// Unique id of the connection.
+    pub connection: u64,
+    /// Its mailbox.
+    pub mailbox: Arc<Mailbox>,
+}
+
+/// Capacity of a connection's delivery queue.
+const MAILBOX_CAPACITY: usize = 128;
+
+impl Connections {
+    fn lock(&self) -> MutexGuard<'_, HashMap<DeviceId, Entry>> {
+        self.inner.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// Registers a new connection of `device`, closing the one it replaces.
+    pub fn register(&self, device: &DeviceId) -> Registration {
+        let connection = self.next_id.fetch_add(1, Ordering::Relaxed);
+        let mailbox = Arc::new(Mailbox::new(MAILBOX_CAPACITY));
+        let previous = self.lock().insert(
+            device.clone(),
+            Entry {
+                connection,
+                mailbox: Arc::clone(&mailbox),
+            },
+        );
+        if let Some(previous) = previous {
+            previous.mailbox.close(CloseReason::Replaced);
+        }
+        Registration { connection, mailbox }
+    }
+
+    /// Removes the entry of `device` if it is still `connection`'s.
+    pub fn unregister(&self, device: &DeviceId, connection: u64) -> bool {
+        let mut table = self.lock();
+        if table.get(device).is_some_and(|e| e.connection == connection) {
+            table.remove(device);
+            true
+        } else {
+            false
+        }
+    }
+
+    /// Queues `message` for `device`'s live connection.
+    pub fn deliver(&self, device: &DeviceId, message: Outbound) -> Result<(), QueueError> {
+        let mailbox = self
+            .lock()
+            .get(device)
+            .map(|e| Arc::clone(&e.mailbox))
+            .ok_or(QueueError::NotConnected)?;
+        mailbox.push(message)
+    }
+
+    /// Closes `device`'s live connection, if any.
+    pub fn close(&self, device: &DeviceId, reason: CloseReason) -> bool {
+        match self.lock().get(device) {
+            Some(entry) => {
+                entry.mailbox.close(reason);
+                true
+            }
+            None => false,
+        }
+    }
+
+    /// Whether `device` has a live connection.
+    pub fn is_connected(&self, device: &DeviceId) -> bool {
+        self.lock().contains_key(device)
+    }
+
+    /// Devices with a live connection.
+    pub fn devices(&self) -> Vec<DeviceId> {
+        self.lock().keys().cloned().collect()
+    }
+
+    /// Number of live (authenticated) connections.
+    pub fn len(&self) -> usize {
+        self.lock().len()
+    }
+
+    /// Whether no device is connected.
+    pub fn is_empty(&self) -> bool {
+        self.lock().is_empty()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use bytes::Bytes;
+    use rumqttc::mqttbytes::QoS;
+
+    fn message(id: u64) -> Outbound {
+        Outbound {
+            topic: "t".into(),
+            payload: Bytes::new(),
+            qos: QoS::AtLeastOnce,
+            requires: None,
+            id,
+        }
+    }
+
+    #[test]
+    fn a_second_connection_replaces_the_first() {
+        let table = Connections::default();
+        let device = DeviceId::parse("d").unwrap();
+        let first = table.register(&device);
+        let second = table.register(&device);
+        assert_eq!(first.mailbox.drain().1, Some(CloseReason::Replaced));
+        assert_eq!(second.mailbox.drain().1, None);
+        // The replaced connection's late unregister leaves the new one in place.
+        assert!(!table.unregister(&device, first.connection));
+        assert!(table.is_connected(&device));
+        assert!(table.unregister(&device, second.connection));
+        assert!(!table.is_connected(&device));
+    }
+
+    #[test]
+    fn a_full_mailbox_closes_the_slow_connection() {
+        let table = Connections::default();
+        let device = DeviceId::parse("d").unwrap();
+        let registration = table.register(&device);
+        for id in 0..MAILBOX_CAPACITY as u64 {
+            table.deliver(&device, message(id)).unwrap();
+        }
+        assert_eq!(table.deliver(&device, message(999)), Err(QueueError::SlowConsumer));
+        let (queued, close) = registration.mailbox.drain();
+        assert_eq!(queued.len(), MAILBOX_CAPACITY);
+        assert_eq!(close, Some(CloseReason::SlowConsumer));
+        assert_eq!(
+            table.deliver(&DeviceId::parse("other").unwrap(), message(1)),
+            Err(QueueError::NotConnected)
+        );
+    }
+}

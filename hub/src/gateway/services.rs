@@ -1,0 +1,159 @@
+//! The capability traits the gateway hands device traffic to. The gateway never
+//! touches storage: telemetry goes to a [`TelemetryIngest`], twin requests to
+//! [`TwinRequests`], method answers to [`MethodResponses`], delivery acks to
+//! [`DeliveryAcks`], and sessions to a [`SessionStore`].
+
+use std::collections::BTreeSet;
+use std::sync::Arc;
+
+use async_trait::async_trait;
+use bytes::Bytes;
+use time::OffsetDateTime;
+
+use super::session::{DeliveryId, TwinOp};
+use super::topic::{PropertyBag, Subscription};
+use crate::auth::device::AuthMethod;
+use crate::registry::DeviceId;
+use crate::store::StoreError;
+
+/// A telemetry message as the gateway received it.
+#[derive(Debug, Clone)]
+pub struct TelemetryMessage {
+    /// The sending device.
+    pub device_id: DeviceId,
+    /// How the connection authenticated.
+    pub auth_method: AuthMethod,
+    /// The topic's property bag (system properties `$.…` and application ones).
+    pub properties: PropertyBag,
+    /// The body.
+    pub body: Bytes,
+    /// When the gateway received it.
+    pub enqueued_at: OffsetDateTime,
+}
+
+/// Why telemetry was not stored; the message is not acknowledged.
+#[derive(Debug, thiserror::Error)]
+pub enum IngestError {
+    /// The store failed.
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    /// No telemetry store is available.
+    #[error("telemetry storage is not available")]
+    Unavailable,
+}
+
+/// Stores telemetry durably.
+#[async_trait]
+pub trait TelemetryIngest: Send + Sync + 'static {
+    /// Completes once `message` is durable (then, and only then, the PUBACK goes out).
+    async fn ingest(&self, message: TelemetryMessage) -> Result<(), IngestError>;
+}
+
+/// The answer to a twin request, sent on `$iothub/twin/res/{status}/…`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TwinReply {
+    /// 200 (GET), 204 (PATCH), 400, 429 or 500.
+    pub status: u16,
+    /// The response body (the twin for GET; empty or an error for others).
+    pub body: Bytes,
+    /// The new reported version after a PATCH.
+    pub version: Option<u64>,
+}
+
+/// Serves twin requests from devices.
+#[async_trait]
+pub trait TwinRequests: Send + Sync + 'static {
+    /// Answers `op` for `device`.
+    async fn request(&self, device: &DeviceId, op: TwinOp) -> TwinReply;
+}
+
+/// Receives devices' answers to direct methods.
+pub trait MethodResponses: Send + Sync + 'static {
+    /// The device answered request `rid` with `status` and `payload`.
+    fn respond(&self, device: &DeviceId, rid: &str, status: i32, payload: Bytes);
+}
+
+/// Learns when a device acknowledged a QoS 1 delivery.
+pub trait DeliveryAcks: Send + Sync + 'static {
+    /// `device` acknowledged delivery `id`.
+    fn delivered(&self, device: &DeviceId, id: DeliveryId);
+}
+
+/// Persisted MQTT sessions of CleanSession=0 devices.
+#[async_trait]
+pub trait SessionStore: Send + Sync + 'static {
+    /// The stored subscriptions, if a session exists.
+    async fn load(&self, device: &DeviceId) -> Result<Option<BTreeSet<Subscription>>, StoreError>;
+    /// Stores the subscriptions (creating the session).
+    async fn save(&self, device: &DeviceId, subscriptions: &BTreeSet<Subscription>) -> Result<(), StoreError>;
+    /// Forgets the session (CleanSession=1).
+    async fn remove(&self, device: &DeviceId) -> Result<(), StoreError>;
+}
+
+/// The services a gateway hands traffic to.
+#[derive(Clone)]
+pub struct DeviceServices {
+    /// Telemetry storage.
+    pub telemetry: Arc<dyn TelemetryIngest>,
+    /// Twin documents.
+    pub twins: Arc<dyn TwinRequests>,
+    /// Direct method answers.
+    pub methods: Arc<dyn MethodResponses>,
+    /// Delivery acknowledgements (C2D completion).
+    pub deliveries: Arc<dyn DeliveryAcks>,
+}
+
+impl std::fmt::Debug for DeviceServices {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("DeviceServices")
+    }
+}
+
+/// The services of a hub whose telemetry, twin and command capabilities are not
+/// built yet: telemetry is refused (never acknowledged), twin requests get 500,
+/// method answers and acks are logged and dropped.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct NotYetAvailable;
+
+#[async_trait]
+impl TelemetryIngest for NotYetAvailable {
+    async fn ingest(&self, _message: TelemetryMessage) -> Result<(), IngestError> {
+        Err(IngestError::Unavailable)
+    }
+}
+
+#[async_trait]
+impl TwinRequests for NotYetAvailable {
+    async fn request(&self, _device: &DeviceId, _op: TwinOp) -> TwinReply {
+        TwinReply {
+            status: 500,
+            body: Bytes::from_static(br#"{"message":"twins are not available yet"}"#),
+            version: None,
+        }
+    }
+}
+
+impl MethodResponses for NotYetAvailable {
+    fn respond(&self, device: &DeviceId, rid: &str, _status: i32, _payload: Bytes) {
+        tracing::warn!(%device, %rid, "method response dropped: no method calls are pending");
+    }
+}
+
+impl DeliveryAcks for NotYetAvailable {
+    fn delivered(&self, device: &DeviceId, id: DeliveryId) {
+        tracing::debug!(%device, id, "delivery acknowledged");
+    }
+}
+
+impl DeviceServices {
+    /// Services for a hub without telemetry, twin and command capabilities yet.
+    pub fn not_yet_available() -> Self {
+        let none = Arc::new(NotYetAvailable);
+        Self {
+            telemetry: none.clone(),
+            twins: none.clone(),
+            methods: none.clone(),
+            deliveries: none,
+        }
+    }
+}

@@ -1,0 +1,278 @@
+//! The device topic contract (DESIGN section 2): parsing what a device publishes and
+//! subscribes to, formatting what the hub publishes, and URL-encoded property bags.
+//! Every parse takes the connection's own device id; another id is not a match.
+
+use percent_encoding::{AsciiSet, NON_ALPHANUMERIC, percent_decode_str, utf8_percent_encode};
+
+/// Characters escaped in property bag keys and values: everything but unreserved
+/// URL characters (so `/` is always `%2F`).
+const BAG_ESCAPE: &AsciiSet = &NON_ALPHANUMERIC.remove(b'-').remove(b'.').remove(b'_').remove(b'~').remove(b'$');
+
+/// An ordered list of (key, value) properties, decoded.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct PropertyBag(pub Vec<(String, String)>);
+
+/// Why a property bag does not decode.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("property bag is not valid URL-encoded UTF-8")]
+pub struct BagError;
+
+impl PropertyBag {
+    /// Parses `k=v&k2=v2` (a leading `?` tolerated; keys and values percent-decoded;
+    /// a key without `=` has an empty value).
+    pub fn parse(raw: &str) -> Result<Self, BagError> {
+        let raw = raw.strip_prefix('?').unwrap_or(raw);
+        let mut pairs = Vec::new();
+        for field in raw.split('&').filter(|f| !f.is_empty()) {
+            let (key, value) = field.split_once('=').unwrap_or((field, ""));
+            let decode = |s: &str| percent_decode_str(s).decode_utf8().map(|c| c.into_owned()).map_err(|_| BagError);
+            pairs.push((decode(key)?, decode(value)?));
+        }
+        Ok(Self(pairs))
+    }
+
+    /// The value of `key`, if present.
+    pub fn get(&self, key: &str) -> Option<&str> {
+        self.0.iter().find(|(k, _)| k == key).map(|(_, v)| v.as_str())
+    }
+
+    /// Encodes as `k=v&k2=v2` with every reserved character (including `/`) escaped.
+    pub fn encode(&self) -> String {
+        let mut out = String::new();
+        for (i, (key, value)) in self.0.iter().enumerate() {
+            if i > 0 {
+                out.push('&');
+            }
+            out.extend(utf8_percent_encode(key, BAG_ESCAPE));
+            out.push('=');
+            out.extend(utf8_percent_encode(value, BAG_ESCAPE));
+        }
+        out
+    }
+
+    /// Approximate size in bytes, for the telemetry size limit.
+    pub fn byte_len(&self) -> usize {
+        self.0.iter().map(|(k, v)| k.len() + v.len()).sum()
+    }
+}
+
+/// What a device's PUBLISH topic means.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum DevicePublish {
+    /// Telemetry with its property bag.
+    Telemetry(PropertyBag),
+    /// `$iothub/twin/GET/?$rid=…`.
+    TwinGet {
+        /// Request id to echo.
+        rid: String,
+    },
+    /// `$iothub/twin/PATCH/properties/reported/?$rid=…`.
+    TwinPatchReported {
+        /// Request id to echo.
+        rid: String,
+    },
+    /// `$iothub/methods/res/{status}/?$rid=…`.
+    MethodResponse {
+        /// The device's status code.
+        status: i32,
+        /// The request id of the method call.
+        rid: String,
+    },
+}
+
+/// Why a PUBLISH topic is refused (the connection is closed).
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum TopicError {
+    /// Not a topic of this device's contract (another device's, or unknown).
+    #[error("topic outside this device's contract")]
+    NotAllowed,
+    /// A contract topic with a malformed property bag or request id.
+    #[error("malformed topic: {0}")]
+    Malformed(&'static str),
+}
+
+/// Parses a PUBLISH topic from the connection of `device_id`.
+pub fn parse_publish(topic: &str, device_id: &str) -> Result<DevicePublish, TopicError> {
+    if let Some(rest) = topic.strip_prefix("devices/") {
+        let rest = rest.strip_prefix(device_id).ok_or(TopicError::NotAllowed)?;
+        let rest = rest.strip_prefix("/messages/events").ok_or(TopicError::NotAllowed)?;
+        let bag = match rest {
+            "" | "/" => PropertyBag::default(),
+            _ => {
+                let raw = rest.strip_prefix('/').ok_or(TopicError::NotAllowed)?;
+                PropertyBag::parse(raw).map_err(|_| TopicError::Malformed("property bag"))?
+            }
+        };
+        return Ok(DevicePublish::Telemetry(bag));
+    }
+    if let Some(query) = topic.strip_prefix("$iothub/twin/GET/") {
+        return Ok(DevicePublish::TwinGet { rid: request_id(query)? });
+    }
+    if let Some(query) = topic.strip_prefix("$iothub/twin/PATCH/properties/reported/") {
+        return Ok(DevicePublish::TwinPatchReported { rid: request_id(query)? });
+    }
+    if let Some(rest) = topic.strip_prefix("$iothub/methods/res/") {
+        let (status, query) = rest.split_once('/').ok_or(TopicError::Malformed("method response"))?;
+        let status = status.parse().map_err(|_| TopicError::Malformed("method status"))?;
+        return Ok(DevicePublish::MethodResponse {
+            status,
+            rid: request_id(query)?,
+        });
+    }
+    Err(TopicError::NotAllowed)
+}
+
+fn request_id(query: &str) -> Result<String, TopicError> {
+    let bag = PropertyBag::parse(query).map_err(|_| TopicError::Malformed("query"))?;
+    match bag.get("$rid") {
+        Some(rid) if !rid.is_empty() => Ok(rid.to_string()),
+        _ => Err(TopicError::Malformed("missing $rid")),
+    }
+}
+
+/// The subscriptions a device may hold.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub enum Subscription {
+    /// `devices/{id}/messages/devicebound/#`.
+    CloudToDevice,
+    /// `$iothub/twin/res/#`.
+    TwinResponses,
+    /// `$iothub/twin/PATCH/properties/desired/#`.
+    DesiredPatches,
+    /// `$iothub/methods/POST/#`.
+    Methods,
+}
+
+/// Parses a SUBSCRIBE filter from the connection of `device_id`; `None` for anything
+/// outside the contract (wildcards across devices, other devices' topics, …).
+pub fn parse_subscription(filter: &str, device_id: &str) -> Option<Subscription> {
+    match filter {
+        "$iothub/twin/res/#" => Some(Subscription::TwinResponses),
+        "$iothub/twin/PATCH/properties/desired/#" => Some(Subscription::DesiredPatches),
+        "$iothub/methods/POST/#" => Some(Subscription::Methods),
+        _ => {
+            let rest = filter.strip_prefix("devices/")?.strip_prefix(device_id)?;
+            (rest == "/messages/devicebound/#").then_some(Subscription::CloudToDevice)
+        }
+    }
+}
+
+/// `devices/{id}/messages/devicebound/{bag}`.
+pub fn cloud_to_device(device_id: &str, bag: &PropertyBag) -> String {
+    format!("devices/{device_id}/messages/devicebound/{}", bag.encode())
+}
+
+/// `$iothub/twin/res/{status}/?$rid={rid}[&$version={v}]`.
+pub fn twin_response(status: u16, rid: &str, version: Option<u64>) -> String {
+    let rid = utf8_percent_encode(rid, BAG_ESCAPE);
+    match version {
+        Some(version) => format!("$iothub/twin/res/{status}/?$rid={rid}&$version={version}"),
+        None => format!("$iothub/twin/res/{status}/?$rid={rid}"),
+    }
+}
+
+/// `$iothub/twin/PATCH/properties/desired/?$version={n}`.
+pub fn desired_patch(version: u64) -> String {
+    format!("$iothub/twin/PATCH/properties/desired/?$version={version}")
+}
+
+/// `$iothub/methods/POST/{method}/?$rid={rid}`.
+pub fn method_request(method: &str, rid: &str) -> String {
+    let method = utf8_percent_encode(method, BAG_ESCAPE);
+    format!("$iothub/methods/POST/{method}/?$rid={rid}")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn telemetry_topics_with_and_without_bags() {
+        assert_eq!(
+            parse_publish("devices/d1/messages/events/", "d1"),
+            Ok(DevicePublish::Telemetry(PropertyBag::default()))
+        );
+        assert_eq!(
+            parse_publish("devices/d1/messages/events", "d1"),
+            Ok(DevicePublish::Telemetry(PropertyBag::default()))
+        );
+        let parsed = parse_publish("devices/d1/messages/events/%24.mid=m1&%24.ct=application%2Fjson&temp=hot&flag", "d1").unwrap();
+        let DevicePublish::Telemetry(bag) = parsed else { panic!() };
+        assert_eq!(bag.get("$.mid"), Some("m1"));
+        assert_eq!(bag.get("$.ct"), Some("application/json"));
+        assert_eq!(bag.get("temp"), Some("hot"));
+        assert_eq!(bag.get("flag"), Some(""));
+        let leading = parse_publish("devices/d1/messages/events/?a=1", "d1").unwrap();
+        assert_eq!(leading, DevicePublish::Telemetry(PropertyBag(vec![("a".into(), "1".into())])));
+    }
+
+    #[test]
+    fn other_devices_and_unknown_topics_are_not_allowed() {
+        for topic in [
+            "devices/d2/messages/events/",
+            "devices/d1x/messages/events/",
+            "devices/d/messages/events/",
+            "devices/d1/messages/devicebound/",
+            "devices/d1/messages/eventsx",
+            "$iothub/twin/PATCH/properties/desired/?$rid=1",
+            "anything",
+            "",
+        ] {
+            assert_eq!(parse_publish(topic, "d1"), Err(TopicError::NotAllowed), "{topic}");
+        }
+        assert!(matches!(parse_publish("devices/d1/messages/events/%ff=1", "d1"), Err(TopicError::Malformed(_))));
+    }
+
+    #[test]
+    fn twin_and_method_topics() {
+        assert_eq!(parse_publish("$iothub/twin/GET/?$rid=42", "d"), Ok(DevicePublish::TwinGet { rid: "42".into() }));
+        assert_eq!(
+            parse_publish("$iothub/twin/PATCH/properties/reported/?$rid=7&$version=3", "d"),
+            Ok(DevicePublish::TwinPatchReported { rid: "7".into() })
+        );
+        assert_eq!(
+            parse_publish("$iothub/methods/res/200/?$rid=abc", "d"),
+            Ok(DevicePublish::MethodResponse { status: 200, rid: "abc".into() })
+        );
+        assert!(matches!(parse_publish("$iothub/twin/GET/", "d"), Err(TopicError::Malformed(_))));
+        assert!(matches!(parse_publish("$iothub/methods/res/ok/?$rid=1", "d"), Err(TopicError::Malformed(_))));
+    }
+
+    #[test]
+    fn subscriptions_outside_the_contract_are_refused() {
+        assert_eq!(parse_subscription("devices/d1/messages/devicebound/#", "d1"), Some(Subscription::CloudToDevice));
+        assert_eq!(parse_subscription("$iothub/twin/res/#", "d1"), Some(Subscription::TwinResponses));
+        assert_eq!(parse_subscription("$iothub/methods/POST/#", "d1"), Some(Subscription::Methods));
+        assert_eq!(parse_subscription("$iothub/twin/PATCH/properties/desired/#", "d1"), Some(Subscription::DesiredPatches));
+        for filter in [
+            "#",
+            "+/#",
+            "devices/#",
+            "devices/+/messages/devicebound/#",
+            "devices/d2/messages/devicebound/#",
+            "devices/d1/messages/events/",
+            "devices/d1/#",
+            "$iothub/#",
+            "$iothub/twin/#",
+        ] {
+            assert_eq!(parse_subscription(filter, "d1"), None, "{filter}");
+        }
+    }
+
+    #[test]
+    fn formatted_bags_escape_slashes_and_round_trip() {
+        let bag = PropertyBag(vec![
+            ("$.mid".into(), "m/1".into()),
+            ("$.to".into(), "/devices/d1/messages/deviceBound".into()),
+            ("app key".into(), "a&b=c".into()),
+        ]);
+        let topic = cloud_to_device("d1", &bag);
+        let encoded = topic.strip_prefix("devices/d1/messages/devicebound/").unwrap();
+        assert!(!encoded.contains('/'), "{encoded}");
+        assert_eq!(PropertyBag::parse(encoded).unwrap(), bag);
+        assert_eq!(twin_response(204, "5", Some(9)), "$iothub/twin/res/204/?$rid=5&$version=9");
+        assert_eq!(desired_patch(4), "$iothub/twin/PATCH/properties/desired/?$version=4");
+        assert_eq!(method_request("reboot", "1"), "$iothub/methods/POST/reboot/?$rid=1");
+    }
+}
