@@ -226,8 +226,13 @@ impl Config {
         if self.mqtt.max_connections == 0 {
             return invalid("mqtt.max_connections", "must be ≥ 1");
         }
-        if self.mqtt.max_telemetry_bytes == 0 || self.mqtt.max_telemetry_bytes > self.mqtt.max_packet_size {
-            return invalid("mqtt.max_telemetry_bytes", "must be ≥ 1 and ≤ mqtt.max_packet_size");
+        if self.mqtt.max_telemetry_bytes == 0
+            || self.mqtt.max_telemetry_bytes > self.mqtt.max_packet_size
+        {
+            return invalid(
+                "mqtt.max_telemetry_bytes",
+                "must be ≥ 1 and ≤ mqtt.max_packet_size",
+            );
         }
         if self.mqtt.connect_timeout_secs == 0 {
             return invalid("mqtt.connect_timeout_secs", "must be ≥ 1");

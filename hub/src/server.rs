@@ -100,7 +100,11 @@ impl Server {
         let ca = data_dir.ensure_ca()?;
         let names = SubjectAltNames::for_hub(
             &config.hostname,
-            data_dir::listener_ips([config.mqtt.tcp_listen, config.mqtt.tls_listen, config.http.listen]),
+            data_dir::listener_ips([
+                config.mqtt.tcp_listen,
+                config.mqtt.tls_listen,
+                config.http.listen,
+            ]),
         );
         let server_cert = data_dir.ensure_server_cert(&ca, &names)?;
         let tls_config = tls::server_config(&server_cert.cert_pem, &server_cert.key_pem)?;
@@ -134,8 +138,18 @@ impl Server {
             },
             max_packet_size: mqtt.max_packet_size,
         };
-        let gateway = Gateway::bind(context, mqtt.tcp_listen, mqtt.tls_listen, tls_config, mqtt.max_connections)
-            .map_err(|(listener, addr, source)| ServeError::Bind { listener, addr, source })?;
+        let gateway = Gateway::bind(
+            context,
+            mqtt.tcp_listen,
+            mqtt.tls_listen,
+            tls_config,
+            mqtt.max_connections,
+        )
+        .map_err(|(listener, addr, source)| ServeError::Bind {
+            listener,
+            addr,
+            source,
+        })?;
         let (mqtt_addr, mqtts_addr) = gateway.local_addrs().map_err(|source| ServeError::Bind {
             listener: "mqtt",
             addr: mqtt.tcp_listen,
@@ -147,7 +161,9 @@ impl Server {
             addr: config.http.listen,
             source,
         };
-        let http = TcpListener::bind(config.http.listen).await.map_err(bind_err)?;
+        let http = TcpListener::bind(config.http.listen)
+            .await
+            .map_err(bind_err)?;
         let endpoints = Endpoints {
             mqtt: Some(mqtt_addr),
             mqtts: Some(mqtts_addr),
@@ -196,7 +212,10 @@ impl Server {
 
     /// Serves until `shutdown` completes, then closes device connections, drains
     /// in-flight requests and closes the store.
-    pub async fn serve(self, shutdown: impl Future<Output = ()> + Send + 'static) -> Result<(), ServeError> {
+    pub async fn serve(
+        self,
+        shutdown: impl Future<Output = ()> + Send + 'static,
+    ) -> Result<(), ServeError> {
         let running = self.gateway.start(&self.state.registry);
         let router = api::router(self.state, self.limits);
         let result = axum::serve(self.http, router)
@@ -218,7 +237,10 @@ impl Server {
 }
 
 /// Starts a hub, prints the `hub ready …` line on stdout, and serves until `shutdown`.
-pub async fn run(config: Config, shutdown: impl Future<Output = ()> + Send + 'static) -> Result<(), ServeError> {
+pub async fn run(
+    config: Config,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> Result<(), ServeError> {
     let server = Server::start(config).await?;
     println!("{}", server.endpoints().ready_line());
     server.serve(shutdown).await

@@ -4,6 +4,12 @@
 //!
 //! The binary is the one cargo built next to the test executables
 //! (`target/<profile>/hub`; `cargo test --workspace` builds it), or `$HUB_BIN`.
+//!
+//! [`inproc`] runs the hub through the library instead, with recording capability
+//! services, and [`mqtt`] is a raw MQTT test client.
+
+pub mod inproc;
+pub mod mqtt;
 
 use std::collections::HashMap;
 use std::net::SocketAddr;

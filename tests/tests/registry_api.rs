@@ -335,6 +335,11 @@ async fn malformed_bodies_are_refused_with_json_errors() -> Result<()> {
     // The default limit is 1 MiB.
     let huge = json!({ "statusReason": "x".repeat(2 * 1024 * 1024) });
     let too_large = api.put("/devices/d").json(&huge).send().await?;
+    assert_eq!(
+        too_large.headers().get("connection").map(|v| v.as_bytes()),
+        Some(&b"close"[..]),
+        "the unread body makes the connection unusable"
+    );
     assert_error(too_large, StatusCode::PAYLOAD_TOO_LARGE, 413001).await?;
 
     // None of the refusals created the device.

@@ -84,6 +84,13 @@ impl IntoResponse for ApiError {
         }
         let body = json!({ "errorCode": code, "message": self.to_string() });
         let mut response = (status, Json(body)).into_response();
+        if status == StatusCode::PAYLOAD_TOO_LARGE {
+            // The rest of the body was not read, so this connection cannot carry
+            // another request; say so, or a pooling client reuses it and fails.
+            response
+                .headers_mut()
+                .insert(header::CONNECTION, HeaderValue::from_static("close"));
+        }
         if status == StatusCode::UNAUTHORIZED {
             response
                 .headers_mut()

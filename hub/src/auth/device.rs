@@ -33,8 +33,12 @@ impl AuthMethod {
         match self {
             AuthMethod::Sas => r#"{"scope":"device","type":"sas","issuer":"iothub"}"#,
             AuthMethod::Jwt => r#"{"scope":"device","type":"jwt","issuer":"device"}"#,
-            AuthMethod::X509Ca => r#"{"scope":"device","type":"x509Certificate","issuer":"iothub"}"#,
-            AuthMethod::X509Thumbprint => r#"{"scope":"device","type":"x509Thumbprint","issuer":"iothub"}"#,
+            AuthMethod::X509Ca => {
+                r#"{"scope":"device","type":"x509Certificate","issuer":"iothub"}"#
+            }
+            AuthMethod::X509Thumbprint => {
+                r#"{"scope":"device","type":"x509Thumbprint","issuer":"iothub"}"#
+            }
         }
     }
 }
@@ -81,7 +85,9 @@ impl AuthFailure {
             AuthFailure::NoCredential => "no_credential",
             AuthFailure::WrongCredentialType => "wrong_credential_type",
             AuthFailure::Sas(SasError::Expired) | AuthFailure::Jwt(JwtError::Expired) => "expired",
-            AuthFailure::Sas(SasError::BadSignature) | AuthFailure::Jwt(JwtError::BadSignature) => "bad_signature",
+            AuthFailure::Sas(SasError::BadSignature) | AuthFailure::Jwt(JwtError::BadSignature) => {
+                "bad_signature"
+            }
             AuthFailure::Sas(_) => "sas_invalid",
             AuthFailure::Jwt(_) => "jwt_invalid",
             AuthFailure::X509(_) => "x509_invalid",
@@ -125,7 +131,12 @@ pub struct DeviceAuthenticator {
 
 impl DeviceAuthenticator {
     /// An authenticator for a hub reached as `hostname`.
-    pub fn new(registry: Registry, hostname: String, device_ca: DeviceCa, jwt_policy: JwtPolicy) -> Self {
+    pub fn new(
+        registry: Registry,
+        hostname: String,
+        device_ca: DeviceCa,
+        jwt_policy: JwtPolicy,
+    ) -> Self {
         Self {
             registry,
             hostname,
@@ -135,7 +146,10 @@ impl DeviceAuthenticator {
     }
 
     /// Checks `presented`; the device must exist, be enabled, and prove its identity.
-    pub async fn authenticate(&self, presented: Presented<'_>) -> Result<AuthenticatedDevice, AuthFailure> {
+    pub async fn authenticate(
+        &self,
+        presented: Presented<'_>,
+    ) -> Result<AuthenticatedDevice, AuthFailure> {
         let id = DeviceId::parse(presented.client_id).map_err(|_| AuthFailure::UnknownDevice)?;
         let username_kind = check_username(presented.username, presented.client_id)?;
         let device = match self.registry.get(&id).await {
@@ -155,7 +169,12 @@ impl DeviceAuthenticator {
                 }
                 let keys = symmetric_keys(&device);
                 let key_refs: Vec<&[u8]> = keys.iter().map(Vec::as_slice).collect();
-                let expiry = SasToken::parse(password)?.verify(&self.hostname, id.as_str(), &key_refs, now)?;
+                let expiry = SasToken::parse(password)?.verify(
+                    &self.hostname,
+                    id.as_str(),
+                    &key_refs,
+                    now,
+                )?;
                 (AuthMethod::Sas, Some(expiry))
             }
             Some(token) => {
@@ -167,7 +186,14 @@ impl DeviceAuthenticator {
                     },
                     public_pems: auth.public_keys.iter().map(String::as_str).collect(),
                 };
-                let expiry = jwt::verify(token, id.as_str(), &self.hostname, &jwt_keys, self.jwt_policy, now)?;
+                let expiry = jwt::verify(
+                    token,
+                    id.as_str(),
+                    &self.hostname,
+                    &jwt_keys,
+                    self.jwt_policy,
+                    now,
+                )?;
                 (AuthMethod::Jwt, Some(expiry))
             }
             None if presented.certificates.is_empty() => return Err(AuthFailure::NoCredential),
@@ -238,7 +264,10 @@ fn symmetric_keys(device: &Device) -> Vec<Vec<u8>> {
 }
 
 fn unix_now() -> u64 {
-    SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0)
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0)
 }
 
 #[cfg(test)]
@@ -247,12 +276,30 @@ mod tests {
 
     #[test]
     fn usernames_in_every_sdk_shape() {
-        assert_eq!(check_username(Some("hub/d1/?api-version=2021-04-12&DeviceClientType=x"), "d1"), Ok(UsernameKind::HostPath));
-        assert_eq!(check_username(Some("hub/d1/api-version=2018-06-30"), "d1"), Ok(UsernameKind::HostPath));
-        assert_eq!(check_username(Some("hub/d1"), "d1"), Ok(UsernameKind::HostPath));
+        assert_eq!(
+            check_username(
+                Some("hub/d1/?api-version=2021-04-12&DeviceClientType=x"),
+                "d1"
+            ),
+            Ok(UsernameKind::HostPath)
+        );
+        assert_eq!(
+            check_username(Some("hub/d1/api-version=2018-06-30"), "d1"),
+            Ok(UsernameKind::HostPath)
+        );
+        assert_eq!(
+            check_username(Some("hub/d1"), "d1"),
+            Ok(UsernameKind::HostPath)
+        );
         assert_eq!(check_username(Some("d1"), "d1"), Ok(UsernameKind::BareId));
         assert_eq!(check_username(None, "d1"), Ok(UsernameKind::Absent));
-        assert_eq!(check_username(Some("hub/d2/?api-version=1"), "d1"), Err(AuthFailure::UsernameMismatch));
-        assert_eq!(check_username(Some("d2"), "d1"), Err(AuthFailure::UsernameMismatch));
+        assert_eq!(
+            check_username(Some("hub/d2/?api-version=1"), "d1"),
+            Err(AuthFailure::UsernameMismatch)
+        );
+        assert_eq!(
+            check_username(Some("d2"), "d1"),
+            Err(AuthFailure::UsernameMismatch)
+        );
     }
 }

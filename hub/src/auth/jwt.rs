@@ -77,7 +77,11 @@ pub fn verify(
 ) -> Result<u64, JwtError> {
     let header = jsonwebtoken::decode_header(token).map_err(|_| JwtError::Malformed)?;
     let decoding: Vec<DecodingKey> = match header.alg {
-        Algorithm::HS256 => keys.symmetric.iter().map(|k| DecodingKey::from_secret(k)).collect(),
+        Algorithm::HS256 => keys
+            .symmetric
+            .iter()
+            .map(|k| DecodingKey::from_secret(k))
+            .collect(),
         Algorithm::ES256 => keys
             .public_pems
             .iter()
@@ -118,7 +122,8 @@ pub fn verify(
         return Err(JwtError::TooLong);
     }
     if let Some(aud) = claims.aud {
-        let matches = |v: &serde_json::Value| v.as_str().is_some_and(|a| a.eq_ignore_ascii_case(hostname));
+        let matches =
+            |v: &serde_json::Value| v.as_str().is_some_and(|a| a.eq_ignore_ascii_case(hostname));
         let ok = match &aud {
             serde_json::Value::Array(values) => values.iter().any(matches),
             other => matches(other),
@@ -139,7 +144,12 @@ mod tests {
     const SECRET: &[u8] = b"0123456789abcdef0123456789abcdef";
 
     fn hs256(claims: serde_json::Value) -> String {
-        jsonwebtoken::encode(&Header::new(Algorithm::HS256), &claims, &EncodingKey::from_secret(SECRET)).unwrap()
+        jsonwebtoken::encode(
+            &Header::new(Algorithm::HS256),
+            &claims,
+            &EncodingKey::from_secret(SECRET),
+        )
+        .unwrap()
     }
 
     fn keys() -> JwtKeys<'static> {
@@ -152,22 +162,49 @@ mod tests {
     #[test]
     fn a_valid_hs256_token_verifies() {
         let token = hs256(json!({"sub": "d1", "iat": 1000, "exp": 2000, "aud": "hub"}));
-        assert_eq!(verify(&token, "d1", "hub", &keys(), JwtPolicy::default(), 1500), Ok(2000));
+        assert_eq!(
+            verify(&token, "d1", "hub", &keys(), JwtPolicy::default(), 1500),
+            Ok(2000)
+        );
     }
 
     #[test]
     fn claims_are_checked() {
         let policy = JwtPolicy::default();
         let check = |claims| verify(&hs256(claims), "d1", "hub", &keys(), policy, 1500);
-        assert_eq!(check(json!({"sub": "d2", "iat": 1000, "exp": 2000})), Err(JwtError::Claims("sub must be the device id")));
-        assert!(matches!(check(json!({"sub": "d1", "exp": 2000})), Err(JwtError::Claims(_))));
-        assert!(matches!(check(json!({"sub": "d1", "iat": 1000})), Err(JwtError::Claims(_))));
-        assert_eq!(check(json!({"sub": "d1", "iat": 1000, "exp": 1400})), Err(JwtError::Expired));
+        assert_eq!(
+            check(json!({"sub": "d2", "iat": 1000, "exp": 2000})),
+            Err(JwtError::Claims("sub must be the device id"))
+        );
+        assert!(matches!(
+            check(json!({"sub": "d1", "exp": 2000})),
+            Err(JwtError::Claims(_))
+        ));
+        assert!(matches!(
+            check(json!({"sub": "d1", "iat": 1000})),
+            Err(JwtError::Claims(_))
+        ));
+        assert_eq!(
+            check(json!({"sub": "d1", "iat": 1000, "exp": 1400})),
+            Err(JwtError::Expired)
+        );
         // Within the skew, an expired token still passes.
-        assert_eq!(check(json!({"sub": "d1", "iat": 1000, "exp": 1450})), Ok(1450));
-        assert_eq!(check(json!({"sub": "d1", "iat": 1000, "exp": 1000 + 90_000})), Err(JwtError::TooLong));
-        assert!(matches!(check(json!({"sub": "d1", "iat": 1000, "exp": 2000, "aud": "elsewhere"})), Err(JwtError::Claims(_))));
-        assert!(matches!(check(json!({"sub": "d1", "iat": 9000, "exp": 9100})), Err(JwtError::Claims(_))));
+        assert_eq!(
+            check(json!({"sub": "d1", "iat": 1000, "exp": 1450})),
+            Ok(1450)
+        );
+        assert_eq!(
+            check(json!({"sub": "d1", "iat": 1000, "exp": 1000 + 90_000})),
+            Err(JwtError::TooLong)
+        );
+        assert!(matches!(
+            check(json!({"sub": "d1", "iat": 1000, "exp": 2000, "aud": "elsewhere"})),
+            Err(JwtError::Claims(_))
+        ));
+        assert!(matches!(
+            check(json!({"sub": "d1", "iat": 9000, "exp": 9100})),
+            Err(JwtError::Claims(_))
+        ));
     }
 
     #[test]
@@ -178,13 +215,22 @@ mod tests {
             &EncodingKey::from_secret(b"another key entirely, 32 bytes!!"),
         )
         .unwrap();
-        assert_eq!(verify(&token, "d1", "hub", &keys(), JwtPolicy::default(), 1500), Err(JwtError::BadSignature));
+        assert_eq!(
+            verify(&token, "d1", "hub", &keys(), JwtPolicy::default(), 1500),
+            Err(JwtError::BadSignature)
+        );
         // alg none: header {"alg":"none"}.
         let none = "eyJhbGciOiJub25lIn0.eyJzdWIiOiJkMSIsImlhdCI6MTAwMCwiZXhwIjoyMDAwfQ.";
         assert!(verify(none, "d1", "hub", &keys(), JwtPolicy::default(), 1500).is_err());
         // An ES256 token when the device has no public key.
         let es = "eyJhbGciOiJFUzI1NiJ9.eyJzdWIiOiJkMSJ9.c2ln";
-        assert_eq!(verify(es, "d1", "hub", &keys(), JwtPolicy::default(), 1500), Err(JwtError::BadSignature));
-        assert_eq!(verify("garbage", "d1", "hub", &keys(), JwtPolicy::default(), 1500), Err(JwtError::Malformed));
+        assert_eq!(
+            verify(es, "d1", "hub", &keys(), JwtPolicy::default(), 1500),
+            Err(JwtError::BadSignature)
+        );
+        assert_eq!(
+            verify("garbage", "d1", "hub", &keys(), JwtPolicy::default(), 1500),
+            Err(JwtError::Malformed)
+        );
     }
 }

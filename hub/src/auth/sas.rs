@@ -60,7 +60,9 @@ impl SasToken {
             .ok_or(SasError::Malformed("missing SharedAccessSignature prefix"))?;
         let (mut sr, mut sig, mut se, mut has_policy) = (None, None, None, false);
         for field in fields.split('&') {
-            let (key, value) = field.split_once('=').ok_or(SasError::Malformed("field without ="))?;
+            let (key, value) = field
+                .split_once('=')
+                .ok_or(SasError::Malformed("field without ="))?;
             match key {
                 "sr" => sr = Some(value),
                 "sig" => sig = Some(value),
@@ -91,7 +93,13 @@ impl SasToken {
 
     /// Verifies the token for `device_id` on `hostname` at `now` (Unix seconds)
     /// against the device's base64-decoded keys; returns the expiry.
-    pub fn verify(&self, hostname: &str, device_id: &str, keys: &[&[u8]], now: u64) -> Result<u64, SasError> {
+    pub fn verify(
+        &self,
+        hostname: &str,
+        device_id: &str,
+        keys: &[&[u8]],
+        now: u64,
+    ) -> Result<u64, SasError> {
         if self.has_policy {
             return Err(SasError::PolicyKey);
         }
@@ -140,7 +148,8 @@ fn resource_matches(resource: &str, hostname: &str, device_id: &str) -> bool {
 /// tools. `sr` is URL-encoded here.
 pub fn sign(hostname: &str, device_id: &str, key: &[u8], expiry: u64) -> String {
     let resource = format!("{hostname}/devices/{device_id}");
-    let sr = percent_encoding::utf8_percent_encode(&resource, percent_encoding::NON_ALPHANUMERIC).to_string();
+    let sr = percent_encoding::utf8_percent_encode(&resource, percent_encoding::NON_ALPHANUMERIC)
+        .to_string();
     let mut mac = match Hmac::<Sha256>::new_from_slice(key) {
         Ok(mac) => mac,
         // HMAC accepts keys of any length.
@@ -163,19 +172,37 @@ mod tests {
     fn a_signed_token_verifies_with_either_key() {
         let token = SasToken::parse(&sign("Hub.Local", "dev-1", KEY, 2000)).unwrap();
         assert_eq!(token.verify("hub.local", "dev-1", &[KEY], 1000), Ok(2000));
-        assert_eq!(token.verify("hub.local", "dev-1", &[OTHER, KEY], 1000), Ok(2000));
-        assert_eq!(token.verify("hub.local", "dev-1", &[OTHER], 1000), Err(SasError::BadSignature));
+        assert_eq!(
+            token.verify("hub.local", "dev-1", &[OTHER, KEY], 1000),
+            Ok(2000)
+        );
+        assert_eq!(
+            token.verify("hub.local", "dev-1", &[OTHER], 1000),
+            Err(SasError::BadSignature)
+        );
     }
 
     #[test]
     fn expiry_resource_and_policy_are_checked() {
         let token = SasToken::parse(&sign("hub", "dev-1", KEY, 2000)).unwrap();
-        assert_eq!(token.verify("hub", "dev-1", &[KEY], 2000), Err(SasError::Expired));
-        assert_eq!(token.verify("hub", "dev-2", &[KEY], 1000), Err(SasError::WrongResource));
-        assert_eq!(token.verify("other", "dev-1", &[KEY], 1000), Err(SasError::WrongResource));
+        assert_eq!(
+            token.verify("hub", "dev-1", &[KEY], 2000),
+            Err(SasError::Expired)
+        );
+        assert_eq!(
+            token.verify("hub", "dev-2", &[KEY], 1000),
+            Err(SasError::WrongResource)
+        );
+        assert_eq!(
+            token.verify("other", "dev-1", &[KEY], 1000),
+            Err(SasError::WrongResource)
+        );
         let with_policy = sign("hub", "dev-1", KEY, 2000) + "&skn=iothubowner";
         let token = SasToken::parse(&with_policy).unwrap();
-        assert_eq!(token.verify("hub", "dev-1", &[KEY], 1000), Err(SasError::PolicyKey));
+        assert_eq!(
+            token.verify("hub", "dev-1", &[KEY], 1000),
+            Err(SasError::PolicyKey)
+        );
     }
 
     #[test]
@@ -211,7 +238,10 @@ mod tests {
             "SharedAccessSignature sr=a&sig=YQ==&se=soon",
             "SharedAccessSignature garbage",
         ] {
-            assert!(matches!(SasToken::parse(bad), Err(SasError::Malformed(_))), "{bad:?}");
+            assert!(
+                matches!(SasToken::parse(bad), Err(SasError::Malformed(_))),
+                "{bad:?}"
+            );
         }
     }
 }

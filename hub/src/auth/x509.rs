@@ -51,7 +51,9 @@ impl DeviceCa {
         let mut roots = RootCertStore::empty();
         for cert in CertificateDer::pem_slice_iter(ca_pem.as_bytes()) {
             let cert = cert.map_err(|err| X509Error::Ca(err.to_string()))?;
-            roots.add(cert).map_err(|err| X509Error::Ca(err.to_string()))?;
+            roots
+                .add(cert)
+                .map_err(|err| X509Error::Ca(err.to_string()))?;
         }
         let provider = Arc::new(rustls::crypto::ring::default_provider());
         let verifier = WebPkiClientVerifier::builder_with_provider(Arc::new(roots), provider)
@@ -88,7 +90,11 @@ pub fn common_name(der: &[u8]) -> Option<String> {
 }
 
 /// A CA-issued certificate must name the device as its CN.
-pub fn verify_ca_issued(chain: &[CertificateDer<'_>], device_id: &str, ca: &DeviceCa) -> Result<(), X509Error> {
+pub fn verify_ca_issued(
+    chain: &[CertificateDer<'_>],
+    device_id: &str,
+    ca: &DeviceCa,
+) -> Result<(), X509Error> {
     let leaf = chain.first().ok_or(X509Error::NoCertificate)?;
     if !ca.issued(chain) {
         return Err(X509Error::UntrustedIssuer);
@@ -100,7 +106,10 @@ pub fn verify_ca_issued(chain: &[CertificateDer<'_>], device_id: &str, ca: &Devi
 }
 
 /// A self-signed (or any) certificate must have a registered thumbprint.
-pub fn verify_thumbprint(chain: &[CertificateDer<'_>], registered: &[&str]) -> Result<(), X509Error> {
+pub fn verify_thumbprint(
+    chain: &[CertificateDer<'_>],
+    registered: &[&str],
+) -> Result<(), X509Error> {
     let leaf = chain.first().ok_or(X509Error::NoCertificate)?;
     let (sha256, sha1) = thumbprints(leaf);
     if registered.iter().any(|t| *t == sha256 || *t == sha1) {
@@ -126,12 +135,21 @@ mod tests {
         let device = ca.issue_device("cam-1").unwrap();
         let chain = [der(&device.cert_pem)];
         assert_eq!(verify_ca_issued(&chain, "cam-1", &checker), Ok(()));
-        assert_eq!(verify_ca_issued(&chain, "cam-2", &checker), Err(X509Error::WrongCommonName));
+        assert_eq!(
+            verify_ca_issued(&chain, "cam-2", &checker),
+            Err(X509Error::WrongCommonName)
+        );
 
         let other_ca = certs::Ca::generate("other CA").unwrap();
         let foreign = [der(&other_ca.issue_device("cam-1").unwrap().cert_pem)];
-        assert_eq!(verify_ca_issued(&foreign, "cam-1", &checker), Err(X509Error::UntrustedIssuer));
-        assert_eq!(verify_ca_issued(&[], "cam-1", &checker), Err(X509Error::NoCertificate));
+        assert_eq!(
+            verify_ca_issued(&foreign, "cam-1", &checker),
+            Err(X509Error::UntrustedIssuer)
+        );
+        assert_eq!(
+            verify_ca_issued(&[], "cam-1", &checker),
+            Err(X509Error::NoCertificate)
+        );
     }
 
     #[test]
@@ -144,6 +162,9 @@ mod tests {
         let chain = [cert];
         assert_eq!(verify_thumbprint(&chain, &[sha256.as_str()]), Ok(()));
         assert_eq!(verify_thumbprint(&chain, &["00", sha1.as_str()]), Ok(()));
-        assert_eq!(verify_thumbprint(&chain, &["00"]), Err(X509Error::ThumbprintMismatch));
+        assert_eq!(
+            verify_thumbprint(&chain, &["00"]),
+            Err(X509Error::ThumbprintMismatch)
+        );
     }
 }

@@ -20,6 +20,9 @@ pub enum CodecError {
     /// The bytes are not a valid MQTT 3.1.1 packet.
     #[error("malformed packet: {0}")]
     Malformed(mqttbytes::Error),
+    /// The first packet of a connection is not a CONNECT.
+    #[error("first packet is not CONNECT (first byte {0:#04x})")]
+    NotConnect(u8),
 }
 
 /// The outcome of decoding from the front of a buffer.
@@ -33,8 +36,20 @@ pub enum Decoded {
     Incomplete(usize),
 }
 
-/// Decodes the first packet in `buf`, consuming it.
-pub fn decode(buf: &mut BytesMut, max_packet_size: usize) -> Result<Decoded, CodecError> {
+/// Decodes the first packet in `buf`, consuming it. With `expect_connect`, anything
+/// but a CONNECT is refused from its first byte, without waiting for the rest of a
+/// frame whose length may be garbage.
+pub fn decode(
+    buf: &mut BytesMut,
+    max_packet_size: usize,
+    expect_connect: bool,
+) -> Result<Decoded, CodecError> {
+    if expect_connect
+        && let Some(&first) = buf.first()
+        && first != 0x10
+    {
+        return Err(CodecError::NotConnect(first));
+    }
     let header = match mqttbytes::check(buf.iter(), max_packet_size) {
         Ok(header) => header,
         Err(mqttbytes::Error::InsufficientBytes(n)) => return Ok(Decoded::Incomplete(n)),
@@ -92,16 +107,26 @@ mod tests {
 
     #[test]
     fn a_packet_split_anywhere_decodes_once_complete() {
-        let mut publish = Publish::new("devices/d/messages/events/", QoS::AtLeastOnce, vec![7u8; 300]);
+        let mut publish = Publish::new(
+            "devices/d/messages/events/",
+            QoS::AtLeastOnce,
+            vec![7u8; 300],
+        );
         publish.pkid = 1;
         let packet = Packet::Publish(publish);
         let whole = bytes_of(&packet);
         for cut in 0..whole.len() {
             let mut buf = BytesMut::from(&whole[..cut]);
-            assert!(matches!(decode(&mut buf, 1024).unwrap(), Decoded::Incomplete(_)), "cut {cut}");
+            assert!(
+                matches!(
+                    decode(&mut buf, 1024, false).unwrap(),
+                    Decoded::Incomplete(_)
+                ),
+                "cut {cut}"
+            );
             assert_eq!(buf.len(), cut, "nothing consumed");
             buf.extend_from_slice(&whole[cut..]);
-            match decode(&mut buf, 1024).unwrap() {
+            match decode(&mut buf, 1024, false).unwrap() {
                 Decoded::Packet(Packet::Publish(p)) => assert_eq!(p.payload.len(), 300),
                 other => panic!("{other:?}"),
             }
@@ -113,27 +138,65 @@ mod tests {
     fn oversized_and_garbage_frames_are_errors() {
         let packet = Packet::Publish(Publish::new("t", QoS::AtMostOnce, vec![0u8; 2000]));
         let mut buf = bytes_of(&packet);
-        assert!(matches!(decode(&mut buf, 1024), Err(CodecError::TooLarge { .. })));
+        assert!(matches!(
+            decode(&mut buf, 1024, false),
+            Err(CodecError::TooLarge { .. })
+        ));
         let mut garbage = BytesMut::from(&b"\x00\x02\xff\xff"[..]);
-        assert!(matches!(decode(&mut garbage, 1024), Err(CodecError::Malformed(_))));
+        assert!(matches!(
+            decode(&mut garbage, 1024, false),
+            Err(CodecError::Malformed(_))
+        ));
         let mut bad_length = BytesMut::from(&b"\x30\xff\xff\xff\xff\x01"[..]);
-        assert!(decode(&mut bad_length, 1024).is_err());
+        assert!(decode(&mut bad_length, 1024, false).is_err());
+    }
+
+    #[test]
+    fn before_connect_anything_else_is_refused_from_its_first_byte() {
+        let mut http = BytesMut::from(&b"GET / HTTP/1.1\r\n"[..]);
+        assert!(matches!(
+            decode(&mut http, 1024, true),
+            Err(CodecError::NotConnect(b'G'))
+        ));
+        let mut ping = BytesMut::from(&[0xc0u8, 0x00][..]);
+        assert!(matches!(
+            decode(&mut ping, 1024, true),
+            Err(CodecError::NotConnect(0xc0))
+        ));
+        let mut empty = BytesMut::new();
+        assert!(matches!(
+            decode(&mut empty, 1024, true),
+            Ok(Decoded::Incomplete(_))
+        ));
     }
 
     #[test]
     fn mqtt5_and_31_connects_are_recognised() {
         // MQTT 5 CONNECT: level 5, properties length 0, client id "c".
-        let v5 = [0x10, 0x0e, 0, 4, b'M', b'Q', b'T', b'T', 5, 0x02, 0, 60, 0, 0, 1, b'c'];
+        let v5 = [
+            0x10, 0x0e, 0, 4, b'M', b'Q', b'T', b'T', 5, 0x02, 0, 60, 0, 0, 1, b'c',
+        ];
         let mut buf = BytesMut::from(&v5[..]);
-        assert!(matches!(decode(&mut buf, 1024).unwrap(), Decoded::UnsupportedProtocol(5)));
+        assert!(matches!(
+            decode(&mut buf, 1024, false).unwrap(),
+            Decoded::UnsupportedProtocol(5)
+        ));
         assert!(buf.is_empty());
         // MQTT 3.1: "MQIsdp", level 3.
-        let v3 = [0x10, 0x0f, 0, 6, b'M', b'Q', b'I', b's', b'd', b'p', 3, 0x02, 0, 60, 0, 1, b'c'];
+        let v3 = [
+            0x10, 0x0f, 0, 6, b'M', b'Q', b'I', b's', b'd', b'p', 3, 0x02, 0, 60, 0, 1, b'c',
+        ];
         let mut buf = BytesMut::from(&v3[..]);
-        assert!(matches!(decode(&mut buf, 1024).unwrap(), Decoded::UnsupportedProtocol(3)));
+        assert!(matches!(
+            decode(&mut buf, 1024, false).unwrap(),
+            Decoded::UnsupportedProtocol(3)
+        ));
 
         let v4 = bytes_of(&Packet::Connect(Connect::new("dev")));
         let mut buf = v4.clone();
-        assert!(matches!(decode(&mut buf, 1024).unwrap(), Decoded::Packet(Packet::Connect(_))));
+        assert!(matches!(
+            decode(&mut buf, 1024, false).unwrap(),
+            Decoded::Packet(Packet::Connect(_))
+        ));
     }
 }

@@ -27,7 +27,9 @@ use super::GatewayContext;
 use super::codec::{self, Decoded};
 use super::connections::{Mailbox, Registration};
 use super::services::{IngestError, TelemetryMessage, TwinReply};
-use super::session::{Accepted, Action, CloseReason, ConnectRequest, DeliverError, Outbound, Session};
+use super::session::{
+    Accepted, Action, CloseReason, ConnectRequest, DeliverError, Outbound, Session,
+};
 use super::topic::{self, Subscription};
 use crate::auth::device::{AuthMethod, Presented};
 use crate::registry::DeviceId;
@@ -118,7 +120,10 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Connection<S> {
                 self.session.close(reason, &mut self.actions);
                 continue;
             }
-            let mailbox = self.device.as_ref().map(|d| Arc::clone(&d.registration.mailbox));
+            let mailbox = self
+                .device
+                .as_ref()
+                .map(|d| Arc::clone(&d.registration.mailbox));
             let read_allowed = self.ingests.len() < MAX_PENDING_INGESTS;
             if self.rbuf.capacity() - self.rbuf.len() < 512 {
                 self.rbuf.reserve(READ_CHUNK);
@@ -154,10 +159,13 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Connection<S> {
             match self.session.deliver(message, &mut self.actions) {
                 Ok(()) => {}
                 Err(DeliverError::QueueFull) => {
-                    self.session.close(CloseReason::SlowConsumer, &mut self.actions);
+                    self.session
+                        .close(CloseReason::SlowConsumer, &mut self.actions);
                     return;
                 }
-                Err(err) => tracing::debug!(device = %device.device, error = %err, "delivery dropped"),
+                Err(err) => {
+                    tracing::debug!(device = %device.device, error = %err, "delivery dropped")
+                }
             }
         }
         if let Some(reason) = close {
@@ -168,9 +176,11 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Connection<S> {
     /// Decodes and handles complete packets while telemetry may still be queued.
     async fn decode_buffered(&mut self) {
         while !self.session.is_closed() && self.ingests.len() < MAX_PENDING_INGESTS {
-            match codec::decode(&mut self.rbuf, self.ctx.max_packet_size) {
+            let expect_connect = self.session.awaits_connect();
+            match codec::decode(&mut self.rbuf, self.ctx.max_packet_size, expect_connect) {
                 Ok(Decoded::Packet(packet)) => {
-                    self.session.on_packet(packet, Instant::now(), &mut self.actions);
+                    self.session
+                        .on_packet(packet, Instant::now(), &mut self.actions);
                     // Authentication must finish before the next packet is read.
                     self.run_actions().await;
                 }
@@ -185,7 +195,8 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Connection<S> {
                 Err(err) => {
                     self.ctx.metrics.malformed.fetch_add(1, Ordering::Relaxed);
                     tracing::info!(error = %err, "closing connection: undecodable bytes");
-                    self.session.close(CloseReason::Malformed(err.to_string()), &mut self.actions);
+                    self.session
+                        .close(CloseReason::Malformed(err.to_string()), &mut self.actions);
                 }
             }
         }
@@ -208,7 +219,10 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Connection<S> {
         match action {
             Action::Send(packet) => {
                 if matches!(packet, Packet::Publish(_)) {
-                    self.ctx.metrics.messages_out.fetch_add(1, Ordering::Relaxed);
+                    self.ctx
+                        .metrics
+                        .messages_out
+                        .fetch_add(1, Ordering::Relaxed);
                 }
                 if let Err(err) = codec::encode(&packet, &mut self.wbuf) {
                     tracing::warn!(error = %err, "cannot encode packet");
@@ -216,9 +230,15 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Connection<S> {
             }
             Action::Authenticate(request) => {
                 let result = self.authenticate(request).await;
-                self.session.on_auth(result, Instant::now(), &mut self.actions);
+                self.session
+                    .on_auth(result, Instant::now(), &mut self.actions);
             }
-            Action::Ingest { properties, payload, ack, will } => {
+            Action::Ingest {
+                properties,
+                payload,
+                ack,
+                will,
+            } => {
                 let Some(device) = &self.device else { return };
                 let message = TelemetryMessage {
                     device_id: device.device.clone(),
@@ -237,8 +257,9 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Connection<S> {
                         }
                     });
                 } else {
-                    self.ingests
-                        .push_back(Box::pin(async move { (ack, telemetry.ingest(message).await) }));
+                    self.ingests.push_back(Box::pin(async move {
+                        (ack, telemetry.ingest(message).await)
+                    }));
                 }
             }
             Action::Twin { rid, op } => {
@@ -246,7 +267,9 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Connection<S> {
                 if self.twins.len() >= MAX_PENDING_TWIN {
                     let reply = TwinReply {
                         status: 429,
-                        body: Bytes::from_static(br#"{"message":"too many twin requests in flight"}"#),
+                        body: Bytes::from_static(
+                            br#"{"message":"too many twin requests in flight"}"#,
+                        ),
                         version: None,
                     };
                     self.twin_reply(&rid, reply);
@@ -259,9 +282,16 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Connection<S> {
                     (rid, reply)
                 }));
             }
-            Action::MethodResponse { rid, status, payload } => {
+            Action::MethodResponse {
+                rid,
+                status,
+                payload,
+            } => {
                 if let Some(device) = &self.device {
-                    self.ctx.services.methods.respond(&device.device, &rid, status, payload);
+                    self.ctx
+                        .services
+                        .methods
+                        .respond(&device.device, &rid, status, payload);
                 }
             }
             Action::Delivered(id) => {
@@ -282,7 +312,10 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Connection<S> {
         }
     }
 
-    async fn authenticate(&mut self, request: ConnectRequest) -> Result<Accepted, ConnectReturnCode> {
+    async fn authenticate(
+        &mut self,
+        request: ConnectRequest,
+    ) -> Result<Accepted, ConnectReturnCode> {
         let presented = Presented {
             client_id: &request.client_id,
             username: request.username.as_deref(),
@@ -320,9 +353,14 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Connection<S> {
             return Err(ConnectReturnCode::ServiceUnavailable);
         }
         let registration = self.ctx.connections.register(&device);
-        self.ctx.presence.connected(&device, OffsetDateTime::now_utc());
+        self.ctx
+            .presence
+            .connected(&device, OffsetDateTime::now_utc());
         let expires_at = authenticated.expires_at.map(|expiry| {
-            let now = SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0);
+            let now = SystemTime::now()
+                .duration_since(UNIX_EPOCH)
+                .map(|d| d.as_secs())
+                .unwrap_or(0);
             Instant::now() + Duration::from_secs(expiry.saturating_sub(now))
         });
         tracing::debug!(%device, method = ?authenticated.method, session_present, "device connected");
@@ -344,16 +382,20 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Connection<S> {
             Ok(()) => {
                 self.ctx.metrics.messages_in.fetch_add(1, Ordering::Relaxed);
                 if let Some(pkid) = ack {
-                    self.actions.push(Action::Send(Packet::PubAck(PubAck::new(pkid))));
+                    self.actions
+                        .push(Action::Send(Packet::PubAck(PubAck::new(pkid))));
                 }
                 if let Some(device) = &self.device {
-                    self.ctx.presence.touch(&device.device, OffsetDateTime::now_utc());
+                    self.ctx
+                        .presence
+                        .touch(&device.device, OffsetDateTime::now_utc());
                 }
             }
             Err(err) => {
                 // Never acknowledge what is not durable: the device will resend.
                 tracing::warn!(error = %err, "telemetry not stored; closing without PUBACK");
-                self.session.close(CloseReason::IngestFailed, &mut self.actions);
+                self.session
+                    .close(CloseReason::IngestFailed, &mut self.actions);
             }
         }
     }
@@ -395,7 +437,10 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Connection<S> {
             let _ = tokio::time::timeout(Duration::from_secs(1), self.stream.shutdown()).await;
         }
         if let Some(device) = self.device.take()
-            && self.ctx.connections.unregister(&device.device, device.registration.connection)
+            && self
+                .ctx
+                .connections
+                .unregister(&device.device, device.registration.connection)
         {
             self.ctx.presence.disconnected(&device.device);
         }

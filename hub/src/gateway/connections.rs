@@ -129,13 +129,19 @@ impl Connections {
         if let Some(previous) = previous {
             previous.mailbox.close(CloseReason::Replaced);
         }
-        Registration { connection, mailbox }
+        Registration {
+            connection,
+            mailbox,
+        }
     }
 
     /// Removes the entry of `device` if it is still `connection`'s.
     pub fn unregister(&self, device: &DeviceId, connection: u64) -> bool {
         let mut table = self.lock();
-        if table.get(device).is_some_and(|e| e.connection == connection) {
+        if table
+            .get(device)
+            .is_some_and(|e| e.connection == connection)
+        {
             table.remove(device);
             true
         } else {
@@ -224,7 +230,10 @@ mod tests {
         for id in 0..MAILBOX_CAPACITY as u64 {
             table.deliver(&device, message(id)).unwrap();
         }
-        assert_eq!(table.deliver(&device, message(999)), Err(QueueError::SlowConsumer));
+        assert_eq!(
+            table.deliver(&device, message(999)),
+            Err(QueueError::SlowConsumer)
+        );
         let (queued, close) = registration.mailbox.drain();
         assert_eq!(queued.len(), MAILBOX_CAPACITY);
         assert_eq!(close, Some(CloseReason::SlowConsumer));

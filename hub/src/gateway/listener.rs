@@ -19,7 +19,11 @@ pub const LISTEN_BACKLOG: u32 = 4096;
 
 /// Binds `addr` with [`LISTEN_BACKLOG`].
 pub fn bind(addr: SocketAddr) -> std::io::Result<TcpListener> {
-    let socket = if addr.is_ipv4() { TcpSocket::new_v4()? } else { TcpSocket::new_v6()? };
+    let socket = if addr.is_ipv4() {
+        TcpSocket::new_v4()?
+    } else {
+        TcpSocket::new_v6()?
+    };
     socket.set_reuseaddr(true)?;
     socket.bind(addr)?;
     socket.listen(LISTEN_BACKLOG)
@@ -78,7 +82,12 @@ pub async fn accept_loop(
     }
 }
 
-async fn serve_stream(stream: TcpStream, tls: Option<TlsAcceptor>, ctx: Arc<GatewayContext>, shutdown: watch::Receiver<bool>) {
+async fn serve_stream(
+    stream: TcpStream,
+    tls: Option<TlsAcceptor>,
+    ctx: Arc<GatewayContext>,
+    shutdown: watch::Receiver<bool>,
+) {
     let _ = stream.set_nodelay(true);
     let Some(acceptor) = tls else {
         return connection::serve(stream, Vec::new(), ctx, shutdown).await;

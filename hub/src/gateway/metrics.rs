@@ -30,7 +30,10 @@ pub struct GatewayMetrics {
 impl GatewayMetrics {
     /// Counts a refused CONNECT under `reason`.
     pub fn auth_failure(&self, reason: &'static str) {
-        let mut failures = self.auth_failures.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        let mut failures = self
+            .auth_failures
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
         *failures.entry(reason).or_default() += 1;
     }
 
@@ -46,22 +49,62 @@ impl GatewayMetrics {
     pub fn render(&self) -> String {
         let mut out = String::new();
         let counters: [(&str, &str, u64); 7] = [
-            ("hub_mqtt_connections_accepted_total", "TCP connections accepted", self.accepted.load(Ordering::Relaxed)),
-            ("hub_mqtt_connections_refused_limit_total", "connections refused at mqtt.max_connections", self.refused_at_limit.load(Ordering::Relaxed)),
-            ("hub_mqtt_accept_no_fds_total", "accepts failed for lack of file descriptors", self.refused_no_fds.load(Ordering::Relaxed)),
-            ("hub_mqtt_tls_failures_total", "failed TLS handshakes", self.tls_failures.load(Ordering::Relaxed)),
-            ("hub_mqtt_malformed_total", "connections closed for malformed packets", self.malformed.load(Ordering::Relaxed)),
-            ("hub_messages_in_total", "telemetry messages stored", self.messages_in.load(Ordering::Relaxed)),
-            ("hub_messages_out_total", "messages sent to devices", self.messages_out.load(Ordering::Relaxed)),
+            (
+                "hub_mqtt_connections_accepted_total",
+                "TCP connections accepted",
+                self.accepted.load(Ordering::Relaxed),
+            ),
+            (
+                "hub_mqtt_connections_refused_limit_total",
+                "connections refused at mqtt.max_connections",
+                self.refused_at_limit.load(Ordering::Relaxed),
+            ),
+            (
+                "hub_mqtt_accept_no_fds_total",
+                "accepts failed for lack of file descriptors",
+                self.refused_no_fds.load(Ordering::Relaxed),
+            ),
+            (
+                "hub_mqtt_tls_failures_total",
+                "failed TLS handshakes",
+                self.tls_failures.load(Ordering::Relaxed),
+            ),
+            (
+                "hub_mqtt_malformed_total",
+                "connections closed for malformed packets",
+                self.malformed.load(Ordering::Relaxed),
+            ),
+            (
+                "hub_messages_in_total",
+                "telemetry messages stored",
+                self.messages_in.load(Ordering::Relaxed),
+            ),
+            (
+                "hub_messages_out_total",
+                "messages sent to devices",
+                self.messages_out.load(Ordering::Relaxed),
+            ),
         ];
         for (name, help, value) in counters {
-            let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} counter\n{name} {value}");
+            let _ = writeln!(
+                out,
+                "# HELP {name} {help}\n# TYPE {name} counter\n{name} {value}"
+            );
         }
         let open = self.open.load(Ordering::Relaxed);
-        let _ = writeln!(out, "# HELP hub_mqtt_connections_open connections open now\n# TYPE hub_mqtt_connections_open gauge\nhub_mqtt_connections_open {open}");
-        let _ = writeln!(out, "# HELP hub_auth_failures_total refused device CONNECTs by reason\n# TYPE hub_auth_failures_total counter");
+        let _ = writeln!(
+            out,
+            "# HELP hub_mqtt_connections_open connections open now\n# TYPE hub_mqtt_connections_open gauge\nhub_mqtt_connections_open {open}"
+        );
+        let _ = writeln!(
+            out,
+            "# HELP hub_auth_failures_total refused device CONNECTs by reason\n# TYPE hub_auth_failures_total counter"
+        );
         for (reason, count) in self.auth_failures() {
-            let _ = writeln!(out, "hub_auth_failures_total{{reason=\"{reason}\"}} {count}");
+            let _ = writeln!(
+                out,
+                "hub_auth_failures_total{{reason=\"{reason}\"}} {count}"
+            );
         }
         out
     }
@@ -78,7 +121,13 @@ mod tests {
         metrics.auth_failure("expired");
         metrics.auth_failure("expired");
         let text = metrics.render();
-        assert!(text.contains("hub_mqtt_connections_accepted_total 3"), "{text}");
-        assert!(text.contains("hub_auth_failures_total{reason=\"expired\"} 2"), "{text}");
+        assert!(
+            text.contains("hub_mqtt_connections_accepted_total 3"),
+            "{text}"
+        );
+        assert!(
+            text.contains("hub_auth_failures_total{reason=\"expired\"} 2"),
+            "{text}"
+        );
     }
 }

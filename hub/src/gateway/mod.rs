@@ -69,7 +69,10 @@ pub struct Gateway {
 
 impl std::fmt::Debug for Gateway {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Gateway").field("tcp", &self.tcp).field("tls", &self.tls).finish_non_exhaustive()
+        f.debug_struct("Gateway")
+            .field("tcp", &self.tcp)
+            .field("tls", &self.tls)
+            .finish_non_exhaustive()
     }
 }
 
@@ -159,7 +162,10 @@ impl RunningGateway {
             let _ = task.await;
         }
         let all = u32::try_from(self.max_connections).unwrap_or(u32::MAX);
-        if tokio::time::timeout(DRAIN_TIMEOUT, self.slots.acquire_many(all)).await.is_err() {
+        if tokio::time::timeout(DRAIN_TIMEOUT, self.slots.acquire_many(all))
+            .await
+            .is_err()
+        {
             tracing::warn!("connections still open after the drain timeout");
         }
     }

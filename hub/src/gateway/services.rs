@@ -85,7 +85,11 @@ pub trait SessionStore: Send + Sync + 'static {
     /// The stored subscriptions, if a session exists.
     async fn load(&self, device: &DeviceId) -> Result<Option<BTreeSet<Subscription>>, StoreError>;
     /// Stores the subscriptions (creating the session).
-    async fn save(&self, device: &DeviceId, subscriptions: &BTreeSet<Subscription>) -> Result<(), StoreError>;
+    async fn save(
+        &self,
+        device: &DeviceId,
+        subscriptions: &BTreeSet<Subscription>,
+    ) -> Result<(), StoreError>;
     /// Forgets the session (CleanSession=1).
     async fn remove(&self, device: &DeviceId) -> Result<(), StoreError>;
 }

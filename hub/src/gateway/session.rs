@@ -12,8 +12,8 @@ use std::time::Duration;
 use bytes::Bytes;
 use rumqttc::mqttbytes::QoS;
 use rumqttc::mqttbytes::v4::{
-    ConnAck, ConnectReturnCode, LastWill, Packet, PubAck, Publish, SubAck, Subscribe, SubscribeReasonCode,
-    UnsubAck, Unsubscribe,
+    ConnAck, ConnectReturnCode, LastWill, Packet, PubAck, Publish, SubAck, Subscribe,
+    SubscribeReasonCode, UnsubAck, Unsubscribe,
 };
 use tokio::time::Instant;
 
@@ -123,7 +123,10 @@ pub enum CloseReason {
 impl CloseReason {
     /// Whether the close was the client's own orderly DISCONNECT (no will).
     pub fn is_clean(&self) -> bool {
-        matches!(self, CloseReason::ClientDisconnected | CloseReason::Refused(_))
+        matches!(
+            self,
+            CloseReason::ClientDisconnected | CloseReason::Refused(_)
+        )
     }
 }
 
@@ -227,8 +230,13 @@ struct Connected {
 
 #[derive(Debug)]
 enum State {
-    AwaitingConnect { deadline: Instant },
-    Authenticating { deadline: Instant, pending: Box<PendingConnect> },
+    AwaitingConnect {
+        deadline: Instant,
+    },
+    Authenticating {
+        deadline: Instant,
+        pending: Box<PendingConnect>,
+    },
     Connected(Box<Connected>),
     Closed,
 }
@@ -266,6 +274,11 @@ impl Session {
         }
     }
 
+    /// Whether the session still waits for its CONNECT.
+    pub fn awaits_connect(&self) -> bool {
+        matches!(self.state, State::AwaitingConnect { .. })
+    }
+
     /// Whether the session has ended.
     pub fn is_closed(&self) -> bool {
         matches!(self.state, State::Closed)
@@ -274,7 +287,9 @@ impl Session {
     /// The earliest moment [`Session::on_deadline`] must be called.
     pub fn next_deadline(&self) -> Option<Instant> {
         match &self.state {
-            State::AwaitingConnect { deadline } | State::Authenticating { deadline, .. } => Some(*deadline),
+            State::AwaitingConnect { deadline } | State::Authenticating { deadline, .. } => {
+                Some(*deadline)
+            }
             State::Connected(c) => {
                 let keep_alive = c.keep_alive.map(|k| c.last_received + k.mul_f64(1.5));
                 match (keep_alive, c.expires_at) {
@@ -289,11 +304,18 @@ impl Session {
     /// Closes the session if a deadline has passed.
     pub fn on_deadline(&mut self, now: Instant, out: &mut Vec<Action>) {
         let reason = match &self.state {
-            State::AwaitingConnect { deadline } | State::Authenticating { deadline, .. } if now >= *deadline => {
+            State::AwaitingConnect { deadline } | State::Authenticating { deadline, .. }
+                if now >= *deadline =>
+            {
                 Some(CloseReason::ConnectTimeout)
             }
-            State::Connected(c) if c.expires_at.is_some_and(|at| now >= at) => Some(CloseReason::CredentialExpired),
-            State::Connected(c) if c.keep_alive.is_some_and(|k| now >= c.last_received + k.mul_f64(1.5)) => {
+            State::Connected(c) if c.expires_at.is_some_and(|at| now >= at) => {
+                Some(CloseReason::CredentialExpired)
+            }
+            State::Connected(c)
+                if c.keep_alive
+                    .is_some_and(|k| now >= c.last_received + k.mul_f64(1.5)) =>
+            {
                 Some(CloseReason::KeepAliveTimeout)
             }
             _ => None,
@@ -309,9 +331,12 @@ impl Session {
         if let State::Connected(c) = std::mem::replace(&mut self.state, State::Closed)
             && !reason.is_clean()
             && let Some(will) = c.will
-            && let Ok(DevicePublish::Telemetry(mut properties)) = topic::parse_publish(&will.topic, c.device_id.as_str())
+            && let Ok(DevicePublish::Telemetry(mut properties)) =
+                topic::parse_publish(&will.topic, c.device_id.as_str())
         {
-            properties.0.push(("iothub-MessageType".into(), "Will".into()));
+            properties
+                .0
+                .push(("iothub-MessageType".into(), "Will".into()));
             out.push(Action::Ingest {
                 properties,
                 payload: will.message,
@@ -342,7 +367,8 @@ impl Session {
         match &mut self.state {
             State::AwaitingConnect { .. } => match packet {
                 Packet::Connect(connect) => {
-                    if connect.client_id.is_empty() || DeviceId::parse(&connect.client_id).is_err() {
+                    if connect.client_id.is_empty() || DeviceId::parse(&connect.client_id).is_err()
+                    {
                         return self.refuse(ConnectReturnCode::BadClientId, out);
                     }
                     // A will may only be the device's own telemetry.
@@ -380,10 +406,16 @@ impl Session {
                         }),
                     };
                 }
-                _ => self.close(CloseReason::ProtocolViolation("first packet must be CONNECT"), out),
+                _ => self.close(
+                    CloseReason::ProtocolViolation("first packet must be CONNECT"),
+                    out,
+                ),
             },
             State::Authenticating { .. } => {
-                self.close(CloseReason::ProtocolViolation("packet before CONNACK was decided"), out);
+                self.close(
+                    CloseReason::ProtocolViolation("packet before CONNACK was decided"),
+                    out,
+                );
             }
             State::Connected(c) => {
                 c.last_received = now;
@@ -394,9 +426,16 @@ impl Session {
                     Packet::Unsubscribe(unsubscribe) => self.on_unsubscribe(unsubscribe, out),
                     Packet::PingReq => out.push(Action::Send(Packet::PingResp)),
                     Packet::Disconnect => self.close(CloseReason::ClientDisconnected, out),
-                    Packet::Connect(_) => self.close(CloseReason::ProtocolViolation("second CONNECT"), out),
-                    Packet::PubRec(_) | Packet::PubRel(_) | Packet::PubComp(_) => self.close(CloseReason::QoS2, out),
-                    _ => self.close(CloseReason::ProtocolViolation("server-to-client packet from client"), out),
+                    Packet::Connect(_) => {
+                        self.close(CloseReason::ProtocolViolation("second CONNECT"), out)
+                    }
+                    Packet::PubRec(_) | Packet::PubRel(_) | Packet::PubComp(_) => {
+                        self.close(CloseReason::QoS2, out)
+                    }
+                    _ => self.close(
+                        CloseReason::ProtocolViolation("server-to-client packet from client"),
+                        out,
+                    ),
                 }
             }
             State::Closed => {}
@@ -404,8 +443,15 @@ impl Session {
     }
 
     /// The authenticator's verdict on the pending CONNECT.
-    pub fn on_auth(&mut self, result: Result<Accepted, ConnectReturnCode>, now: Instant, out: &mut Vec<Action>) {
-        let State::Authenticating { pending, .. } = std::mem::replace(&mut self.state, State::Closed) else {
+    pub fn on_auth(
+        &mut self,
+        result: Result<Accepted, ConnectReturnCode>,
+        now: Instant,
+        out: &mut Vec<Action>,
+    ) {
+        let State::Authenticating { pending, .. } =
+            std::mem::replace(&mut self.state, State::Closed)
+        else {
             return;
         };
         let accepted = match result {
@@ -427,7 +473,8 @@ impl Session {
         self.state = State::Connected(Box::new(Connected {
             device_id: accepted.device_id,
             clean_session: pending.clean_session,
-            keep_alive: (pending.keep_alive > 0).then(|| Duration::from_secs(u64::from(pending.keep_alive))),
+            keep_alive: (pending.keep_alive > 0)
+                .then(|| Duration::from_secs(u64::from(pending.keep_alive))),
             last_received: now,
             expires_at: accepted.expires_at,
             subscriptions,
@@ -466,7 +513,10 @@ impl Session {
                 });
                 return;
             }
-            Ok(DevicePublish::TwinGet { rid }) => Action::Twin { rid, op: TwinOp::Get },
+            Ok(DevicePublish::TwinGet { rid }) => Action::Twin {
+                rid,
+                op: TwinOp::Get,
+            },
             Ok(DevicePublish::TwinPatchReported { rid }) => Action::Twin {
                 rid,
                 op: TwinOp::PatchReported(publish.payload),
@@ -492,19 +542,24 @@ impl Session {
         let return_codes = subscribe
             .filters
             .iter()
-            .map(|filter| match topic::parse_subscription(&filter.path, c.device_id.as_str()) {
-                Some(kind) => {
-                    c.subscriptions.insert(kind);
-                    // QoS 2 is granted as 1.
-                    SubscribeReasonCode::Success(match filter.qos {
-                        QoS::AtMostOnce => QoS::AtMostOnce,
-                        _ => QoS::AtLeastOnce,
-                    })
-                }
-                None => SubscribeReasonCode::Failure,
-            })
+            .map(
+                |filter| match topic::parse_subscription(&filter.path, c.device_id.as_str()) {
+                    Some(kind) => {
+                        c.subscriptions.insert(kind);
+                        // QoS 2 is granted as 1.
+                        SubscribeReasonCode::Success(match filter.qos {
+                            QoS::AtMostOnce => QoS::AtMostOnce,
+                            _ => QoS::AtLeastOnce,
+                        })
+                    }
+                    None => SubscribeReasonCode::Failure,
+                },
+            )
             .collect();
-        out.push(Action::Send(Packet::SubAck(SubAck::new(subscribe.pkid, return_codes))));
+        out.push(Action::Send(Packet::SubAck(SubAck::new(
+            subscribe.pkid,
+            return_codes,
+        ))));
         if !c.clean_session && c.subscriptions != before {
             out.push(Action::SaveSubscriptions(c.subscriptions.clone()));
         }
@@ -518,7 +573,9 @@ impl Session {
                 c.subscriptions.remove(&kind);
             }
         }
-        out.push(Action::Send(Packet::UnsubAck(UnsubAck::new(unsubscribe.pkid))));
+        out.push(Action::Send(Packet::UnsubAck(UnsubAck::new(
+            unsubscribe.pkid,
+        ))));
         if !c.clean_session && c.subscriptions != before {
             out.push(Action::SaveSubscriptions(c.subscriptions.clone()));
         }
@@ -536,7 +593,9 @@ impl Session {
         let window = self.limits.outbound_inflight;
         let Some(c) = self.connected() else { return };
         while c.inflight.len() < window {
-            let Some(next) = c.queued.pop_front() else { break };
+            let Some(next) = c.queued.pop_front() else {
+                break;
+            };
             Self::send_outbound(c, next, out);
         }
     }
@@ -550,7 +609,11 @@ impl Session {
     }
 
     /// Queues a message for the device; sends it at once if the window allows.
-    pub fn deliver(&mut self, message: Outbound, out: &mut Vec<Action>) -> Result<(), DeliverError> {
+    pub fn deliver(
+        &mut self,
+        message: Outbound,
+        out: &mut Vec<Action>,
+    ) -> Result<(), DeliverError> {
         let limits = self.limits;
         let Some(c) = self.connected() else {
             return Err(DeliverError::NotConnected);
@@ -584,7 +647,11 @@ impl Session {
                 break candidate;
             }
         };
-        let mut publish = Publish::new(message.topic.clone(), QoS::AtLeastOnce, message.payload.clone());
+        let mut publish = Publish::new(
+            message.topic.clone(),
+            QoS::AtLeastOnce,
+            message.payload.clone(),
+        );
         publish.pkid = pkid;
         out.push(Action::Send(Packet::Publish(publish)));
         c.inflight.push_back((pkid, message));

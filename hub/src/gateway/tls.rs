@@ -30,7 +30,8 @@ pub fn server_config(cert_pem: &str, key_pem: &str) -> Result<Arc<ServerConfig>,
     let chain = CertificateDer::pem_slice_iter(cert_pem.as_bytes())
         .collect::<Result<Vec<_>, _>>()
         .map_err(|err| TlsError::Pem(err.to_string()))?;
-    let key = PrivateKeyDer::from_pem_slice(key_pem.as_bytes()).map_err(|err| TlsError::Pem(err.to_string()))?;
+    let key = PrivateKeyDer::from_pem_slice(key_pem.as_bytes())
+        .map_err(|err| TlsError::Pem(err.to_string()))?;
     let provider = Arc::new(rustls::crypto::ring::default_provider());
     let verifier = Arc::new(RequestClientCert {
         algorithms: provider.signature_verification_algorithms,

@@ -6,7 +6,12 @@ use percent_encoding::{AsciiSet, NON_ALPHANUMERIC, percent_decode_str, utf8_perc
 
 /// Characters escaped in property bag keys and values: everything but unreserved
 /// URL characters (so `/` is always `%2F`).
-const BAG_ESCAPE: &AsciiSet = &NON_ALPHANUMERIC.remove(b'-').remove(b'.').remove(b'_').remove(b'~').remove(b'$');
+const BAG_ESCAPE: &AsciiSet = &NON_ALPHANUMERIC
+    .remove(b'-')
+    .remove(b'.')
+    .remove(b'_')
+    .remove(b'~')
+    .remove(b'$');
 
 /// An ordered list of (key, value) properties, decoded.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
@@ -25,7 +30,12 @@ impl PropertyBag {
         let mut pairs = Vec::new();
         for field in raw.split('&').filter(|f| !f.is_empty()) {
             let (key, value) = field.split_once('=').unwrap_or((field, ""));
-            let decode = |s: &str| percent_decode_str(s).decode_utf8().map(|c| c.into_owned()).map_err(|_| BagError);
+            let decode = |s: &str| {
+                percent_decode_str(s)
+                    .decode_utf8()
+                    .map(|c| c.into_owned())
+                    .map_err(|_| BagError)
+            };
             pairs.push((decode(key)?, decode(value)?));
         }
         Ok(Self(pairs))
@@ -33,7 +43,10 @@ impl PropertyBag {
 
     /// The value of `key`, if present.
     pub fn get(&self, key: &str) -> Option<&str> {
-        self.0.iter().find(|(k, _)| k == key).map(|(_, v)| v.as_str())
+        self.0
+            .iter()
+            .find(|(k, _)| k == key)
+            .map(|(_, v)| v.as_str())
     }
 
     /// Encodes as `k=v&k2=v2` with every reserved character (including `/`) escaped.
@@ -95,7 +108,9 @@ pub enum TopicError {
 pub fn parse_publish(topic: &str, device_id: &str) -> Result<DevicePublish, TopicError> {
     if let Some(rest) = topic.strip_prefix("devices/") {
         let rest = rest.strip_prefix(device_id).ok_or(TopicError::NotAllowed)?;
-        let rest = rest.strip_prefix("/messages/events").ok_or(TopicError::NotAllowed)?;
+        let rest = rest
+            .strip_prefix("/messages/events")
+            .ok_or(TopicError::NotAllowed)?;
         let bag = match rest {
             "" | "/" => PropertyBag::default(),
             _ => {
@@ -106,14 +121,22 @@ pub fn parse_publish(topic: &str, device_id: &str) -> Result<DevicePublish, Topi
         return Ok(DevicePublish::Telemetry(bag));
     }
     if let Some(query) = topic.strip_prefix("$iothub/twin/GET/") {
-        return Ok(DevicePublish::TwinGet { rid: request_id(query)? });
+        return Ok(DevicePublish::TwinGet {
+            rid: request_id(query)?,
+        });
     }
     if let Some(query) = topic.strip_prefix("$iothub/twin/PATCH/properties/reported/") {
-        return Ok(DevicePublish::TwinPatchReported { rid: request_id(query)? });
+        return Ok(DevicePublish::TwinPatchReported {
+            rid: request_id(query)?,
+        });
     }
     if let Some(rest) = topic.strip_prefix("$iothub/methods/res/") {
-        let (status, query) = rest.split_once('/').ok_or(TopicError::Malformed("method response"))?;
-        let status = status.parse().map_err(|_| TopicError::Malformed("method status"))?;
+        let (status, query) = rest
+            .split_once('/')
+            .ok_or(TopicError::Malformed("method response"))?;
+        let status = status
+            .parse()
+            .map_err(|_| TopicError::Malformed("method status"))?;
         return Ok(DevicePublish::MethodResponse {
             status,
             rid: request_id(query)?,
@@ -131,7 +154,9 @@ fn request_id(query: &str) -> Result<String, TopicError> {
 }
 
 /// The subscriptions a device may hold.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, serde::Serialize, serde::Deserialize)]
+#[derive(
+    Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, serde::Serialize, serde::Deserialize,
+)]
 #[serde(rename_all = "camelCase")]
 pub enum Subscription {
     /// `devices/{id}/messages/devicebound/#`.
@@ -197,14 +222,23 @@ mod tests {
             parse_publish("devices/d1/messages/events", "d1"),
             Ok(DevicePublish::Telemetry(PropertyBag::default()))
         );
-        let parsed = parse_publish("devices/d1/messages/events/%24.mid=m1&%24.ct=application%2Fjson&temp=hot&flag", "d1").unwrap();
-        let DevicePublish::Telemetry(bag) = parsed else { panic!() };
+        let parsed = parse_publish(
+            "devices/d1/messages/events/%24.mid=m1&%24.ct=application%2Fjson&temp=hot&flag",
+            "d1",
+        )
+        .unwrap();
+        let DevicePublish::Telemetry(bag) = parsed else {
+            panic!()
+        };
         assert_eq!(bag.get("$.mid"), Some("m1"));
         assert_eq!(bag.get("$.ct"), Some("application/json"));
         assert_eq!(bag.get("temp"), Some("hot"));
         assert_eq!(bag.get("flag"), Some(""));
         let leading = parse_publish("devices/d1/messages/events/?a=1", "d1").unwrap();
-        assert_eq!(leading, DevicePublish::Telemetry(PropertyBag(vec![("a".into(), "1".into())])));
+        assert_eq!(
+            leading,
+            DevicePublish::Telemetry(PropertyBag(vec![("a".into(), "1".into())]))
+        );
     }
 
     #[test]
@@ -219,32 +253,66 @@ mod tests {
             "anything",
             "",
         ] {
-            assert_eq!(parse_publish(topic, "d1"), Err(TopicError::NotAllowed), "{topic}");
+            assert_eq!(
+                parse_publish(topic, "d1"),
+                Err(TopicError::NotAllowed),
+                "{topic}"
+            );
         }
-        assert!(matches!(parse_publish("devices/d1/messages/events/%ff=1", "d1"), Err(TopicError::Malformed(_))));
+        assert!(matches!(
+            parse_publish("devices/d1/messages/events/%ff=1", "d1"),
+            Err(TopicError::Malformed(_))
+        ));
     }
 
     #[test]
     fn twin_and_method_topics() {
-        assert_eq!(parse_publish("$iothub/twin/GET/?$rid=42", "d"), Ok(DevicePublish::TwinGet { rid: "42".into() }));
         assert_eq!(
-            parse_publish("$iothub/twin/PATCH/properties/reported/?$rid=7&$version=3", "d"),
+            parse_publish("$iothub/twin/GET/?$rid=42", "d"),
+            Ok(DevicePublish::TwinGet { rid: "42".into() })
+        );
+        assert_eq!(
+            parse_publish(
+                "$iothub/twin/PATCH/properties/reported/?$rid=7&$version=3",
+                "d"
+            ),
             Ok(DevicePublish::TwinPatchReported { rid: "7".into() })
         );
         assert_eq!(
             parse_publish("$iothub/methods/res/200/?$rid=abc", "d"),
-            Ok(DevicePublish::MethodResponse { status: 200, rid: "abc".into() })
+            Ok(DevicePublish::MethodResponse {
+                status: 200,
+                rid: "abc".into()
+            })
         );
-        assert!(matches!(parse_publish("$iothub/twin/GET/", "d"), Err(TopicError::Malformed(_))));
-        assert!(matches!(parse_publish("$iothub/methods/res/ok/?$rid=1", "d"), Err(TopicError::Malformed(_))));
+        assert!(matches!(
+            parse_publish("$iothub/twin/GET/", "d"),
+            Err(TopicError::Malformed(_))
+        ));
+        assert!(matches!(
+            parse_publish("$iothub/methods/res/ok/?$rid=1", "d"),
+            Err(TopicError::Malformed(_))
+        ));
     }
 
     #[test]
     fn subscriptions_outside_the_contract_are_refused() {
-        assert_eq!(parse_subscription("devices/d1/messages/devicebound/#", "d1"), Some(Subscription::CloudToDevice));
-        assert_eq!(parse_subscription("$iothub/twin/res/#", "d1"), Some(Subscription::TwinResponses));
-        assert_eq!(parse_subscription("$iothub/methods/POST/#", "d1"), Some(Subscription::Methods));
-        assert_eq!(parse_subscription("$iothub/twin/PATCH/properties/desired/#", "d1"), Some(Subscription::DesiredPatches));
+        assert_eq!(
+            parse_subscription("devices/d1/messages/devicebound/#", "d1"),
+            Some(Subscription::CloudToDevice)
+        );
+        assert_eq!(
+            parse_subscription("$iothub/twin/res/#", "d1"),
+            Some(Subscription::TwinResponses)
+        );
+        assert_eq!(
+            parse_subscription("$iothub/methods/POST/#", "d1"),
+            Some(Subscription::Methods)
+        );
+        assert_eq!(
+            parse_subscription("$iothub/twin/PATCH/properties/desired/#", "d1"),
+            Some(Subscription::DesiredPatches)
+        );
         for filter in [
             "#",
             "+/#",
@@ -268,11 +336,22 @@ mod tests {
             ("app key".into(), "a&b=c".into()),
         ]);
         let topic = cloud_to_device("d1", &bag);
-        let encoded = topic.strip_prefix("devices/d1/messages/devicebound/").unwrap();
+        let encoded = topic
+            .strip_prefix("devices/d1/messages/devicebound/")
+            .unwrap();
         assert!(!encoded.contains('/'), "{encoded}");
         assert_eq!(PropertyBag::parse(encoded).unwrap(), bag);
-        assert_eq!(twin_response(204, "5", Some(9)), "$iothub/twin/res/204/?$rid=5&$version=9");
-        assert_eq!(desired_patch(4), "$iothub/twin/PATCH/properties/desired/?$version=4");
-        assert_eq!(method_request("reboot", "1"), "$iothub/methods/POST/reboot/?$rid=1");
+        assert_eq!(
+            twin_response(204, "5", Some(9)),
+            "$iothub/twin/res/204/?$rid=5&$version=9"
+        );
+        assert_eq!(
+            desired_patch(4),
+            "$iothub/twin/PATCH/properties/desired/?$version=4"
+        );
+        assert_eq!(
+            method_request("reboot", "1"),
+            "$iothub/methods/POST/reboot/?$rid=1"
+        );
     }
 }

@@ -278,7 +278,11 @@ impl SessionStore for EmbeddedStore {
         .await
     }
 
-    async fn save(&self, device: &DeviceId, subscriptions: &BTreeSet<Subscription>) -> Result<(), StoreError> {
+    async fn save(
+        &self,
+        device: &DeviceId,
+        subscriptions: &BTreeSet<Subscription>,
+    ) -> Result<(), StoreError> {
         let id = device.clone();
         let bytes = serde_json::to_vec(subscriptions).map_err(|err| StoreError::Corrupt {
             table: "sessions",
@@ -287,7 +291,8 @@ impl SessionStore for EmbeddedStore {
         })?;
         self.blocking(move |db| {
             let txn = db.begin_write()?;
-            txn.open_table(SESSIONS)?.insert(id.as_str(), bytes.as_slice())?;
+            txn.open_table(SESSIONS)?
+                .insert(id.as_str(), bytes.as_slice())?;
             txn.commit()?;
             Ok(())
         })
@@ -343,7 +348,8 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("hub.redb");
         let id = DeviceId::parse("d1").unwrap();
-        let subs: BTreeSet<Subscription> = [Subscription::Methods, Subscription::CloudToDevice].into();
+        let subs: BTreeSet<Subscription> =
+            [Subscription::Methods, Subscription::CloudToDevice].into();
         {
             let store = EmbeddedStore::open(&path).unwrap();
             assert_eq!(store.load(&id).await.unwrap(), None);

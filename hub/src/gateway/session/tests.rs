@@ -8,7 +8,10 @@ fn connect(client_id: &str, clean: bool, keep_alive: u16) -> Packet {
     let mut connect = Connect::new(client_id);
     connect.clean_session = clean;
     connect.keep_alive = keep_alive;
-    connect.login = Some(Login::new(format!("hub/{client_id}/?api-version=2021-04-12"), "secret"));
+    connect.login = Some(Login::new(
+        format!("hub/{client_id}/?api-version=2021-04-12"),
+        "secret",
+    ));
     Packet::Connect(connect)
 }
 
@@ -22,15 +25,33 @@ fn accepted(id: &str, expires_in: Option<Duration>, subscriptions: &[Subscriptio
 }
 
 /// A connected session for device `d1`.
-fn connected(clean: bool, keep_alive: u16, expires_in: Option<Duration>, subs: &[Subscription]) -> Session {
+fn connected(
+    clean: bool,
+    keep_alive: u16,
+    expires_in: Option<Duration>,
+    subs: &[Subscription],
+) -> Session {
     let mut session = Session::new(SessionLimits::default(), Instant::now());
     let mut out = Vec::new();
     session.on_packet(connect("d1", clean, keep_alive), Instant::now(), &mut out);
-    assert!(matches!(out.as_slice(), [Action::Authenticate(_)]), "{out:?}");
-    out.clear();
-    session.on_auth(Ok(accepted("d1", expires_in, subs)), Instant::now(), &mut out);
     assert!(
-        matches!(out.as_slice(), [Action::Send(Packet::ConnAck(ConnAck { code: ConnectReturnCode::Success, .. }))]),
+        matches!(out.as_slice(), [Action::Authenticate(_)]),
+        "{out:?}"
+    );
+    out.clear();
+    session.on_auth(
+        Ok(accepted("d1", expires_in, subs)),
+        Instant::now(),
+        &mut out,
+    );
+    assert!(
+        matches!(
+            out.as_slice(),
+            [Action::Send(Packet::ConnAck(ConnAck {
+                code: ConnectReturnCode::Success,
+                ..
+            }))]
+        ),
         "{out:?}"
     );
     session
@@ -48,7 +69,9 @@ async fn connect_is_authenticated_and_the_password_is_not_in_debug_output() {
     let mut session = Session::new(SessionLimits::default(), Instant::now());
     let mut out = Vec::new();
     session.on_packet(connect("d1", false, 30), Instant::now(), &mut out);
-    let Some(Action::Authenticate(request)) = out.first() else { panic!("{out:?}") };
+    let Some(Action::Authenticate(request)) = out.first() else {
+        panic!("{out:?}")
+    };
     assert_eq!(request.client_id, "d1");
     assert_eq!(request.password.as_deref(), Some("secret"));
     assert!(!format!("{request:?}").contains("secret"));
@@ -61,11 +84,18 @@ async fn refused_authentication_sends_connack_5_then_closes() {
     let mut out = Vec::new();
     session.on_packet(connect("d1", true, 30), Instant::now(), &mut out);
     out.clear();
-    session.on_auth(Err(ConnectReturnCode::NotAuthorized), Instant::now(), &mut out);
+    session.on_auth(
+        Err(ConnectReturnCode::NotAuthorized),
+        Instant::now(),
+        &mut out,
+    );
     assert!(matches!(
         out.as_slice(),
         [
-            Action::Send(Packet::ConnAck(ConnAck { code: ConnectReturnCode::NotAuthorized, session_present: false })),
+            Action::Send(Packet::ConnAck(ConnAck {
+                code: ConnectReturnCode::NotAuthorized,
+                session_present: false
+            })),
             Action::Close(CloseReason::Refused(ConnectReturnCode::NotAuthorized))
         ]
     ));
@@ -77,11 +107,17 @@ async fn the_first_packet_must_be_connect_within_ten_seconds() {
     let mut session = Session::new(SessionLimits::default(), Instant::now());
     let mut out = Vec::new();
     session.on_packet(Packet::PingReq, Instant::now(), &mut out);
-    assert!(matches!(closed_with(&out), Some(CloseReason::ProtocolViolation(_))));
+    assert!(matches!(
+        closed_with(&out),
+        Some(CloseReason::ProtocolViolation(_))
+    ));
 
     let mut session = Session::new(SessionLimits::default(), Instant::now());
     let mut out = Vec::new();
-    assert_eq!(session.next_deadline(), Some(Instant::now() + Duration::from_secs(10)));
+    assert_eq!(
+        session.next_deadline(),
+        Some(Instant::now() + Duration::from_secs(10))
+    );
     advance(Duration::from_millis(9_999)).await;
     session.on_deadline(Instant::now(), &mut out);
     assert!(out.is_empty());
@@ -99,7 +135,10 @@ async fn keep_alive_closes_after_one_and_a_half_periods_of_silence() {
     assert!(matches!(out.as_slice(), [Action::Send(Packet::PingResp)]));
     out.clear();
     // The deadline moved with the ping: 15 s from now.
-    assert_eq!(session.next_deadline(), Some(Instant::now() + Duration::from_secs(15)));
+    assert_eq!(
+        session.next_deadline(),
+        Some(Instant::now() + Duration::from_secs(15))
+    );
     advance(Duration::from_millis(14_999)).await;
     session.on_deadline(Instant::now(), &mut out);
     assert!(out.is_empty());
@@ -118,7 +157,10 @@ async fn keep_alive_zero_means_no_timeout() {
 async fn the_connection_closes_when_its_credential_expires() {
     let mut session = connected(true, 60, Some(Duration::from_secs(20)), &[]);
     let mut out = Vec::new();
-    assert_eq!(session.next_deadline(), Some(Instant::now() + Duration::from_secs(20)));
+    assert_eq!(
+        session.next_deadline(),
+        Some(Instant::now() + Duration::from_secs(20))
+    );
     advance(Duration::from_secs(19)).await;
     session.on_packet(Packet::PingReq, Instant::now(), &mut out);
     session.on_deadline(Instant::now(), &mut out);
@@ -137,7 +179,10 @@ async fn an_already_expired_credential_is_refused() {
     let mut stale = accepted("d1", None, &[]);
     stale.expires_at = Some(Instant::now());
     session.on_auth(Ok(stale), Instant::now(), &mut out);
-    assert_eq!(closed_with(&out), Some(&CloseReason::Refused(ConnectReturnCode::NotAuthorized)));
+    assert_eq!(
+        closed_with(&out),
+        Some(&CloseReason::Refused(ConnectReturnCode::NotAuthorized))
+    );
 }
 
 #[tokio::test(start_paused = true)]
@@ -145,24 +190,51 @@ async fn invalid_client_ids_and_foreign_wills_are_refused() {
     let mut session = Session::new(SessionLimits::default(), Instant::now());
     let mut out = Vec::new();
     session.on_packet(connect("bad id", true, 30), Instant::now(), &mut out);
-    assert_eq!(closed_with(&out), Some(&CloseReason::Refused(ConnectReturnCode::BadClientId)));
+    assert_eq!(
+        closed_with(&out),
+        Some(&CloseReason::Refused(ConnectReturnCode::BadClientId))
+    );
 
     let mut session = Session::new(SessionLimits::default(), Instant::now());
     let mut out = Vec::new();
-    let Packet::Connect(mut with_will) = connect("d1", true, 30) else { unreachable!() };
-    with_will.last_will = Some(LastWill::new("devices/d2/messages/events/", "bye", QoS::AtLeastOnce, false));
+    let Packet::Connect(mut with_will) = connect("d1", true, 30) else {
+        unreachable!()
+    };
+    with_will.last_will = Some(LastWill::new(
+        "devices/d2/messages/events/",
+        "bye",
+        QoS::AtLeastOnce,
+        false,
+    ));
     session.on_packet(Packet::Connect(with_will), Instant::now(), &mut out);
-    assert_eq!(closed_with(&out), Some(&CloseReason::Refused(ConnectReturnCode::NotAuthorized)));
+    assert_eq!(
+        closed_with(&out),
+        Some(&CloseReason::Refused(ConnectReturnCode::NotAuthorized))
+    );
 }
 
 #[tokio::test(start_paused = true)]
 async fn telemetry_is_ingested_and_acked_only_by_the_connection_task() {
     let mut session = connected(true, 30, None, &[]);
     let mut out = Vec::new();
-    let mut publish = Publish::new("devices/d1/messages/events/%24.mid=7&k=v", QoS::AtLeastOnce, "hello");
+    let mut publish = Publish::new(
+        "devices/d1/messages/events/%24.mid=7&k=v",
+        QoS::AtLeastOnce,
+        "hello",
+    );
     publish.pkid = 9;
     session.on_packet(Packet::Publish(publish), Instant::now(), &mut out);
-    let [Action::Ingest { properties, payload, ack, will }] = out.as_slice() else { panic!("{out:?}") };
+    let [
+        Action::Ingest {
+            properties,
+            payload,
+            ack,
+            will,
+        },
+    ] = out.as_slice()
+    else {
+        panic!("{out:?}")
+    };
     assert_eq!(properties.get("$.mid"), Some("7"));
     assert_eq!(payload.as_ref(), b"hello");
     assert_eq!(*ack, Some(9));
@@ -171,12 +243,27 @@ async fn telemetry_is_ingested_and_acked_only_by_the_connection_task() {
 
 #[tokio::test(start_paused = true)]
 async fn another_devices_topic_closes_without_ingesting() {
-    for topic in ["devices/d2/messages/events/", "devices/d1/messages/devicebound/x", "random"] {
+    for topic in [
+        "devices/d2/messages/events/",
+        "devices/d1/messages/devicebound/x",
+        "random",
+    ] {
         let mut session = connected(true, 30, None, &[]);
         let mut out = Vec::new();
-        session.on_packet(Packet::Publish(Publish::new(topic, QoS::AtLeastOnce, "x")), Instant::now(), &mut out);
-        assert!(!out.iter().any(|a| matches!(a, Action::Ingest { .. })), "{topic}");
-        assert_eq!(closed_with(&out), Some(&CloseReason::TopicNotAllowed), "{topic}");
+        session.on_packet(
+            Packet::Publish(Publish::new(topic, QoS::AtLeastOnce, "x")),
+            Instant::now(),
+            &mut out,
+        );
+        assert!(
+            !out.iter().any(|a| matches!(a, Action::Ingest { .. })),
+            "{topic}"
+        );
+        assert_eq!(
+            closed_with(&out),
+            Some(&CloseReason::TopicNotAllowed),
+            "{topic}"
+        );
     }
 }
 
@@ -191,7 +278,15 @@ async fn qos2_and_oversized_telemetry_close_the_connection() {
     let mut session = connected(true, 30, None, &[]);
     let mut out = Vec::new();
     let big = vec![0u8; 256 * 1024 + 1];
-    session.on_packet(Packet::Publish(Publish::new("devices/d1/messages/events/", QoS::AtLeastOnce, big)), Instant::now(), &mut out);
+    session.on_packet(
+        Packet::Publish(Publish::new(
+            "devices/d1/messages/events/",
+            QoS::AtLeastOnce,
+            big,
+        )),
+        Instant::now(),
+        &mut out,
+    );
     assert_eq!(closed_with(&out), Some(&CloseReason::TooLarge));
     assert!(!out.iter().any(|a| matches!(a, Action::Ingest { .. })));
 }
@@ -207,8 +302,16 @@ async fn subscribe_grants_contract_filters_and_refuses_the_rest() {
         SubscribeFilter::new("devices/d2/messages/devicebound/#".into(), QoS::AtLeastOnce),
         SubscribeFilter::new("$iothub/methods/POST/#".into(), QoS::ExactlyOnce),
     ];
-    session.on_packet(Packet::Subscribe(Subscribe::new_many(filters)), Instant::now(), &mut out);
-    let [Action::Send(Packet::SubAck(suback)), Action::SaveSubscriptions(saved)] = out.as_slice() else {
+    session.on_packet(
+        Packet::Subscribe(Subscribe::new_many(filters)),
+        Instant::now(),
+        &mut out,
+    );
+    let [
+        Action::Send(Packet::SubAck(suback)),
+        Action::SaveSubscriptions(saved),
+    ] = out.as_slice()
+    else {
         panic!("{out:?}")
     };
     assert_eq!(
@@ -221,18 +324,32 @@ async fn subscribe_grants_contract_filters_and_refuses_the_rest() {
             SubscribeReasonCode::Success(QoS::AtLeastOnce),
         ]
     );
-    assert_eq!(saved, &[Subscription::CloudToDevice, Subscription::Methods].into_iter().collect());
-    assert!(!session.is_closed(), "a refused filter leaves the connection open");
+    assert_eq!(
+        saved,
+        &[Subscription::CloudToDevice, Subscription::Methods]
+            .into_iter()
+            .collect()
+    );
+    assert!(
+        !session.is_closed(),
+        "a refused filter leaves the connection open"
+    );
 }
 
 #[tokio::test(start_paused = true)]
 async fn clean_sessions_are_not_persisted_or_resumed() {
     let mut session = connected(true, 30, None, &[Subscription::Methods]);
-    assert!(!session.is_subscribed(Subscription::Methods), "CleanSession=1 starts afresh");
+    assert!(
+        !session.is_subscribed(Subscription::Methods),
+        "CleanSession=1 starts afresh"
+    );
     let mut out = Vec::new();
     let sub = Subscribe::new("$iothub/twin/res/#", QoS::AtLeastOnce);
     session.on_packet(Packet::Subscribe(sub), Instant::now(), &mut out);
-    assert!(!out.iter().any(|a| matches!(a, Action::SaveSubscriptions(_))));
+    assert!(
+        !out.iter()
+            .any(|a| matches!(a, Action::SaveSubscriptions(_)))
+    );
 
     let resumed = connected(false, 30, None, &[Subscription::Methods]);
     assert!(resumed.is_subscribed(Subscription::Methods));
@@ -240,7 +357,11 @@ async fn clean_sessions_are_not_persisted_or_resumed() {
 
 #[tokio::test(start_paused = true)]
 async fn outbound_qos1_respects_the_window_and_the_queue() {
-    let limits = SessionLimits { outbound_inflight: 2, outbound_queue: 1, ..SessionLimits::default() };
+    let limits = SessionLimits {
+        outbound_inflight: 2,
+        outbound_queue: 1,
+        ..SessionLimits::default()
+    };
     let mut session = Session::new(limits, Instant::now());
     let mut out = Vec::new();
     session.on_packet(connect("d1", true, 30), Instant::now(), &mut out);
@@ -253,13 +374,23 @@ async fn outbound_qos1_respects_the_window_and_the_queue() {
         requires: Some(Subscription::Methods),
         id,
     };
-    assert_eq!(session.deliver(message(1), &mut out), Err(DeliverError::NotSubscribed));
-    session.on_packet(Packet::Subscribe(Subscribe::new("$iothub/methods/POST/#", QoS::AtLeastOnce)), Instant::now(), &mut out);
+    assert_eq!(
+        session.deliver(message(1), &mut out),
+        Err(DeliverError::NotSubscribed)
+    );
+    session.on_packet(
+        Packet::Subscribe(Subscribe::new("$iothub/methods/POST/#", QoS::AtLeastOnce)),
+        Instant::now(),
+        &mut out,
+    );
     out.clear();
     for id in 1..=3 {
         session.deliver(message(id), &mut out).unwrap();
     }
-    assert_eq!(session.deliver(message(4), &mut out), Err(DeliverError::QueueFull));
+    assert_eq!(
+        session.deliver(message(4), &mut out),
+        Err(DeliverError::QueueFull)
+    );
     let sent: Vec<u16> = out
         .iter()
         .filter_map(|a| match a {
@@ -277,11 +408,21 @@ async fn outbound_qos1_respects_the_window_and_the_queue() {
 #[tokio::test(start_paused = true)]
 async fn the_will_is_ingested_on_an_unclean_close_only() {
     let will_connect = || {
-        let Packet::Connect(mut c) = connect("d1", true, 30) else { unreachable!() };
-        c.last_will = Some(LastWill::new("devices/d1/messages/events/", "gone", QoS::AtLeastOnce, false));
+        let Packet::Connect(mut c) = connect("d1", true, 30) else {
+            unreachable!()
+        };
+        c.last_will = Some(LastWill::new(
+            "devices/d1/messages/events/",
+            "gone",
+            QoS::AtLeastOnce,
+            false,
+        ));
         Packet::Connect(c)
     };
-    for (reason, expect_will) in [(CloseReason::KeepAliveTimeout, true), (CloseReason::PeerClosed, true)] {
+    for (reason, expect_will) in [
+        (CloseReason::KeepAliveTimeout, true),
+        (CloseReason::PeerClosed, true),
+    ] {
         let mut session = Session::new(SessionLimits::default(), Instant::now());
         let mut out = Vec::new();
         session.on_packet(will_connect(), Instant::now(), &mut out);
@@ -289,11 +430,19 @@ async fn the_will_is_ingested_on_an_unclean_close_only() {
         out.clear();
         session.close(reason, &mut out);
         let will = out.iter().find_map(|a| match a {
-            Action::Ingest { properties, will: true, .. } => Some(properties.clone()),
+            Action::Ingest {
+                properties,
+                will: true,
+                ..
+            } => Some(properties.clone()),
             _ => None,
         });
         assert_eq!(will.is_some(), expect_will);
-        assert_eq!(will.and_then(|p| p.get("iothub-MessageType").map(str::to_string)).as_deref(), Some("Will"));
+        assert_eq!(
+            will.and_then(|p| p.get("iothub-MessageType").map(str::to_string))
+                .as_deref(),
+            Some("Will")
+        );
     }
     let mut session = Session::new(SessionLimits::default(), Instant::now());
     let mut out = Vec::new();
