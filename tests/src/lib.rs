@@ -91,6 +91,7 @@ pub async fn run_hub(args: &[&str]) -> Result<Output> {
 #[derive(Debug, Clone)]
 pub struct HubOptions {
     data_dir: PathBuf,
+    wrapper: Vec<String>,
     http: String,
     args: Vec<String>,
     env: Vec<(String, String)>,
@@ -101,10 +102,21 @@ impl HubOptions {
     pub fn new(data_dir: &Path) -> Self {
         Self {
             data_dir: data_dir.to_path_buf(),
+            wrapper: Vec::new(),
             http: "127.0.0.1:0".to_string(),
             args: Vec::new(),
             env: Vec::new(),
         }
+    }
+
+    /// Runs the hub through `program args… hub serve …` (e.g. `prlimit`).
+    pub fn wrapped_in<I, S>(mut self, command: I) -> Self
+    where
+        I: IntoIterator<Item = S>,
+        S: Into<String>,
+    {
+        self.wrapper = command.into_iter().map(Into::into).collect();
+        self
     }
 
     /// Listens for HTTP on `addr` instead of an ephemeral port.
@@ -130,7 +142,22 @@ impl HubOptions {
     }
 
     fn command(&self) -> Result<Command> {
-        let mut command = hub_command()?;
+        let mut command = match self.wrapper.split_first() {
+            Some((program, args)) => {
+                let mut command = hub_command()?;
+                let hub = hub_binary()?;
+                let std_command = command.as_std_mut();
+                let mut wrapped = std::process::Command::new(program);
+                wrapped.args(args).arg(hub);
+                for (key, _) in std_command.get_envs() {
+                    wrapped.env_remove(key);
+                }
+                let mut command = Command::from(wrapped);
+                command.kill_on_drop(true);
+                command
+            }
+            None => hub_command()?,
+        };
         command
             .arg("serve")
             .arg("--data-dir")

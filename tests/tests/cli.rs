@@ -95,3 +95,24 @@ async fn cert_device_issues_a_certificate_from_the_data_dir_ca() -> Result<()> {
     assert!(out_dir.join("cam-7.key").is_file());
     Ok(())
 }
+
+#[tokio::test]
+async fn device_sas_prints_credentials_the_gateway_accepts() -> anyhow::Result<()> {
+    use rumqttc::mqttbytes::v4::ConnectReturnCode;
+    let dir = tempfile::tempdir()?;
+    let hub = Hub::start(dir.path()).await?;
+    json(&hub.cli(&["device", "create", "sas-cli"]).await?)?;
+    let creds = json(&hub.cli(&["device", "sas", "sas-cli", "--ttl", "600"]).await?)?;
+    let mut client = hub_tests::mqtt::tcp(hub.endpoint("mqtt").expect("mqtt endpoint")).await?;
+    let ack = client
+        .connect(
+            creds["clientId"].as_str().expect("clientId"),
+            creds["username"].as_str(),
+            creds["password"].as_str(),
+            false,
+        )
+        .await?;
+    assert_eq!(ack.code, ConnectReturnCode::Success);
+    client.ping().await?;
+    Ok(())
+}

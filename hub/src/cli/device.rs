@@ -75,6 +75,20 @@ pub enum DeviceCommand {
         #[command(flatten)]
         target: Target,
     },
+    /// Print a SAS token for a device (signed with its primary key) and the MQTT
+    /// username to use with it.
+    Sas {
+        /// The device id.
+        id: String,
+        /// Lifetime in seconds.
+        #[arg(long, default_value_t = 3600)]
+        ttl: u64,
+        /// Host name the device connects to (the hub's `hostname`).
+        #[arg(long, default_value = "localhost")]
+        hostname: String,
+        #[command(flatten)]
+        target: Target,
+    },
     /// Enable a device.
     Enable {
         /// The device id.
@@ -194,6 +208,34 @@ pub async fn device(command: DeviceCommand) -> Result<()> {
             set_status(&target, &id, "disabled", reason).await
         }
         DeviceCommand::Enable { id, target } => set_status(&target, &id, "enabled", None).await,
+        DeviceCommand::Sas {
+            id,
+            ttl,
+            hostname,
+            target,
+        } => {
+            let client = ApiClient::connect(&target, &[Scope::RegistryRead])?;
+            let device: Value = client
+                .send(client.request(Method::GET, &device_path(&id)))
+                .await?
+                .json()
+                .await?;
+            let key = device["authentication"]["symmetricKey"]["primaryKey"]
+                .as_str()
+                .context("the device has no symmetric key (it is not a SAS device)")?;
+            let key = base64::Engine::decode(&base64::engine::general_purpose::STANDARD, key)
+                .context("the device key is not base64")?;
+            let now = std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map(|d| d.as_secs())
+                .unwrap_or(0);
+            let token = hub::auth::sas::sign(&hostname, &id, &key, now + ttl);
+            print_json(&json!({
+                "clientId": id,
+                "username": format!("{hostname}/{id}/?api-version=2021-04-12"),
+                "password": token,
+            }))
+        }
     }
 }
 
