@@ -55,6 +55,53 @@ pub struct Config {
     pub mqtt: MqttConfig,
     /// Service REST API listener and limits.
     pub http: HttpConfig,
+    /// Telemetry streams.
+    pub telemetry: TelemetryConfig,
+}
+
+/// `[telemetry]`: durable partitioned streams.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct TelemetryConfig {
+    /// Partitions. Fixed by the first start of a data dir. Default 4.
+    pub partitions: u32,
+    /// Messages older than this (seconds) are deleted, a segment at a time.
+    /// Default 86400 (24 h).
+    pub retention_secs: u64,
+    /// Total bytes kept over all partitions; the oldest segments go first.
+    /// Default 10 GiB.
+    pub retention_bytes: u64,
+    /// How often retention runs, seconds. Default 60.
+    pub retention_interval_secs: u64,
+    /// Size at which a partition starts a new segment file. Default 64 MiB.
+    pub segment_bytes: u64,
+    /// Most messages in one durable commit. Default 4096.
+    pub max_batch_messages: usize,
+    /// Most bytes in one durable commit. Default 8 MiB.
+    pub max_batch_bytes: usize,
+    /// How long a commit waits for more messages after the first, microseconds
+    /// (0: commit what is queued; batches still form during the previous sync).
+    /// Default 0.
+    pub max_batch_wait_micros: u64,
+    /// Bytes per partition that may wait for a commit before devices are slowed
+    /// down. Default 64 MiB.
+    pub queue_bytes: usize,
+}
+
+impl Default for TelemetryConfig {
+    fn default() -> Self {
+        Self {
+            partitions: 4,
+            retention_secs: 24 * 3600,
+            retention_bytes: 10 * 1024 * 1024 * 1024,
+            retention_interval_secs: 60,
+            segment_bytes: 64 * 1024 * 1024,
+            max_batch_messages: 4096,
+            max_batch_bytes: 8 * 1024 * 1024,
+            max_batch_wait_micros: 0,
+            queue_bytes: 64 * 1024 * 1024,
+        }
+    }
 }
 
 /// `[mqtt]`: the device-facing MQTT endpoint.
@@ -100,6 +147,7 @@ impl Default for Config {
             hostname: "localhost".to_string(),
             mqtt: MqttConfig::default(),
             http: HttpConfig::default(),
+            telemetry: TelemetryConfig::default(),
         }
     }
 }
@@ -245,6 +293,28 @@ impl Config {
         }
         if self.http.max_concurrent_requests == 0 {
             return invalid("http.max_concurrent_requests", "must be ≥ 1");
+        }
+        let t = &self.telemetry;
+        if !(1..=1024).contains(&t.partitions) {
+            return invalid("telemetry.partitions", "must be from 1 to 1024");
+        }
+        if t.retention_secs == 0 {
+            return invalid("telemetry.retention_secs", "must be ≥ 1");
+        }
+        if t.retention_interval_secs == 0 {
+            return invalid("telemetry.retention_interval_secs", "must be ≥ 1");
+        }
+        if t.segment_bytes < 4096 {
+            return invalid("telemetry.segment_bytes", "must be ≥ 4096");
+        }
+        if t.max_batch_messages == 0 {
+            return invalid("telemetry.max_batch_messages", "must be ≥ 1");
+        }
+        if t.max_batch_bytes < self.mqtt.max_telemetry_bytes {
+            return invalid("telemetry.max_batch_bytes", "must be ≥ mqtt.max_telemetry_bytes");
+        }
+        if t.queue_bytes < self.mqtt.max_telemetry_bytes {
+            return invalid("telemetry.queue_bytes", "must be ≥ mqtt.max_telemetry_bytes");
         }
         Ok(())
     }

@@ -15,8 +15,11 @@
 //!   embedded redb store.
 //! - [`config`] is the configuration tree, its defaults and validation.
 //!
-//! Still to come, each in its own module: telemetry streams, twins, cloud-to-device
-//! commands and direct methods, and cluster mode.
+//! - [`telemetry`] owns the durable partitioned streams: group commit into segment
+//!   files, reads by offset, consumer-group checkpoints, retention.
+//!
+//! Still to come, each in its own module: twins, cloud-to-device commands and direct
+//! methods, and cluster mode.
 
 pub mod api;
 pub mod auth;
@@ -26,6 +29,7 @@ pub mod gateway;
 pub mod registry;
 pub mod server;
 pub mod store;
+pub mod telemetry;
 
 pub use config::Config;
 pub use server::{ServeError, Server, run};

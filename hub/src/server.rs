@@ -26,6 +26,7 @@ use crate::gateway::{Gateway, GatewayContext, listener};
 use crate::registry::{Presence, Registry};
 use crate::store::StoreError;
 use crate::store::embedded::EmbeddedStore;
+use crate::telemetry::{Telemetry, TelemetryError};
 
 /// Why the hub could not start or stopped with an error.
 #[derive(Debug, thiserror::Error)]
@@ -45,6 +46,9 @@ pub enum ServeError {
     /// The device CA could not be loaded.
     #[error(transparent)]
     DeviceCa(#[from] X509Error),
+    /// The telemetry streams could not be opened.
+    #[error("telemetry: {0}")]
+    Telemetry(#[from] TelemetryError),
     /// A listener could not be bound.
     #[error("cannot bind the {listener} listener on {addr}: {source}")]
     Bind {
@@ -74,6 +78,7 @@ pub struct Server {
     gateway: Gateway,
     state: AppState,
     limits: HttpLimits,
+    retention_interval: Duration,
 }
 
 impl std::fmt::Debug for AppState {
@@ -83,16 +88,19 @@ impl std::fmt::Debug for AppState {
 }
 
 impl Server {
-    /// Starts a hub whose telemetry, twin and command capabilities are the ones
-    /// built so far.
+    /// Starts a hub.
     pub async fn start(config: Config) -> Result<Self, ServeError> {
-        Self::start_with(config, DeviceServices::not_yet_available()).await
+        Self::start_with(config, |services| services).await
     }
 
     /// Opens the data directory (creating CA, server certificate and owner key on
-    /// first start) and the store, binds the listeners, writes `endpoints.json`.
-    /// Device traffic goes to `services`.
-    pub async fn start_with(config: Config, services: DeviceServices) -> Result<Self, ServeError> {
+    /// first start), the store and the telemetry streams, binds the listeners, writes
+    /// `endpoints.json`. `services` may replace the capability services device
+    /// traffic goes to (tests record it).
+    pub async fn start_with(
+        config: Config,
+        services: impl FnOnce(DeviceServices) -> DeviceServices,
+    ) -> Result<Self, ServeError> {
         if let Some(limit) = listener::raise_fd_limit() {
             tracing::debug!(limit, "open-file limit");
         }
@@ -111,6 +119,15 @@ impl Server {
         let device_ca = DeviceCa::from_pem(ca.cert_pem())?;
         let service_key = ServiceKey::load_or_create(&data_dir.service_key_path())?;
         let store = EmbeddedStore::open(&data_dir.store_path())?;
+        let telemetry = Arc::new(Telemetry::open(
+            &data_dir.root().join("telemetry"),
+            &config.telemetry,
+            Arc::new(store.clone()),
+        )?);
+        let services = services(DeviceServices {
+            telemetry: telemetry.clone(),
+            ..DeviceServices::not_yet_available()
+        });
 
         let presence = Presence::default();
         let registry = Registry::new(Arc::new(store.clone()), presence.clone());
@@ -176,6 +193,7 @@ impl Server {
             service_key: Arc::new(service_key),
             store: Arc::new(store),
             metrics,
+            telemetry,
         };
         Ok(Self {
             data_dir,
@@ -187,6 +205,7 @@ impl Server {
                 max_body_bytes: config.http.max_body_bytes,
                 max_concurrent_requests: config.http.max_concurrent_requests,
             },
+            retention_interval: Duration::from_secs(config.telemetry.retention_interval_secs),
         })
     }
 
@@ -217,6 +236,8 @@ impl Server {
         shutdown: impl Future<Output = ()> + Send + 'static,
     ) -> Result<(), ServeError> {
         let running = self.gateway.start(&self.state.registry);
+        let telemetry = Arc::clone(&self.state.telemetry);
+        let retention = tokio::spawn(run_retention(Arc::clone(&telemetry), self.retention_interval));
         let router = api::router(self.state, self.limits);
         let result = axum::serve(self.http, router)
             .with_graceful_shutdown(shutdown)
@@ -226,6 +247,10 @@ impl Server {
                 source,
             });
         running.shutdown().await;
+        retention.abort();
+        let _ = retention.await;
+        // Device connections are closed: the committers commit what is queued and stop.
+        let _ = tokio::task::spawn_blocking(move || telemetry.close()).await;
         // The addresses are no longer served; a stale file would mislead clients.
         let endpoints = data_dir::endpoints_path(self.data_dir.root());
         if let Err(err) = std::fs::remove_file(&endpoints) {
@@ -233,6 +258,17 @@ impl Server {
         }
         tracing::info!("hub stopped");
         result
+    }
+}
+
+/// Applies telemetry retention every `interval`.
+async fn run_retention(telemetry: Arc<Telemetry>, interval: Duration) {
+    let mut ticks = tokio::time::interval(interval);
+    loop {
+        ticks.tick().await;
+        let telemetry = Arc::clone(&telemetry);
+        // Deleting files blocks; keep it off the async workers.
+        let _ = tokio::task::spawn_blocking(move || telemetry.apply_retention()).await;
     }
 }
 

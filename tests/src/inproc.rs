@@ -15,7 +15,7 @@ use bytes::Bytes;
 use hub::gateway::connections::Connections;
 use hub::gateway::metrics::GatewayMetrics;
 use hub::gateway::services::{
-    DeliveryAcks, DeviceServices, IngestError, MethodResponses, TelemetryIngest, TelemetryMessage,
+    DeliveryAcks, DeviceServices, Durable, IngestError, MethodResponses, TelemetryIngest, TelemetryMessage,
     TwinReply, TwinRequests,
 };
 use hub::gateway::session::{DeliveryId, TwinOp};
@@ -66,12 +66,12 @@ impl Recorder {
 
 #[async_trait]
 impl TelemetryIngest for Recorder {
-    async fn ingest(&self, message: TelemetryMessage) -> Result<(), IngestError> {
+    async fn submit(&self, message: TelemetryMessage) -> Result<Durable, IngestError> {
         if let Ok(mut telemetry) = self.telemetry.lock() {
             telemetry.push(message);
         }
         self.changed.notify_waiters();
-        Ok(())
+        Ok(Box::pin(std::future::ready(Ok(()))))
     }
 }
 
@@ -164,7 +164,7 @@ impl InProcessHub {
             methods: recorder.clone(),
             deliveries: recorder.clone(),
         };
-        let server = Server::start_with(config, services).await?;
+        let server = Server::start_with(config, |_| services).await?;
         let endpoints = server.endpoints();
         let registry = server.registry().clone();
         let connections = server.connections();

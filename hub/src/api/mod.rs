@@ -20,6 +20,7 @@ use crate::auth::service::ServiceKey;
 use crate::gateway::metrics::GatewayMetrics;
 use crate::registry::Registry;
 use crate::store::StoreHealth;
+use crate::telemetry::Telemetry;
 
 /// What handlers share.
 #[derive(Clone)]
@@ -32,6 +33,8 @@ pub struct AppState {
     pub store: Arc<dyn StoreHealth>,
     /// Gateway counters for `/metrics`.
     pub metrics: Arc<GatewayMetrics>,
+    /// Telemetry streams.
+    pub telemetry: Arc<Telemetry>,
 }
 
 /// Limits of the HTTP edge.

@@ -252,14 +252,21 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Connection<S> {
                     // The connection is ending; the will is stored on its own.
                     let id = device.device.clone();
                     tokio::spawn(async move {
-                        if let Err(err) = telemetry.ingest(message).await {
+                        let stored = match telemetry.submit(message).await {
+                            Ok(durable) => durable.await,
+                            Err(err) => Err(err),
+                        };
+                        if let Err(err) = stored {
                             tracing::warn!(device = %id, error = %err, "cannot store will message");
                         }
                     });
-                } else {
-                    self.ingests.push_back(Box::pin(async move {
-                        (ack, telemetry.ingest(message).await)
-                    }));
+                    return;
+                }
+                // Submitting in packet order keeps the device's messages in order; it
+                // waits while the store is behind, which stops this connection reading.
+                match telemetry.submit(message).await {
+                    Ok(durable) => self.ingests.push_back(Box::pin(async move { (ack, durable.await) })),
+                    Err(err) => self.ingested(ack, Err(err)),
                 }
             }
             Action::Twin { rid, op } => {

@@ -40,13 +40,26 @@ pub enum IngestError {
     /// No telemetry store is available.
     #[error("telemetry storage is not available")]
     Unavailable,
+    /// The telemetry log failed to commit.
+    #[error("telemetry commit failed: {0}")]
+    Commit(String),
+    /// The hub is shutting down.
+    #[error("telemetry storage is shutting down")]
+    Closed,
 }
+
+/// Completes once a submitted message is durable (then, and only then, its PUBACK
+/// goes out).
+pub type Durable = std::pin::Pin<Box<dyn std::future::Future<Output = Result<(), IngestError>> + Send>>;
 
 /// Stores telemetry durably.
 #[async_trait]
 pub trait TelemetryIngest: Send + Sync + 'static {
-    /// Completes once `message` is durable (then, and only then, the PUBACK goes out).
-    async fn ingest(&self, message: TelemetryMessage) -> Result<(), IngestError>;
+    /// Queues `message` behind everything this connection submitted before (so a
+    /// device's messages keep their order) and returns a future that completes when
+    /// it is durable. Waits while the store is behind: that is the backpressure that
+    /// stops the connection reading.
+    async fn submit(&self, message: TelemetryMessage) -> Result<Durable, IngestError>;
 }
 
 /// The answer to a twin request, sent on `$iothub/twin/res/{status}/…`.
@@ -121,7 +134,7 @@ pub struct NotYetAvailable;
 
 #[async_trait]
 impl TelemetryIngest for NotYetAvailable {
-    async fn ingest(&self, _message: TelemetryMessage) -> Result<(), IngestError> {
+    async fn submit(&self, _message: TelemetryMessage) -> Result<Durable, IngestError> {
         Err(IngestError::Unavailable)
     }
 }

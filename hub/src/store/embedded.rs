@@ -16,6 +16,7 @@ use redb::{Database, ReadableDatabase, ReadableTable, TableDefinition};
 use super::{StoreError, StoreHealth};
 use crate::gateway::services::SessionStore;
 use crate::gateway::topic::Subscription;
+use crate::telemetry::CheckpointStore;
 use crate::registry::{Device, DeviceId, RegistryStore, RegistryStoreError};
 
 /// Schema version this build writes; a file with a higher one is refused.
@@ -23,6 +24,8 @@ const SCHEMA_VERSION: u64 = 1;
 
 const META: TableDefinition<&str, u64> = TableDefinition::new("meta");
 const DEVICES: TableDefinition<&str, &[u8]> = TableDefinition::new("devices");
+/// Consumer-group checkpoints: `{partition}/{group}` → next offset to read.
+const CHECKPOINTS: TableDefinition<&str, u64> = TableDefinition::new("checkpoints");
 /// MQTT sessions of CleanSession=0 devices: device id → JSON list of subscriptions.
 const SESSIONS: TableDefinition<&str, &[u8]> = TableDefinition::new("sessions");
 
@@ -73,6 +76,8 @@ impl EmbeddedStore {
             txn.open_table(DEVICES)
                 .map_err(|err| open_err(err.to_string()))?;
             txn.open_table(SESSIONS)
+                .map_err(|err| open_err(err.to_string()))?;
+            txn.open_table(CHECKPOINTS)
                 .map_err(|err| open_err(err.to_string()))?;
         }
         txn.commit().map_err(|err| open_err(err.to_string()))?;
@@ -304,6 +309,30 @@ impl SessionStore for EmbeddedStore {
         self.blocking(move |db| {
             let txn = db.begin_write()?;
             txn.open_table(SESSIONS)?.remove(id.as_str())?;
+            txn.commit()?;
+            Ok(())
+        })
+        .await
+    }
+}
+
+#[async_trait]
+impl CheckpointStore for EmbeddedStore {
+    async fn checkpoint(&self, group: &str, partition: u32) -> Result<Option<u64>, StoreError> {
+        let key = format!("{partition}/{group}");
+        self.blocking(move |db| {
+            let txn = db.begin_read()?;
+            let table = txn.open_table(CHECKPOINTS)?;
+            Ok(table.get(key.as_str())?.map(|v| v.value()))
+        })
+        .await
+    }
+
+    async fn set_checkpoint(&self, group: &str, partition: u32, offset: u64) -> Result<(), StoreError> {
+        let key = format!("{partition}/{group}");
+        self.blocking(move |db| {
+            let txn = db.begin_write()?;
+            txn.open_table(CHECKPOINTS)?.insert(key.as_str(), offset)?;
             txn.commit()?;
             Ok(())
         })

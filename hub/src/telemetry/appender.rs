@@ -1,0 +1,345 @@
+//! The group committer of one partition. Appends from many connections queue up
+//! while the previous batch is being made durable; a dedicated thread takes
+//! everything queued (bounded in count, bytes and linger time), appends it with one
+//! write and one `fdatasync`, then answers every waiter. A waiter's PUBACK goes out
+//! only after its batch is durable; a failed commit answers every waiter with the
+//! error, and none is acknowledged.
+//!
+//! Memory is bounded by a byte budget per partition: a submitter waits for budget
+//! before queueing, which (through the connection task) stops reading the device's
+//! socket.
+
+use std::sync::{Arc, Mutex, PoisonError, RwLock};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use tokio::sync::{OwnedSemaphorePermit, Semaphore, mpsc, oneshot, watch};
+
+use super::segment::{LogError, Record, SegmentLog};
+
+/// What a partition's storage must do; [`SegmentLog`] in production, a
+/// fault-injecting wrapper in tests.
+pub trait PartitionStore: Send + Sync + 'static {
+    /// Appends a batch durably; returns the first offset.
+    fn append(&mut self, batch: &[(i64, Bytes)]) -> Result<u64, LogError>;
+    /// Reads up to `max` records from `from`.
+    fn read(&self, from: u64, max: usize, max_bytes: usize) -> Result<Vec<Record>, LogError>;
+    /// First stored offset.
+    fn first_offset(&self) -> u64;
+    /// One past the last durable offset.
+    fn end_offset(&self) -> u64;
+    /// Drops old segments (see [`SegmentLog::apply_retention`]).
+    fn apply_retention(&mut self, older_than: i64, max_bytes: u64) -> Result<usize, LogError>;
+}
+
+impl PartitionStore for SegmentLog {
+    fn append(&mut self, batch: &[(i64, Bytes)]) -> Result<u64, LogError> {
+        SegmentLog::append(self, batch)
+    }
+    fn read(&self, from: u64, max: usize, max_bytes: usize) -> Result<Vec<Record>, LogError> {
+        SegmentLog::read(self, from, max, max_bytes)
+    }
+    fn first_offset(&self) -> u64 {
+        SegmentLog::first_offset(self)
+    }
+    fn end_offset(&self) -> u64 {
+        SegmentLog::end_offset(self)
+    }
+    fn apply_retention(&mut self, older_than: i64, max_bytes: u64) -> Result<usize, LogError> {
+        SegmentLog::apply_retention(self, older_than, max_bytes)
+    }
+}
+
+/// Bounds of one commit.
+#[derive(Debug, Clone, Copy)]
+pub struct BatchLimits {
+    /// Most messages in one commit.
+    pub max_messages: usize,
+    /// Most payload bytes in one commit.
+    pub max_bytes: usize,
+    /// How long the committer lingers for more messages after the first (0: commit
+    /// what is queued at once; batches still form while the previous sync runs).
+    pub max_wait: Duration,
+    /// Bytes that may wait for a commit before submitters wait.
+    pub queue_bytes: usize,
+}
+
+/// Why an append was not made durable.
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum AppendError {
+    /// The commit failed.
+    #[error("commit failed: {0}")]
+    Commit(Arc<LogError>),
+    /// The partition is shutting down.
+    #[error("partition closed")]
+    Closed,
+}
+
+struct Append {
+    time: i64,
+    payload: Bytes,
+    done: oneshot::Sender<Result<u64, AppendError>>,
+    _budget: OwnedSemaphorePermit,
+}
+
+/// One partition: its storage, its committer, and the durable end readers wait on.
+pub struct Partition {
+    store: Arc<RwLock<Box<dyn PartitionStore>>>,
+    /// Taken (dropped) by [`Partition::close`]; the committer then drains and stops.
+    queue: Mutex<Option<mpsc::UnboundedSender<Append>>>,
+    budget: Arc<Semaphore>,
+    end: watch::Receiver<u64>,
+    queue_bytes: usize,
+}
+
+impl std::fmt::Debug for Partition {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Partition").field("end", &*self.end.borrow()).finish_non_exhaustive()
+    }
+}
+
+impl Partition {
+    /// Starts the committer thread for `store`; it ends when the partition is dropped
+    /// (the returned handle joins it).
+    pub fn start(store: Box<dyn PartitionStore>, limits: BatchLimits, name: String) -> std::io::Result<(Self, JoinHandle<()>)> {
+        let (queue, rx) = mpsc::unbounded_channel();
+        let (end_tx, end) = watch::channel(store.end_offset());
+        let store = Arc::new(RwLock::new(store));
+        let thread_store = Arc::clone(&store);
+        let handle = std::thread::Builder::new()
+            .name(name)
+            .spawn(move || commit_loop(thread_store, rx, end_tx, limits))?;
+        // Budget is counted in KiB so a u32 semaphore covers large queues.
+        let queue_kib = limits.queue_bytes.div_ceil(1024).max(1);
+        Ok((
+            Self {
+                store,
+                queue: Mutex::new(Some(queue)),
+                budget: Arc::new(Semaphore::new(queue_kib)),
+                end,
+                queue_bytes: queue_kib,
+            },
+            handle,
+        ))
+    }
+
+    /// Queues `payload` in submission order, waiting for budget when the committer is
+    /// behind; the returned receiver answers with the offset once durable.
+    pub async fn submit(&self, time: i64, payload: Bytes) -> Result<oneshot::Receiver<Result<u64, AppendError>>, AppendError> {
+        let kib = (payload.len().div_ceil(1024)).clamp(1, self.queue_bytes) as u32;
+        let budget = Arc::clone(&self.budget)
+            .acquire_many_owned(kib)
+            .await
+            .map_err(|_| AppendError::Closed)?;
+        let (done, receipt) = oneshot::channel();
+        let queue = self
+            .queue
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .clone()
+            .ok_or(AppendError::Closed)?;
+        queue
+            .send(Append {
+                time,
+                payload,
+                done,
+                _budget: budget,
+            })
+            .map_err(|_| AppendError::Closed)?;
+        Ok(receipt)
+    }
+
+    /// Refuses further appends; the committer commits what is queued, then stops.
+    pub fn close(&self) {
+        self.queue.lock().unwrap_or_else(PoisonError::into_inner).take();
+    }
+
+    /// Reads durable records.
+    pub fn read(&self, from: u64, max: usize, max_bytes: usize) -> Result<Vec<Record>, LogError> {
+        self.store
+            .read()
+            .unwrap_or_else(PoisonError::into_inner)
+            .read(from, max, max_bytes)
+    }
+
+    /// (first stored offset, one past the last durable offset).
+    pub fn bounds(&self) -> (u64, u64) {
+        let store = self.store.read().unwrap_or_else(PoisonError::into_inner);
+        (store.first_offset(), store.end_offset())
+    }
+
+    /// Watches the durable end offset.
+    pub fn watch_end(&self) -> watch::Receiver<u64> {
+        self.end.clone()
+    }
+
+    /// Applies retention.
+    pub fn apply_retention(&self, older_than: i64, max_bytes: u64) -> Result<usize, LogError> {
+        self.store
+            .write()
+            .unwrap_or_else(PoisonError::into_inner)
+            .apply_retention(older_than, max_bytes)
+    }
+}
+
+fn commit_loop(
+    store: Arc<RwLock<Box<dyn PartitionStore>>>,
+    mut rx: mpsc::UnboundedReceiver<Append>,
+    end: watch::Sender<u64>,
+    limits: BatchLimits,
+) {
+    let mut batch: Vec<Append> = Vec::new();
+    let mut records: Vec<(i64, Bytes)> = Vec::new();
+    while let Some(first) = rx.blocking_recv() {
+        let mut bytes = first.payload.len();
+        batch.push(first);
+        let linger_until = Instant::now() + limits.max_wait;
+        while batch.len() < limits.max_messages && bytes < limits.max_bytes {
+            match rx.try_recv() {
+                Ok(next) => {
+                    bytes += next.payload.len();
+                    batch.push(next);
+                }
+                Err(mpsc::error::TryRecvError::Empty) if Instant::now() < linger_until => {
+                    std::thread::sleep(Duration::from_micros(20));
+                }
+                Err(_) => break,
+            }
+        }
+        records.clear();
+        records.extend(batch.iter().map(|a| (a.time, a.payload.clone())));
+        let result = store
+            .write()
+            .unwrap_or_else(PoisonError::into_inner)
+            .append(&records);
+        match result {
+            Ok(first_offset) => {
+                end.send_replace(first_offset + batch.len() as u64);
+                for (i, append) in batch.drain(..).enumerate() {
+                    let _ = append.done.send(Ok(first_offset + i as u64));
+                }
+            }
+            Err(err) => {
+                tracing::error!(error = %err, messages = batch.len(), "telemetry commit failed; nothing acknowledged");
+                let err = Arc::new(err);
+                for append in batch.drain(..) {
+                    let _ = append.done.send(Err(AppendError::Commit(Arc::clone(&err))));
+                }
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+
+    /// A store that fails commits while `fail` is set, like a disk error would.
+    struct Faulty {
+        inner: SegmentLog,
+        fail: Arc<AtomicBool>,
+        commits: Arc<AtomicUsize>,
+    }
+
+    impl PartitionStore for Faulty {
+        fn append(&mut self, batch: &[(i64, Bytes)]) -> Result<u64, LogError> {
+            self.commits.fetch_add(1, Ordering::SeqCst);
+            if self.fail.load(Ordering::SeqCst) {
+                return Err(LogError::Io {
+                    path: "injected".into(),
+                    source: std::io::Error::other("injected fault"),
+                });
+            }
+            self.inner.append(batch)
+        }
+        fn read(&self, from: u64, max: usize, max_bytes: usize) -> Result<Vec<Record>, LogError> {
+            self.inner.read(from, max, max_bytes)
+        }
+        fn first_offset(&self) -> u64 {
+            self.inner.first_offset()
+        }
+        fn end_offset(&self) -> u64 {
+            self.inner.end_offset()
+        }
+        fn apply_retention(&mut self, older_than: i64, max_bytes: u64) -> Result<usize, LogError> {
+            self.inner.apply_retention(older_than, max_bytes)
+        }
+    }
+
+    fn limits() -> BatchLimits {
+        BatchLimits {
+            max_messages: 64,
+            max_bytes: 1 << 20,
+            max_wait: Duration::ZERO,
+            queue_bytes: 1 << 20,
+        }
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn concurrent_appends_are_batched_and_all_durable_in_submission_order() {
+        let dir = tempfile::tempdir().unwrap();
+        let commits = Arc::new(AtomicUsize::new(0));
+        let store = Faulty {
+            inner: SegmentLog::open(dir.path(), 1 << 20).unwrap(),
+            fail: Arc::new(AtomicBool::new(false)),
+            commits: Arc::clone(&commits),
+        };
+        let (partition, _thread) = Partition::start(Box::new(store), limits(), "test".into()).unwrap();
+        let mut receipts = Vec::new();
+        for i in 0..500u32 {
+            receipts.push(partition.submit(0, Bytes::from(i.to_le_bytes().to_vec())).await.unwrap());
+        }
+        for (i, receipt) in receipts.into_iter().enumerate() {
+            assert_eq!(receipt.await.unwrap().unwrap(), i as u64);
+        }
+        assert!(commits.load(Ordering::SeqCst) < 500, "batched: {} commits", commits.load(Ordering::SeqCst));
+        let records = partition.read(0, 1000, usize::MAX).unwrap();
+        assert_eq!(records.len(), 500);
+        assert!(records.iter().enumerate().all(|(i, r)| r.payload.as_ref() == (i as u32).to_le_bytes()));
+        assert_eq!(*partition.watch_end().borrow(), 500);
+    }
+
+    #[tokio::test]
+    async fn a_failed_commit_acknowledges_nothing_and_stores_nothing() {
+        let dir = tempfile::tempdir().unwrap();
+        let fail = Arc::new(AtomicBool::new(true));
+        let store = Faulty {
+            inner: SegmentLog::open(dir.path(), 1 << 20).unwrap(),
+            fail: Arc::clone(&fail),
+            commits: Arc::new(AtomicUsize::new(0)),
+        };
+        let (partition, _thread) = Partition::start(Box::new(store), limits(), "test".into()).unwrap();
+        let receipt = partition.submit(0, Bytes::from_static(b"lost")).await.unwrap();
+        assert!(matches!(receipt.await.unwrap(), Err(AppendError::Commit(_))));
+        assert_eq!(partition.bounds(), (0, 0));
+        assert_eq!(*partition.watch_end().borrow(), 0, "readers see nothing");
+
+        // Once the fault clears, appends succeed from the same offset.
+        fail.store(false, Ordering::SeqCst);
+        let receipt = partition.submit(0, Bytes::from_static(b"kept")).await.unwrap();
+        assert_eq!(receipt.await.unwrap().unwrap(), 0);
+    }
+
+    #[tokio::test]
+    async fn submitters_wait_when_the_queue_budget_is_spent() {
+        let dir = tempfile::tempdir().unwrap();
+        let fail = Arc::new(AtomicBool::new(false));
+        let store = Faulty {
+            inner: SegmentLog::open(dir.path(), 1 << 20).unwrap(),
+            fail,
+            commits: Arc::new(AtomicUsize::new(0)),
+        };
+        let limits = BatchLimits {
+            queue_bytes: 4 * 1024,
+            ..limits()
+        };
+        let (partition, _thread) = Partition::start(Box::new(store), limits, "test".into()).unwrap();
+        // The whole budget in one message: the next submit waits until it commits.
+        let first = partition.submit(0, Bytes::from(vec![0u8; 4096])).await.unwrap();
+        let second = partition.submit(0, Bytes::from(vec![1u8; 10])).await.unwrap();
+        assert_eq!(first.await.unwrap().unwrap(), 0);
+        assert_eq!(second.await.unwrap().unwrap(), 1);
+    }
+}
