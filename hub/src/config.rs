@@ -311,10 +311,16 @@ impl Config {
             return invalid("telemetry.max_batch_messages", "must be ≥ 1");
         }
         if t.max_batch_bytes < self.mqtt.max_telemetry_bytes {
-            return invalid("telemetry.max_batch_bytes", "must be ≥ mqtt.max_telemetry_bytes");
+            return invalid(
+                "telemetry.max_batch_bytes",
+                "must be ≥ mqtt.max_telemetry_bytes",
+            );
         }
         if t.queue_bytes < self.mqtt.max_telemetry_bytes {
-            return invalid("telemetry.queue_bytes", "must be ≥ mqtt.max_telemetry_bytes");
+            return invalid(
+                "telemetry.queue_bytes",
+                "must be ≥ mqtt.max_telemetry_bytes",
+            );
         }
         Ok(())
     }

@@ -35,6 +35,8 @@ enum Command {
     /// Manage device identities through the REST API.
     #[command(subcommand)]
     Device(cli::DeviceCommand),
+    /// Print telemetry as it arrives, one JSON line per message.
+    Tail(cli::TailArgs),
     /// Issue certificates from the data dir's development CA.
     #[command(subcommand)]
     Cert(cli::CertCommand),
@@ -125,6 +127,7 @@ fn main() -> ExitCode {
         },
         Command::Token(args) => report(cli::token(&args)),
         Command::Device(command) => report(runtime.block_on(cli::device(command))),
+        Command::Tail(args) => report(runtime.block_on(cli::tail(args))),
         Command::Cert(command) => report(cli::cert(command)),
     }
 }

@@ -237,7 +237,10 @@ impl Server {
     ) -> Result<(), ServeError> {
         let running = self.gateway.start(&self.state.registry);
         let telemetry = Arc::clone(&self.state.telemetry);
-        let retention = tokio::spawn(run_retention(Arc::clone(&telemetry), self.retention_interval));
+        let retention = tokio::spawn(run_retention(
+            Arc::clone(&telemetry),
+            self.retention_interval,
+        ));
         let router = api::router(self.state, self.limits);
         let result = axum::serve(self.http, router)
             .with_graceful_shutdown(shutdown)

@@ -15,8 +15,8 @@ use bytes::Bytes;
 use hub::gateway::connections::Connections;
 use hub::gateway::metrics::GatewayMetrics;
 use hub::gateway::services::{
-    DeliveryAcks, DeviceServices, Durable, IngestError, MethodResponses, TelemetryIngest, TelemetryMessage,
-    TwinReply, TwinRequests,
+    DeliveryAcks, DeviceServices, Durable, IngestError, MethodResponses, TelemetryIngest,
+    TelemetryMessage, TwinReply, TwinRequests,
 };
 use hub::gateway::session::{DeliveryId, TwinOp};
 use hub::registry::{Device, DeviceId, DeviceSpec, Registry};

@@ -102,7 +102,10 @@ async fn device_sas_prints_credentials_the_gateway_accepts() -> anyhow::Result<(
     let dir = tempfile::tempdir()?;
     let hub = Hub::start(dir.path()).await?;
     json(&hub.cli(&["device", "create", "sas-cli"]).await?)?;
-    let creds = json(&hub.cli(&["device", "sas", "sas-cli", "--ttl", "600"]).await?)?;
+    let creds = json(
+        &hub.cli(&["device", "sas", "sas-cli", "--ttl", "600"])
+            .await?,
+    )?;
     let mut client = hub_tests::mqtt::tcp(hub.endpoint("mqtt").expect("mqtt endpoint")).await?;
     let ack = client
         .connect(

@@ -26,15 +26,36 @@ async fn create_device(hub: &Hub, token: &str, id: &str) -> Result<String> {
     sas("localhost", id, key, 600)
 }
 
-async fn connect(hub: &Hub, id: &str, token: &str) -> Result<mqtt::RawClient<tokio::net::TcpStream>> {
+async fn connect(
+    hub: &Hub,
+    id: &str,
+    token: &str,
+) -> Result<mqtt::RawClient<tokio::net::TcpStream>> {
     let mut client = mqtt::tcp(hub.endpoint("mqtt").context("mqtt endpoint")?).await?;
-    let ack = client.connect(id, Some(&azure_username("localhost", id)), Some(token), true).await?;
-    anyhow::ensure!(ack.code == ConnectReturnCode::Success, "{id}: {:?}", ack.code);
+    let ack = client
+        .connect(
+            id,
+            Some(&azure_username("localhost", id)),
+            Some(token),
+            true,
+        )
+        .await?;
+    anyhow::ensure!(
+        ack.code == ConnectReturnCode::Success,
+        "{id}: {:?}",
+        ack.code
+    );
     Ok(client)
 }
 
 async fn metric(hub: &Hub, name: &str) -> Result<u64> {
-    let text = hub.http().get(format!("{}/metrics", hub.url())).send().await?.text().await?;
+    let text = hub
+        .http()
+        .get(format!("{}/metrics", hub.url()))
+        .send()
+        .await?
+        .text()
+        .await?;
     text.lines()
         .find_map(|line| line.strip_prefix(name).and_then(|v| v.trim().parse().ok()))
         .with_context(|| format!("{name} in {text}"))
@@ -46,7 +67,10 @@ async fn connections_over_the_cap_are_refused_and_counted() -> Result<()> {
     let config = dir.path().join("hub.toml");
     std::fs::write(&config, "[mqtt]\nmax_connections = 3\n")?;
     let config = config.to_string_lossy().into_owned();
-    let hub = HubOptions::new(&dir.path().join("data")).args(["--config", config.as_str()]).start().await?;
+    let hub = HubOptions::new(&dir.path().join("data"))
+        .args(["--config", config.as_str()])
+        .start()
+        .await?;
     let token = hub.owner_token().await?;
 
     let mut open = Vec::new();
@@ -57,7 +81,10 @@ async fn connections_over_the_cap_are_refused_and_counted() -> Result<()> {
     }
     let mut over = mqtt::tcp(hub.endpoint("mqtt").context("mqtt")?).await?;
     over.expect_closed().await?;
-    assert_eq!(metric(&hub, "hub_mqtt_connections_refused_limit_total").await?, 1);
+    assert_eq!(
+        metric(&hub, "hub_mqtt_connections_refused_limit_total").await?,
+        1
+    );
     for client in &mut open {
         client.ping().await?;
     }
@@ -108,8 +135,16 @@ async fn out_of_file_descriptors_the_hub_keeps_serving_open_connections() -> Res
         }
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
-    late.context("new connections are accepted again")?.ping().await?;
-    assert!(metric(&hub, "hub_mqtt_accept_no_fds_total").await? > 0, "the shortage was counted");
-    assert!(hub.stderr().contains("out of file descriptors"), "and logged");
+    late.context("new connections are accepted again")?
+        .ping()
+        .await?;
+    assert!(
+        metric(&hub, "hub_mqtt_accept_no_fds_total").await? > 0,
+        "the shortage was counted"
+    );
+    assert!(
+        hub.stderr().contains("out of file descriptors"),
+        "and logged"
+    );
     Ok(())
 }

@@ -38,6 +38,9 @@ pub enum ApiError {
     /// 409 / 409001: the device exists.
     #[error("device {0} already exists")]
     DeviceExists(String),
+    /// 410 / 410001: the offset was removed by retention.
+    #[error("{0}")]
+    Gone(String),
     /// 412 / 412001: If-Match does not match the current etag.
     #[error("{0}")]
     PreconditionFailed(String),
@@ -67,6 +70,7 @@ impl ApiError {
             ApiError::DeviceNotFound(_) => (StatusCode::NOT_FOUND, 404001),
             ApiError::MethodNotAllowed => (StatusCode::METHOD_NOT_ALLOWED, 405000),
             ApiError::DeviceExists(_) => (StatusCode::CONFLICT, 409001),
+            ApiError::Gone(_) => (StatusCode::GONE, 410001),
             ApiError::PreconditionFailed(_) => (StatusCode::PRECONDITION_FAILED, 412001),
             ApiError::PayloadTooLarge(_) => (StatusCode::PAYLOAD_TOO_LARGE, 413001),
             ApiError::UnsupportedMediaType(_) => (StatusCode::UNSUPPORTED_MEDIA_TYPE, 415001),

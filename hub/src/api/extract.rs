@@ -27,6 +27,11 @@ impl<T: serde::Serialize> IntoResponse for ApiJson<T> {
 #[from_request(via(axum::extract::Path), rejection(ApiError))]
 pub struct ApiPath<T>(pub T);
 
+/// `axum::extract::Query` with [`ApiError`] rejections.
+#[derive(Debug, FromRequestParts)]
+#[from_request(via(axum::extract::Query), rejection(ApiError))]
+pub struct ApiQuery<T>(pub T);
+
 /// A scope a route requires, as a type so handlers declare it in their signature.
 pub trait RequiredScope: Send + Sync + 'static {
     /// The scope.
@@ -45,6 +50,13 @@ impl RequiredScope for RegistryRead {
 pub struct RegistryWrite;
 impl RequiredScope for RegistryWrite {
     const SCOPE: Scope = Scope::RegistryWrite;
+}
+
+/// Marker: the route needs `service:connect`.
+#[derive(Debug)]
+pub struct ServiceConnect;
+impl RequiredScope for ServiceConnect {
+    const SCOPE: Scope = Scope::ServiceConnect;
 }
 
 /// Proof that the request carries a valid service token with scope `S`.

@@ -6,13 +6,14 @@ mod devices;
 mod error;
 mod extract;
 mod health;
+mod streams;
 
 use std::sync::Arc;
 
 use axum::Router;
 use axum::extract::DefaultBodyLimit;
 use axum::http::{Method, Uri};
-use axum::routing::get;
+use axum::routing::{get, put};
 
 pub use error::ApiError;
 
@@ -53,6 +54,19 @@ pub fn router(state: AppState, limits: HttpLimits) -> Router {
         .route(
             "/devices/{id}",
             get(devices::get).put(devices::put).delete(devices::delete),
+        )
+        .route("/streams/telemetry", get(streams::info))
+        .route(
+            "/streams/telemetry/partitions/{p}/messages",
+            get(streams::read),
+        )
+        .route(
+            "/streams/telemetry/partitions/{p}/ws",
+            get(streams::websocket),
+        )
+        .route(
+            "/streams/telemetry/consumergroups/{g}/partitions/{p}/checkpoint",
+            put(streams::put_checkpoint),
         )
         .route("/healthz", get(health::healthz))
         .route("/readyz", get(health::readyz))

@@ -1,9 +1,10 @@
-//! The admin CLI: `hub token`, `hub device …` (a client of the REST API, authorized
-//! with a short-lived token minted from the data dir's owner key), and
+//! The admin CLI: `hub token`, `hub device …` and `hub tail` (clients of the REST
+//! API, authorized with short-lived tokens minted from the data dir's owner key), and
 //! `hub cert device`.
 
 mod client;
 mod device;
+mod tail;
 
 use std::path::PathBuf;
 use std::time::Duration;
@@ -14,6 +15,7 @@ use hub::auth::service::{Scope, ServiceKey};
 use hub::data_dir;
 
 pub use device::{DeviceCommand, device};
+pub use tail::{TailArgs, tail};
 
 /// Where the CLI finds the hub: the data dir (owner key, endpoints.json) and
 /// optionally an explicit API URL.

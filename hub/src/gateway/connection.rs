@@ -265,7 +265,9 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Connection<S> {
                 // Submitting in packet order keeps the device's messages in order; it
                 // waits while the store is behind, which stops this connection reading.
                 match telemetry.submit(message).await {
-                    Ok(durable) => self.ingests.push_back(Box::pin(async move { (ack, durable.await) })),
+                    Ok(durable) => self
+                        .ingests
+                        .push_back(Box::pin(async move { (ack, durable.await) })),
                     Err(err) => self.ingested(ack, Err(err)),
                 }
             }

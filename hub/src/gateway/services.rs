@@ -50,7 +50,8 @@ pub enum IngestError {
 
 /// Completes once a submitted message is durable (then, and only then, its PUBACK
 /// goes out).
-pub type Durable = std::pin::Pin<Box<dyn std::future::Future<Output = Result<(), IngestError>> + Send>>;
+pub type Durable =
+    std::pin::Pin<Box<dyn std::future::Future<Output = Result<(), IngestError>> + Send>>;
 
 /// Stores telemetry durably.
 #[async_trait]

@@ -16,8 +16,8 @@ use redb::{Database, ReadableDatabase, ReadableTable, TableDefinition};
 use super::{StoreError, StoreHealth};
 use crate::gateway::services::SessionStore;
 use crate::gateway::topic::Subscription;
-use crate::telemetry::CheckpointStore;
 use crate::registry::{Device, DeviceId, RegistryStore, RegistryStoreError};
+use crate::telemetry::CheckpointStore;
 
 /// Schema version this build writes; a file with a higher one is refused.
 const SCHEMA_VERSION: u64 = 1;
@@ -328,7 +328,12 @@ impl CheckpointStore for EmbeddedStore {
         .await
     }
 
-    async fn set_checkpoint(&self, group: &str, partition: u32, offset: u64) -> Result<(), StoreError> {
+    async fn set_checkpoint(
+        &self,
+        group: &str,
+        partition: u32,
+        offset: u64,
+    ) -> Result<(), StoreError> {
         let key = format!("{partition}/{group}");
         self.blocking(move |db| {
             let txn = db.begin_write()?;

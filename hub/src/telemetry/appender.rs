@@ -95,14 +95,20 @@ pub struct Partition {
 
 impl std::fmt::Debug for Partition {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Partition").field("end", &*self.end.borrow()).finish_non_exhaustive()
+        f.debug_struct("Partition")
+            .field("end", &*self.end.borrow())
+            .finish_non_exhaustive()
     }
 }
 
 impl Partition {
     /// Starts the committer thread for `store`; it ends when the partition is dropped
     /// (the returned handle joins it).
-    pub fn start(store: Box<dyn PartitionStore>, limits: BatchLimits, name: String) -> std::io::Result<(Self, JoinHandle<()>)> {
+    pub fn start(
+        store: Box<dyn PartitionStore>,
+        limits: BatchLimits,
+        name: String,
+    ) -> std::io::Result<(Self, JoinHandle<()>)> {
         let (queue, rx) = mpsc::unbounded_channel();
         let (end_tx, end) = watch::channel(store.end_offset());
         let store = Arc::new(RwLock::new(store));
@@ -126,7 +132,11 @@ impl Partition {
 
     /// Queues `payload` in submission order, waiting for budget when the committer is
     /// behind; the returned receiver answers with the offset once durable.
-    pub async fn submit(&self, time: i64, payload: Bytes) -> Result<oneshot::Receiver<Result<u64, AppendError>>, AppendError> {
+    pub async fn submit(
+        &self,
+        time: i64,
+        payload: Bytes,
+    ) -> Result<oneshot::Receiver<Result<u64, AppendError>>, AppendError> {
         let kib = (payload.len().div_ceil(1024)).clamp(1, self.queue_bytes) as u32;
         let budget = Arc::clone(&self.budget)
             .acquire_many_owned(kib)
@@ -152,7 +162,10 @@ impl Partition {
 
     /// Refuses further appends; the committer commits what is queued, then stops.
     pub fn close(&self) {
-        self.queue.lock().unwrap_or_else(PoisonError::into_inner).take();
+        self.queue
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .take();
     }
 
     /// Reads durable records.
@@ -286,18 +299,33 @@ mod tests {
             fail: Arc::new(AtomicBool::new(false)),
             commits: Arc::clone(&commits),
         };
-        let (partition, _thread) = Partition::start(Box::new(store), limits(), "test".into()).unwrap();
+        let (partition, _thread) =
+            Partition::start(Box::new(store), limits(), "test".into()).unwrap();
         let mut receipts = Vec::new();
         for i in 0..500u32 {
-            receipts.push(partition.submit(0, Bytes::from(i.to_le_bytes().to_vec())).await.unwrap());
+            receipts.push(
+                partition
+                    .submit(0, Bytes::from(i.to_le_bytes().to_vec()))
+                    .await
+                    .unwrap(),
+            );
         }
         for (i, receipt) in receipts.into_iter().enumerate() {
             assert_eq!(receipt.await.unwrap().unwrap(), i as u64);
         }
-        assert!(commits.load(Ordering::SeqCst) < 500, "batched: {} commits", commits.load(Ordering::SeqCst));
+        assert!(
+            commits.load(Ordering::SeqCst) < 500,
+            "batched: {} commits",
+            commits.load(Ordering::SeqCst)
+        );
         let records = partition.read(0, 1000, usize::MAX).unwrap();
         assert_eq!(records.len(), 500);
-        assert!(records.iter().enumerate().all(|(i, r)| r.payload.as_ref() == (i as u32).to_le_bytes()));
+        assert!(
+            records
+                .iter()
+                .enumerate()
+                .all(|(i, r)| r.payload.as_ref() == (i as u32).to_le_bytes())
+        );
         assert_eq!(*partition.watch_end().borrow(), 500);
     }
 
@@ -310,15 +338,25 @@ mod tests {
             fail: Arc::clone(&fail),
             commits: Arc::new(AtomicUsize::new(0)),
         };
-        let (partition, _thread) = Partition::start(Box::new(store), limits(), "test".into()).unwrap();
-        let receipt = partition.submit(0, Bytes::from_static(b"lost")).await.unwrap();
-        assert!(matches!(receipt.await.unwrap(), Err(AppendError::Commit(_))));
+        let (partition, _thread) =
+            Partition::start(Box::new(store), limits(), "test".into()).unwrap();
+        let receipt = partition
+            .submit(0, Bytes::from_static(b"lost"))
+            .await
+            .unwrap();
+        assert!(matches!(
+            receipt.await.unwrap(),
+            Err(AppendError::Commit(_))
+        ));
         assert_eq!(partition.bounds(), (0, 0));
         assert_eq!(*partition.watch_end().borrow(), 0, "readers see nothing");
 
         // Once the fault clears, appends succeed from the same offset.
         fail.store(false, Ordering::SeqCst);
-        let receipt = partition.submit(0, Bytes::from_static(b"kept")).await.unwrap();
+        let receipt = partition
+            .submit(0, Bytes::from_static(b"kept"))
+            .await
+            .unwrap();
         assert_eq!(receipt.await.unwrap().unwrap(), 0);
     }
 
@@ -335,10 +373,17 @@ mod tests {
             queue_bytes: 4 * 1024,
             ..limits()
         };
-        let (partition, _thread) = Partition::start(Box::new(store), limits, "test".into()).unwrap();
+        let (partition, _thread) =
+            Partition::start(Box::new(store), limits, "test".into()).unwrap();
         // The whole budget in one message: the next submit waits until it commits.
-        let first = partition.submit(0, Bytes::from(vec![0u8; 4096])).await.unwrap();
-        let second = partition.submit(0, Bytes::from(vec![1u8; 10])).await.unwrap();
+        let first = partition
+            .submit(0, Bytes::from(vec![0u8; 4096]))
+            .await
+            .unwrap();
+        let second = partition
+            .submit(0, Bytes::from(vec![1u8; 10]))
+            .await
+            .unwrap();
         assert_eq!(first.await.unwrap().unwrap(), 0);
         assert_eq!(second.await.unwrap().unwrap(), 1);
     }

@@ -79,8 +79,14 @@ pub fn encode(message: &TelemetryMessage) -> Bytes {
         .enqueued_at
         .format(&time::format_description::well_known::Rfc3339)
         .unwrap_or_default();
-    system_properties.insert("iothub-connection-device-id".into(), message.device_id.to_string());
-    system_properties.insert("iothub-connection-auth-method".into(), message.auth_method.stamp().into());
+    system_properties.insert(
+        "iothub-connection-device-id".into(),
+        message.device_id.to_string(),
+    );
+    system_properties.insert(
+        "iothub-connection-auth-method".into(),
+        message.auth_method.stamp().into(),
+    );
     system_properties.insert("iothub-enqueuedtime".into(), enqueued);
     let meta = Meta {
         device_id: message.device_id.to_string(),
@@ -107,7 +113,9 @@ pub fn decode(offset: u64, time: i64, payload: &Bytes) -> Result<StoredMessage, 
         .and_then(|b| b.try_into().ok())
         .map(u32::from_le_bytes)
         .ok_or_else(|| err("short record"))? as usize;
-    let meta_bytes = payload.get(4..4 + len).ok_or_else(|| err("short metadata"))?;
+    let meta_bytes = payload
+        .get(4..4 + len)
+        .ok_or_else(|| err("short metadata"))?;
     let meta: Meta = serde_json::from_slice(meta_bytes).map_err(|e| err(&e.to_string()))?;
     Ok(StoredMessage {
         offset,
@@ -159,7 +167,11 @@ mod tests {
         TelemetryMessage {
             device_id: DeviceId::parse("d1").unwrap(),
             auth_method: AuthMethod::Sas,
-            properties: PropertyBag(bag.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect()),
+            properties: PropertyBag(
+                bag.iter()
+                    .map(|(k, v)| (k.to_string(), v.to_string()))
+                    .collect(),
+            ),
             body: Bytes::from_static(body),
             enqueued_at: OffsetDateTime::from_unix_timestamp(1_800_000_000).unwrap(),
         }
@@ -167,15 +179,29 @@ mod tests {
 
     #[test]
     fn system_and_application_properties_are_separated_and_stamped() {
-        let m = message(&[("$.mid", "m1"), ("$.ct", "application/json"), ("$.xyz", "?"), ("temp", "hot")], b"{\"t\":1}");
+        let m = message(
+            &[
+                ("$.mid", "m1"),
+                ("$.ct", "application/json"),
+                ("$.xyz", "?"),
+                ("temp", "hot"),
+            ],
+            b"{\"t\":1}",
+        );
         let stored = decode(7, 1_800_000_000_000_000_000, &encode(&m)).unwrap();
         assert_eq!(stored.offset, 7);
         assert_eq!(stored.device_id, "d1");
         assert_eq!(stored.system_properties["message-id"], "m1");
         assert_eq!(stored.system_properties["content-type"], "application/json");
-        assert_eq!(stored.system_properties["iothub-connection-device-id"], "d1");
+        assert_eq!(
+            stored.system_properties["iothub-connection-device-id"],
+            "d1"
+        );
         assert!(stored.system_properties["iothub-connection-auth-method"].contains("sas"));
-        assert_eq!(stored.system_properties["iothub-enqueuedtime"], "2027-01-15T08:00:00Z");
+        assert_eq!(
+            stored.system_properties["iothub-enqueuedtime"],
+            "2027-01-15T08:00:00Z"
+        );
         assert!(!stored.system_properties.contains_key("$.xyz"));
         assert_eq!(stored.properties.len(), 1);
         assert_eq!(stored.properties["temp"], "hot");
@@ -184,10 +210,27 @@ mod tests {
 
     #[test]
     fn bodies_are_json_when_declared_and_valid_else_base64() {
-        let json = to_json(&decode(0, 0, &encode(&message(&[("$.ct", "application/json")], b"{\"t\":1}"))).unwrap());
+        let json = to_json(
+            &decode(
+                0,
+                0,
+                &encode(&message(&[("$.ct", "application/json")], b"{\"t\":1}")),
+            )
+            .unwrap(),
+        );
         assert_eq!(json["body"], serde_json::json!({"t": 1}));
-        let invalid = to_json(&decode(0, 0, &encode(&message(&[("$.ct", "application/json")], b"{oops"))).unwrap());
-        assert_eq!(invalid["body"], serde_json::json!(STANDARD.encode(b"{oops")));
+        let invalid = to_json(
+            &decode(
+                0,
+                0,
+                &encode(&message(&[("$.ct", "application/json")], b"{oops")),
+            )
+            .unwrap(),
+        );
+        assert_eq!(
+            invalid["body"],
+            serde_json::json!(STANDARD.encode(b"{oops"))
+        );
         let binary = to_json(&decode(0, 0, &encode(&message(&[], b"\x00\x01"))).unwrap());
         assert_eq!(binary["body"], serde_json::json!("AAE="));
         assert_eq!(binary["deviceId"], "d1");

@@ -39,7 +39,12 @@ pub trait CheckpointStore: Send + Sync + 'static {
     /// The checkpoint of `group` in `partition`, if set.
     async fn checkpoint(&self, group: &str, partition: u32) -> Result<Option<u64>, StoreError>;
     /// Stores the checkpoint of `group` in `partition`.
-    async fn set_checkpoint(&self, group: &str, partition: u32, offset: u64) -> Result<(), StoreError>;
+    async fn set_checkpoint(
+        &self,
+        group: &str,
+        partition: u32,
+        offset: u64,
+    ) -> Result<(), StoreError>;
 }
 
 /// Failures of the telemetry streams.
@@ -109,7 +114,11 @@ impl std::fmt::Debug for Telemetry {
 impl Telemetry {
     /// Opens the partitions under `dir` (recovering torn tails) and starts their
     /// committers. The partition count is fixed by the first start.
-    pub fn open(dir: &Path, config: &TelemetryConfig, checkpoints: Arc<dyn CheckpointStore>) -> Result<Self, TelemetryError> {
+    pub fn open(
+        dir: &Path,
+        config: &TelemetryConfig,
+        checkpoints: Arc<dyn CheckpointStore>,
+    ) -> Result<Self, TelemetryError> {
         let io = |path: &Path| {
             let path = path.to_path_buf();
             move |source| TelemetryError::Io { path, source }
@@ -120,7 +129,10 @@ impl Telemetry {
             Ok(text) => {
                 let stored: u32 = text.trim().parse().map_err(|_| TelemetryError::Io {
                     path: count_file.clone(),
-                    source: std::io::Error::new(std::io::ErrorKind::InvalidData, "not a partition count"),
+                    source: std::io::Error::new(
+                        std::io::ErrorKind::InvalidData,
+                        "not a partition count",
+                    ),
                 })?;
                 if stored != config.partitions {
                     return Err(TelemetryError::PartitionCountChanged {
@@ -130,9 +142,15 @@ impl Telemetry {
                 }
             }
             Err(err) if err.kind() == std::io::ErrorKind::NotFound => {
-                std::fs::write(&count_file, format!("{}\n", config.partitions)).map_err(io(&count_file))?;
+                std::fs::write(&count_file, format!("{}\n", config.partitions))
+                    .map_err(io(&count_file))?;
             }
-            Err(source) => return Err(TelemetryError::Io { path: count_file, source }),
+            Err(source) => {
+                return Err(TelemetryError::Io {
+                    path: count_file,
+                    source,
+                });
+            }
         }
         let limits = BatchLimits {
             max_messages: config.max_batch_messages,
@@ -144,8 +162,9 @@ impl Telemetry {
         let mut threads = Vec::new();
         for id in 0..config.partitions {
             let log = SegmentLog::open(&dir.join(format!("p{id}")), config.segment_bytes)?;
-            let (partition, thread) = Partition::start(Box::new(log), limits, format!("telemetry-p{id}"))
-                .map_err(io(dir))?;
+            let (partition, thread) =
+                Partition::start(Box::new(log), limits, format!("telemetry-p{id}"))
+                    .map_err(io(dir))?;
             partitions.push(partition);
             threads.push(thread);
         }
@@ -167,7 +186,10 @@ impl Telemetry {
     fn partition(&self, id: u32) -> Result<&Partition, TelemetryError> {
         self.partitions
             .get(id as usize)
-            .ok_or(TelemetryError::NoSuchPartition(id, self.partition_count().saturating_sub(1)))
+            .ok_or(TelemetryError::NoSuchPartition(
+                id,
+                self.partition_count().saturating_sub(1),
+            ))
     }
 
     /// Stored ranges of every partition.
@@ -197,7 +219,13 @@ impl Telemetry {
 
     /// Up to `max` messages of `partition` from `from`; when there are none yet,
     /// waits up to `wait` for the first to become durable.
-    pub async fn read(&self, partition: u32, from: u64, max: usize, wait: Duration) -> Result<Vec<StoredMessage>, TelemetryError> {
+    pub async fn read(
+        &self,
+        partition: u32,
+        from: u64,
+        max: usize,
+        wait: Duration,
+    ) -> Result<Vec<StoredMessage>, TelemetryError> {
         let part = self.partition(partition)?;
         let mut end = part.watch_end();
         if wait > Duration::ZERO && *end.borrow_and_update() <= from {
@@ -217,15 +245,27 @@ impl Telemetry {
     }
 
     /// The checkpoint of `group` in `partition`.
-    pub async fn checkpoint(&self, group: &str, partition: u32) -> Result<Option<u64>, TelemetryError> {
+    pub async fn checkpoint(
+        &self,
+        group: &str,
+        partition: u32,
+    ) -> Result<Option<u64>, TelemetryError> {
         self.partition(partition)?;
         Ok(self.checkpoints.checkpoint(group, partition).await?)
     }
 
     /// Sets the checkpoint of `group` in `partition` (the next offset it reads).
-    pub async fn set_checkpoint(&self, group: &str, partition: u32, offset: u64) -> Result<(), TelemetryError> {
+    pub async fn set_checkpoint(
+        &self,
+        group: &str,
+        partition: u32,
+        offset: u64,
+    ) -> Result<(), TelemetryError> {
         self.partition(partition)?;
-        Ok(self.checkpoints.set_checkpoint(group, partition, offset).await?)
+        Ok(self
+            .checkpoints
+            .set_checkpoint(group, partition, offset)
+            .await?)
     }
 
     /// Deletes segments past the retention age or size; returns how many went.
@@ -241,7 +281,10 @@ impl Telemetry {
             }
         }
         if removed > 0 {
-            tracing::info!(segments = removed, "retention removed old telemetry segments");
+            tracing::info!(
+                segments = removed,
+                "retention removed old telemetry segments"
+            );
         }
         removed
     }
@@ -252,7 +295,8 @@ impl Telemetry {
         for partition in &self.partitions {
             partition.close();
         }
-        let threads = std::mem::take(&mut *self.threads.lock().unwrap_or_else(PoisonError::into_inner));
+        let threads =
+            std::mem::take(&mut *self.threads.lock().unwrap_or_else(PoisonError::into_inner));
         for thread in threads {
             let _ = thread.join();
         }
@@ -263,7 +307,9 @@ impl Telemetry {
 impl TelemetryIngest for Telemetry {
     async fn submit(&self, message: TelemetryMessage) -> Result<Durable, IngestError> {
         let id = self.partitioner.partition(message.device_id.as_str());
-        let partition = self.partition(id).map_err(|err| IngestError::Commit(err.to_string()))?;
+        let partition = self
+            .partition(id)
+            .map_err(|err| IngestError::Commit(err.to_string()))?;
         let time = i64::try_from(message.enqueued_at.unix_timestamp_nanos()).unwrap_or(i64::MAX);
         let receipt = partition
             .submit(time, message::encode(&message))

@@ -12,7 +12,9 @@ pub struct Partitioner {
 impl Partitioner {
     /// A partitioner over `count` (≥ 1) partitions.
     pub fn new(count: u32) -> Self {
-        Self { count: count.max(1) }
+        Self {
+            count: count.max(1),
+        }
     }
 
     /// Number of partitions.
@@ -24,9 +26,9 @@ impl Partitioner {
     pub fn partition(&self, device_id: &str) -> u32 {
         const OFFSET_BASIS: u64 = 0xcbf2_9ce4_8422_2325;
         const PRIME: u64 = 0x0000_0100_0000_01b3;
-        let hash = device_id
-            .bytes()
-            .fold(OFFSET_BASIS, |hash, byte| (hash ^ u64::from(byte)).wrapping_mul(PRIME));
+        let hash = device_id.bytes().fold(OFFSET_BASIS, |hash, byte| {
+            (hash ^ u64::from(byte)).wrapping_mul(PRIME)
+        });
         (hash % u64::from(self.count)) as u32
     }
 }
@@ -39,7 +41,10 @@ mod tests {
     fn the_mapping_is_stable_and_spreads_devices() {
         let p = Partitioner::new(4);
         // Fixed values: changing them would move devices between partitions.
-        assert_eq!(p.partition("device-1"), Partitioner::new(4).partition("device-1"));
+        assert_eq!(
+            p.partition("device-1"),
+            Partitioner::new(4).partition("device-1")
+        );
         assert_eq!(p.partition(""), (0xcbf2_9ce4_8422_2325u64 % 4) as u32);
         let mut counts = [0usize; 4];
         for i in 0..4000 {

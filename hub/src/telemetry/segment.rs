@@ -232,7 +232,10 @@ impl SegmentLog {
                         dropped = bytes.len() - position,
                         "truncating a torn tail left by a crash"
                     );
-                    segment.file.set_len(position as u64).map_err(io_err(&path))?;
+                    segment
+                        .file
+                        .set_len(position as u64)
+                        .map_err(io_err(&path))?;
                     segment.file.sync_all().map_err(io_err(&path))?;
                     break;
                 }
@@ -280,7 +283,10 @@ impl SegmentLog {
             encode_record(&mut buf, first + i as u64, *time, payload);
             placed.push((position, *time, (HEADER_LEN + payload.len()) as u64));
         }
-        let written = self.active.write_all(&buf).and_then(|()| self.active.sync_data());
+        let written = self
+            .active
+            .write_all(&buf)
+            .and_then(|()| self.active.sync_data());
         if let Err(source) = written {
             // Cut back whatever part of the batch reached the file; if even that
             // fails, the tail is torn and recovery on the next open removes it.
@@ -342,11 +348,18 @@ impl SegmentLog {
         let mut out = Vec::new();
         let mut bytes = 0usize;
         let mut next = from;
-        for segment in self.segments.range(..=from).next_back().into_iter().map(|(_, s)| s).chain(
-            self.segments
-                .range(from.saturating_add(1)..)
-                .map(|(_, s)| s),
-        ) {
+        for segment in self
+            .segments
+            .range(..=from)
+            .next_back()
+            .into_iter()
+            .map(|(_, s)| s)
+            .chain(
+                self.segments
+                    .range(from.saturating_add(1)..)
+                    .map(|(_, s)| s),
+            )
+        {
             if next >= segment.end {
                 continue;
             }
@@ -382,7 +395,8 @@ impl SegmentLog {
                         .file
                         .read_exact_at(&mut header, position)
                         .map_err(io_err(&segment.path))?;
-                    let len = u32::from_le_bytes([header[0], header[1], header[2], header[3]]) as usize;
+                    let len =
+                        u32::from_le_bytes([header[0], header[1], header[2], header[3]]) as usize;
                     if len > MAX_PAYLOAD || HEADER_LEN + len <= chunk.len() {
                         return Err(LogError::Corrupt {
                             path: segment.path.clone(),
@@ -452,7 +466,9 @@ mod tests {
     use super::*;
 
     fn batch(n: usize, size: usize, time: i64) -> Vec<(i64, Bytes)> {
-        (0..n).map(|i| (time, Bytes::from(vec![i as u8; size]))).collect()
+        (0..n)
+            .map(|i| (time, Bytes::from(vec![i as u8; size])))
+            .collect()
     }
 
     #[test]
@@ -524,7 +540,11 @@ mod tests {
         bytes[last] ^= 0xff;
         fs::write(&path, bytes).unwrap();
         let log = SegmentLog::open(dir.path(), 1 << 20).unwrap();
-        assert_eq!(log.end_offset(), 1, "the damaged record is dropped, the first kept");
+        assert_eq!(
+            log.end_offset(),
+            1,
+            "the damaged record is dropped, the first kept"
+        );
     }
 
     #[test]
@@ -540,7 +560,10 @@ mod tests {
         assert_eq!(log.first_offset(), 5);
         assert!(matches!(
             log.read(2, 10, usize::MAX),
-            Err(LogError::BeforeRetention { requested: 2, first: 5 })
+            Err(LogError::BeforeRetention {
+                requested: 2,
+                first: 5
+            })
         ));
         // Size: keep at most ~2 segments.
         log.apply_retention(i64::MIN, 2100).unwrap();
