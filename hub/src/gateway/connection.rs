@@ -14,6 +14,7 @@ use std::sync::atomic::Ordering;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use bytes::{Bytes, BytesMut};
+use futures_util::FutureExt;
 use futures_util::stream::{FuturesOrdered, FuturesUnordered, StreamExt};
 use rumqttc::mqttbytes::QoS;
 use rumqttc::mqttbytes::v4::{ConnectReturnCode, Packet, PubAck};
@@ -135,6 +136,11 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Connection<S> {
                 () = mailbox_signal(mailbox) => {}
                 Some((ack, result)) = self.ingests.next(), if !self.ingests.is_empty() => {
                     self.ingested(ack, result);
+                    // A commit releases many messages at once: acknowledge all that are
+                    // ready in one write.
+                    while let Some(Some((ack, result))) = self.ingests.next().now_or_never() {
+                        self.ingested(ack, result);
+                    }
                 }
                 Some((rid, reply)) = self.twins.next(), if !self.twins.is_empty() => {
                     self.twin_reply(&rid, reply);
