@@ -18,7 +18,10 @@
 //! - [`telemetry`] owns the durable partitioned streams: group commit into segment
 //!   files, reads by offset, consumer-group checkpoints, retention.
 //!
-//! Still to come, each in its own module: twins, cloud-to-device commands and direct
+//! - [`twins`] owns the device twins: documents, merge patch with versions and
+//!   metadata, the query language, write-behind group commit.
+//!
+//! Still to come, each in its own module: cloud-to-device commands and direct
 //! methods, and cluster mode.
 
 pub mod api;
@@ -30,6 +33,7 @@ pub mod registry;
 pub mod server;
 pub mod store;
 pub mod telemetry;
+pub mod twins;
 
 pub use config::Config;
 pub use server::{ServeError, Server, run};

@@ -27,6 +27,8 @@ use crate::registry::{Presence, Registry};
 use crate::store::StoreError;
 use crate::store::embedded::EmbeddedStore;
 use crate::telemetry::{Telemetry, TelemetryError};
+use crate::twins::document::TwinLimits;
+use crate::twins::{TwinError, Twins};
 
 /// Why the hub could not start or stopped with an error.
 #[derive(Debug, thiserror::Error)]
@@ -46,6 +48,9 @@ pub enum ServeError {
     /// The device CA could not be loaded.
     #[error(transparent)]
     DeviceCa(#[from] X509Error),
+    /// The twins could not be loaded.
+    #[error("twins: {0}")]
+    Twins(#[from] TwinError),
     /// The telemetry streams could not be opened.
     #[error("telemetry: {0}")]
     Telemetry(#[from] TelemetryError),
@@ -124,14 +129,23 @@ impl Server {
             &config.telemetry,
             Arc::new(store.clone()),
         )?);
-        let services = services(DeviceServices {
-            telemetry: telemetry.clone(),
-            ..DeviceServices::not_yet_available()
-        });
 
         let presence = Presence::default();
         let registry = Registry::new(Arc::new(store.clone()), presence.clone());
         let metrics = Arc::new(GatewayMetrics::default());
+        let connections = Connections::default();
+        let twins = Twins::start(
+            Arc::new(store.clone()),
+            registry.clone(),
+            connections.clone(),
+            TwinLimits::default(),
+        )
+        .await?;
+        let services = services(DeviceServices {
+            telemetry: telemetry.clone(),
+            twins: Arc::new(twins.clone()),
+            ..DeviceServices::not_yet_available()
+        });
         let mqtt = &config.mqtt;
         let context = GatewayContext {
             authenticator: DeviceAuthenticator::new(
@@ -144,7 +158,7 @@ impl Server {
                 },
             ),
             sessions: Arc::new(store.clone()),
-            connections: Connections::default(),
+            connections,
             services,
             presence,
             metrics: Arc::clone(&metrics),
@@ -194,6 +208,7 @@ impl Server {
             store: Arc::new(store),
             metrics,
             telemetry,
+            twins,
         };
         Ok(Self {
             data_dir,

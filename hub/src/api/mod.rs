@@ -7,13 +7,14 @@ mod error;
 mod extract;
 mod health;
 mod streams;
+mod twins;
 
 use std::sync::Arc;
 
 use axum::Router;
 use axum::extract::DefaultBodyLimit;
 use axum::http::{Method, Uri};
-use axum::routing::{get, put};
+use axum::routing::{get, post, put};
 
 pub use error::ApiError;
 
@@ -36,6 +37,8 @@ pub struct AppState {
     pub metrics: Arc<GatewayMetrics>,
     /// Telemetry streams.
     pub telemetry: Arc<Telemetry>,
+    /// Device twins.
+    pub twins: crate::twins::Twins,
 }
 
 /// Limits of the HTTP edge.
@@ -54,6 +57,11 @@ pub fn router(state: AppState, limits: HttpLimits) -> Router {
         .route(
             "/devices/{id}",
             get(devices::get).put(devices::put).delete(devices::delete),
+        )
+        .route("/devices/query", post(twins::query))
+        .route(
+            "/twins/{id}",
+            get(twins::get).patch(twins::patch).put(twins::put),
         )
         .route("/streams/telemetry", get(streams::info))
         .route(

@@ -107,6 +107,15 @@ pub enum RegistryEvent {
     Revoked(DeviceId),
 }
 
+/// Told synchronously, before the registry call returns, when devices come and go:
+/// for capabilities that keep something per device (twins).
+pub trait RegistryObserver: Send + Sync + 'static {
+    /// `id` was created.
+    fn created(&self, id: &DeviceId);
+    /// `id` was deleted.
+    fn deleted(&self, id: &DeviceId);
+}
+
 /// How often an unconditional (`If-Match: *`) update retries a lost race.
 const UNCONDITIONAL_RETRIES: usize = 8;
 
@@ -116,6 +125,7 @@ pub struct Registry {
     store: Arc<dyn RegistryStore>,
     presence: Presence,
     events: broadcast::Sender<RegistryEvent>,
+    observers: Arc<std::sync::RwLock<Vec<Arc<dyn RegistryObserver>>>>,
 }
 
 impl std::fmt::Debug for Registry {
@@ -132,7 +142,23 @@ impl Registry {
             store,
             presence,
             events,
+            observers: Arc::default(),
         }
+    }
+
+    /// Registers an observer of device creation and deletion.
+    pub fn observe(&self, observer: Arc<dyn RegistryObserver>) {
+        self.observers
+            .write()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .push(observer);
+    }
+
+    fn observers(&self) -> Vec<Arc<dyn RegistryObserver>> {
+        self.observers
+            .read()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .clone()
     }
 
     /// Changes other capabilities react to (revocations).
@@ -140,9 +166,9 @@ impl Registry {
         self.events.subscribe()
     }
 
-    fn revoked(&self, id: &DeviceId) {
+    fn emit(&self, event: RegistryEvent) {
         // No receiver (no gateway running) is fine.
-        let _ = self.events.send(RegistryEvent::Revoked(id.clone()));
+        let _ = self.events.send(event);
     }
 
     /// Live connection state of devices.
@@ -164,7 +190,12 @@ impl Registry {
             authentication: build_authentication(spec.authentication.unwrap_or_default(), None)?,
         };
         match self.store.insert(device.clone()).await {
-            Ok(()) => Ok(device),
+            Ok(()) => {
+                for observer in self.observers() {
+                    observer.created(&id);
+                }
+                Ok(device)
+            }
             Err(RegistryStoreError::AlreadyExists) => Err(RegistryError::AlreadyExists(id)),
             Err(err) => Err(err.into()),
         }
@@ -198,7 +229,7 @@ impl Registry {
             match self.store.replace(next.clone(), current.version).await {
                 Ok(()) => {
                     if next.status == DeviceStatus::Disabled {
-                        self.revoked(&id);
+                        self.emit(RegistryEvent::Revoked(id.clone()));
                     }
                     return Ok(next);
                 }
@@ -239,7 +270,10 @@ impl Registry {
         };
         match self.store.remove(id, expected_version).await {
             Ok(device) => {
-                self.revoked(id);
+                for observer in self.observers() {
+                    observer.deleted(id);
+                }
+                self.emit(RegistryEvent::Revoked(id.clone()));
                 self.presence.forget(id);
                 Ok(device)
             }

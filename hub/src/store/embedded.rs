@@ -18,12 +18,16 @@ use crate::gateway::services::SessionStore;
 use crate::gateway::topic::Subscription;
 use crate::registry::{Device, DeviceId, RegistryStore, RegistryStoreError};
 use crate::telemetry::CheckpointStore;
+use crate::twins::TwinStore;
+use crate::twins::document::TwinDocument;
 
 /// Schema version this build writes; a file with a higher one is refused.
 const SCHEMA_VERSION: u64 = 1;
 
 const META: TableDefinition<&str, u64> = TableDefinition::new("meta");
 const DEVICES: TableDefinition<&str, &[u8]> = TableDefinition::new("devices");
+/// Device twins: device id → JSON twin document.
+const TWINS: TableDefinition<&str, &[u8]> = TableDefinition::new("twins");
 /// Consumer-group checkpoints: `{partition}/{group}` → next offset to read.
 const CHECKPOINTS: TableDefinition<&str, u64> = TableDefinition::new("checkpoints");
 /// MQTT sessions of CleanSession=0 devices: device id → JSON list of subscriptions.
@@ -78,6 +82,8 @@ impl EmbeddedStore {
             txn.open_table(SESSIONS)
                 .map_err(|err| open_err(err.to_string()))?;
             txn.open_table(CHECKPOINTS)
+                .map_err(|err| open_err(err.to_string()))?;
+            txn.open_table(TWINS)
                 .map_err(|err| open_err(err.to_string()))?;
         }
         txn.commit().map_err(|err| open_err(err.to_string()))?;
@@ -221,7 +227,11 @@ impl RegistryStore for EmbeddedStore {
                     return Err(RegistryStoreError::VersionConflict);
                 }
                 table.remove(id.as_str()).map_err(StoreError::from)?;
-                // The device's MQTT session goes with it.
+                // The device's twin and MQTT session go with it.
+                txn.open_table(TWINS)
+                    .map_err(StoreError::from)?
+                    .remove(id.as_str())
+                    .map_err(StoreError::from)?;
                 txn.open_table(SESSIONS)
                     .map_err(StoreError::from)?
                     .remove(id.as_str())
@@ -342,6 +352,44 @@ impl CheckpointStore for EmbeddedStore {
             Ok(())
         })
         .await
+    }
+}
+
+impl TwinStore for EmbeddedStore {
+    fn load_all(&self) -> Result<Vec<(DeviceId, TwinDocument)>, StoreError> {
+        let txn = self.db.begin_read()?;
+        let table = txn.open_table(TWINS)?;
+        let mut twins = Vec::new();
+        for entry in table.iter()? {
+            let (key, value) = entry?;
+            let corrupt = |reason: String| StoreError::Corrupt {
+                table: "twins",
+                key: key.value().to_string(),
+                reason,
+            };
+            let id = DeviceId::parse(key.value()).map_err(|err| corrupt(err.to_string()))?;
+            let twin =
+                serde_json::from_slice(value.value()).map_err(|err| corrupt(err.to_string()))?;
+            twins.push((id, twin));
+        }
+        Ok(twins)
+    }
+
+    fn write_batch(&self, twins: &[(DeviceId, TwinDocument)]) -> Result<(), StoreError> {
+        let txn = self.db.begin_write()?;
+        {
+            let mut table = txn.open_table(TWINS)?;
+            for (id, twin) in twins {
+                let bytes = serde_json::to_vec(twin).map_err(|err| StoreError::Corrupt {
+                    table: "twins",
+                    key: id.to_string(),
+                    reason: err.to_string(),
+                })?;
+                table.insert(id.as_str(), bytes.as_slice())?;
+            }
+        }
+        txn.commit()?;
+        Ok(())
     }
 }
 
