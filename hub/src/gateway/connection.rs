@@ -67,15 +67,42 @@ struct Connection<S> {
     closing: Option<CloseReason>,
 }
 
+/// A stream that can say when it has bytes to read without a buffer to read into,
+/// so idle connections hold no read buffer.
+pub trait Transport: AsyncRead + AsyncWrite + Unpin + Send {
+    /// Completes when a read would not block (or at once if the stream cannot tell).
+    fn ready(&self) -> impl Future<Output = std::io::Result<()>> + Send;
+}
+
+impl Transport for tokio::net::TcpStream {
+    fn ready(&self) -> impl Future<Output = std::io::Result<()>> + Send {
+        self.readable()
+    }
+}
+
+impl Transport for tokio_rustls::server::TlsStream<tokio::net::TcpStream> {
+    fn ready(&self) -> impl Future<Output = std::io::Result<()>> + Send {
+        // Decrypted bytes may already be buffered inside rustls: read directly.
+        std::future::ready(Ok(()))
+    }
+}
+
+/// Reads into `buf`, allocating it only once the stream has bytes.
+async fn read_some<S: Transport>(stream: &mut S, buf: &mut BytesMut) -> std::io::Result<usize> {
+    if buf.capacity() - buf.len() < 512 {
+        stream.ready().await?;
+        buf.reserve(READ_CHUNK);
+    }
+    stream.read_buf(buf).await
+}
+
 /// Serves one accepted connection until it closes.
-pub async fn serve<S>(
+pub async fn serve<S: Transport>(
     stream: S,
     certificates: Vec<CertificateDer<'static>>,
     ctx: Arc<GatewayContext>,
     shutdown: watch::Receiver<bool>,
-) where
-    S: AsyncRead + AsyncWrite + Unpin + Send,
-{
+) {
     let session = Session::new(ctx.limits, Instant::now());
     let mut connection = Connection {
         stream,
@@ -108,7 +135,7 @@ async fn deadline(at: Option<Instant>) {
     }
 }
 
-impl<S: AsyncRead + AsyncWrite + Unpin + Send> Connection<S> {
+impl<S: Transport> Connection<S> {
     async fn run(&mut self, mut shutdown: watch::Receiver<bool>) -> CloseReason {
         loop {
             self.take_mail();
@@ -126,9 +153,6 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Connection<S> {
                 .as_ref()
                 .map(|d| Arc::clone(&d.registration.mailbox));
             let read_allowed = self.ingests.len() < MAX_PENDING_INGESTS;
-            if self.rbuf.capacity() - self.rbuf.len() < 512 {
-                self.rbuf.reserve(READ_CHUNK);
-            }
             tokio::select! {
                 // Every branch is cancel-safe: the mailbox is drained at the top of the
                 // loop, completed futures stay in their sets, read_buf loses nothing.
@@ -148,7 +172,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Connection<S> {
                 () = deadline(self.session.next_deadline()) => {
                     self.session.on_deadline(Instant::now(), &mut self.actions);
                 }
-                read = self.stream.read_buf(&mut self.rbuf), if read_allowed => match read {
+                read = read_some(&mut self.stream, &mut self.rbuf), if read_allowed => match read {
                     Ok(0) => self.session.close(CloseReason::PeerClosed, &mut self.actions),
                     Ok(_) => {}
                     Err(err) => self.session.close(CloseReason::Io(err.to_string()), &mut self.actions),
@@ -206,8 +230,9 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Connection<S> {
                 }
             }
         }
-        if self.rbuf.is_empty() && self.rbuf.capacity() > 4 * READ_CHUNK {
-            // Give a burst's buffer back; idle connections stay small.
+        if self.rbuf.is_empty() && self.rbuf.capacity() > 0 {
+            // Idle connections hold no read buffer; the next read allocates one once
+            // the socket has bytes.
             self.rbuf = BytesMut::new();
         }
     }

@@ -73,25 +73,35 @@ pub async fn accept_loop(
         ctx.metrics.open.fetch_add(1, Ordering::Relaxed);
         let ctx = Arc::clone(&ctx);
         let shutdown = shutdown.clone();
-        let tls = tls.clone();
-        tokio::spawn(async move {
-            serve_stream(stream, tls, Arc::clone(&ctx), shutdown).await;
-            ctx.metrics.open.fetch_sub(1, Ordering::Relaxed);
-            drop(permit);
-        });
+        let _ = stream.set_nodelay(true);
+        // Two task types: a plain TCP connection's task must not carry the (much
+        // larger) TLS future, since idle connections are mostly this task's memory.
+        match &tls {
+            None => {
+                tokio::spawn(async move {
+                    connection::serve(stream, Vec::new(), Arc::clone(&ctx), shutdown).await;
+                    ctx.metrics.open.fetch_sub(1, Ordering::Relaxed);
+                    drop(permit);
+                });
+            }
+            Some(acceptor) => {
+                let acceptor = acceptor.clone();
+                tokio::spawn(async move {
+                    serve_tls(stream, acceptor, Arc::clone(&ctx), shutdown).await;
+                    ctx.metrics.open.fetch_sub(1, Ordering::Relaxed);
+                    drop(permit);
+                });
+            }
+        }
     }
 }
 
-async fn serve_stream(
+async fn serve_tls(
     stream: TcpStream,
-    tls: Option<TlsAcceptor>,
+    acceptor: TlsAcceptor,
     ctx: Arc<GatewayContext>,
     shutdown: watch::Receiver<bool>,
 ) {
-    let _ = stream.set_nodelay(true);
-    let Some(acceptor) = tls else {
-        return connection::serve(stream, Vec::new(), ctx, shutdown).await;
-    };
     // The handshake counts against the first-CONNECT deadline.
     match tokio::time::timeout(ctx.limits.connect_timeout, acceptor.accept(stream)).await {
         Ok(Ok(tls_stream)) => {

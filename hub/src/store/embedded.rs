@@ -317,9 +317,19 @@ impl SessionStore for EmbeddedStore {
     async fn remove(&self, device: &DeviceId) -> Result<(), StoreError> {
         let id = device.clone();
         self.blocking(move |db| {
-            let txn = db.begin_write()?;
-            txn.open_table(SESSIONS)?.remove(id.as_str())?;
-            txn.commit()?;
+            // Most CleanSession=1 connects have no stored session: a read answers
+            // that without a durable write (which would serialise every connect on
+            // redb's single writer and an fsync).
+            let exists = db
+                .begin_read()?
+                .open_table(SESSIONS)?
+                .get(id.as_str())?
+                .is_some();
+            if exists {
+                let txn = db.begin_write()?;
+                txn.open_table(SESSIONS)?.remove(id.as_str())?;
+                txn.commit()?;
+            }
             Ok(())
         })
         .await

@@ -456,6 +456,59 @@ pub struct QueryPage {
     pub next_skip: Option<usize>,
 }
 
+/// What a query page holds before documents are built.
+#[derive(Debug, Clone)]
+pub enum QueryOutput {
+    /// Finished rows: projections or aggregates.
+    Rows(Vec<Value>),
+    /// `SELECT *`: the devices whose whole twin documents are the results.
+    Devices(Vec<DeviceId>),
+}
+
+/// Runs `query` over `twins` (sorted by id), returning results `skip..skip + limit`
+/// and the skip of the next page, if any. `devices` holds the registry records when
+/// the query filters on registry fields.
+pub fn execute(
+    query: &query::Query,
+    twins: &[(DeviceId, Arc<TwinDocument>)],
+    devices: &HashMap<DeviceId, Device>,
+    presence: &crate::registry::Presence,
+    skip: usize,
+    limit: usize,
+) -> (QueryOutput, Option<usize>) {
+    let rows = twins.iter().map(|(id, twin)| TwinRow {
+        id,
+        twin,
+        device: devices.get(id),
+        presence,
+    });
+    let matching = rows.filter(|row| query::matches(query, row));
+    let top = query.top.unwrap_or(usize::MAX);
+    if query.is_aggregate() {
+        let collected: Vec<TwinRow<'_>> = matching.collect();
+        let results = query::aggregate(query, collected.iter().map(|r| r as &dyn query::Row));
+        let total = results.len().min(top);
+        let items: Vec<Value> = results
+            .into_iter()
+            .take(total)
+            .skip(skip)
+            .take(limit)
+            .collect();
+        let next = (skip + items.len() < total).then_some(skip + items.len());
+        return (QueryOutput::Rows(items), next);
+    }
+    let page: Vec<TwinRow<'_>> = matching.take(top).skip(skip).take(limit + 1).collect();
+    let next = (page.len() > limit).then_some(skip + limit);
+    let page = page.into_iter().take(limit);
+    let output = match &query.selection {
+        query::Selection::All => QueryOutput::Devices(page.map(|row| row.id.clone()).collect()),
+        query::Selection::Items(selected) => {
+            QueryOutput::Rows(page.map(|row| query::project(selected, &row)).collect())
+        }
+    };
+    (output, next)
+}
+
 impl Twins {
     /// Runs `query`, returning results `skip..skip + limit`.
     pub async fn query(
@@ -468,65 +521,39 @@ impl Twins {
             .paths()
             .iter()
             .any(|p| p.len() == 1 && DEVICE_FIELDS.contains(&p[0].as_str()));
-        let devices: HashMap<DeviceId, Device> = if needs_devices {
-            let mut all = HashMap::new();
+        let mut devices: HashMap<DeviceId, Device> = HashMap::new();
+        if needs_devices {
             let mut after = None;
             loop {
                 let page = self.inner.registry.list(after.as_ref(), 1000).await?;
-                all.extend(page.devices.into_iter().map(|d| (d.device_id.clone(), d)));
+                devices.extend(page.devices.into_iter().map(|d| (d.device_id.clone(), d)));
                 match page.next_after {
                     Some(next) => after = Some(next),
                     None => break,
                 }
             }
-            all
-        } else {
-            HashMap::new()
-        };
-        let presence = self.inner.registry.presence();
-        let snapshot = self.snapshot();
-        let rows = snapshot.iter().map(|(id, twin)| TwinRow {
-            id,
-            twin,
-            device: devices.get(id),
-            presence,
-        });
-        let matching = rows.filter(|row| query::matches(query, row));
-        let top = query.top.unwrap_or(usize::MAX);
-        if query.is_aggregate() {
-            let collected: Vec<TwinRow<'_>> = matching.collect();
-            let results = query::aggregate(query, collected.iter().map(|r| r as &dyn query::Row));
-            let total = results.len().min(top);
-            let items: Vec<Value> = results
-                .into_iter()
-                .take(total)
-                .skip(skip)
-                .take(limit)
-                .collect();
-            let next_skip = (skip + items.len() < total).then_some(skip + items.len());
-            return Ok(QueryPage { items, next_skip });
         }
-        let page: Vec<TwinRow<'_>> = matching.take(top).skip(skip).take(limit + 1).collect();
-        let more = page.len() > limit;
-        let mut items = Vec::with_capacity(page.len().min(limit));
-        for row in page.into_iter().take(limit) {
-            items.push(match &query.selection {
-                query::Selection::All => {
-                    let device = match row.device {
-                        Some(device) => device.clone(),
-                        None => match self.inner.registry.get(row.id).await {
+        let presence = self.inner.registry.presence();
+        let (output, next_skip) = execute(query, &self.snapshot(), &devices, presence, skip, limit);
+        let items = match output {
+            QueryOutput::Rows(rows) => rows,
+            QueryOutput::Devices(ids) => {
+                let mut items = Vec::with_capacity(ids.len());
+                for id in ids {
+                    let device = match devices.remove(&id) {
+                        Some(device) => device,
+                        None => match self.inner.registry.get(&id).await {
                             Ok(device) => device,
                             // Deleted since the snapshot.
                             Err(RegistryError::NotFound(_)) => continue,
                             Err(err) => return Err(err.into()),
                         },
                     };
-                    twin_json(&device, row.twin, presence)
+                    items.push(twin_json(&device, &self.twin_of(&id), presence));
                 }
-                query::Selection::Items(selected) => query::project(selected, &row),
-            });
-        }
-        let next_skip = more.then_some(skip + limit);
+                items
+            }
+        };
         Ok(QueryPage { items, next_skip })
     }
 }

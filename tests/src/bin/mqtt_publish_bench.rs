@@ -6,8 +6,12 @@
 //!
 //! ```text
 //! mqtt_publish_bench --addr 127.0.0.1:1883 [--sas-file FILE] [--devices 100] \
-//!     [--in-flight 10] [--payload 256] [--secs 10] [--warmup-secs 2] [--server-pid PID]
+//!     [--in-flight 10] [--payload 256] [--secs 10] [--warmup-secs 2] [--server-pid PID] [--twin]
 //! ```
+//!
+//! With `--twin` each request is a reported-properties patch
+//! (`$iothub/twin/PATCH/properties/reported/?$rid=N`, a small JSON body) and it
+//! completes when the hub's `$iothub/twin/res/204/?$rid=N…` answer arrives.
 //!
 //! With `--sas-file` (lines `device_id<TAB>username<TAB>password`, as written by
 //! `mqtt_connect_bench provision`) device `i` connects with line `i` and publishes to
@@ -36,6 +40,7 @@ struct Args {
     secs: u64,
     warmup_secs: u64,
     server_pid: Option<u32>,
+    twin: bool,
 }
 
 fn parse_args() -> Result<Args> {
@@ -48,6 +53,7 @@ fn parse_args() -> Result<Args> {
         secs: 10,
         warmup_secs: 2,
         server_pid: None,
+        twin: false,
     };
     let mut it = std::env::args().skip(1);
     while let Some(flag) = it.next() {
@@ -61,6 +67,7 @@ fn parse_args() -> Result<Args> {
             "--secs" => args.secs = value()?.parse()?,
             "--warmup-secs" => args.warmup_secs = value()?.parse()?,
             "--server-pid" => args.server_pid = Some(value()?.parse()?),
+            "--twin" => args.twin = true,
             other => bail!("unknown argument {other}"),
         }
     }
@@ -130,11 +137,11 @@ struct Shared {
 async fn device(
     addr: SocketAddr,
     identity: Identity,
-    args: (usize, usize),
+    args: (usize, usize, bool),
     shared: Arc<Shared>,
 ) -> Result<Histogram<u64>> {
     let (client_id, username, password, topic) = identity;
-    let (in_flight, payload_len) = args;
+    let (in_flight, payload_len, twin) = args;
     let mut histogram = Histogram::<u64>::new_with_bounds(1, 60_000_000, 3)?;
     let mut stream = TcpStream::connect(addr).await?;
     stream.set_nodelay(true)?;
@@ -175,8 +182,18 @@ async fn device(
             } else {
                 next_pkid + 1
             };
-            let mut publish = Publish::new(topic.clone(), QoS::AtLeastOnce, payload.clone());
-            publish.pkid = pkid;
+            let publish = if twin {
+                let body = format!("{{\"counter\":{pkid},\"client\":\"bench\"}}");
+                Publish::new(
+                    format!("$iothub/twin/PATCH/properties/reported/?$rid={pkid}"),
+                    QoS::AtMostOnce,
+                    body.into_bytes(),
+                )
+            } else {
+                let mut publish = Publish::new(topic.clone(), QoS::AtLeastOnce, payload.clone());
+                publish.pkid = pkid;
+                publish
+            };
             Packet::Publish(publish).write(&mut out, usize::MAX)?;
             sent_at[pkid as usize] = Some(Instant::now());
             outstanding += 1;
@@ -191,9 +208,25 @@ async fn device(
             bail!("{client_id}: connection closed by the server");
         }
         loop {
-            match Packet::read(&mut buf, 1 << 20) {
-                Ok(Packet::PubAck(ack)) => {
-                    if let Some(at) = sent_at[ack.pkid as usize].take() {
+            let completed = match Packet::read(&mut buf, 1 << 20) {
+                Ok(Packet::PubAck(ack)) if !twin => Some(ack.pkid),
+                Ok(Packet::Publish(reply)) if twin => {
+                    if !reply.topic.starts_with("$iothub/twin/res/204/") {
+                        bail!("{client_id}: twin patch refused: {}", reply.topic);
+                    }
+                    reply
+                        .topic
+                        .split(['?', '&'])
+                        .find_map(|field| field.strip_prefix("$rid="))
+                        .and_then(|rid| rid.parse::<u16>().ok())
+                }
+                Ok(_) => None,
+                Err(rumqttc::mqttbytes::Error::InsufficientBytes(_)) => break,
+                Err(err) => bail!("{client_id}: {err}"),
+            };
+            if let Some(id) = completed {
+                {
+                    if let Some(at) = sent_at[id as usize].take() {
                         outstanding -= 1;
                         if shared.recording.load(Ordering::Relaxed) {
                             histogram.record(at.elapsed().as_micros().max(1) as u64)?;
@@ -201,9 +234,6 @@ async fn device(
                         }
                     }
                 }
-                Ok(_) => {}
-                Err(rumqttc::mqttbytes::Error::InsufficientBytes(_)) => break,
-                Err(err) => bail!("{client_id}: {err}"),
             }
         }
     }
@@ -224,7 +254,7 @@ async fn main() -> Result<()> {
         tasks.push(tokio::spawn(device(
             args.addr,
             identity,
-            (args.in_flight, args.payload),
+            (args.in_flight, args.payload, args.twin),
             Arc::clone(&shared),
         )));
     }
