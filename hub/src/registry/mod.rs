@@ -126,6 +126,29 @@ pub struct Registry {
     presence: Presence,
     events: broadcast::Sender<RegistryEvent>,
     observers: Arc<std::sync::RwLock<Vec<Arc<dyn RegistryObserver>>>>,
+    /// Read-through copy of stored devices: every CONNECT reads its device, and
+    /// every write goes through this registry, which keeps the copy current.
+    cache: Arc<std::sync::Mutex<DeviceCache>>,
+}
+
+/// The registry's copy of stored devices, with a count of writes so a read that
+/// raced a write does not put a stale device back.
+#[derive(Debug, Default)]
+struct DeviceCache {
+    devices: std::collections::HashMap<DeviceId, Device>,
+    writes: u64,
+}
+
+impl DeviceCache {
+    fn put(&mut self, device: Device) {
+        self.writes += 1;
+        self.devices.insert(device.device_id.clone(), device);
+    }
+
+    fn forget(&mut self, id: &DeviceId) {
+        self.writes += 1;
+        self.devices.remove(id);
+    }
 }
 
 impl std::fmt::Debug for Registry {
@@ -143,7 +166,14 @@ impl Registry {
             presence,
             events,
             observers: Arc::default(),
+            cache: Arc::default(),
         }
+    }
+
+    fn cache(&self) -> std::sync::MutexGuard<'_, DeviceCache> {
+        self.cache
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
     }
 
     /// Registers an observer of device creation and deletion.
@@ -191,6 +221,7 @@ impl Registry {
         };
         match self.store.insert(device.clone()).await {
             Ok(()) => {
+                self.cache().put(device.clone());
                 for observer in self.observers() {
                     observer.created(&id);
                 }
@@ -226,7 +257,12 @@ impl Registry {
             if let Some(auth) = spec.authentication.clone() {
                 next.authentication = build_authentication(auth, Some(&current.authentication))?;
             }
-            match self.store.replace(next.clone(), current.version).await {
+            let replaced = self.store.replace(next.clone(), current.version).await;
+            match &replaced {
+                Ok(()) => self.cache().put(next.clone()),
+                Err(_) => self.cache().forget(&id),
+            }
+            match replaced {
                 Ok(()) => {
                     if next.status == DeviceStatus::Disabled {
                         self.emit(RegistryEvent::Revoked(id.clone()));
@@ -248,10 +284,24 @@ impl Registry {
 
     /// The device with `id`.
     pub async fn get(&self, id: &DeviceId) -> Result<Device, RegistryError> {
-        self.store
+        let writes = {
+            let cache = self.cache();
+            if let Some(device) = cache.devices.get(id) {
+                return Ok(device.clone());
+            }
+            cache.writes
+        };
+        let device = self
+            .store
             .get(id)
             .await?
-            .ok_or_else(|| RegistryError::NotFound(id.clone()))
+            .ok_or_else(|| RegistryError::NotFound(id.clone()))?;
+        let mut cache = self.cache();
+        // A write since the read may have changed or deleted the device.
+        if cache.writes == writes {
+            cache.devices.insert(id.clone(), device.clone());
+        }
+        Ok(device)
     }
 
     /// Deletes the device, if `if_match` (when given) matches its etag.
@@ -268,7 +318,10 @@ impl Registry {
                 Some(current.version)
             }
         };
-        match self.store.remove(id, expected_version).await {
+        let removed = self.store.remove(id, expected_version).await;
+        // Whatever happened, the next read goes to the store.
+        self.cache().forget(id);
+        match removed {
             Ok(device) => {
                 for observer in self.observers() {
                     observer.deleted(id);
@@ -552,6 +605,32 @@ mod tests {
             .collect();
         assert_eq!(ids, ["d4"]);
         assert!(second.next_after.is_none());
+    }
+
+    #[tokio::test]
+    async fn the_device_cache_follows_every_write() {
+        let (_dir, registry) = registry();
+        registry
+            .create(id("c1"), DeviceSpec::default())
+            .await
+            .unwrap();
+        let cached = registry.get(&id("c1")).await.unwrap();
+        let disable = DeviceSpec {
+            status: Some(DeviceStatus::Disabled),
+            ..DeviceSpec::default()
+        };
+        registry
+            .update(id("c1"), disable, IfMatch::Any)
+            .await
+            .unwrap();
+        let updated = registry.get(&id("c1")).await.unwrap();
+        assert_eq!(updated.status, DeviceStatus::Disabled);
+        assert_ne!(updated.etag(), cached.etag());
+        registry.delete(&id("c1"), None).await.unwrap();
+        assert!(matches!(
+            registry.get(&id("c1")).await,
+            Err(RegistryError::NotFound(_))
+        ));
     }
 
     #[test]
