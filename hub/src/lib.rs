@@ -21,11 +21,13 @@
 //! - [`twins`] owns the device twins: documents, merge patch with versions and
 //!   metadata, the query language, write-behind group commit.
 //!
-//! Still to come, each in its own module: cloud-to-device commands and direct
-//! methods, and cluster mode.
+//! - [`commands`] owns cloud-to-device queues with feedback and direct methods.
+//!
+//! Still to come: cluster mode.
 
 pub mod api;
 pub mod auth;
+pub mod commands;
 pub mod config;
 pub mod data_dir;
 pub mod gateway;

@@ -35,6 +35,11 @@ enum Command {
     /// Manage device identities through the REST API.
     #[command(subcommand)]
     Device(cli::DeviceCommand),
+    /// Cloud-to-device messages: send, purge, feedback.
+    #[command(subcommand)]
+    C2d(cli::C2dCommand),
+    /// Invoke a direct method on a device and print its answer.
+    Invoke(cli::InvokeArgs),
     /// Print telemetry as it arrives, one JSON line per message.
     Tail(cli::TailArgs),
     /// Issue certificates from the data dir's development CA.
@@ -128,6 +133,8 @@ fn main() -> ExitCode {
         Command::Token(args) => report(cli::token(&args)),
         Command::Device(command) => report(runtime.block_on(cli::device(command))),
         Command::Tail(args) => report(runtime.block_on(cli::tail(args))),
+        Command::C2d(command) => report(runtime.block_on(cli::c2d(command))),
+        Command::Invoke(args) => report(runtime.block_on(cli::invoke(args))),
         Command::Cert(command) => report(cli::cert(command)),
     }
 }

@@ -15,6 +15,7 @@ use crate::auth::device::DeviceAuthenticator;
 use crate::auth::jwt::JwtPolicy;
 use crate::auth::service::{ServiceKey, ServiceKeyError};
 use crate::auth::x509::{DeviceCa, X509Error};
+use crate::commands::{CommandLimits, Commands};
 use crate::config::Config;
 use crate::data_dir::{self, DataDir, DataDirError, Endpoints};
 use crate::gateway::connections::Connections;
@@ -141,10 +142,18 @@ impl Server {
             TwinLimits::default(),
         )
         .await?;
+        let commands = Commands::new(
+            Arc::new(store.clone()),
+            registry.clone(),
+            connections.clone(),
+            CommandLimits::default(),
+        );
         let services = services(DeviceServices {
             telemetry: telemetry.clone(),
             twins: Arc::new(twins.clone()),
-            ..DeviceServices::not_yet_available()
+            methods: Arc::new(commands.clone()),
+            deliveries: Arc::new(commands.clone()),
+            events: Arc::new(commands.clone()),
         });
         let mqtt = &config.mqtt;
         let context = GatewayContext {
@@ -209,6 +218,7 @@ impl Server {
             metrics,
             telemetry,
             twins,
+            commands,
         };
         Ok(Self {
             data_dir,
@@ -256,6 +266,12 @@ impl Server {
             Arc::clone(&telemetry),
             self.retention_interval,
         ));
+        let expiry = tokio::spawn(
+            self.state
+                .commands
+                .clone()
+                .run_expiry(Duration::from_secs(1)),
+        );
         let router = api::router(self.state, self.limits);
         let result = axum::serve(self.http, router)
             .with_graceful_shutdown(shutdown)
@@ -266,7 +282,9 @@ impl Server {
             });
         running.shutdown().await;
         retention.abort();
+        expiry.abort();
         let _ = retention.await;
+        let _ = expiry.await;
         // Device connections are closed: the committers commit what is queued and stop.
         let _ = tokio::task::spawn_blocking(move || telemetry.close()).await;
         // The addresses are no longer served; a stale file would mislead clients.

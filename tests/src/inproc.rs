@@ -104,6 +104,17 @@ impl MethodResponses for Recorder {
     }
 }
 
+impl hub::gateway::services::ConnectionEvents for Recorder {
+    fn subscriptions(
+        &self,
+        _device: &DeviceId,
+        _connection: u64,
+        _subscriptions: &std::collections::BTreeSet<hub::gateway::topic::Subscription>,
+    ) {
+    }
+    fn disconnected(&self, _device: &DeviceId, _connection: u64) {}
+}
+
 impl DeliveryAcks for Recorder {
     fn delivered(&self, device: &DeviceId, id: DeliveryId) {
         if let Ok(mut delivered) = self.delivered.lock() {
@@ -163,6 +174,7 @@ impl InProcessHub {
             twins: recorder.clone(),
             methods: recorder.clone(),
             deliveries: recorder.clone(),
+            events: recorder.clone(),
         };
         let server = Server::start_with(config, |_| services).await?;
         let endpoints = server.endpoints();

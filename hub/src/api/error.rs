@@ -26,6 +26,15 @@ pub enum ApiError {
     /// 403 / 403001: the token lacks the scope the route needs.
     #[error("the bearer token lacks the scope {0}")]
     MissingScope(Scope),
+    /// 403 / 403004: the device's C2D queue is full.
+    #[error("{0}")]
+    QueueFull(String),
+    /// 404 / 404103: the device is not online (or not subscribed to methods).
+    #[error("{0}")]
+    DeviceOffline(String),
+    /// 504 / 504101: the device did not answer the method in time.
+    #[error("{0}")]
+    MethodTimeout(String),
     /// 404 / 404000: no such route.
     #[error("no route for {0}")]
     RouteNotFound(String),
@@ -66,6 +75,9 @@ impl ApiError {
             ApiError::Unauthenticated(_) => (StatusCode::UNAUTHORIZED, 401002),
             ApiError::TokenExpired => (StatusCode::UNAUTHORIZED, 401003),
             ApiError::MissingScope(_) => (StatusCode::FORBIDDEN, 403001),
+            ApiError::QueueFull(_) => (StatusCode::FORBIDDEN, 403004),
+            ApiError::DeviceOffline(_) => (StatusCode::NOT_FOUND, 404103),
+            ApiError::MethodTimeout(_) => (StatusCode::GATEWAY_TIMEOUT, 504101),
             ApiError::RouteNotFound(_) => (StatusCode::NOT_FOUND, 404000),
             ApiError::DeviceNotFound(_) => (StatusCode::NOT_FOUND, 404001),
             ApiError::MethodNotAllowed => (StatusCode::METHOD_NOT_ALLOWED, 405000),

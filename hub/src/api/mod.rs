@@ -2,6 +2,7 @@
 //! and the JSON error shape. Handlers live one file per resource; extractors in
 //! [`extract`] turn every rejection into an [`ApiError`].
 
+mod commands;
 mod devices;
 mod error;
 mod extract;
@@ -14,7 +15,7 @@ use std::sync::Arc;
 use axum::Router;
 use axum::extract::DefaultBodyLimit;
 use axum::http::{Method, Uri};
-use axum::routing::{get, post, put};
+use axum::routing::{delete, get, post, put};
 
 pub use error::ApiError;
 
@@ -39,6 +40,8 @@ pub struct AppState {
     pub telemetry: Arc<Telemetry>,
     /// Device twins.
     pub twins: crate::twins::Twins,
+    /// Cloud-to-device messages and direct methods.
+    pub commands: crate::commands::Commands,
 }
 
 /// Limits of the HTTP edge.
@@ -59,6 +62,14 @@ pub fn router(state: AppState, limits: HttpLimits) -> Router {
             get(devices::get).put(devices::put).delete(devices::delete),
         )
         .route("/devices/query", post(twins::query))
+        .route("/devices/{id}/messages/deviceBound", post(commands::send))
+        .route("/devices/{id}/commands", delete(commands::purge))
+        .route("/messages/serviceBound/feedback", get(commands::feedback))
+        .route(
+            "/messages/serviceBound/feedback/{token}",
+            delete(commands::acknowledge),
+        )
+        .route("/twins/{id}/methods", post(commands::invoke))
         .route(
             "/twins/{id}",
             get(twins::get).patch(twins::patch).put(twins::put),

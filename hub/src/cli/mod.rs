@@ -3,6 +3,7 @@
 //! `hub cert device`.
 
 mod client;
+mod commands;
 mod device;
 mod tail;
 
@@ -14,6 +15,7 @@ use clap::Args;
 use hub::auth::service::{Scope, ServiceKey};
 use hub::data_dir;
 
+pub use commands::{C2dCommand, InvokeArgs, c2d, invoke};
 pub use device::{DeviceCommand, device};
 pub use tail::{TailArgs, tail};
 

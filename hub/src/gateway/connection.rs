@@ -51,6 +51,8 @@ struct Authenticated {
     device: DeviceId,
     method: AuthMethod,
     registration: Registration,
+    /// The subscriptions last reported to [`super::services::ConnectionEvents`].
+    reported: Option<BTreeSet<Subscription>>,
 }
 
 struct Connection<S> {
@@ -141,6 +143,7 @@ impl<S: Transport> Connection<S> {
             self.take_mail();
             self.decode_buffered().await;
             self.run_actions().await;
+            self.report_subscriptions();
             if let Some(reason) = self.closing.take() {
                 return reason;
             }
@@ -178,6 +181,23 @@ impl<S: Transport> Connection<S> {
                     Err(err) => self.session.close(CloseReason::Io(err.to_string()), &mut self.actions),
                 },
             }
+        }
+    }
+
+    /// Tells the services when this connection's subscriptions changed (and first
+    /// after the CONNACK).
+    fn report_subscriptions(&mut self) {
+        let (Some(device), Some(current)) = (self.device.as_mut(), self.session.subscriptions())
+        else {
+            return;
+        };
+        if device.reported.as_ref() != Some(current) {
+            self.ctx.services.events.subscriptions(
+                &device.device,
+                device.registration.connection,
+                current,
+            );
+            device.reported = Some(current.clone());
         }
     }
 
@@ -408,6 +428,7 @@ impl<S: Transport> Connection<S> {
             device: device.clone(),
             method: authenticated.method,
             registration,
+            reported: None,
         });
         Ok(Accepted {
             device_id: device,

@@ -93,6 +93,21 @@ pub trait DeliveryAcks: Send + Sync + 'static {
     fn delivered(&self, device: &DeviceId, id: DeliveryId);
 }
 
+/// Learns which devices are connected and subscribed to what (C2D delivery and
+/// direct methods need it).
+pub trait ConnectionEvents: Send + Sync + 'static {
+    /// Connection `connection` of `device` now holds `subscriptions` (told after the
+    /// CONNACK and after every change).
+    fn subscriptions(
+        &self,
+        device: &DeviceId,
+        connection: u64,
+        subscriptions: &BTreeSet<Subscription>,
+    );
+    /// Connection `connection` of `device` ended.
+    fn disconnected(&self, device: &DeviceId, connection: u64);
+}
+
 /// Persisted MQTT sessions of CleanSession=0 devices.
 #[async_trait]
 pub trait SessionStore: Send + Sync + 'static {
@@ -119,6 +134,8 @@ pub struct DeviceServices {
     pub methods: Arc<dyn MethodResponses>,
     /// Delivery acknowledgements (C2D completion).
     pub deliveries: Arc<dyn DeliveryAcks>,
+    /// Connection and subscription changes.
+    pub events: Arc<dyn ConnectionEvents>,
 }
 
 impl std::fmt::Debug for DeviceServices {
@@ -163,6 +180,17 @@ impl DeliveryAcks for NotYetAvailable {
     }
 }
 
+impl ConnectionEvents for NotYetAvailable {
+    fn subscriptions(
+        &self,
+        _device: &DeviceId,
+        _connection: u64,
+        _subscriptions: &BTreeSet<Subscription>,
+    ) {
+    }
+    fn disconnected(&self, _device: &DeviceId, _connection: u64) {}
+}
+
 impl DeviceServices {
     /// Services for a hub without telemetry, twin and command capabilities yet.
     pub fn not_yet_available() -> Self {
@@ -171,7 +199,8 @@ impl DeviceServices {
             telemetry: none.clone(),
             twins: none.clone(),
             methods: none.clone(),
-            deliveries: none,
+            deliveries: none.clone(),
+            events: none,
         }
     }
 }

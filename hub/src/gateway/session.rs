@@ -600,6 +600,14 @@ impl Session {
         }
     }
 
+    /// The subscriptions of a connected session.
+    pub fn subscriptions(&self) -> Option<&BTreeSet<Subscription>> {
+        match &self.state {
+            State::Connected(c) => Some(&c.subscriptions),
+            _ => None,
+        }
+    }
+
     /// Whether the device currently holds `subscription`.
     pub fn is_subscribed(&self, subscription: Subscription) -> bool {
         match &self.state {

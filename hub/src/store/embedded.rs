@@ -14,6 +14,7 @@ use async_trait::async_trait;
 use redb::{Database, ReadableDatabase, ReadableTable, TableDefinition};
 
 use super::{StoreError, StoreHealth};
+use crate::commands::c2d::{C2dMessage, CommandStore, EnqueueError, FeedbackRecord};
 use crate::gateway::services::SessionStore;
 use crate::gateway::topic::Subscription;
 use crate::registry::{Device, DeviceId, RegistryStore, RegistryStoreError};
@@ -26,6 +27,10 @@ const SCHEMA_VERSION: u64 = 1;
 
 const META: TableDefinition<&str, u64> = TableDefinition::new("meta");
 const DEVICES: TableDefinition<&str, &[u8]> = TableDefinition::new("devices");
+/// Cloud-to-device queues: `{device}\0{seq, 20 digits}` → JSON message.
+const C2D: TableDefinition<&str, &[u8]> = TableDefinition::new("c2d");
+/// Feedback records: sequence → JSON record.
+const FEEDBACK: TableDefinition<u64, &[u8]> = TableDefinition::new("feedback");
 /// Device twins: device id → JSON twin document.
 const TWINS: TableDefinition<&str, &[u8]> = TableDefinition::new("twins");
 /// Consumer-group checkpoints: `{partition}/{group}` → next offset to read.
@@ -84,6 +89,10 @@ impl EmbeddedStore {
             txn.open_table(CHECKPOINTS)
                 .map_err(|err| open_err(err.to_string()))?;
             txn.open_table(TWINS)
+                .map_err(|err| open_err(err.to_string()))?;
+            txn.open_table(C2D)
+                .map_err(|err| open_err(err.to_string()))?;
+            txn.open_table(FEEDBACK)
                 .map_err(|err| open_err(err.to_string()))?;
         }
         txn.commit().map_err(|err| open_err(err.to_string()))?;
@@ -227,7 +236,19 @@ impl RegistryStore for EmbeddedStore {
                     return Err(RegistryStoreError::VersionConflict);
                 }
                 table.remove(id.as_str()).map_err(StoreError::from)?;
-                // The device's twin and MQTT session go with it.
+                // The device's twin, queued messages and MQTT session go with it.
+                {
+                    let mut queue = txn.open_table(C2D).map_err(StoreError::from)?;
+                    let (from, to) = queue_range(&id);
+                    let keys: Vec<String> = queue
+                        .range::<&str>(from.as_str()..to.as_str())
+                        .map_err(StoreError::from)?
+                        .filter_map(|e| e.ok().map(|(k, _)| k.value().to_string()))
+                        .collect();
+                    for key in keys {
+                        queue.remove(key.as_str()).map_err(StoreError::from)?;
+                    }
+                }
                 txn.open_table(TWINS)
                     .map_err(StoreError::from)?
                     .remove(id.as_str())
@@ -362,6 +383,182 @@ impl CheckpointStore for EmbeddedStore {
             Ok(())
         })
         .await
+    }
+}
+
+fn queue_range(device: &DeviceId) -> (String, String) {
+    (format!("{device}\u{0}"), format!("{device}\u{1}"))
+}
+
+fn queue_key(device: &DeviceId, seq: u64) -> String {
+    format!("{device}\u{0}{seq:020}")
+}
+
+fn corrupt(table: &'static str, key: String, err: impl std::fmt::Display) -> StoreError {
+    StoreError::Corrupt {
+        table,
+        key,
+        reason: err.to_string(),
+    }
+}
+
+impl CommandStore for EmbeddedStore {
+    fn enqueue(
+        &self,
+        device: &DeviceId,
+        mut message: C2dMessage,
+        max: usize,
+    ) -> Result<C2dMessage, EnqueueError> {
+        let txn = self.db.begin_write().map_err(StoreError::from)?;
+        {
+            let mut queue = txn.open_table(C2D).map_err(StoreError::from)?;
+            let (from, to) = queue_range(device);
+            let mut count = 0usize;
+            let mut last_seq = 0u64;
+            for entry in queue
+                .range::<&str>(from.as_str()..to.as_str())
+                .map_err(StoreError::from)?
+            {
+                let (key, _) = entry.map_err(StoreError::from)?;
+                count += 1;
+                if let Some(seq) = key
+                    .value()
+                    .rsplit('\u{0}')
+                    .next()
+                    .and_then(|s| s.parse().ok())
+                {
+                    last_seq = last_seq.max(seq);
+                }
+            }
+            if count >= max {
+                return Err(EnqueueError::QueueFull(max));
+            }
+            // Sequence numbers keep growing (also across purges): a delivery id never
+            // names two messages.
+            let mut meta = txn.open_table(META).map_err(StoreError::from)?;
+            let counter_key = format!("c2d-seq/{device}");
+            let stored = meta
+                .get(counter_key.as_str())
+                .map_err(StoreError::from)?
+                .map(|v| v.value())
+                .unwrap_or(0);
+            message.seq = stored.max(last_seq) + 1;
+            meta.insert(counter_key.as_str(), message.seq)
+                .map_err(StoreError::from)?;
+            let bytes =
+                serde_json::to_vec(&message).map_err(|e| corrupt("c2d", device.to_string(), e))?;
+            queue
+                .insert(queue_key(device, message.seq).as_str(), bytes.as_slice())
+                .map_err(StoreError::from)?;
+        }
+        txn.commit().map_err(StoreError::from)?;
+        Ok(message)
+    }
+
+    fn queued(&self, device: &DeviceId) -> Result<Vec<C2dMessage>, StoreError> {
+        let txn = self.db.begin_read()?;
+        let queue = txn.open_table(C2D)?;
+        let (from, to) = queue_range(device);
+        let mut out = Vec::new();
+        for entry in queue.range::<&str>(from.as_str()..to.as_str())? {
+            let (key, value) = entry?;
+            out.push(
+                serde_json::from_slice(value.value())
+                    .map_err(|e| corrupt("c2d", key.value().to_string(), e))?,
+            );
+        }
+        Ok(out)
+    }
+
+    fn all_queued(&self) -> Result<Vec<(DeviceId, C2dMessage)>, StoreError> {
+        let txn = self.db.begin_read()?;
+        let queue = txn.open_table(C2D)?;
+        let mut out = Vec::new();
+        for entry in queue.iter()? {
+            let (key, value) = entry?;
+            let key = key.value().to_string();
+            let device = key
+                .split('\u{0}')
+                .next()
+                .and_then(|d| DeviceId::parse(d).ok())
+                .ok_or_else(|| corrupt("c2d", key.clone(), "bad key"))?;
+            let message = serde_json::from_slice(value.value())
+                .map_err(|e| corrupt("c2d", key.clone(), e))?;
+            out.push((device, message));
+        }
+        Ok(out)
+    }
+
+    fn update(&self, device: &DeviceId, message: &C2dMessage) -> Result<(), StoreError> {
+        let txn = self.db.begin_write()?;
+        {
+            let mut queue = txn.open_table(C2D)?;
+            let key = queue_key(device, message.seq);
+            // A message completed meanwhile stays completed.
+            if queue.get(key.as_str())?.is_some() {
+                let bytes =
+                    serde_json::to_vec(message).map_err(|e| corrupt("c2d", key.clone(), e))?;
+                queue.insert(key.as_str(), bytes.as_slice())?;
+            }
+        }
+        txn.commit()?;
+        Ok(())
+    }
+
+    fn complete(
+        &self,
+        device: &DeviceId,
+        seqs: &[u64],
+        feedback: &[FeedbackRecord],
+    ) -> Result<Vec<C2dMessage>, StoreError> {
+        let txn = self.db.begin_write()?;
+        let mut removed = Vec::new();
+        {
+            let mut queue = txn.open_table(C2D)?;
+            for seq in seqs {
+                let key = queue_key(device, *seq);
+                if let Some(value) = queue.remove(key.as_str())? {
+                    removed.push(
+                        serde_json::from_slice(value.value())
+                            .map_err(|e| corrupt("c2d", key.clone(), e))?,
+                    );
+                }
+            }
+            let mut table = txn.open_table(FEEDBACK)?;
+            let first = table.last()?.map_or(0, |(k, _)| k.value()) + 1;
+            for (key, record) in (first..).zip(feedback) {
+                let bytes = serde_json::to_vec(record)
+                    .map_err(|e| corrupt("feedback", key.to_string(), e))?;
+                table.insert(key, bytes.as_slice())?;
+            }
+        }
+        txn.commit()?;
+        Ok(removed)
+    }
+
+    fn feedback(&self) -> Result<Vec<(u64, FeedbackRecord)>, StoreError> {
+        let txn = self.db.begin_read()?;
+        let table = txn.open_table(FEEDBACK)?;
+        let mut out = Vec::new();
+        for entry in table.iter()? {
+            let (key, value) = entry?;
+            let record = serde_json::from_slice(value.value())
+                .map_err(|e| corrupt("feedback", key.value().to_string(), e))?;
+            out.push((key.value(), record));
+        }
+        Ok(out)
+    }
+
+    fn remove_feedback(&self, keys: &[u64]) -> Result<(), StoreError> {
+        let txn = self.db.begin_write()?;
+        {
+            let mut table = txn.open_table(FEEDBACK)?;
+            for key in keys {
+                table.remove(*key)?;
+            }
+        }
+        txn.commit()?;
+        Ok(())
     }
 }
 

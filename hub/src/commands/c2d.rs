@@ -1,0 +1,299 @@
+//! Cloud-to-device messages as stored: the queued message with its properties,
+//! expiry, acknowledgement mode and delivery count; feedback records; and the store
+//! trait a backend implements (one queue per device, capped; a feedback log).
+
+use bytes::Bytes;
+use serde::{Deserialize, Serialize};
+use time::OffsetDateTime;
+
+use crate::gateway::topic::PropertyBag;
+use crate::registry::DeviceId;
+use crate::store::StoreError;
+
+/// Which outcomes produce feedback records.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum AckMode {
+    /// No feedback.
+    #[default]
+    None,
+    /// Feedback when the device completes the message.
+    Positive,
+    /// Feedback when the message expires, exceeds its delivery count or is purged.
+    Negative,
+    /// Both.
+    Full,
+}
+
+impl AckMode {
+    fn wants(self, status: FeedbackStatus) -> bool {
+        match (self, status) {
+            (AckMode::None, _) => false,
+            (AckMode::Full, _) => true,
+            (AckMode::Positive, FeedbackStatus::Success) => true,
+            (AckMode::Positive, _) => false,
+            (AckMode::Negative, FeedbackStatus::Success) => false,
+            (AckMode::Negative, _) => true,
+        }
+    }
+
+    /// The `iothub-ack` property value devices see.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            AckMode::None => "none",
+            AckMode::Positive => "positive",
+            AckMode::Negative => "negative",
+            AckMode::Full => "full",
+        }
+    }
+}
+
+/// A queued cloud-to-device message.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct C2dMessage {
+    /// Position in the device's queue (also the delivery id).
+    pub seq: u64,
+    /// `$.mid`.
+    pub message_id: String,
+    /// `$.cid`.
+    pub correlation_id: Option<String>,
+    /// `$.ct`.
+    pub content_type: Option<String>,
+    /// `$.ce`.
+    pub content_encoding: Option<String>,
+    /// Application properties.
+    pub properties: Vec<(String, String)>,
+    /// The body.
+    #[serde(with = "body_base64")]
+    pub body: Bytes,
+    /// When it was enqueued.
+    #[serde(with = "time::serde::rfc3339")]
+    pub enqueued: OffsetDateTime,
+    /// When it expires.
+    #[serde(with = "time::serde::rfc3339")]
+    pub expiry: OffsetDateTime,
+    /// Feedback wanted.
+    pub ack: AckMode,
+    /// Times sent to the device without completion.
+    pub delivery_count: u32,
+}
+
+mod body_base64 {
+    use base64::Engine;
+    use base64::engine::general_purpose::STANDARD;
+    use bytes::Bytes;
+    use serde::{Deserialize, Deserializer, Serializer};
+
+    pub fn serialize<S: Serializer>(body: &Bytes, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(&STANDARD.encode(body))
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Bytes, D::Error> {
+        let text = String::deserialize(d)?;
+        STANDARD
+            .decode(text)
+            .map(Bytes::from)
+            .map_err(serde::de::Error::custom)
+    }
+}
+
+impl C2dMessage {
+    /// The property bag of the devicebound topic.
+    pub fn property_bag(&self, device: &DeviceId) -> PropertyBag {
+        let mut bag = vec![
+            ("$.mid".to_string(), self.message_id.clone()),
+            (
+                "$.to".to_string(),
+                format!("/devices/{device}/messages/deviceBound"),
+            ),
+        ];
+        let optional = [
+            ("$.cid", &self.correlation_id),
+            ("$.ct", &self.content_type),
+            ("$.ce", &self.content_encoding),
+        ];
+        for (key, value) in optional {
+            if let Some(value) = value {
+                bag.push((key.to_string(), value.clone()));
+            }
+        }
+        let expiry = self
+            .expiry
+            .format(&time::format_description::well_known::Rfc3339)
+            .unwrap_or_default();
+        bag.push(("$.exp".to_string(), expiry));
+        bag.push(("iothub-ack".to_string(), self.ack.as_str().to_string()));
+        bag.extend(self.properties.iter().cloned());
+        PropertyBag(bag)
+    }
+
+    /// A feedback record for `status`, if the message's ack mode asks for it.
+    pub fn feedback(
+        &self,
+        device: &DeviceId,
+        status: FeedbackStatus,
+        description: &str,
+    ) -> Option<FeedbackRecord> {
+        self.ack.wants(status).then(|| FeedbackRecord {
+            original_message_id: self.message_id.clone(),
+            device_id: device.to_string(),
+            status_code: status,
+            enqueued_time_utc: OffsetDateTime::now_utc(),
+            description: description.to_string(),
+        })
+    }
+}
+
+/// How a message ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum FeedbackStatus {
+    /// The device completed it.
+    Success,
+    /// Its TTL passed.
+    Expired,
+    /// It was delivered the maximum number of times without completion.
+    DeliveryCountExceeded,
+    /// The device rejected it.
+    Rejected,
+    /// The queue was purged.
+    Purged,
+}
+
+/// A feedback record (Azure's shape).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct FeedbackRecord {
+    /// The message's id.
+    pub original_message_id: String,
+    /// Its device.
+    pub device_id: String,
+    /// How it ended.
+    pub status_code: FeedbackStatus,
+    /// When the outcome happened.
+    #[serde(with = "time::serde::rfc3339")]
+    pub enqueued_time_utc: OffsetDateTime,
+    /// Human-readable detail.
+    pub description: String,
+}
+
+/// Why a message was not queued.
+#[derive(Debug, thiserror::Error)]
+pub enum EnqueueError {
+    /// The device's queue holds the maximum.
+    #[error("the device's cloud-to-device queue is full ({0} messages)")]
+    QueueFull(usize),
+    /// The store failed.
+    #[error(transparent)]
+    Store(#[from] StoreError),
+}
+
+/// Durable C2D queues and feedback. Called on the blocking pool.
+pub trait CommandStore: Send + Sync + 'static {
+    /// Appends `message` (its `seq` is assigned here) unless `max` are queued.
+    fn enqueue(
+        &self,
+        device: &DeviceId,
+        message: C2dMessage,
+        max: usize,
+    ) -> Result<C2dMessage, EnqueueError>;
+    /// The device's queued messages, oldest first.
+    fn queued(&self, device: &DeviceId) -> Result<Vec<C2dMessage>, StoreError>;
+    /// Every device's queued messages (for expiry sweeps and start-up).
+    fn all_queued(&self) -> Result<Vec<(DeviceId, C2dMessage)>, StoreError>;
+    /// Replaces a queued message (delivery count changes).
+    fn update(&self, device: &DeviceId, message: &C2dMessage) -> Result<(), StoreError>;
+    /// Removes messages and appends feedback records in one transaction; returns the
+    /// removed messages.
+    fn complete(
+        &self,
+        device: &DeviceId,
+        seqs: &[u64],
+        feedback: &[FeedbackRecord],
+    ) -> Result<Vec<C2dMessage>, StoreError>;
+    /// Stored feedback records with their keys, oldest first.
+    fn feedback(&self) -> Result<Vec<(u64, FeedbackRecord)>, StoreError>;
+    /// Deletes acknowledged feedback records.
+    fn remove_feedback(&self, keys: &[u64]) -> Result<(), StoreError>;
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn message(ack: AckMode) -> C2dMessage {
+        C2dMessage {
+            seq: 1,
+            message_id: "m/1".into(),
+            correlation_id: Some("c1".into()),
+            content_type: Some("application/json".into()),
+            content_encoding: None,
+            properties: vec![("k".into(), "v/w".into())],
+            body: Bytes::from_static(b"{}"),
+            enqueued: OffsetDateTime::UNIX_EPOCH,
+            expiry: OffsetDateTime::UNIX_EPOCH,
+            ack,
+            delivery_count: 0,
+        }
+    }
+
+    #[test]
+    fn the_property_bag_carries_system_and_application_properties() {
+        let bag = message(AckMode::Full).property_bag(&DeviceId::parse("d1").unwrap());
+        assert_eq!(bag.get("$.mid"), Some("m/1"));
+        assert_eq!(bag.get("$.to"), Some("/devices/d1/messages/deviceBound"));
+        assert_eq!(bag.get("$.cid"), Some("c1"));
+        assert_eq!(bag.get("$.ct"), Some("application/json"));
+        assert_eq!(bag.get("$.exp"), Some("1970-01-01T00:00:00Z"));
+        assert_eq!(bag.get("iothub-ack"), Some("full"));
+        assert_eq!(bag.get("k"), Some("v/w"));
+        assert!(
+            !bag.encode().contains('/'),
+            "slashes are escaped: {}",
+            bag.encode()
+        );
+    }
+
+    #[test]
+    fn feedback_follows_the_ack_mode() {
+        let d = DeviceId::parse("d").unwrap();
+        assert!(
+            message(AckMode::None)
+                .feedback(&d, FeedbackStatus::Success, "")
+                .is_none()
+        );
+        assert!(
+            message(AckMode::Positive)
+                .feedback(&d, FeedbackStatus::Success, "")
+                .is_some()
+        );
+        assert!(
+            message(AckMode::Positive)
+                .feedback(&d, FeedbackStatus::Expired, "")
+                .is_none()
+        );
+        assert!(
+            message(AckMode::Negative)
+                .feedback(&d, FeedbackStatus::Expired, "")
+                .is_some()
+        );
+        assert!(
+            message(AckMode::Negative)
+                .feedback(&d, FeedbackStatus::Success, "")
+                .is_none()
+        );
+        assert!(
+            message(AckMode::Full)
+                .feedback(&d, FeedbackStatus::Purged, "")
+                .is_some()
+        );
+        let json = serde_json::to_value(
+            message(AckMode::Full)
+                .feedback(&d, FeedbackStatus::DeliveryCountExceeded, "x")
+                .unwrap(),
+        )
+        .unwrap();
+        assert_eq!(json["statusCode"], "DeliveryCountExceeded");
+        assert_eq!(json["originalMessageId"], "m/1");
+    }
+}

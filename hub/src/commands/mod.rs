@@ -1,0 +1,590 @@
+//! Cloud-to-device messages with feedback, and direct methods (DESIGN sections 2–3).
+//!
+//! C2D: a durable queue per device ([`c2d::CommandStore`]); a message is delivered at
+//! QoS 1 to the device's connection once it subscribes to
+//! `devices/{id}/messages/devicebound/#` (and again after every reconnect until
+//! completed, up to the maximum delivery count); the device's PUBACK completes it.
+//! Expired, over-delivered and purged messages leave the queue too, and each outcome
+//! produces a feedback record when the message's `ack` mode asks for one. Feedback is
+//! read in locked batches and acknowledged by lock token.
+//!
+//! Methods: a call waits (up to its connect timeout) for the device to be connected
+//! and subscribed to `$iothub/methods/POST/#`, publishes the request with a fresh
+//! `$rid`, and waits (up to its response timeout) for the device's answer on
+//! `$iothub/methods/res/{status}/?$rid=…`.
+
+pub mod c2d;
+
+use std::collections::{BTreeSet, HashMap, HashSet};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
+use std::time::Duration;
+
+use bytes::Bytes;
+use rumqttc::mqttbytes::QoS;
+use time::OffsetDateTime;
+use tokio::sync::{Notify, oneshot};
+use tokio::time::Instant;
+
+use crate::gateway::connections::Connections;
+use crate::gateway::services::{ConnectionEvents, DeliveryAcks, MethodResponses};
+use crate::gateway::session::{DeliveryId, Outbound};
+use crate::gateway::topic::{self, Subscription};
+use crate::registry::{DeviceId, Registry, RegistryError};
+use crate::store::StoreError;
+use c2d::{AckMode, C2dMessage, CommandStore, EnqueueError, FeedbackRecord, FeedbackStatus};
+
+/// Limits of cloud-to-device messages and methods.
+#[derive(Debug, Clone, Copy)]
+pub struct CommandLimits {
+    /// Messages queued per device.
+    pub queue: usize,
+    /// Deliveries without completion before a message is dropped.
+    pub max_deliveries: u32,
+    /// TTL when the sender gives none.
+    pub default_ttl: Duration,
+    /// Longest TTL accepted.
+    pub max_ttl: Duration,
+    /// Largest message body.
+    pub max_message_bytes: usize,
+    /// Largest method payload.
+    pub max_method_bytes: usize,
+    /// How long a feedback batch stays locked before it is offered again.
+    pub feedback_lock: Duration,
+}
+
+impl Default for CommandLimits {
+    fn default() -> Self {
+        Self {
+            queue: 50,
+            max_deliveries: 10,
+            default_ttl: Duration::from_secs(3600),
+            max_ttl: Duration::from_secs(2 * 24 * 3600),
+            max_message_bytes: 64 * 1024,
+            max_method_bytes: 128 * 1024,
+            feedback_lock: Duration::from_secs(60),
+        }
+    }
+}
+
+/// Failures of C2D and method operations.
+#[derive(Debug, thiserror::Error)]
+pub enum CommandError {
+    /// No such device.
+    #[error("device {0} not found")]
+    NotFound(DeviceId),
+    /// An invalid request.
+    #[error("{0}")]
+    Invalid(String),
+    /// The device's queue is full.
+    #[error("{0}")]
+    QueueFull(String),
+    /// The device is not online (or not subscribed to methods) within the connect timeout.
+    #[error("device {0} is not online")]
+    Offline(DeviceId),
+    /// The device did not answer in time.
+    #[error("device {0} did not answer within {1} s")]
+    Timeout(DeviceId, u64),
+    /// The lock token is unknown or expired.
+    #[error("unknown or expired feedback lock token")]
+    UnknownLock,
+    /// The store failed.
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    /// The registry failed.
+    #[error(transparent)]
+    Registry(RegistryError),
+}
+
+/// A C2D send request.
+#[derive(Debug, Clone, Default)]
+pub struct SendRequest {
+    /// The body.
+    pub body: Bytes,
+    /// `$.mid`; generated when absent.
+    pub message_id: Option<String>,
+    /// `$.cid`.
+    pub correlation_id: Option<String>,
+    /// `$.ct`.
+    pub content_type: Option<String>,
+    /// `$.ce`.
+    pub content_encoding: Option<String>,
+    /// Application properties.
+    pub properties: Vec<(String, String)>,
+    /// TTL; the default when absent.
+    pub ttl: Option<Duration>,
+    /// Feedback wanted.
+    pub ack: AckMode,
+}
+
+/// A batch of feedback records under a lock token.
+#[derive(Debug, Clone)]
+pub struct FeedbackBatch {
+    /// Acknowledges the batch.
+    pub lock_token: String,
+    /// The records.
+    pub records: Vec<FeedbackRecord>,
+}
+
+type MethodKey = (DeviceId, String);
+
+struct Inner {
+    store: Arc<dyn CommandStore>,
+    registry: Registry,
+    connections: Connections,
+    limits: CommandLimits,
+    /// Subscriptions of each device's live connection, by connection id.
+    online: Mutex<HashMap<DeviceId, (u64, BTreeSet<Subscription>)>>,
+    online_changed: Notify,
+    /// Messages already sent on a device's current connection.
+    sent: Mutex<HashMap<DeviceId, (u64, HashSet<u64>)>>,
+    methods: Mutex<HashMap<MethodKey, oneshot::Sender<(i32, Bytes)>>>,
+    next_rid: AtomicU64,
+    locks: Mutex<HashMap<String, (Vec<u64>, Instant)>>,
+    feedback_added: Notify,
+}
+
+fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
+    mutex.lock().unwrap_or_else(PoisonError::into_inner)
+}
+
+/// The commands service.
+#[derive(Clone)]
+pub struct Commands {
+    inner: Arc<Inner>,
+}
+
+impl std::fmt::Debug for Commands {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Commands").finish_non_exhaustive()
+    }
+}
+
+async fn blocking<T: Send + 'static>(
+    op: impl FnOnce() -> Result<T, StoreError> + Send + 'static,
+) -> Result<T, StoreError> {
+    tokio::task::spawn_blocking(op)
+        .await
+        .map_err(|err| StoreError::Task(err.to_string()))?
+}
+
+fn random_hex(bytes: usize) -> String {
+    (0..bytes)
+        .map(|_| format!("{:02x}", rand::random::<u8>()))
+        .collect()
+}
+
+impl Commands {
+    /// A commands service; call [`Commands::run_expiry`] in a task.
+    pub fn new(
+        store: Arc<dyn CommandStore>,
+        registry: Registry,
+        connections: Connections,
+        limits: CommandLimits,
+    ) -> Self {
+        Self {
+            inner: Arc::new(Inner {
+                store,
+                registry,
+                connections,
+                limits,
+                online: Mutex::default(),
+                online_changed: Notify::new(),
+                sent: Mutex::default(),
+                methods: Mutex::default(),
+                next_rid: AtomicU64::new(1),
+                locks: Mutex::default(),
+                feedback_added: Notify::new(),
+            }),
+        }
+    }
+
+    async fn check_device(&self, id: &DeviceId) -> Result<(), CommandError> {
+        match self.inner.registry.get(id).await {
+            Ok(_) => Ok(()),
+            Err(RegistryError::NotFound(_)) => Err(CommandError::NotFound(id.clone())),
+            Err(err) => Err(CommandError::Registry(err)),
+        }
+    }
+
+    /// Queues a message for `device`; returns its message id.
+    pub async fn send(
+        &self,
+        device: &DeviceId,
+        request: SendRequest,
+    ) -> Result<String, CommandError> {
+        self.check_device(device).await?;
+        let limits = self.inner.limits;
+        if request.body.len() > limits.max_message_bytes {
+            return Err(CommandError::Invalid(format!(
+                "the message body is {} bytes; the limit is {}",
+                request.body.len(),
+                limits.max_message_bytes
+            )));
+        }
+        let ttl = request.ttl.unwrap_or(limits.default_ttl);
+        if ttl.is_zero() || ttl > limits.max_ttl {
+            return Err(CommandError::Invalid(format!(
+                "ttlSeconds must be from 1 to {}",
+                limits.max_ttl.as_secs()
+            )));
+        }
+        let now = OffsetDateTime::now_utc();
+        let message = C2dMessage {
+            seq: 0,
+            message_id: request.message_id.unwrap_or_else(|| random_hex(16)),
+            correlation_id: request.correlation_id,
+            content_type: request.content_type,
+            content_encoding: request.content_encoding,
+            properties: request.properties,
+            body: request.body,
+            enqueued: now,
+            expiry: now + ttl,
+            ack: request.ack,
+            delivery_count: 0,
+        };
+        let store = Arc::clone(&self.inner.store);
+        let id = device.clone();
+        let queued = tokio::task::spawn_blocking(move || store.enqueue(&id, message, limits.queue))
+            .await
+            .map_err(|err| StoreError::Task(err.to_string()))?
+            .map_err(|err| match err {
+                EnqueueError::QueueFull(_) => CommandError::QueueFull(err.to_string()),
+                EnqueueError::Store(err) => CommandError::Store(err),
+            })?;
+        self.deliver_pending(device).await;
+        Ok(queued.message_id)
+    }
+
+    /// Number of messages queued for `device`.
+    pub async fn queue_length(&self, device: &DeviceId) -> Result<usize, CommandError> {
+        let store = Arc::clone(&self.inner.store);
+        let id = device.clone();
+        Ok(blocking(move || store.queued(&id)).await?.len())
+    }
+
+    /// Sends the queued messages the device's current connection has not had, if it
+    /// is subscribed to cloud-to-device messages.
+    async fn deliver_pending(&self, device: &DeviceId) {
+        let Some(connection) = self.subscribed_connection(device, Subscription::CloudToDevice)
+        else {
+            return;
+        };
+        let store = Arc::clone(&self.inner.store);
+        let id = device.clone();
+        let queued = match blocking(move || store.queued(&id)).await {
+            Ok(queued) => queued,
+            Err(err) => {
+                tracing::warn!(%device, error = %err, "cannot read the C2D queue");
+                return;
+            }
+        };
+        let now = OffsetDateTime::now_utc();
+        for mut message in queued {
+            if message.expiry <= now {
+                continue; // The expiry sweep reports it.
+            }
+            {
+                let mut sent = lock(&self.inner.sent);
+                let entry = sent
+                    .entry(device.clone())
+                    .or_insert_with(|| (connection, HashSet::new()));
+                if entry.0 != connection {
+                    *entry = (connection, HashSet::new());
+                }
+                if !entry.1.insert(message.seq) {
+                    continue;
+                }
+            }
+            if message.delivery_count >= self.inner.limits.max_deliveries {
+                let feedback: Vec<FeedbackRecord> = message
+                    .feedback(
+                        device,
+                        FeedbackStatus::DeliveryCountExceeded,
+                        "delivered the maximum number of times without completion",
+                    )
+                    .into_iter()
+                    .collect();
+                self.finish(device, vec![message.seq], feedback).await;
+                continue;
+            }
+            message.delivery_count += 1;
+            let store = Arc::clone(&self.inner.store);
+            let (id, updated) = (device.clone(), message.clone());
+            if let Err(err) = blocking(move || store.update(&id, &updated)).await {
+                tracing::warn!(%device, error = %err, "cannot count a C2D delivery");
+            }
+            let outbound = Outbound {
+                topic: topic::cloud_to_device(device.as_str(), &message.property_bag(device)),
+                payload: message.body.clone(),
+                qos: QoS::AtLeastOnce,
+                requires: Some(Subscription::CloudToDevice),
+                id: message.seq,
+            };
+            if self.inner.connections.deliver(device, outbound).is_err() {
+                // Gone or too slow: the next connection gets it again.
+                return;
+            }
+        }
+    }
+
+    fn subscribed_connection(&self, device: &DeviceId, subscription: Subscription) -> Option<u64> {
+        lock(&self.inner.online)
+            .get(device)
+            .filter(|(_, subs)| subs.contains(&subscription))
+            .map(|(connection, _)| *connection)
+    }
+
+    /// Removes messages and stores their feedback.
+    async fn finish(&self, device: &DeviceId, seqs: Vec<u64>, feedback: Vec<FeedbackRecord>) {
+        let has_feedback = !feedback.is_empty();
+        let store = Arc::clone(&self.inner.store);
+        let id = device.clone();
+        match blocking(move || store.complete(&id, &seqs, &feedback)).await {
+            Ok(_) if has_feedback => self.inner.feedback_added.notify_waiters(),
+            Ok(_) => {}
+            Err(err) => tracing::warn!(%device, error = %err, "cannot complete C2D messages"),
+        }
+    }
+
+    /// Deletes every queued message of `device` (Purged feedback where asked);
+    /// returns how many.
+    pub async fn purge(&self, device: &DeviceId) -> Result<usize, CommandError> {
+        self.check_device(device).await?;
+        let store = Arc::clone(&self.inner.store);
+        let id = device.clone();
+        let queued = blocking(move || store.queued(&id)).await?;
+        let feedback = queued
+            .iter()
+            .filter_map(|m| m.feedback(device, FeedbackStatus::Purged, "the queue was purged"))
+            .collect();
+        let seqs: Vec<u64> = queued.iter().map(|m| m.seq).collect();
+        let count = seqs.len();
+        self.finish(device, seqs, feedback).await;
+        Ok(count)
+    }
+
+    /// Removes expired messages (Expired feedback where asked).
+    pub async fn expire(&self) {
+        let store = Arc::clone(&self.inner.store);
+        let queued = match blocking(move || store.all_queued()).await {
+            Ok(queued) => queued,
+            Err(err) => {
+                tracing::warn!(error = %err, "cannot sweep C2D queues");
+                return;
+            }
+        };
+        let now = OffsetDateTime::now_utc();
+        let mut expired: HashMap<DeviceId, (Vec<u64>, Vec<FeedbackRecord>)> = HashMap::new();
+        for (device, message) in queued.into_iter().filter(|(_, m)| m.expiry <= now) {
+            let entry = expired.entry(device.clone()).or_default();
+            entry.0.push(message.seq);
+            entry.1.extend(message.feedback(
+                &device,
+                FeedbackStatus::Expired,
+                "the message expired",
+            ));
+        }
+        for (device, (seqs, feedback)) in expired {
+            self.finish(&device, seqs, feedback).await;
+        }
+    }
+
+    /// Sweeps expired messages every `interval`, forever.
+    pub async fn run_expiry(self, interval: Duration) {
+        let mut ticks = tokio::time::interval(interval);
+        loop {
+            ticks.tick().await;
+            self.expire().await;
+        }
+    }
+
+    /// The next batch of unlocked feedback, waiting up to `wait` for one.
+    pub async fn receive_feedback(
+        &self,
+        wait: Duration,
+    ) -> Result<Option<FeedbackBatch>, CommandError> {
+        let deadline = Instant::now() + wait;
+        loop {
+            let added = self.inner.feedback_added.notified();
+            let store = Arc::clone(&self.inner.store);
+            let stored = blocking(move || store.feedback()).await?;
+            let now = Instant::now();
+            let batch = {
+                let mut locks = lock(&self.inner.locks);
+                locks.retain(|_, (_, until)| *until > now);
+                let locked: HashSet<u64> = locks
+                    .values()
+                    .flat_map(|(keys, _)| keys.iter().copied())
+                    .collect();
+                let free: Vec<(u64, FeedbackRecord)> = stored
+                    .into_iter()
+                    .filter(|(key, _)| !locked.contains(key))
+                    .take(100)
+                    .collect();
+                if free.is_empty() {
+                    None
+                } else {
+                    let token = random_hex(16);
+                    let keys = free.iter().map(|(k, _)| *k).collect();
+                    locks.insert(token.clone(), (keys, now + self.inner.limits.feedback_lock));
+                    Some(FeedbackBatch {
+                        lock_token: token,
+                        records: free.into_iter().map(|(_, r)| r).collect(),
+                    })
+                }
+            };
+            if batch.is_some() {
+                return Ok(batch);
+            }
+            // Locked batches come back after their lock: wake up for that too.
+            let next_unlock = lock(&self.inner.locks)
+                .values()
+                .map(|(_, until)| *until)
+                .min();
+            let until = next_unlock.map_or(deadline, |u| u.min(deadline));
+            if Instant::now() >= deadline {
+                return Ok(None);
+            }
+            // Woken by new feedback, an expiring lock, or the deadline; then look again.
+            let _ = tokio::time::timeout_at(until, added).await;
+        }
+    }
+
+    /// Acknowledges (deletes) the feedback batch of `token`.
+    pub async fn acknowledge_feedback(&self, token: &str) -> Result<(), CommandError> {
+        let keys = {
+            let mut locks = lock(&self.inner.locks);
+            match locks.remove(token) {
+                Some((keys, until)) if until > Instant::now() => keys,
+                _ => return Err(CommandError::UnknownLock),
+            }
+        };
+        let store = Arc::clone(&self.inner.store);
+        blocking(move || store.remove_feedback(&keys)).await?;
+        Ok(())
+    }
+
+    /// Invokes direct method `name` on `device`.
+    pub async fn invoke(
+        &self,
+        device: &DeviceId,
+        name: &str,
+        payload: Bytes,
+        response_timeout: Duration,
+        connect_timeout: Duration,
+    ) -> Result<(i32, Bytes), CommandError> {
+        self.check_device(device).await?;
+        if payload.len() > self.inner.limits.max_method_bytes {
+            return Err(CommandError::Invalid(format!(
+                "the method payload is {} bytes; the limit is {}",
+                payload.len(),
+                self.inner.limits.max_method_bytes
+            )));
+        }
+        // Wait for the device to be connected and subscribed to methods.
+        let online_by = Instant::now() + connect_timeout;
+        loop {
+            let changed = self.inner.online_changed.notified();
+            if self
+                .subscribed_connection(device, Subscription::Methods)
+                .is_some()
+            {
+                break;
+            }
+            if tokio::time::timeout_at(online_by, changed).await.is_err() {
+                return Err(CommandError::Offline(device.clone()));
+            }
+        }
+        // Request ids count up and are never reused while the hub runs.
+        let rid = format!("{:x}", self.inner.next_rid.fetch_add(1, Ordering::Relaxed));
+        let (answer, answered) = oneshot::channel();
+        let key = (device.clone(), rid.clone());
+        lock(&self.inner.methods).insert(key.clone(), answer);
+        let request = Outbound {
+            topic: topic::method_request(name, &rid),
+            payload,
+            qos: QoS::AtMostOnce,
+            requires: Some(Subscription::Methods),
+            id: 0,
+        };
+        if self.inner.connections.deliver(device, request).is_err() {
+            lock(&self.inner.methods).remove(&key);
+            return Err(CommandError::Offline(device.clone()));
+        }
+        let result = tokio::time::timeout(response_timeout, answered).await;
+        lock(&self.inner.methods).remove(&key);
+        match result {
+            Ok(Ok(answer)) => Ok(answer),
+            _ => Err(CommandError::Timeout(
+                device.clone(),
+                response_timeout.as_secs(),
+            )),
+        }
+    }
+}
+
+impl MethodResponses for Commands {
+    fn respond(&self, device: &DeviceId, rid: &str, status: i32, payload: Bytes) {
+        // Keyed by the answering connection's own device: another device cannot
+        // answer this device's call.
+        match lock(&self.inner.methods).remove(&(device.clone(), rid.to_string())) {
+            Some(waiter) => {
+                let _ = waiter.send((status, payload));
+            }
+            None => tracing::warn!(%device, %rid, "method response for no pending call dropped"),
+        }
+    }
+}
+
+impl DeliveryAcks for Commands {
+    fn delivered(&self, device: &DeviceId, id: DeliveryId) {
+        let commands = self.clone();
+        let device = device.clone();
+        tokio::spawn(async move {
+            let store = Arc::clone(&commands.inner.store);
+            let lookup = device.clone();
+            let message = match blocking(move || store.queued(&lookup)).await {
+                Ok(queued) => queued.into_iter().find(|m| m.seq == id),
+                Err(err) => {
+                    tracing::warn!(%device, error = %err, "cannot complete a C2D message");
+                    return;
+                }
+            };
+            let Some(message) = message else { return };
+            let feedback = message
+                .feedback(
+                    &device,
+                    FeedbackStatus::Success,
+                    "the device completed the message",
+                )
+                .into_iter()
+                .collect();
+            commands.finish(&device, vec![id], feedback).await;
+        });
+    }
+}
+
+impl ConnectionEvents for Commands {
+    fn subscriptions(
+        &self,
+        device: &DeviceId,
+        connection: u64,
+        subscriptions: &BTreeSet<Subscription>,
+    ) {
+        lock(&self.inner.online).insert(device.clone(), (connection, subscriptions.clone()));
+        self.inner.online_changed.notify_waiters();
+        if subscriptions.contains(&Subscription::CloudToDevice) {
+            let commands = self.clone();
+            let device = device.clone();
+            tokio::spawn(async move { commands.deliver_pending(&device).await });
+        }
+    }
+
+    fn disconnected(&self, device: &DeviceId, connection: u64) {
+        let mut online = lock(&self.inner.online);
+        if online.get(device).is_some_and(|(c, _)| *c == connection) {
+            online.remove(device);
+        }
+    }
+}
