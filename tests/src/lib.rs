@@ -93,6 +93,7 @@ pub struct HubOptions {
     data_dir: PathBuf,
     wrapper: Vec<String>,
     http: String,
+    mqtts: String,
     args: Vec<String>,
     env: Vec<(String, String)>,
 }
@@ -104,6 +105,7 @@ impl HubOptions {
             data_dir: data_dir.to_path_buf(),
             wrapper: Vec::new(),
             http: "127.0.0.1:0".to_string(),
+            mqtts: "127.0.0.1:0".to_string(),
             args: Vec::new(),
             env: Vec::new(),
         }
@@ -116,6 +118,12 @@ impl HubOptions {
         S: Into<String>,
     {
         self.wrapper = command.into_iter().map(Into::into).collect();
+        self
+    }
+
+    /// Listens for MQTT over TLS on `addr` instead of an ephemeral port.
+    pub fn mqtts(mut self, addr: &str) -> Self {
+        self.mqtts = addr.to_string();
         self
     }
 
@@ -163,7 +171,7 @@ impl HubOptions {
             .arg("--data-dir")
             .arg(&self.data_dir)
             .args(["--http", &self.http])
-            .args(["--mqtt", "127.0.0.1:0", "--mqtts", "127.0.0.1:0"])
+            .args(["--mqtt", "127.0.0.1:0", "--mqtts", &self.mqtts])
             .args(&self.args)
             .env("RUST_LOG", "info")
             .stdin(Stdio::null())
