@@ -352,6 +352,89 @@ impl Hub {
         run_hub(&all).await
     }
 
+    /// Creates a SAS device through the REST API; returns its primary key (base64).
+    pub async fn create_device(&self, token: &str, id: &str) -> Result<String> {
+        let response = self
+            .http
+            .put(format!("{}/devices/{id}", self.url()))
+            .bearer_auth(token)
+            .json(&serde_json::json!({}))
+            .send()
+            .await?;
+        if !response.status().is_success() {
+            bail!("creating device {id}: {}", response.status());
+        }
+        let device: serde_json::Value = response.json().await?;
+        device["authentication"]["symmetricKey"]["primaryKey"]
+            .as_str()
+            .map(str::to_string)
+            .context("the created device has no primary key")
+    }
+
+    /// Connects `id` over MQTT/TCP with a SAS token signed with `key`; fails unless the
+    /// CONNACK is 0.
+    pub async fn connect_device(
+        &self,
+        id: &str,
+        key: &str,
+        clean_session: bool,
+    ) -> Result<mqtt::RawClient<tokio::net::TcpStream>> {
+        let mut client = mqtt::tcp(self.endpoint("mqtt").context("no mqtt endpoint")?).await?;
+        let token = mqtt::sas("localhost", id, key, 600)?;
+        let ack = client
+            .connect(
+                id,
+                Some(&mqtt::azure_username("localhost", id)),
+                Some(&token),
+                clean_session,
+            )
+            .await?;
+        if ack.code != rumqttc::mqttbytes::v4::ConnectReturnCode::Success {
+            bail!("{id} refused: {:?}", ack.code);
+        }
+        Ok(client)
+    }
+
+    /// Every telemetry message of every partition, from the earliest offset.
+    pub async fn read_telemetry(&self, token: &str) -> Result<Vec<serde_json::Value>> {
+        let info: serde_json::Value = self
+            .http
+            .get(format!("{}/streams/telemetry", self.url()))
+            .bearer_auth(token)
+            .send()
+            .await?
+            .json()
+            .await?;
+        let partitions = info["partitionCount"]
+            .as_u64()
+            .context("no partitionCount")?;
+        let mut all = Vec::new();
+        for partition in 0..partitions {
+            let mut from = 0u64;
+            loop {
+                let url = format!(
+                    "{}/streams/telemetry/partitions/{partition}/messages?from={from}&max=1000",
+                    self.url()
+                );
+                let page: serde_json::Value = self
+                    .http
+                    .get(url)
+                    .bearer_auth(token)
+                    .send()
+                    .await?
+                    .json()
+                    .await?;
+                let messages = page["messages"].as_array().context("no messages array")?;
+                if messages.is_empty() {
+                    break;
+                }
+                all.extend(messages.iter().cloned());
+                from = page["nextOffset"].as_u64().context("no nextOffset")?;
+            }
+        }
+        Ok(all)
+    }
+
     /// Sends SIGTERM and waits for the exit status.
     pub async fn stop(mut self) -> Result<ExitStatus> {
         let pid = self.child.id().context("hub already exited")?;

@@ -14,19 +14,7 @@ use hub_tests::{Hub, HubOptions};
 use serde_json::{Value, json};
 
 async fn create(hub: &Hub, token: &str, id: &str) -> Result<String> {
-    let device: Value = hub
-        .http()
-        .put(format!("{}/devices/{id}", hub.url()))
-        .bearer_auth(token)
-        .json(&json!({}))
-        .send()
-        .await?
-        .json()
-        .await?;
-    Ok(device["authentication"]["symmetricKey"]["primaryKey"]
-        .as_str()
-        .context("key")?
-        .to_string())
+    hub.create_device(token, id).await
 }
 
 fn client(hub: &Hub, id: &str, key: &str) -> Result<(DeviceClient, DeviceEvents)> {
@@ -46,34 +34,16 @@ fn client(hub: &Hub, id: &str, key: &str) -> Result<(DeviceClient, DeviceEvents)
 }
 
 async fn stored_message_ids(hub: &Hub, token: &str) -> Result<HashSet<String>> {
-    let mut ids = HashSet::new();
-    for partition in 0..4 {
-        let mut from = 0u64;
-        loop {
-            let page: Value = hub
-                .http()
-                .get(format!(
-                    "{}/streams/telemetry/partitions/{partition}/messages?from={from}&max=1000",
-                    hub.url()
-                ))
-                .bearer_auth(token)
-                .send()
-                .await?
-                .json()
-                .await?;
-            let messages = page["messages"].as_array().context("messages")?;
-            if messages.is_empty() {
-                break;
-            }
-            for message in messages {
-                if let Some(id) = message["systemProperties"]["message-id"].as_str() {
-                    ids.insert(id.to_string());
-                }
-            }
-            from = page["nextOffset"].as_u64().context("nextOffset")?;
-        }
-    }
-    Ok(ids)
+    Ok(hub
+        .read_telemetry(token)
+        .await?
+        .iter()
+        .filter_map(|m| {
+            m["systemProperties"]["message-id"]
+                .as_str()
+                .map(str::to_string)
+        })
+        .collect())
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

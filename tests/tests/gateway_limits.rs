@@ -8,22 +8,10 @@ use anyhow::{Context, Result};
 use hub_tests::mqtt::{self, azure_username, sas};
 use hub_tests::{Hub, HubOptions};
 use rumqttc::mqttbytes::v4::ConnectReturnCode;
-use serde_json::Value;
 
-async fn create_device(hub: &Hub, token: &str, id: &str) -> Result<String> {
-    let device: Value = hub
-        .http()
-        .put(format!("{}/devices/{id}", hub.url()))
-        .bearer_auth(token)
-        .json(&serde_json::json!({}))
-        .send()
-        .await?
-        .json()
-        .await?;
-    let key = device["authentication"]["symmetricKey"]["primaryKey"]
-        .as_str()
-        .context("primary key")?;
-    sas("localhost", id, key, 600)
+async fn create_device_sas(hub: &Hub, token: &str, id: &str) -> Result<String> {
+    let key = hub.create_device(token, id).await?;
+    sas("localhost", id, &key, 600)
 }
 
 async fn connect(
@@ -76,7 +64,7 @@ async fn connections_over_the_cap_are_refused_and_counted() -> Result<()> {
     let mut open = Vec::new();
     for n in 0..3 {
         let id = format!("capped-{n}");
-        let sas_token = create_device(&hub, &token, &id).await?;
+        let sas_token = create_device_sas(&hub, &token, &id).await?;
         open.push(connect(&hub, &id, &sas_token).await?);
     }
     let mut over = mqtt::tcp(hub.endpoint("mqtt").context("mqtt")?).await?;
@@ -90,7 +78,7 @@ async fn connections_over_the_cap_are_refused_and_counted() -> Result<()> {
     }
     // A slot frees when a connection ends.
     drop(open.pop());
-    let sas_token = create_device(&hub, &token, "capped-late").await?;
+    let sas_token = create_device_sas(&hub, &token, "capped-late").await?;
     let mut late = None;
     for _ in 0..50 {
         if let Ok(client) = connect(&hub, "capped-late", &sas_token).await {
@@ -112,8 +100,8 @@ async fn out_of_file_descriptors_the_hub_keeps_serving_open_connections() -> Res
         .await
         .context("prlimit (util-linux) runs the hub with a low open-file limit")?;
     let token = hub.owner_token().await?;
-    let first_token = create_device(&hub, &token, "early").await?;
-    let late_token = create_device(&hub, &token, "late").await?;
+    let first_token = create_device_sas(&hub, &token, "early").await?;
+    let late_token = create_device_sas(&hub, &token, "late").await?;
     let mut early = connect(&hub, "early", &first_token).await?;
 
     // Far more TCP connections than the hub has descriptors for.

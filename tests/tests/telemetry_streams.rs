@@ -9,10 +9,10 @@ use std::time::Duration;
 
 use anyhow::{Context, Result, bail};
 use futures_util::StreamExt;
-use hub_tests::mqtt::{self, RawClient, azure_username, sas};
+use hub_tests::mqtt::RawClient;
 use hub_tests::{Hub, HubOptions};
 use reqwest::StatusCode;
-use rumqttc::mqttbytes::v4::{ConnectReturnCode, Packet};
+use rumqttc::mqttbytes::v4::Packet;
 use serde_json::{Value, json};
 use tokio::net::TcpStream;
 
@@ -48,57 +48,13 @@ impl Api {
     }
 
     async fn device(&self, id: &str) -> Result<RawClient<TcpStream>> {
-        let device: Value = self
-            .hub
-            .http()
-            .put(format!("{}/devices/{id}", self.hub.url()))
-            .bearer_auth(&self.token)
-            .json(&json!({}))
-            .send()
-            .await?
-            .json()
-            .await?;
-        let key = device["authentication"]["symmetricKey"]["primaryKey"]
-            .as_str()
-            .context("key")?;
-        self.connect(id, key).await
-    }
-
-    async fn connect(&self, id: &str, key: &str) -> Result<RawClient<TcpStream>> {
-        let mut client = mqtt::tcp(self.hub.endpoint("mqtt").context("mqtt")?).await?;
-        let ack = client
-            .connect(
-                id,
-                Some(&azure_username("localhost", id)),
-                Some(&sas("localhost", id, key, 600)?),
-                true,
-            )
-            .await?;
-        anyhow::ensure!(ack.code == ConnectReturnCode::Success);
-        Ok(client)
+        let key = self.hub.create_device(&self.token, id).await?;
+        self.hub.connect_device(id, &key, true).await
     }
 
     /// Every message of every partition, from the earliest offset.
     async fn read_all(&self) -> Result<Vec<Value>> {
-        let info = self.json("/streams/telemetry").await?;
-        let mut all = Vec::new();
-        for partition in 0..info["partitionCount"].as_u64().context("count")? {
-            let mut from = 0;
-            loop {
-                let page = self
-                    .json(&format!(
-                        "/streams/telemetry/partitions/{partition}/messages?from={from}&max=1000"
-                    ))
-                    .await?;
-                let messages = page["messages"].as_array().context("messages")?;
-                if messages.is_empty() {
-                    break;
-                }
-                all.extend(messages.iter().cloned());
-                from = page["nextOffset"].as_u64().context("nextOffset")?;
-            }
-        }
-        Ok(all)
+        self.hub.read_telemetry(&self.token).await
     }
 }
 

@@ -8,10 +8,10 @@ use std::time::Duration;
 
 use anyhow::{Context, Result, bail};
 use hub_tests::Hub;
-use hub_tests::mqtt::{self, RawClient, azure_username, sas};
+use hub_tests::mqtt::RawClient;
 use reqwest::StatusCode;
 use rumqttc::mqttbytes::QoS;
-use rumqttc::mqttbytes::v4::{ConnectReturnCode, Packet, PubAck, Publish};
+use rumqttc::mqttbytes::v4::{Packet, PubAck, Publish};
 use serde_json::{Value, json};
 use tokio::net::TcpStream;
 
@@ -32,20 +32,7 @@ impl Api {
     }
 
     async fn create(&self, id: &str) -> Result<String> {
-        let device: Value = self
-            .hub
-            .http()
-            .put(self.url(&format!("/devices/{id}")))
-            .bearer_auth(&self.token)
-            .json(&json!({}))
-            .send()
-            .await?
-            .json()
-            .await?;
-        Ok(device["authentication"]["symmetricKey"]["primaryKey"]
-            .as_str()
-            .context("key")?
-            .to_string())
+        self.hub.create_device(&self.token, id).await
     }
 
     async fn twin(&self, id: &str) -> Result<Value> {
@@ -78,17 +65,7 @@ impl Api {
     }
 
     async fn connect(&self, id: &str, key: &str, clean: bool) -> Result<RawClient<TcpStream>> {
-        let mut client = mqtt::tcp(self.hub.endpoint("mqtt").context("mqtt")?).await?;
-        let ack = client
-            .connect(
-                id,
-                Some(&azure_username("localhost", id)),
-                Some(&sas("localhost", id, key, 600)?),
-                clean,
-            )
-            .await?;
-        anyhow::ensure!(ack.code == ConnectReturnCode::Success);
-        Ok(client)
+        self.hub.connect_device(id, key, clean).await
     }
 }
 
