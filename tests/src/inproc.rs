@@ -166,16 +166,26 @@ impl InProcessHub {
 
     /// Starts a hub with `config`.
     pub async fn start_with(config: Config) -> Result<Self> {
-        config.validate()?;
-        let data_dir = config.data_dir.clone();
-        let recorder = Arc::new(Recorder::default());
-        let services = DeviceServices {
+        Self::start_with_services(config, |recorder| DeviceServices {
             telemetry: recorder.clone(),
             twins: recorder.clone(),
             methods: recorder.clone(),
             deliveries: recorder.clone(),
-            events: recorder.clone(),
-        };
+            events: recorder,
+        })
+        .await
+    }
+
+    /// Starts a hub with `config` whose device traffic goes to the services `wire`
+    /// builds around the recorder.
+    pub async fn start_with_services(
+        config: Config,
+        wire: impl FnOnce(Arc<Recorder>) -> DeviceServices,
+    ) -> Result<Self> {
+        config.validate()?;
+        let data_dir = config.data_dir.clone();
+        let recorder = Arc::new(Recorder::default());
+        let services = wire(Arc::clone(&recorder));
         let server = Server::start_with(config, |_| services).await?;
         let endpoints = server.endpoints();
         let registry = server.registry().clone();

@@ -402,3 +402,37 @@ async fn the_cli_sends_messages_and_invokes_methods() -> Result<()> {
     responder.abort();
     Ok(())
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_message_never_completed_stops_after_ten_deliveries() -> Result<()> {
+    let dir = tempfile::tempdir()?;
+    let api = Api::start(dir.path()).await?;
+    let key = api.create("forgetful").await?;
+    api.send(
+        "forgetful",
+        json!({"body": "again?", "messageId": "loop", "ack": "negative"}),
+    )
+    .await?;
+    // Ten connections receive it without acknowledging it.
+    for delivery in 1..=10 {
+        let mut device = api.connect("forgetful", &key, false).await?;
+        if delivery == 1 {
+            device
+                .subscribe(&["devices/forgetful/messages/devicebound/#"])
+                .await?;
+        }
+        let message = next_publish(&mut device).await?;
+        assert_eq!(
+            bag_of(&message.topic, "forgetful")?.get("$.mid"),
+            Some("loop"),
+            "delivery {delivery}"
+        );
+    }
+    // The eleventh does not get it, and the sender learns why.
+    let mut device = api.connect("forgetful", &key, false).await?;
+    let batch = api.feedback(10_000).await?.context("feedback")?;
+    assert_eq!(batch["records"][0]["statusCode"], "DeliveryCountExceeded");
+    assert_eq!(batch["records"][0]["originalMessageId"], "loop");
+    device.ping().await?;
+    Ok(())
+}

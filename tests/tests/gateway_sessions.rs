@@ -314,3 +314,47 @@ async fn an_unclean_drop_ingests_the_will_as_telemetry() -> Result<()> {
     assert_eq!(will.properties.get("iothub-MessageType"), Some("Will"));
     hub.stop().await
 }
+
+/// A telemetry store whose commits fail, like a broken disk.
+struct FailingStore;
+
+#[async_trait::async_trait]
+impl hub::gateway::services::TelemetryIngest for FailingStore {
+    async fn submit(
+        &self,
+        _message: hub::gateway::services::TelemetryMessage,
+    ) -> Result<hub::gateway::services::Durable, hub::gateway::services::IngestError> {
+        Ok(Box::pin(async {
+            Err(hub::gateway::services::IngestError::Commit(
+                "injected fault".into(),
+            ))
+        }))
+    }
+}
+
+#[tokio::test]
+async fn a_failed_commit_is_never_acknowledged() -> Result<()> {
+    let dir = tempfile::tempdir()?;
+    let config = hub_tests::inproc::test_config(dir.path());
+    let hub = InProcessHub::start_with_services(config, |recorder| {
+        hub::gateway::services::DeviceServices {
+            telemetry: std::sync::Arc::new(FailingStore),
+            twins: recorder.clone(),
+            methods: recorder.clone(),
+            deliveries: recorder.clone(),
+            events: recorder,
+        }
+    })
+    .await?;
+    let device = Device::create(&hub, "unlucky").await?;
+    let (mut client, _) = device.connect(&hub, true).await?;
+    client
+        .publish_qos1("devices/unlucky/messages/events/", b"lost")
+        .await?;
+    // No PUBACK: the connection closes, so the device sends the message again later.
+    match client.recv().await? {
+        None => {}
+        Some(other) => bail!("expected the connection to close without a PUBACK, got {other:?}"),
+    }
+    hub.stop().await
+}
