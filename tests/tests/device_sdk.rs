@@ -202,3 +202,51 @@ async fn a_hub_restart_mid_stream_loses_no_acknowledged_message() -> Result<()> 
     device.close().await;
     Ok(())
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_sas_token_is_renewed_before_it_expires() -> Result<()> {
+    let dir = tempfile::tempdir()?;
+    let hub = Hub::start(dir.path()).await?;
+    let token = hub.owner_token().await?;
+    let key = create(&hub, &token, "renewer").await?;
+    let ca = std::fs::read_to_string(hub.data_dir().join("certs/ca.pem"))?;
+    let port = hub.endpoint("mqtts").context("mqtts")?.port();
+    let options = ClientOptions::new(
+        "localhost",
+        "renewer",
+        Credentials::Sas {
+            key,
+            ttl: Duration::from_secs(4),
+        },
+    )
+    .with_ca(&ca)
+    .with_endpoint("localhost", port);
+    let (device, _events) = DeviceClient::start(options)?;
+    device.connected(Duration::from_secs(10)).await?;
+    // Past the first token's expiry: the client reconnected with a fresh token at 80 %
+    // of its lifetime, so the hub never had to close it for an expired credential.
+    tokio::time::sleep(Duration::from_secs(6)).await;
+    device
+        .send_telemetry(Message::new("still here").with_id("after-renewal"))
+        .await?;
+    assert!(
+        !hub.stderr().contains("CredentialExpired"),
+        "the hub closed an expired connection:\n{}",
+        hub.stderr()
+    );
+    let metrics = hub
+        .http()
+        .get(format!("{}/metrics", hub.url()))
+        .send()
+        .await?
+        .text()
+        .await?;
+    let accepted: u64 = metrics
+        .lines()
+        .find_map(|l| l.strip_prefix("hub_mqtt_connections_accepted_total "))
+        .and_then(|v| v.trim().parse().ok())
+        .context("accepted counter")?;
+    assert!(accepted >= 2, "renewal reconnects: {accepted} connections");
+    device.close().await;
+    Ok(())
+}
