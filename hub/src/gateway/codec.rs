@@ -200,3 +200,52 @@ mod tests {
         ));
     }
 }
+
+#[cfg(test)]
+mod fuzz {
+    //! Property tests at the edge: arbitrary bytes never panic the decoder, and
+    //! whatever it accepts re-encodes to a packet it accepts again.
+    use super::*;
+    use proptest::prelude::*;
+
+    proptest! {
+        #[test]
+        fn arbitrary_bytes_never_panic_the_decoder(bytes in prop::collection::vec(any::<u8>(), 0..512), expect_connect in any::<bool>()) {
+            let mut buf = BytesMut::from(bytes.as_slice());
+            // Decode until the buffer is used up, incomplete, or refused.
+            for _ in 0..64 {
+                match decode(&mut buf, 1024, expect_connect) {
+                    Ok(Decoded::Packet(packet)) => {
+                        let mut again = BytesMut::new();
+                        if encode(&packet, &mut again).is_ok() {
+                            prop_assert!(decode(&mut again, usize::MAX, false).is_ok());
+                        }
+                    }
+                    Ok(Decoded::UnsupportedProtocol(_)) => {}
+                    Ok(Decoded::Incomplete(_)) | Err(_) => break,
+                }
+            }
+        }
+
+        #[test]
+        fn valid_publishes_survive_any_split(topic in "[a-z/]{1,40}", payload in prop::collection::vec(any::<u8>(), 0..300), cut in 0usize..400) {
+            let mut publish = rumqttc::mqttbytes::v4::Publish::new(topic.clone(), rumqttc::mqttbytes::QoS::AtLeastOnce, payload.clone());
+            publish.pkid = 1;
+            let mut whole = BytesMut::new();
+            encode(&Packet::Publish(publish), &mut whole).unwrap();
+            let cut = cut.min(whole.len());
+            let mut buf = BytesMut::from(&whole[..cut]);
+            if cut < whole.len() {
+                prop_assert!(matches!(decode(&mut buf, 1 << 20, false), Ok(Decoded::Incomplete(_))));
+                buf.extend_from_slice(&whole[cut..]);
+            }
+            match decode(&mut buf, 1 << 20, false) {
+                Ok(Decoded::Packet(Packet::Publish(p))) => {
+                    prop_assert_eq!(p.topic, topic);
+                    prop_assert_eq!(p.payload.as_ref(), payload.as_slice());
+                }
+                other => prop_assert!(false, "{other:?}"),
+            }
+        }
+    }
+}

@@ -355,3 +355,32 @@ mod tests {
         );
     }
 }
+
+#[cfg(test)]
+mod fuzz {
+    //! Property tests of the topic contract: property bags round-trip through their
+    //! encoding, and no topic string panics the parsers or reaches another device.
+    use super::*;
+    use proptest::prelude::*;
+
+    proptest! {
+        #[test]
+        fn property_bags_round_trip(pairs in prop::collection::vec(("[ -~]{1,12}", "[ -~é/&=%]{0,12}"), 0..6)) {
+            let bag = PropertyBag(pairs);
+            let encoded = bag.encode();
+            prop_assert!(!encoded.contains('/'));
+            prop_assert_eq!(PropertyBag::parse(&encoded).unwrap(), bag);
+        }
+
+        #[test]
+        fn no_topic_panics_or_reaches_another_device(topic in "[ -~]{0,80}") {
+            match parse_publish(&topic, "dev-1") {
+                Ok(DevicePublish::Telemetry(_)) => prop_assert!(topic.starts_with("devices/dev-1/messages/events")),
+                Ok(_) | Err(_) => {}
+            }
+            if let Some(Subscription::CloudToDevice) = parse_subscription(&topic, "dev-1") {
+                prop_assert_eq!(topic, "devices/dev-1/messages/devicebound/#");
+            }
+        }
+    }
+}

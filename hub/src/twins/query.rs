@@ -907,3 +907,31 @@ mod tests {
         }
     }
 }
+
+#[cfg(test)]
+mod fuzz {
+    //! Arbitrary query text never panics the parser; errors always carry a position
+    //! inside the text.
+    use super::*;
+    use proptest::prelude::*;
+
+    proptest! {
+        #[test]
+        fn arbitrary_text_never_panics_the_parser(text in "[ -~]{0,120}") {
+            if let Err(err) = parse(&text) {
+                prop_assert!(err.position <= text.chars().count());
+            }
+        }
+
+        #[test]
+        fn query_shaped_text_never_panics(
+            field in "(tags|properties\\.reported|properties\\.desired)\\.[a-z]{1,5}",
+            op in "(=|!=|<>|<|>|<=|>=| IN | NIN )",
+            value in "('[a-z]{0,4}'|[0-9]{1,3}|true|\\['a', 1\\])",
+            tail in "( AND | OR |)",
+        ) {
+            let text = format!("SELECT * FROM devices WHERE {field}{op}{value}{tail}");
+            let _ = parse(&text);
+        }
+    }
+}
