@@ -141,6 +141,34 @@ async fn messages_from_many_devices_are_readable_once_in_order_with_properties()
         })
         .sum();
     assert_eq!(stored, 500);
+
+    // /metrics shows the group commit at work: 500 messages in fewer commits.
+    let metrics = api
+        .hub
+        .http()
+        .get(format!("{}/metrics", api.hub.url()))
+        .send()
+        .await?
+        .text()
+        .await?;
+    let sum = |prefix: &str| -> u64 {
+        metrics
+            .lines()
+            .filter(|l| l.starts_with(prefix))
+            .filter_map(|l| l.rsplit(' ').next().and_then(|v| v.parse::<u64>().ok()))
+            .sum()
+    };
+    assert_eq!(
+        sum("hub_telemetry_messages_committed_total{"),
+        500,
+        "{metrics}"
+    );
+    let commits = sum("hub_telemetry_commit_seconds_count{");
+    assert!(
+        commits > 0 && commits < 500,
+        "{commits} commits for 500 messages"
+    );
+    assert_eq!(sum("hub_telemetry_queue_bytes{"), 0);
     Ok(())
 }
 

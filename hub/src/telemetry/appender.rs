@@ -83,6 +83,38 @@ struct Append {
     _budget: OwnedSemaphorePermit,
 }
 
+/// Upper bounds (seconds) of the commit-latency histogram buckets.
+pub const COMMIT_BUCKETS: [f64; 9] = [0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25];
+
+/// Commit latencies of one partition (a Prometheus histogram).
+#[derive(Debug, Default)]
+pub struct CommitStats {
+    /// Commits at or below each bound of [`COMMIT_BUCKETS`] (cumulative).
+    pub buckets: [std::sync::atomic::AtomicU64; 9],
+    /// All commits.
+    pub count: std::sync::atomic::AtomicU64,
+    /// Total commit time, microseconds.
+    pub sum_micros: std::sync::atomic::AtomicU64,
+    /// Messages committed.
+    pub messages: std::sync::atomic::AtomicU64,
+}
+
+impl CommitStats {
+    fn record(&self, elapsed: Duration, messages: usize) {
+        use std::sync::atomic::Ordering::Relaxed;
+        let seconds = elapsed.as_secs_f64();
+        for (bound, bucket) in COMMIT_BUCKETS.iter().zip(&self.buckets) {
+            if seconds <= *bound {
+                bucket.fetch_add(1, Relaxed);
+            }
+        }
+        self.count.fetch_add(1, Relaxed);
+        self.sum_micros
+            .fetch_add(elapsed.as_micros() as u64, Relaxed);
+        self.messages.fetch_add(messages as u64, Relaxed);
+    }
+}
+
 /// One partition: its storage, its committer, and the durable end readers wait on.
 pub struct Partition {
     store: Arc<RwLock<Box<dyn PartitionStore>>>,
@@ -91,6 +123,7 @@ pub struct Partition {
     budget: Arc<Semaphore>,
     end: watch::Receiver<u64>,
     queue_bytes: usize,
+    stats: Arc<CommitStats>,
 }
 
 impl std::fmt::Debug for Partition {
@@ -113,9 +146,11 @@ impl Partition {
         let (end_tx, end) = watch::channel(store.end_offset());
         let store = Arc::new(RwLock::new(store));
         let thread_store = Arc::clone(&store);
+        let stats = Arc::new(CommitStats::default());
+        let thread_stats = Arc::clone(&stats);
         let handle = std::thread::Builder::new()
             .name(name)
-            .spawn(move || commit_loop(thread_store, rx, end_tx, limits))?;
+            .spawn(move || commit_loop(thread_store, rx, end_tx, limits, &thread_stats))?;
         // Budget is counted in KiB so a u32 semaphore covers large queues.
         let queue_kib = limits.queue_bytes.div_ceil(1024).max(1);
         Ok((
@@ -125,6 +160,7 @@ impl Partition {
                 budget: Arc::new(Semaphore::new(queue_kib)),
                 end,
                 queue_bytes: queue_kib,
+                stats,
             },
             handle,
         ))
@@ -158,6 +194,17 @@ impl Partition {
             })
             .map_err(|_| AppendError::Closed)?;
         Ok(receipt)
+    }
+
+    /// Commit latencies.
+    pub fn stats(&self) -> &CommitStats {
+        &self.stats
+    }
+
+    /// Bytes (rounded up to KiB per message) waiting for a commit.
+    pub fn queued_bytes(&self) -> u64 {
+        let free = self.budget.available_permits();
+        (self.queue_bytes.saturating_sub(free) as u64) * 1024
     }
 
     /// Refuses further appends; the committer commits what is queued, then stops.
@@ -201,6 +248,7 @@ fn commit_loop(
     mut rx: mpsc::UnboundedReceiver<Append>,
     end: watch::Sender<u64>,
     limits: BatchLimits,
+    stats: &CommitStats,
 ) {
     let mut batch: Vec<Append> = Vec::new();
     let mut records: Vec<(i64, Bytes)> = Vec::new();
@@ -222,10 +270,14 @@ fn commit_loop(
         }
         records.clear();
         records.extend(batch.iter().map(|a| (a.time, a.payload.clone())));
+        let started = Instant::now();
         let result = store
             .write()
             .unwrap_or_else(PoisonError::into_inner)
             .append(&records);
+        if result.is_ok() {
+            stats.record(started.elapsed(), records.len());
+        }
         match result {
             Ok(first_offset) => {
                 end.send_replace(first_offset + batch.len() as u64);

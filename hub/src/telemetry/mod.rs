@@ -289,6 +289,61 @@ impl Telemetry {
         removed
     }
 
+    /// Prometheus text: commit latency histogram, committed messages, queued bytes and
+    /// end offset, per partition.
+    pub fn render_metrics(&self) -> String {
+        use std::fmt::Write as _;
+        use std::sync::atomic::Ordering::Relaxed;
+        let mut out = String::new();
+        let _ = writeln!(
+            out,
+            "# HELP hub_telemetry_commit_seconds durable commit latency per partition\n# TYPE hub_telemetry_commit_seconds histogram"
+        );
+        for (id, partition) in self.partitions.iter().enumerate() {
+            let stats = partition.stats();
+            for (bound, bucket) in appender::COMMIT_BUCKETS.iter().zip(&stats.buckets) {
+                let _ = writeln!(
+                    out,
+                    "hub_telemetry_commit_seconds_bucket{{partition=\"{id}\",le=\"{bound}\"}} {}",
+                    bucket.load(Relaxed)
+                );
+            }
+            let count = stats.count.load(Relaxed);
+            let _ = writeln!(
+                out,
+                "hub_telemetry_commit_seconds_bucket{{partition=\"{id}\",le=\"+Inf\"}} {count}"
+            );
+            let sum = stats.sum_micros.load(Relaxed) as f64 / 1e6;
+            let _ = writeln!(
+                out,
+                "hub_telemetry_commit_seconds_sum{{partition=\"{id}\"}} {sum}"
+            );
+            let _ = writeln!(
+                out,
+                "hub_telemetry_commit_seconds_count{{partition=\"{id}\"}} {count}"
+            );
+        }
+        type Reading = fn(&Partition) -> u64;
+        let gauges: [(&str, &str, Reading); 3] = [
+            ("hub_telemetry_messages_committed_total", "counter", |p| {
+                p.stats().messages.load(Relaxed)
+            }),
+            (
+                "hub_telemetry_queue_bytes",
+                "gauge",
+                Partition::queued_bytes,
+            ),
+            ("hub_telemetry_end_offset", "gauge", |p| p.bounds().1),
+        ];
+        for (name, kind, value) in gauges {
+            let _ = writeln!(out, "# TYPE {name} {kind}");
+            for (id, partition) in self.partitions.iter().enumerate() {
+                let _ = writeln!(out, "{name}{{partition=\"{id}\"}} {}", value(partition));
+            }
+        }
+        out
+    }
+
     /// Refuses further appends and waits for the committers to commit what is
     /// queued. Blocks; call it off the async workers.
     pub fn close(&self) {
