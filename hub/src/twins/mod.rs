@@ -620,15 +620,10 @@ fn commit_loop(
                 Err(_) => break,
             }
         }
-        // The last change of a device in the batch carries all earlier ones.
-        let mut latest: HashMap<&DeviceId, &TwinDocument> = HashMap::new();
-        for write in &batch {
-            latest.insert(&write.device, &write.twin);
-        }
-        let rows: Vec<(DeviceId, TwinDocument)> = latest
-            .into_iter()
-            .map(|(d, t)| (d.clone(), t.clone()))
-            .collect();
+        let rows = match inner.upgrade() {
+            Some(inner) => rows_to_write(&batch, &inner.lock()),
+            None => return,
+        };
         match store.write_batch(&rows) {
             Ok(()) => {
                 for write in batch.drain(..) {
@@ -664,6 +659,29 @@ fn commit_loop(
     }
 }
 
+/// The rows a batch writes: the last change of each device in the batch (it carries
+/// the earlier ones), unless the device was deleted meanwhile (no twin in memory) or
+/// deleted and created again (its twin in memory is older than the queued change):
+/// a late write must not bring back a deleted device's twin.
+fn rows_to_write(
+    batch: &[Write],
+    twins: &HashMap<DeviceId, Arc<TwinDocument>>,
+) -> Vec<(DeviceId, TwinDocument)> {
+    let mut latest: HashMap<&DeviceId, &TwinDocument> = HashMap::new();
+    for write in batch {
+        latest.insert(&write.device, &write.twin);
+    }
+    latest
+        .into_iter()
+        .filter(|(id, twin)| {
+            twins
+                .get(*id)
+                .is_some_and(|current| current.version >= twin.version)
+        })
+        .map(|(id, twin)| (id.clone(), twin.clone()))
+        .collect()
+}
+
 /// Keeps one twin per registered device: a new device gets a fresh twin, a deleted
 /// one loses its twin (so a device re-created under the id starts afresh).
 struct FollowRegistry(std::sync::Weak<Inner>);
@@ -688,6 +706,52 @@ impl RegistryObserver for FollowRegistry {
 impl Inner {
     fn lock(&self) -> MutexGuard<'_, HashMap<DeviceId, Arc<TwinDocument>>> {
         self.twins.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn write(id: &str, version: u64) -> Write {
+        let (done, _) = oneshot::channel();
+        Write {
+            device: DeviceId::parse(id).unwrap(),
+            twin: TwinDocument {
+                version,
+                ..TwinDocument::new()
+            },
+            done,
+        }
+    }
+
+    fn cache(entries: &[(&str, u64)]) -> HashMap<DeviceId, Arc<TwinDocument>> {
+        entries
+            .iter()
+            .map(|(id, version)| {
+                let twin = TwinDocument {
+                    version: *version,
+                    ..TwinDocument::new()
+                };
+                (DeviceId::parse(id).unwrap(), Arc::new(twin))
+            })
+            .collect()
+    }
+
+    #[test]
+    fn a_batch_writes_each_twins_last_change_and_never_a_deleted_one() {
+        let batch = [
+            write("a", 2),
+            write("a", 3),
+            write("gone", 5),
+            write("reborn", 9),
+        ];
+        // "gone" was deleted; "reborn" was deleted and created again (fresh twin, v1).
+        let twins = cache(&[("a", 3), ("reborn", 1)]);
+        let rows = rows_to_write(&batch, &twins);
+        assert_eq!(rows.len(), 1);
+        assert_eq!(rows[0].0.as_str(), "a");
+        assert_eq!(rows[0].1.version, 3);
     }
 }
 
