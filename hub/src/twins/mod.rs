@@ -709,6 +709,41 @@ impl Inner {
     }
 }
 
+#[async_trait]
+impl TwinRequests for Twins {
+    async fn request(&self, device: &DeviceId, op: TwinOp) -> TwinReply {
+        match op {
+            TwinOp::Get => TwinReply {
+                status: 200,
+                body: Bytes::from(self.twin_of(device).device_view().to_string()),
+                version: None,
+            },
+            TwinOp::PatchReported(patch) => match self.patch_reported(device, &patch).await {
+                Ok(version) => TwinReply {
+                    status: 204,
+                    body: Bytes::new(),
+                    version: Some(version),
+                },
+                Err(err @ (TwinError::Invalid(_) | TwinError::BadRequest(_))) => TwinReply {
+                    status: 400,
+                    body: Bytes::from(json!({ "message": err.to_string() }).to_string()),
+                    version: None,
+                },
+                Err(err) => {
+                    tracing::warn!(%device, error = %err, "reported patch failed");
+                    TwinReply {
+                        status: 500,
+                        body: Bytes::from(
+                            json!({ "message": "the twin could not be stored" }).to_string(),
+                        ),
+                        version: None,
+                    }
+                }
+            },
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -752,40 +787,5 @@ mod tests {
         assert_eq!(rows.len(), 1);
         assert_eq!(rows[0].0.as_str(), "a");
         assert_eq!(rows[0].1.version, 3);
-    }
-}
-
-#[async_trait]
-impl TwinRequests for Twins {
-    async fn request(&self, device: &DeviceId, op: TwinOp) -> TwinReply {
-        match op {
-            TwinOp::Get => TwinReply {
-                status: 200,
-                body: Bytes::from(self.twin_of(device).device_view().to_string()),
-                version: None,
-            },
-            TwinOp::PatchReported(patch) => match self.patch_reported(device, &patch).await {
-                Ok(version) => TwinReply {
-                    status: 204,
-                    body: Bytes::new(),
-                    version: Some(version),
-                },
-                Err(err @ (TwinError::Invalid(_) | TwinError::BadRequest(_))) => TwinReply {
-                    status: 400,
-                    body: Bytes::from(json!({ "message": err.to_string() }).to_string()),
-                    version: None,
-                },
-                Err(err) => {
-                    tracing::warn!(%device, error = %err, "reported patch failed");
-                    TwinReply {
-                        status: 500,
-                        body: Bytes::from(
-                            json!({ "message": "the twin could not be stored" }).to_string(),
-                        ),
-                        version: None,
-                    }
-                }
-            },
-        }
     }
 }
