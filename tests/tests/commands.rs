@@ -190,6 +190,16 @@ async fn expiry_purge_cap_and_restart() -> Result<()> {
     let full = api.send("sleepy", json!({"body": "one too many"})).await?;
     assert_eq!(full.status(), StatusCode::FORBIDDEN);
     assert_eq!(full.json::<Value>().await?["errorCode"], 403004);
+    let device: Value = api
+        .hub
+        .http()
+        .get(api.url("/devices/sleepy"))
+        .bearer_auth(&api.token)
+        .send()
+        .await?
+        .json()
+        .await?;
+    assert_eq!(device["cloudToDeviceMessageCount"], 50);
 
     // Queued messages survive a restart.
     let Api { hub, token } = api;

@@ -38,11 +38,12 @@ pub struct DeviceView<'a> {
     connection_state: &'static str,
     #[serde(with = "time::serde::rfc3339::option")]
     last_activity_time: Option<OffsetDateTime>,
+    cloud_to_device_message_count: usize,
 }
 
 impl<'a> DeviceView<'a> {
-    /// Joins a stored device with its presence.
-    pub fn new(device: &'a Device, presence: &Presence) -> Self {
+    /// Joins a stored device with its presence and the length of its C2D queue.
+    pub fn new(device: &'a Device, presence: &Presence, queued: usize) -> Self {
         let live = presence.get(&device.device_id);
         Self {
             device_id: &device.device_id,
@@ -57,6 +58,7 @@ impl<'a> DeviceView<'a> {
                 _ => "Disconnected",
             },
             last_activity_time: live.map(|p| p.last_activity),
+            cloud_to_device_message_count: queued,
         }
     }
 }
@@ -75,16 +77,21 @@ fn header_str<'h>(headers: &'h HeaderMap, name: &HeaderName) -> Result<Option<&'
         .transpose()
 }
 
-fn with_etag(state: &AppState, device: &Device, status: StatusCode) -> Response {
+async fn with_etag(
+    state: &AppState,
+    device: &Device,
+    status: StatusCode,
+) -> Result<Response, ApiError> {
+    let queued = state.commands.queue_length(&device.device_id).await?;
     let mut response = (
         status,
-        ApiJson(DeviceView::new(device, state.registry.presence())),
+        ApiJson(DeviceView::new(device, state.registry.presence(), queued)),
     )
         .into_response();
     if let Ok(etag) = HeaderValue::from_str(&format!("\"{}\"", device.etag())) {
         response.headers_mut().insert(header::ETAG, etag);
     }
-    response
+    Ok(response)
 }
 
 /// `PUT /devices/{id}`: creates without `If-Match` (409 if it exists, also with
@@ -119,7 +126,7 @@ pub async fn put(
         }
         (None, _) => state.registry.create(id, spec).await?,
     };
-    Ok(with_etag(&state, &device, StatusCode::OK))
+    with_etag(&state, &device, StatusCode::OK).await
 }
 
 /// `GET /devices/{id}`.
@@ -129,7 +136,7 @@ pub async fn get(
     ApiPath(id): ApiPath<String>,
 ) -> Result<Response, ApiError> {
     let device = state.registry.get(&parse_id(&id)?).await?;
-    Ok(with_etag(&state, &device, StatusCode::OK))
+    with_etag(&state, &device, StatusCode::OK).await
 }
 
 /// `DELETE /devices/{id}`, honouring `If-Match`.
@@ -168,11 +175,11 @@ pub async fn list(
         .transpose()?;
     let page = state.registry.list(after.as_ref(), limit).await?;
     let presence = state.registry.presence();
-    let views: Vec<DeviceView<'_>> = page
-        .devices
-        .iter()
-        .map(|d| DeviceView::new(d, presence))
-        .collect();
+    let mut views: Vec<DeviceView<'_>> = Vec::with_capacity(page.devices.len());
+    for device in &page.devices {
+        let queued = state.commands.queue_length(&device.device_id).await?;
+        views.push(DeviceView::new(device, presence, queued));
+    }
     let mut response = ApiJson(views).into_response();
     if let Some(next) = page.next_after {
         let token = URL_SAFE_NO_PAD.encode(next.as_str());
