@@ -1,6 +1,6 @@
 //! `hub`: the server (`hub serve`) and its admin CLI (`print-config`, `token`,
-//! `device …`, `cert device`). Start-up failures print one clear line; a bad
-//! configuration exits with code 2.
+//! `device …`, `twin …`, `c2d …`, `invoke`, `tail`, `cert device`). Start-up
+//! failures print one clear line; a bad configuration exits with code 2.
 
 mod cli;
 
@@ -35,6 +35,9 @@ enum Command {
     /// Manage device identities through the REST API.
     #[command(subcommand)]
     Device(cli::DeviceCommand),
+    /// Device twins: get, patch, query.
+    #[command(subcommand)]
+    Twin(cli::TwinCommand),
     /// Cloud-to-device messages: send, purge, feedback.
     #[command(subcommand)]
     C2d(cli::C2dCommand),
@@ -134,6 +137,7 @@ fn main() -> ExitCode {
         Command::Device(command) => report(runtime.block_on(cli::device(command))),
         Command::Tail(args) => report(runtime.block_on(cli::tail(args))),
         Command::C2d(command) => report(runtime.block_on(cli::c2d(command))),
+        Command::Twin(command) => report(runtime.block_on(cli::twin(command))),
         Command::Invoke(args) => report(runtime.block_on(cli::invoke(args))),
         Command::Cert(command) => report(cli::cert(command)),
     }

@@ -119,3 +119,43 @@ async fn device_sas_prints_credentials_the_gateway_accepts() -> anyhow::Result<(
     client.ping().await?;
     Ok(())
 }
+
+#[tokio::test]
+async fn the_cli_reads_patches_and_queries_twins() -> anyhow::Result<()> {
+    let dir = tempfile::tempdir()?;
+    let hub = Hub::start(dir.path()).await?;
+    json(&hub.cli(&["device", "create", "twin-cli"]).await?)?;
+    let patched = json(
+        &hub.cli(&[
+            "twin",
+            "patch",
+            "twin-cli",
+            r#"{"tags": {"site": "oslo"}, "properties": {"desired": {"interval": 9}}}"#,
+        ])
+        .await?,
+    )?;
+    assert_eq!(patched["properties"]["desired"]["interval"], 9);
+    let twin = json(&hub.cli(&["twin", "get", "twin-cli"]).await?)?;
+    assert_eq!(twin["tags"]["site"], "oslo");
+    let stale = hub
+        .cli(&[
+            "twin",
+            "patch",
+            "twin-cli",
+            r#"{"tags": {"x": 1}}"#,
+            "--etag",
+            "stale",
+        ])
+        .await?;
+    assert!(stale.stderr.contains("412001"), "{}", stale.stderr);
+    let found = json(
+        &hub.cli(&[
+            "twin",
+            "query",
+            "SELECT deviceId FROM devices WHERE tags.site = 'oslo'",
+        ])
+        .await?,
+    )?;
+    assert_eq!(found, serde_json::json!([{"deviceId": "twin-cli"}]));
+    Ok(())
+}

@@ -1,11 +1,12 @@
-//! The admin CLI: `hub token`, `hub device …` and `hub tail` (clients of the REST
-//! API, authorized with short-lived tokens minted from the data dir's owner key), and
+//! The admin CLI: `hub token`, `hub device …`, `hub twin …`, `hub c2d …`, `hub invoke`
+//! and `hub tail` (clients of the REST API, authorized with short-lived tokens minted from the data dir's owner key), and
 //! `hub cert device`.
 
 mod client;
 mod commands;
 mod device;
 mod tail;
+mod twin;
 
 use std::path::PathBuf;
 use std::time::Duration;
@@ -18,6 +19,7 @@ use hub::data_dir;
 pub use commands::{C2dCommand, InvokeArgs, c2d, invoke};
 pub use device::{DeviceCommand, device};
 pub use tail::{TailArgs, tail};
+pub use twin::{TwinCommand, twin};
 
 /// Where the CLI finds the hub: the data dir (owner key, endpoints.json) and
 /// optionally an explicit API URL.
