@@ -73,6 +73,35 @@ impl ApiClient {
     }
 }
 
+impl ApiClient {
+    /// Sends the request `build` makes for each page, following `x-ms-continuation`
+    /// until the last page; returns every item of every page.
+    pub async fn all_pages(
+        &self,
+        build: impl Fn() -> RequestBuilder,
+    ) -> Result<Vec<serde_json::Value>> {
+        let mut all = Vec::new();
+        let mut continuation: Option<String> = None;
+        loop {
+            let mut request = build();
+            if let Some(token) = &continuation {
+                request = request.header("x-ms-continuation", token);
+            }
+            let response = self.send(request).await?;
+            continuation = response
+                .headers()
+                .get("x-ms-continuation")
+                .and_then(|v| v.to_str().ok())
+                .map(str::to_string);
+            let page: Vec<serde_json::Value> = response.json().await?;
+            all.extend(page);
+            if continuation.is_none() {
+                return Ok(all);
+            }
+        }
+    }
+}
+
 /// Percent-encodes a device id for use as one path segment.
 pub fn path_segment(id: &str) -> String {
     let mut out = String::with_capacity(id.len());

@@ -171,27 +171,13 @@ pub async fn device(command: DeviceCommand) -> Result<()> {
         }
         DeviceCommand::List { page_size, target } => {
             let client = ApiClient::connect(&target, &[Scope::RegistryRead])?;
-            let mut all = Vec::new();
-            let mut continuation: Option<String> = None;
-            loop {
-                let mut request = client
-                    .request(Method::GET, "/devices")
-                    .header("x-ms-max-item-count", page_size.to_string());
-                if let Some(token) = &continuation {
-                    request = request.header("x-ms-continuation", token);
-                }
-                let response = client.send(request).await?;
-                continuation = response
-                    .headers()
-                    .get("x-ms-continuation")
-                    .and_then(|v| v.to_str().ok())
-                    .map(str::to_string);
-                let page: Vec<Value> = response.json().await?;
-                all.extend(page);
-                if continuation.is_none() {
-                    break;
-                }
-            }
+            let all = client
+                .all_pages(|| {
+                    client
+                        .request(Method::GET, "/devices")
+                        .header("x-ms-max-item-count", page_size.to_string())
+                })
+                .await?;
             print_json(&Value::Array(all))
         }
         DeviceCommand::Delete { id, etag, target } => {

@@ -70,27 +70,13 @@ pub async fn twin(command: TwinCommand) -> Result<()> {
         }
         TwinCommand::Query { query, target } => {
             let client = ApiClient::connect(&target, &[Scope::RegistryRead])?;
-            let mut all = Vec::new();
-            let mut continuation: Option<String> = None;
-            loop {
-                let mut request = client
-                    .request(Method::POST, "/devices/query")
-                    .json(&json!({ "query": query }));
-                if let Some(token) = &continuation {
-                    request = request.header("x-ms-continuation", token);
-                }
-                let response = client.send(request).await?;
-                continuation = response
-                    .headers()
-                    .get("x-ms-continuation")
-                    .and_then(|v| v.to_str().ok())
-                    .map(str::to_string);
-                let page: Vec<Value> = response.json().await?;
-                all.extend(page);
-                if continuation.is_none() {
-                    break;
-                }
-            }
+            let all = client
+                .all_pages(|| {
+                    client
+                        .request(Method::POST, "/devices/query")
+                        .json(&json!({ "query": query }))
+                })
+                .await?;
             Value::Array(all)
         }
     };
