@@ -297,28 +297,29 @@ fn read_optional(path: &Path) -> Result<Option<String>, CertError> {
     }
 }
 
-/// Writes `contents` to `path` through a temporary file and a rename, so a crash never
-/// leaves half a key behind. Secret files get mode 0600.
+/// Writes `contents` to `path` through a temporary file, an fsync and a rename, so a
+/// crash never leaves half a file behind. With `private` the file gets mode 0600 (keys).
+pub fn write_atomically(path: &Path, contents: &[u8], private: bool) -> io::Result<()> {
+    use std::io::Write;
+    let tmp = path.with_extension("tmp");
+    let mut options = fs::OpenOptions::new();
+    options.write(true).create(true).truncate(true);
+    #[cfg(unix)]
+    if private {
+        use std::os::unix::fs::OpenOptionsExt;
+        options.mode(0o600);
+    }
+    let mut file = options.open(&tmp)?;
+    file.write_all(contents)?;
+    file.sync_all()?;
+    fs::rename(&tmp, path)
+}
+
 fn write_file(path: &Path, contents: &str, secret: bool) -> Result<(), CertError> {
-    let io_err = |source| CertError::Io {
+    write_atomically(path, contents.as_bytes(), secret).map_err(|source| CertError::Io {
         path: path.to_path_buf(),
         source,
-    };
-    let tmp = path.with_extension("tmp");
-    {
-        use std::io::Write;
-        let mut options = fs::OpenOptions::new();
-        options.write(true).create(true).truncate(true);
-        #[cfg(unix)]
-        if secret {
-            use std::os::unix::fs::OpenOptionsExt;
-            options.mode(0o600);
-        }
-        let mut file = options.open(&tmp).map_err(io_err)?;
-        file.write_all(contents.as_bytes()).map_err(io_err)?;
-        file.sync_all().map_err(io_err)?;
-    }
-    fs::rename(&tmp, path).map_err(io_err)
+    })
 }
 
 #[cfg(test)]

@@ -11,7 +11,7 @@
 //! ```
 
 use std::fs::{self, File};
-use std::io::{self, Write};
+use std::io;
 use std::net::{IpAddr, SocketAddr};
 use std::path::{Path, PathBuf};
 
@@ -214,15 +214,10 @@ pub fn listener_ips(addrs: impl IntoIterator<Item = SocketAddr>) -> Vec<IpAddr> 
 }
 
 fn write_atomically(path: &Path, contents: &[u8]) -> Result<(), DataDirError> {
-    let io_err = |source| DataDirError::Io {
+    certs::write_atomically(path, contents, false).map_err(|source| DataDirError::Io {
         path: path.to_path_buf(),
         source,
-    };
-    let tmp = path.with_extension("tmp");
-    let mut file = File::create(&tmp).map_err(io_err)?;
-    file.write_all(contents).map_err(io_err)?;
-    file.sync_all().map_err(io_err)?;
-    fs::rename(&tmp, path).map_err(io_err)
+    })
 }
 
 #[cfg(test)]

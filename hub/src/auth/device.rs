@@ -3,14 +3,13 @@
 //! in the registry, and verifies. Refusal reasons are typed so they can be logged and
 //! counted; secrets never appear in them.
 
-use std::time::{SystemTime, UNIX_EPOCH};
-
 use base64::Engine;
 use base64::engine::general_purpose::STANDARD;
 use rustls::pki_types::CertificateDer;
 
 use super::jwt::{self, JwtError, JwtKeys, JwtPolicy};
 use super::sas::{SasError, SasToken};
+use super::unix_now;
 use super::x509::{self, DeviceCa, X509Error};
 use crate::registry::{AuthType, Device, DeviceId, DeviceStatus, Registry, RegistryError};
 
@@ -261,13 +260,6 @@ fn symmetric_keys(device: &Device) -> Vec<Vec<u8>> {
         .flat_map(|k| [&k.primary_key, &k.secondary_key])
         .filter_map(|k| STANDARD.decode(k).ok())
         .collect()
-}
-
-fn unix_now() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| d.as_secs())
-        .unwrap_or(0)
 }
 
 #[cfg(test)]

@@ -7,3 +7,12 @@ pub mod jwt;
 pub mod sas;
 pub mod service;
 pub mod x509;
+
+/// Seconds since the Unix epoch (0 if the clock is before it): the time base of token
+/// expiries (`se`, `exp`).
+pub fn unix_now() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0)
+}

@@ -8,10 +8,12 @@ use std::fmt;
 use std::io;
 use std::path::{Path, PathBuf};
 use std::str::FromStr;
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::Duration;
 
 use jsonwebtoken::{Algorithm, DecodingKey, EncodingKey, Header, Validation};
 use serde::{Deserialize, Serialize};
+
+use super::unix_now;
 
 /// A permission a service token can carry.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -219,31 +221,11 @@ impl ServiceKey {
     }
 }
 
-fn unix_now() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| d.as_secs())
-        .unwrap_or(0)
-}
-
 fn write_private(path: &Path, contents: &str) -> Result<(), ServiceKeyError> {
-    use std::io::Write;
-    let io_err = |source| ServiceKeyError::Io {
+    certs::write_atomically(path, contents.as_bytes(), true).map_err(|source| ServiceKeyError::Io {
         path: path.to_path_buf(),
         source,
-    };
-    let tmp = path.with_extension("tmp");
-    let mut options = std::fs::OpenOptions::new();
-    options.write(true).create(true).truncate(true);
-    #[cfg(unix)]
-    {
-        use std::os::unix::fs::OpenOptionsExt;
-        options.mode(0o600);
-    }
-    let mut file = options.open(&tmp).map_err(io_err)?;
-    file.write_all(contents.as_bytes()).map_err(io_err)?;
-    file.sync_all().map_err(io_err)?;
-    std::fs::rename(&tmp, path).map_err(io_err)
+    })
 }
 
 #[cfg(test)]

@@ -11,7 +11,7 @@ use std::collections::BTreeSet;
 use std::pin::Pin;
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::Duration;
 
 use bytes::{Bytes, BytesMut};
 use futures_util::FutureExt;
@@ -417,11 +417,7 @@ impl<S: Transport> Connection<S> {
             .presence
             .connected(&device, OffsetDateTime::now_utc());
         let expires_at = authenticated.expires_at.map(|expiry| {
-            let now = SystemTime::now()
-                .duration_since(UNIX_EPOCH)
-                .map(|d| d.as_secs())
-                .unwrap_or(0);
-            Instant::now() + Duration::from_secs(expiry.saturating_sub(now))
+            Instant::now() + Duration::from_secs(expiry.saturating_sub(crate::auth::unix_now()))
         });
         tracing::debug!(%device, method = ?authenticated.method, session_present, "device connected");
         self.device = Some(Authenticated {
