@@ -222,3 +222,58 @@ async fn queries_filter_project_count_group_and_page() -> Result<()> {
     assert_eq!(status, StatusCode::BAD_REQUEST);
     Ok(())
 }
+
+/// Hostile queries (deep nesting, long NOT and AND chains, all well under the body
+/// limit) used to overflow a worker's stack and abort the hub. Each now gets a 400
+/// naming the position, and the hub keeps serving.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn hostile_queries_get_a_400_and_the_hub_keeps_serving() -> Result<()> {
+    let dir = tempfile::tempdir()?;
+    let hub = Hub::start(dir.path()).await?;
+    let token = hub.token("registry:read").await?;
+    let api = Api { hub, token };
+    let prefix = "SELECT * FROM devices WHERE ";
+    let and_chain = vec!["tags.a = 1"; 4_000].join(" AND ");
+    let hostile = [
+        (
+            format!(
+                "{prefix}{}tags.a = 1{}",
+                "(".repeat(20_000),
+                ")".repeat(20_000)
+            ),
+            "nested too deeply",
+        ),
+        (
+            format!("{prefix}{}tags.a = 1", "NOT ".repeat(10_000)),
+            "nested too deeply",
+        ),
+        (format!("{prefix}{and_chain}"), "too many terms"),
+        (
+            format!("{prefix}tags.a = '{}'", "x".repeat(200_000)),
+            "query too long",
+        ),
+    ];
+    for (query, fragment) in &hostile {
+        let (status, body, _) = api.query(query, None, None).await?;
+        assert_eq!(status, StatusCode::BAD_REQUEST, "{fragment}: {body}");
+        assert_eq!(body["errorCode"], 400004);
+        let message = body["message"].as_str().unwrap_or_default();
+        assert!(
+            message.contains(fragment) && message.contains("position"),
+            "{body}"
+        );
+    }
+    let health = api
+        .hub
+        .http()
+        .get(format!("{}/healthz", api.hub.url()))
+        .send()
+        .await?;
+    assert_eq!(health.status(), StatusCode::OK);
+    let (status, body, _) = api
+        .query("SELECT COUNT() AS n FROM devices", None, None)
+        .await?;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    assert_eq!(body, json!([{"n": 0}]));
+    Ok(())
+}

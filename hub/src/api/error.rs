@@ -56,6 +56,10 @@ pub enum ApiError {
     /// 413 / 413001: the body exceeds the limit.
     #[error("{0}")]
     PayloadTooLarge(String),
+    /// 429 / 429001: the request costs more than the hub grants one request (a query
+    /// past its time budget).
+    #[error("{0}")]
+    Throttled(String),
     /// 415 / 415001: the body is not `application/json`.
     #[error("{0}")]
     UnsupportedMediaType(String),
@@ -86,6 +90,7 @@ impl ApiError {
             ApiError::PreconditionFailed(_) => (StatusCode::PRECONDITION_FAILED, 412001),
             ApiError::PayloadTooLarge(_) => (StatusCode::PAYLOAD_TOO_LARGE, 413001),
             ApiError::UnsupportedMediaType(_) => (StatusCode::UNSUPPORTED_MEDIA_TYPE, 415001),
+            ApiError::Throttled(_) => (StatusCode::TOO_MANY_REQUESTS, 429001),
             ApiError::Unavailable => (StatusCode::SERVICE_UNAVAILABLE, 503001),
             ApiError::Internal(_) => (StatusCode::INTERNAL_SERVER_ERROR, 500001),
         }

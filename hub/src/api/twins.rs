@@ -25,6 +25,9 @@ impl From<TwinError> for ApiError {
             TwinError::EtagMismatch(_) => ApiError::PreconditionFailed(err.to_string()),
             TwinError::Registry(err) => err.into(),
             TwinError::Store(detail) => ApiError::Internal(detail),
+            TwinError::QueryBudget(_) => ApiError::Throttled(format!(
+                "{err}; narrow the query with WHERE or ask for fewer results"
+            )),
         }
     }
 }

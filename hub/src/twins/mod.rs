@@ -61,6 +61,9 @@ pub enum TwinError {
     /// The registry failed.
     #[error(transparent)]
     Registry(#[from] RegistryError),
+    /// A query scanned for longer than its time budget and was stopped.
+    #[error("the query did not finish within its time budget of {0:?}")]
+    QueryBudget(std::time::Duration),
 }
 
 /// A twin with the registry fields the REST document shows.
@@ -89,6 +92,8 @@ struct Inner {
     registry: Registry,
     connections: Connections,
     limits: TwinLimits,
+    /// Bounds the queries scanning at once.
+    query_slots: tokio::sync::Semaphore,
 }
 
 /// The twin service.
@@ -145,6 +150,7 @@ impl Twins {
             registry: registry.clone(),
             connections,
             limits,
+            query_slots: tokio::sync::Semaphore::new(CONCURRENT_QUERIES),
         });
         let weak = Arc::downgrade(&inner);
         std::thread::Builder::new()
@@ -465,9 +471,21 @@ pub enum QueryOutput {
     Devices(Vec<DeviceId>),
 }
 
+/// How long one query may scan before it is stopped.
+pub const QUERY_TIME_BUDGET: std::time::Duration = std::time::Duration::from_secs(5);
+/// Queries that scan at once; more wait for a slot (each scan holds a blocking thread).
+const CONCURRENT_QUERIES: usize = 2;
+/// Rows scanned between two looks at the clock.
+const ROWS_PER_CLOCK_CHECK: usize = 256;
+
+/// A query ran past its deadline.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct DeadlinePassed;
+
 /// Runs `query` over `twins` (sorted by id), returning results `skip..skip + limit`
-/// and the skip of the next page, if any. `devices` holds the registry records when
-/// the query filters on registry fields.
+/// and the skip of the next page, if any, or [`DeadlinePassed`] once the scan runs
+/// past `deadline`. `devices` holds the registry records when the query filters on
+/// registry fields.
 pub fn execute(
     query: &query::Query,
     twins: &[(DeviceId, Arc<TwinDocument>)],
@@ -475,17 +493,33 @@ pub fn execute(
     presence: &crate::registry::Presence,
     skip: usize,
     limit: usize,
-) -> (QueryOutput, Option<usize>) {
-    let rows = twins.iter().map(|(id, twin)| TwinRow {
-        id,
-        twin,
-        device: devices.get(id),
-        presence,
-    });
+    deadline: std::time::Instant,
+) -> Result<(QueryOutput, Option<usize>), DeadlinePassed> {
+    let late = std::cell::Cell::new(false);
+    let rows = twins
+        .iter()
+        .enumerate()
+        .take_while(|(scanned, _)| {
+            if scanned % ROWS_PER_CLOCK_CHECK == ROWS_PER_CLOCK_CHECK - 1
+                && std::time::Instant::now() >= deadline
+            {
+                late.set(true);
+            }
+            !late.get()
+        })
+        .map(|(_, (id, twin))| TwinRow {
+            id,
+            twin,
+            device: devices.get(id),
+            presence,
+        });
     let matching = rows.filter(|row| query::matches(query, row));
     let top = query.top.unwrap_or(usize::MAX);
     if query.is_aggregate() {
         let collected: Vec<TwinRow<'_>> = matching.collect();
+        if late.get() {
+            return Err(DeadlinePassed);
+        }
         let results = query::aggregate(query, collected.iter().map(|r| r as &dyn query::Row));
         let total = results.len().min(top);
         let items: Vec<Value> = results
@@ -495,9 +529,12 @@ pub fn execute(
             .take(limit)
             .collect();
         let next = (skip + items.len() < total).then_some(skip + items.len());
-        return (QueryOutput::Rows(items), next);
+        return Ok((QueryOutput::Rows(items), next));
     }
     let page: Vec<TwinRow<'_>> = matching.take(top).skip(skip).take(limit + 1).collect();
+    if late.get() {
+        return Err(DeadlinePassed);
+    }
     let next = (page.len() > limit).then_some(skip + limit);
     let page = page.into_iter().take(limit);
     let output = match &query.selection {
@@ -506,7 +543,7 @@ pub fn execute(
             QueryOutput::Rows(page.map(|row| query::project(selected, &row)).collect())
         }
     };
-    (output, next)
+    Ok((output, next))
 }
 
 impl Twins {
@@ -534,7 +571,33 @@ impl Twins {
             }
         }
         let presence = self.inner.registry.presence();
-        let (output, next_skip) = execute(query, &self.snapshot(), &devices, presence, skip, limit);
+        // The scan is CPU-bound and its length is the caller's choice: it runs on the
+        // blocking pool, a few at a time, and stops at its time budget.
+        let _slot = self
+            .inner
+            .query_slots
+            .acquire()
+            .await
+            .map_err(|_| TwinError::Store("the twin service is shutting down".into()))?;
+        let scan = {
+            let query = query.clone();
+            let snapshot = self.snapshot();
+            let presence = presence.clone();
+            let deadline = std::time::Instant::now() + QUERY_TIME_BUDGET;
+            tokio::task::spawn_blocking(move || {
+                let result = execute(
+                    &query, &snapshot, &devices, &presence, skip, limit, deadline,
+                );
+                (result, devices)
+            })
+        };
+        let (result, mut devices) = scan
+            .await
+            .map_err(|err| TwinError::Store(format!("query task failed: {err}")))?;
+        let (output, next_skip) = result.map_err(|DeadlinePassed| {
+            tracing::info!(budget = ?QUERY_TIME_BUDGET, "query stopped at its time budget");
+            TwinError::QueryBudget(QUERY_TIME_BUDGET)
+        })?;
         let items = match output {
             QueryOutput::Rows(rows) => rows,
             QueryOutput::Devices(ids) => {
@@ -771,6 +834,31 @@ mod tests {
                 (DeviceId::parse(id).unwrap(), Arc::new(twin))
             })
             .collect()
+    }
+
+    #[test]
+    fn a_scan_past_its_deadline_stops_instead_of_finishing() {
+        let twins: Vec<(DeviceId, Arc<TwinDocument>)> = (0..10_000)
+            .map(|i| {
+                let id = DeviceId::parse(&format!("d{i:05}")).expect("valid id");
+                (id, Arc::new(TwinDocument::new()))
+            })
+            .collect();
+        let presence = crate::registry::Presence::default();
+        let devices = HashMap::new();
+        let count = query::parse("SELECT COUNT() AS n FROM devices").expect("parses");
+        let past = std::time::Instant::now();
+        assert_eq!(
+            execute(&count, &twins, &devices, &presence, 0, 100, past).map(|_| ()),
+            Err(DeadlinePassed)
+        );
+        let later = std::time::Instant::now() + std::time::Duration::from_secs(60);
+        let Ok((QueryOutput::Rows(rows), None)) =
+            execute(&count, &twins, &devices, &presence, 0, 100, later)
+        else {
+            panic!("the count finishes in time")
+        };
+        assert_eq!(rows, vec![json!({"n": 10_000})]);
     }
 
     #[test]

@@ -7,6 +7,11 @@
 //! Comparisons follow the SQL-like rules of Azure's query language: a missing field
 //! or values of different types compare as *undefined*, which is neither true nor
 //! false; a row matches only when the condition is true.
+//!
+//! The text is untrusted (any `registry:read` token may send one), so the grammar
+//! carries its own bounds: the query length, the nesting depth of parentheses and
+//! `NOT`, the number of terms, and the length of a field path. `AND`/`OR` chains are
+//! n-ary, so nothing here recurses deeper than [`MAX_DEPTH`] whatever the input.
 
 use std::cmp::Ordering;
 
@@ -21,6 +26,17 @@ pub struct QueryError {
     /// What is wrong.
     pub message: String,
 }
+
+/// The longest query text, in characters.
+pub const MAX_QUERY_CHARS: usize = 64 * 1024;
+/// How deeply parentheses and `NOT` may nest.
+pub const MAX_DEPTH: usize = 20;
+/// The most terms a query may hold: comparisons, `IN` values, `IS_DEFINED`, selected
+/// fields and `GROUP BY` fields together.
+pub const MAX_TERMS: usize = 500;
+/// The most segments of a field path (twins nest at most 10 levels under
+/// `properties.reported`).
+pub const MAX_PATH_SEGMENTS: usize = 16;
 
 /// A dotted field path (`tags.site`, `properties.reported.fw`).
 pub type Path = Vec<String>;
@@ -71,10 +87,10 @@ pub enum CmpOp {
 /// A condition.
 #[derive(Debug, Clone, PartialEq)]
 pub enum Expr {
-    /// `a AND b`.
-    And(Box<Expr>, Box<Expr>),
-    /// `a OR b`.
-    Or(Box<Expr>, Box<Expr>),
+    /// `a AND b AND …` (at least two terms; n-ary, so a long chain is flat).
+    And(Vec<Expr>),
+    /// `a OR b OR …` (at least two terms).
+    Or(Vec<Expr>),
     /// `NOT a`.
     Not(Box<Expr>),
     /// `operand op operand`.
@@ -224,6 +240,8 @@ struct Parser {
     tokens: Vec<(Token, usize)>,
     at: usize,
     end: usize,
+    /// Terms parsed so far (bounded by [`MAX_TERMS`]).
+    terms: usize,
 }
 
 impl Parser {
@@ -276,6 +294,28 @@ impl Parser {
         }
     }
 
+    /// Counts one more term, refusing the query past [`MAX_TERMS`].
+    fn term(&mut self, position: usize) -> Result<(), QueryError> {
+        self.terms += 1;
+        if self.terms > MAX_TERMS {
+            return Err(QueryError {
+                position,
+                message: format!("too many terms: a query may hold at most {MAX_TERMS}"),
+            });
+        }
+        Ok(())
+    }
+
+    /// One level deeper into parentheses or `NOT`, refusing past [`MAX_DEPTH`].
+    fn deeper(&self, depth: usize) -> Result<usize, QueryError> {
+        if depth >= MAX_DEPTH {
+            return self.error(format!(
+                "nested too deeply: parentheses and NOT may nest at most {MAX_DEPTH} levels"
+            ));
+        }
+        Ok(depth + 1)
+    }
+
     fn identifier(&mut self) -> Result<String, QueryError> {
         match self.peek() {
             Some(Token::Word(word)) if !is_reserved(word) => {
@@ -290,6 +330,11 @@ impl Parser {
     fn path(&mut self) -> Result<Path, QueryError> {
         let mut path = vec![self.identifier()?];
         while self.symbol(".") {
+            if path.len() == MAX_PATH_SEGMENTS {
+                return self.error(format!(
+                    "field path too long: at most {MAX_PATH_SEGMENTS} segments"
+                ));
+            }
             path.push(self.identifier()?);
         }
         Ok(path)
@@ -323,16 +368,19 @@ impl Parser {
             return self.error("only FROM devices is supported");
         }
         let filter = if self.keyword("WHERE") {
-            Some(self.or()?)
+            Some(self.or(0)?)
         } else {
             None
         };
         let mut group_by = Vec::new();
         if self.keyword("GROUP") {
             self.expect_keyword("BY")?;
-            group_by.push(self.path()?);
-            while self.symbol(",") {
+            loop {
+                self.term(self.position())?;
                 group_by.push(self.path()?);
+                if !self.symbol(",") {
+                    break;
+                }
             }
         }
         if self.at < self.tokens.len() {
@@ -355,6 +403,7 @@ impl Parser {
     }
 
     fn select_item(&mut self) -> Result<SelectItem, QueryError> {
+        self.term(self.position())?;
         if self.keyword("COUNT") {
             self.expect_symbol("(")?;
             self.expect_symbol(")")?;
@@ -369,35 +418,48 @@ impl Parser {
         })
     }
 
-    fn or(&mut self) -> Result<Expr, QueryError> {
-        let mut left = self.and()?;
+    fn or(&mut self, depth: usize) -> Result<Expr, QueryError> {
+        let mut terms = vec![self.and(depth)?];
         while self.keyword("OR") {
-            left = Expr::Or(Box::new(left), Box::new(self.and()?));
+            terms.push(self.and(depth)?);
         }
-        Ok(left)
+        Ok(if terms.len() == 1 {
+            terms.swap_remove(0)
+        } else {
+            Expr::Or(terms)
+        })
     }
 
-    fn and(&mut self) -> Result<Expr, QueryError> {
-        let mut left = self.not()?;
+    fn and(&mut self, depth: usize) -> Result<Expr, QueryError> {
+        let mut terms = vec![self.not(depth)?];
         while self.keyword("AND") {
-            left = Expr::And(Box::new(left), Box::new(self.not()?));
+            terms.push(self.not(depth)?);
         }
-        Ok(left)
+        Ok(if terms.len() == 1 {
+            terms.swap_remove(0)
+        } else {
+            Expr::And(terms)
+        })
     }
 
-    fn not(&mut self) -> Result<Expr, QueryError> {
-        if self.keyword("NOT") {
-            return Ok(Expr::Not(Box::new(self.not()?)));
+    fn not(&mut self, depth: usize) -> Result<Expr, QueryError> {
+        if matches!(self.peek(), Some(Token::Word(w)) if w.eq_ignore_ascii_case("NOT")) {
+            let depth = self.deeper(depth)?;
+            self.at += 1;
+            return Ok(Expr::Not(Box::new(self.not(depth)?)));
         }
-        self.comparison()
+        self.comparison(depth)
     }
 
-    fn comparison(&mut self) -> Result<Expr, QueryError> {
-        if self.symbol("(") {
-            let inner = self.or()?;
+    fn comparison(&mut self, depth: usize) -> Result<Expr, QueryError> {
+        if matches!(self.peek(), Some(Token::Sym("("))) {
+            let depth = self.deeper(depth)?;
+            self.at += 1;
+            let inner = self.or(depth)?;
             self.expect_symbol(")")?;
             return Ok(inner);
         }
+        self.term(self.position())?;
         if self.keyword("IS_DEFINED") {
             self.expect_symbol("(")?;
             let path = self.path()?;
@@ -410,6 +472,7 @@ impl Parser {
                 self.expect_symbol("[")?;
                 let mut values = vec![self.literal()?];
                 while self.symbol(",") {
+                    self.term(self.position())?;
                     values.push(self.literal()?);
                 }
                 self.expect_symbol("]")?;
@@ -482,11 +545,19 @@ fn is_reserved(word: &str) -> bool {
 
 /// Parses a query.
 pub fn parse(text: &str) -> Result<Query, QueryError> {
+    let end = text.chars().count();
+    if end > MAX_QUERY_CHARS {
+        return Err(QueryError {
+            position: MAX_QUERY_CHARS,
+            message: format!("query too long: at most {MAX_QUERY_CHARS} characters"),
+        });
+    }
     let tokens = tokenize(text)?;
     let mut parser = Parser {
         tokens,
         at: 0,
-        end: text.chars().count(),
+        end,
+        terms: 0,
     };
     let query = parser.query()?;
     query.validate()?;
@@ -536,11 +607,13 @@ impl Query {
 
     /// Every path the query reads.
     pub fn paths(&self) -> Vec<&Path> {
+        // Recursion is bounded by MAX_DEPTH: chains are n-ary.
         fn walk<'a>(expr: &'a Expr, out: &mut Vec<&'a Path>) {
             match expr {
-                Expr::And(a, b) | Expr::Or(a, b) => {
-                    walk(a, out);
-                    walk(b, out);
+                Expr::And(terms) | Expr::Or(terms) => {
+                    for term in terms {
+                        walk(term, out);
+                    }
                 }
                 Expr::Not(a) => walk(a, out),
                 Expr::Compare(l, _, r) => {
@@ -579,14 +652,11 @@ pub trait Row {
 /// Follows `path` inside a JSON object.
 pub fn lookup<'a>(map: &'a Map<String, Value>, path: &[String]) -> Option<&'a Value> {
     let (first, rest) = path.split_first()?;
-    let value = map.get(first)?;
-    if rest.is_empty() {
-        return Some(value);
+    let mut value = map.get(first)?;
+    for segment in rest {
+        value = value.as_object()?.get(segment)?;
     }
-    match value {
-        Value::Object(child) => lookup(child, rest),
-        _ => None,
-    }
+    Some(value)
 }
 
 fn compare(left: &Value, right: &Value) -> Option<Ordering> {
@@ -606,19 +676,34 @@ fn operand(row: &dyn Row, operand: &Operand) -> Option<Value> {
     }
 }
 
-/// Three-valued evaluation: `None` is undefined.
+/// Three-valued evaluation: `None` is undefined. Recursion is bounded by
+/// [`MAX_DEPTH`]: chains are n-ary.
 pub fn evaluate(expr: &Expr, row: &dyn Row) -> Option<bool> {
     match expr {
-        Expr::And(a, b) => match (evaluate(a, row), evaluate(b, row)) {
-            (Some(false), _) | (_, Some(false)) => Some(false),
-            (Some(true), Some(true)) => Some(true),
-            _ => None,
-        },
-        Expr::Or(a, b) => match (evaluate(a, row), evaluate(b, row)) {
-            (Some(true), _) | (_, Some(true)) => Some(true),
-            (Some(false), Some(false)) => Some(false),
-            _ => None,
-        },
+        // false wins over undefined, which wins over true.
+        Expr::And(terms) => {
+            let mut result = Some(true);
+            for term in terms {
+                match evaluate(term, row) {
+                    Some(false) => return Some(false),
+                    Some(true) => {}
+                    None => result = None,
+                }
+            }
+            result
+        }
+        // true wins over undefined, which wins over false.
+        Expr::Or(terms) => {
+            let mut result = Some(false);
+            for term in terms {
+                match evaluate(term, row) {
+                    Some(true) => return Some(true),
+                    Some(false) => {}
+                    None => result = None,
+                }
+            }
+            result
+        }
         Expr::Not(a) => evaluate(a, row).map(|v| !v),
         Expr::IsDefined(path) => Some(row.get(path).is_some()),
         Expr::Compare(l, op, r) => {
@@ -681,12 +766,19 @@ pub fn aggregate<'a>(query: &Query, rows: impl Iterator<Item = &'a dyn Row>) -> 
         Selection::Items(items) => items.as_slice(),
         Selection::All => &[],
     };
+    // Groups keep the order in which they first appear; the index finds a row's
+    // group by its key's JSON text, so grouping is linear in the rows.
     let mut groups: Vec<(Vec<Option<Value>>, u64)> = Vec::new();
+    let mut index: std::collections::HashMap<String, usize> = std::collections::HashMap::new();
     for row in rows {
         let key: Vec<Option<Value>> = query.group_by.iter().map(|p| row.get(p)).collect();
-        match groups.iter_mut().find(|(k, _)| *k == key) {
-            Some((_, count)) => *count += 1,
-            None => groups.push((key, 1)),
+        let text = serde_json::to_string(&key).unwrap_or_default();
+        match index.get(&text) {
+            Some(&at) => groups[at].1 += 1,
+            None => {
+                index.insert(text, groups.len());
+                groups.push((key, 1));
+            }
         }
     }
     if groups.is_empty() && query.group_by.is_empty() {
@@ -909,6 +1001,121 @@ mod tests {
 }
 
 #[cfg(test)]
+mod bounds {
+    //! Hostile query text: deep nesting, long chains, long paths. Each runs on a
+    //! thread with a small stack, so any recursion proportional to the input would
+    //! overflow it instead of passing.
+    use super::*;
+
+    const PREFIX: &str = "SELECT * FROM devices WHERE ";
+
+    fn on_small_stack<T: Send + 'static>(f: impl FnOnce() -> T + Send + 'static) -> T {
+        std::thread::Builder::new()
+            .stack_size(512 * 1024)
+            .spawn(f)
+            .expect("spawn")
+            .join()
+            .expect("the parser overflowed or panicked")
+    }
+
+    fn parse_and_drop(text: String) -> Result<(), QueryError> {
+        on_small_stack(move || parse(&text).map(drop))
+    }
+
+    #[test]
+    fn deep_parentheses_are_refused_at_the_first_level_too_deep() {
+        let text = format!("{PREFIX}{}a = 1{}", "(".repeat(5000), ")".repeat(5000));
+        let err = parse_and_drop(text).unwrap_err();
+        assert_eq!(err.position, PREFIX.len() + MAX_DEPTH, "{err}");
+        assert!(err.message.contains("nested too deeply"), "{err}");
+
+        let text = format!(
+            "{PREFIX}{}a = 1{}",
+            "(".repeat(MAX_DEPTH),
+            ")".repeat(MAX_DEPTH)
+        );
+        parse_and_drop(text).expect("the deepest allowed nesting parses");
+    }
+
+    #[test]
+    fn long_not_chains_are_refused() {
+        let text = format!("{PREFIX}{}a = 1", "NOT ".repeat(10_000));
+        let err = parse_and_drop(text).unwrap_err();
+        assert_eq!(err.position, PREFIX.len() + 4 * MAX_DEPTH, "{err}");
+    }
+
+    #[test]
+    fn long_and_or_chains_are_refused_past_the_term_limit() {
+        let chain = |n: usize, op: &str| {
+            let terms: Vec<&str> = std::iter::repeat_n("a = 1", n).collect();
+            format!("{PREFIX}{}", terms.join(op))
+        };
+        let err = parse_and_drop(chain(6_000, " AND ")).unwrap_err();
+        assert!(err.message.contains("too many terms"), "{err}");
+        // The first term past the limit is where the error points.
+        assert_eq!(err.position, PREFIX.len() + MAX_TERMS * "a = 1 AND ".len());
+        assert!(parse_and_drop(chain(6_000, " OR ")).is_err());
+
+        // At the limit, the chain parses flat and evaluates without recursion.
+        let text = chain(MAX_TERMS, " AND ");
+        let query = parse(&text).expect("a chain at the limit parses");
+        let Some(Expr::And(terms)) = &query.filter else {
+            panic!("an AND chain is one n-ary node: {:?}", query.filter)
+        };
+        assert_eq!(terms.len(), MAX_TERMS);
+    }
+
+    #[test]
+    fn long_in_lists_select_lists_and_paths_are_bounded() {
+        let values: Vec<String> = (0..5000).map(|i| i.to_string()).collect();
+        let text = format!("{PREFIX}a IN [{}]", values.join(","));
+        assert!(
+            parse_and_drop(text)
+                .unwrap_err()
+                .message
+                .contains("too many terms")
+        );
+
+        let fields: Vec<&str> = std::iter::repeat_n("tags.a", 5000).collect();
+        let text = format!("SELECT {} FROM devices", fields.join(", "));
+        assert!(
+            parse_and_drop(text)
+                .unwrap_err()
+                .message
+                .contains("too many terms")
+        );
+
+        let path = vec!["a"; 10_000].join(".");
+        let err = parse_and_drop(format!("{PREFIX}{path} = 1")).unwrap_err();
+        assert!(err.message.contains("field path too long"), "{err}");
+    }
+
+    #[test]
+    fn overlong_text_is_refused_before_tokenizing() {
+        let text = format!("{PREFIX}a = '{}'", "x".repeat(MAX_QUERY_CHARS));
+        let err = parse(&text).unwrap_err();
+        assert!(err.message.contains("query too long"), "{err}");
+    }
+
+    #[test]
+    fn grouping_many_distinct_keys_is_linear() {
+        // 20,000 distinct groups: a quadratic search would take ~2×10^8 comparisons.
+        struct Numbered(u64);
+        impl Row for Numbered {
+            fn get(&self, path: &[String]) -> Option<Value> {
+                (path.first().map(String::as_str) == Some("n")).then(|| Value::from(self.0))
+            }
+        }
+        let query = parse("SELECT n, COUNT() AS c FROM devices GROUP BY n").expect("parses");
+        let rows: Vec<Numbered> = (0..20_000).chain(0..10).map(Numbered).collect();
+        let groups = aggregate(&query, rows.iter().map(|r| r as &dyn Row));
+        assert_eq!(groups.len(), 20_000);
+        assert_eq!(groups[3], serde_json::json!({"n": 3, "c": 2}));
+        assert_eq!(groups[19_999], serde_json::json!({"n": 19_999, "c": 1}));
+    }
+}
+
+#[cfg(test)]
 mod fuzz {
     //! Arbitrary query text never panics the parser; errors always carry a position
     //! inside the text.
@@ -932,6 +1139,63 @@ mod fuzz {
         ) {
             let text = format!("SELECT * FROM devices WHERE {field}{op}{value}{tail}");
             let _ = parse(&text);
+        }
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(64))]
+
+        /// Any mix of `(` and `NOT` nests: accepted up to MAX_DEPTH, refused with a
+        /// position inside the text beyond it, never a stack overflow.
+        #[test]
+        fn nesting_of_any_depth_is_parsed_or_refused(
+            opens in proptest::collection::vec(any::<bool>(), 0..3000),
+        ) {
+            let mut text = String::from("SELECT * FROM devices WHERE ");
+            let mut closes = 0;
+            for paren in &opens {
+                if *paren {
+                    text.push('(');
+                    closes += 1;
+                } else {
+                    text.push_str("NOT ");
+                }
+            }
+            text.push_str("tags.a = 1");
+            text.push_str(&")".repeat(closes));
+            let len = text.chars().count();
+            let result = std::thread::Builder::new()
+                .stack_size(512 * 1024)
+                .spawn(move || parse(&text).map(drop))
+                .expect("spawn")
+                .join()
+                .expect("no overflow");
+            match result {
+                Ok(()) => prop_assert!(opens.len() <= MAX_DEPTH),
+                Err(err) => {
+                    prop_assert!(opens.len() > MAX_DEPTH, "{}", err);
+                    prop_assert!(err.position <= len);
+                }
+            }
+        }
+
+        /// Chains of any length with any mix of AND and OR: accepted up to
+        /// MAX_TERMS terms, refused beyond.
+        #[test]
+        fn chains_of_any_length_are_parsed_or_refused(
+            ops in proptest::collection::vec(any::<bool>(), 0..2000),
+        ) {
+            let mut text = String::from("SELECT * FROM devices WHERE tags.a = 1");
+            for and in &ops {
+                text.push_str(if *and { " AND tags.b != 'x'" } else { " OR tags.c < 3" });
+            }
+            let result = std::thread::Builder::new()
+                .stack_size(512 * 1024)
+                .spawn(move || parse(&text).map(drop))
+                .expect("spawn")
+                .join()
+                .expect("no overflow");
+            prop_assert_eq!(result.is_ok(), ops.len() < MAX_TERMS);
         }
     }
 }
