@@ -419,26 +419,30 @@ impl Parser {
     }
 
     fn or(&mut self, depth: usize) -> Result<Expr, QueryError> {
-        let mut terms = vec![self.and(depth)?];
-        while self.keyword("OR") {
-            terms.push(self.and(depth)?);
-        }
-        Ok(if terms.len() == 1 {
-            terms.swap_remove(0)
-        } else {
-            Expr::Or(terms)
-        })
+        self.chain("OR", depth, Self::and, Expr::Or)
     }
 
     fn and(&mut self, depth: usize) -> Result<Expr, QueryError> {
-        let mut terms = vec![self.not(depth)?];
-        while self.keyword("AND") {
-            terms.push(self.not(depth)?);
+        self.chain("AND", depth, Self::not, Expr::And)
+    }
+
+    /// `term (keyword term)*` as one n-ary node (or the lone term), so a long chain
+    /// is flat rather than deep.
+    fn chain(
+        &mut self,
+        keyword: &str,
+        depth: usize,
+        term: fn(&mut Self, usize) -> Result<Expr, QueryError>,
+        node: fn(Vec<Expr>) -> Expr,
+    ) -> Result<Expr, QueryError> {
+        let mut terms = vec![term(self, depth)?];
+        while self.keyword(keyword) {
+            terms.push(term(self, depth)?);
         }
         Ok(if terms.len() == 1 {
             terms.swap_remove(0)
         } else {
-            Expr::And(terms)
+            node(terms)
         })
     }
 
