@@ -57,6 +57,44 @@ pub struct Config {
     pub http: HttpConfig,
     /// Telemetry streams.
     pub telemetry: TelemetryConfig,
+    /// Cluster mode: the hub's state on NATS JetStream.
+    pub cluster: ClusterConfig,
+}
+
+/// `[cluster]`: cluster mode. With no `nats` servers the hub keeps its state in its
+/// data directory (embedded); with some, every capability's state lives in NATS
+/// JetStream streams and KV buckets.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct ClusterConfig {
+    /// NATS server URLs (`nats://host:port`). Default none (embedded store).
+    pub nats: Vec<String>,
+    /// Replicas of every stream and bucket. Default 3; 1 for a single NATS server.
+    pub replicas: usize,
+    /// How long a write keeps retrying through a JetStream leader change before the
+    /// device or caller gets an error, seconds. Default 30.
+    pub retry_secs: u64,
+    /// Telemetry messages per partition that may wait for JetStream's ack before
+    /// devices are slowed down. Default 8192.
+    pub max_pending_publishes: usize,
+}
+
+impl Default for ClusterConfig {
+    fn default() -> Self {
+        Self {
+            nats: Vec::new(),
+            replicas: 3,
+            retry_secs: 30,
+            max_pending_publishes: 8192,
+        }
+    }
+}
+
+impl ClusterConfig {
+    /// Whether the hub runs in cluster mode.
+    pub fn enabled(&self) -> bool {
+        !self.nats.is_empty()
+    }
 }
 
 /// `[telemetry]`: durable partitioned streams.
@@ -148,6 +186,7 @@ impl Default for Config {
             mqtt: MqttConfig::default(),
             http: HttpConfig::default(),
             telemetry: TelemetryConfig::default(),
+            cluster: ClusterConfig::default(),
         }
     }
 }
@@ -191,6 +230,8 @@ pub struct Overrides {
     pub mqtts: Option<SocketAddr>,
     /// `--http` / `HUB_HTTP`.
     pub http: Option<SocketAddr>,
+    /// `--cluster` / `HUB_CLUSTER`: comma-separated NATS URLs.
+    pub cluster: Option<Vec<String>>,
 }
 
 /// The largest packet MQTT 3.1.1 can express (remaining length of four bytes).
@@ -242,6 +283,9 @@ impl Config {
         }
         if let Some(addr) = overrides.http {
             self.http.listen = addr;
+        }
+        if let Some(urls) = &overrides.cluster {
+            self.cluster.nats.clone_from(urls);
         }
     }
 
@@ -321,6 +365,28 @@ impl Config {
                 "telemetry.queue_bytes",
                 "must be ≥ mqtt.max_telemetry_bytes",
             );
+        }
+        let c = &self.cluster;
+        for url in &c.nats {
+            let rest = url.strip_prefix("nats://").unwrap_or("");
+            if rest.is_empty() || rest.contains('/') || !rest.contains(':') {
+                return Err(ConfigError::Invalid {
+                    key: "cluster.nats",
+                    message: format!("{url:?} is not of the form nats://host:port"),
+                });
+            }
+        }
+        if !(1..=5).contains(&c.replicas) {
+            return invalid(
+                "cluster.replicas",
+                "must be from 1 to 5 (JetStream's limit)",
+            );
+        }
+        if c.retry_secs == 0 {
+            return invalid("cluster.retry_secs", "must be ≥ 1");
+        }
+        if c.max_pending_publishes == 0 {
+            return invalid("cluster.max_pending_publishes", "must be ≥ 1");
         }
         Ok(())
     }

@@ -71,6 +71,10 @@ struct ConfigArgs {
     /// REST API listen address (default 127.0.0.1:8080).
     #[arg(long, env = "HUB_HTTP")]
     http: Option<std::net::SocketAddr>,
+    /// Cluster mode: NATS JetStream servers, comma-separated
+    /// (nats://a:4222,nats://b:4222,nats://c:4222).
+    #[arg(long, env = "HUB_CLUSTER", value_delimiter = ',')]
+    cluster: Option<Vec<String>>,
 }
 
 impl ConfigArgs {
@@ -81,6 +85,7 @@ impl ConfigArgs {
             mqtt: self.mqtt,
             mqtts: self.mqtts,
             http: self.http,
+            cluster: self.cluster.clone(),
         };
         Config::load(self.config.as_deref(), &overrides)
     }

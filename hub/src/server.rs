@@ -25,8 +25,11 @@ use crate::gateway::session::SessionLimits;
 use crate::gateway::tls::{self, TlsError};
 use crate::gateway::{Gateway, GatewayContext, listener};
 use crate::registry::{Presence, Registry};
-use crate::store::StoreError;
 use crate::store::embedded::EmbeddedStore;
+use crate::store::nats::NatsStore;
+use crate::store::nats::checkpoints::NatsCheckpoints;
+use crate::store::nats::telemetry::JetStreamTelemetry;
+use crate::store::{StoreError, StoreHealth};
 use crate::telemetry::{Telemetry, TelemetryError};
 use crate::twins::document::TwinLimits;
 use crate::twins::{TwinError, Twins};
@@ -125,11 +128,33 @@ impl Server {
         let device_ca = DeviceCa::from_pem(ca.cert_pem())?;
         let service_key = ServiceKey::load_or_create(&data_dir.service_key_path())?;
         let store = EmbeddedStore::open(&data_dir.store_path())?;
-        let telemetry = Arc::new(Telemetry::open(
-            &data_dir.root().join("telemetry"),
-            &config.telemetry,
-            Arc::new(store.clone()),
-        )?);
+        let (telemetry, health): (Arc<Telemetry>, Arc<dyn StoreHealth>) =
+            if config.cluster.enabled() {
+                let nats = NatsStore::connect(&config.cluster).await?;
+                nats.claim_partition_count(config.telemetry.partitions)
+                    .await?;
+                let log = JetStreamTelemetry::open(
+                    &nats,
+                    &config.telemetry,
+                    config.cluster.max_pending_publishes,
+                )
+                .await?;
+                let checkpoints = NatsCheckpoints::open(&nats).await?;
+                tracing::info!(
+                    node = nats.node_id(),
+                    "cluster mode: telemetry and checkpoints on NATS JetStream"
+                );
+                let telemetry =
+                    Telemetry::new(Arc::new(log), &config.telemetry, Arc::new(checkpoints));
+                (Arc::new(telemetry), Arc::new(nats))
+            } else {
+                let telemetry = Telemetry::open(
+                    &data_dir.root().join("telemetry"),
+                    &config.telemetry,
+                    Arc::new(store.clone()),
+                )?;
+                (Arc::new(telemetry), Arc::new(store.clone()))
+            };
 
         let presence = Presence::default();
         let registry = Registry::new(Arc::new(store.clone()), presence.clone());
@@ -214,7 +239,7 @@ impl Server {
         let state = AppState {
             registry,
             service_key: Arc::new(service_key),
-            store: Arc::new(store),
+            store: health,
             metrics,
             telemetry,
             twins,

@@ -15,7 +15,6 @@ use serde_json::{Value, json};
 
 use super::extract::{ApiJson, ApiPath, ApiQuery, Authorized, ServiceConnect};
 use super::{ApiError, AppState};
-use crate::telemetry::segment::LogError;
 use crate::telemetry::{DEFAULT_GROUP, TelemetryError, message};
 
 /// Longest long-poll wait.
@@ -27,11 +26,9 @@ impl From<TelemetryError> for ApiError {
     fn from(err: TelemetryError) -> Self {
         match err {
             TelemetryError::NoSuchPartition(..) => ApiError::InvalidArgument(err.to_string()),
-            TelemetryError::Log(LogError::BeforeRetention { requested, first }) => {
-                ApiError::Gone(format!(
-                    "offset {requested} was removed by retention; the first available offset is {first}"
-                ))
-            }
+            TelemetryError::BeforeRetention { requested, first } => ApiError::Gone(format!(
+                "offset {requested} was removed by retention; the first available offset is {first}"
+            )),
             other => ApiError::Internal(other.to_string()),
         }
     }
@@ -84,7 +81,7 @@ async fn resolve_from(
     partition: u32,
     from: Option<&String>,
 ) -> Result<u64, ApiError> {
-    let info = state.telemetry.partition_info(partition)?;
+    let info = state.telemetry.partition_info(partition).await?;
     match from.map(String::as_str) {
         Some("earliest") => Ok(info.first_offset),
         Some("latest") => Ok(info.end_offset),
@@ -102,10 +99,14 @@ async fn resolve_from(
 }
 
 /// `GET /streams/telemetry`.
-pub async fn info(_auth: Authorized<ServiceConnect>, State(state): State<AppState>) -> Json<Value> {
+pub async fn info(
+    _auth: Authorized<ServiceConnect>,
+    State(state): State<AppState>,
+) -> Result<Json<Value>, ApiError> {
     let partitions: Vec<Value> = state
         .telemetry
         .info()
+        .await?
         .into_iter()
         .map(|p| {
             json!({
@@ -115,7 +116,9 @@ pub async fn info(_auth: Authorized<ServiceConnect>, State(state): State<AppStat
             })
         })
         .collect();
-    Json(json!({ "partitionCount": state.telemetry.partition_count(), "partitions": partitions }))
+    Ok(Json(
+        json!({ "partitionCount": state.telemetry.partition_count(), "partitions": partitions }),
+    ))
 }
 
 /// `GET /streams/telemetry/partitions/{p}/messages?consumerGroup=&from=&max=&waitMs=`.
@@ -154,7 +157,7 @@ pub async fn put_checkpoint(
 ) -> Result<Json<Value>, ApiError> {
     let group = parse_group(Some(&group))?;
     let partition = parse_partition(&partition)?;
-    let info = state.telemetry.partition_info(partition)?;
+    let info = state.telemetry.partition_info(partition).await?;
     if body.offset > info.end_offset {
         return Err(ApiError::InvalidArgument(format!(
             "offset {} is beyond the end of partition {partition} ({})",
@@ -184,7 +187,7 @@ pub async fn websocket(
     let group = parse_group(query.get("consumerGroup"))?;
     let from = match query.get("from") {
         // A live view starts at the end unless told otherwise.
-        None => state.telemetry.partition_info(partition)?.end_offset,
+        None => state.telemetry.partition_info(partition).await?.end_offset,
         Some(_) => resolve_from(&state, &group, partition, query.get("from")).await?,
     };
     Ok(upgrade.on_upgrade(move |socket| stream_partition(socket, state, partition, from)))

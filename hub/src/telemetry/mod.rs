@@ -1,34 +1,33 @@
 //! Durable, partitioned telemetry streams (DESIGN sections 2–4).
 //!
 //! A message from the gateway is routed by [`partitioner`] to a partition, encoded
-//! ([`message`]), and queued to that partition's group committer ([`appender`]),
-//! which appends batches to the partition's segment files ([`segment`]) with one
-//! `fdatasync` each and only then releases the PUBACKs. Readers read durable records
-//! by offset, wait for new ones (long-poll, WebSocket), and keep consumer-group
-//! checkpoints in a [`CheckpointStore`]. Retention deletes whole old segments by age
-//! and total size.
+//! ([`message`]), and appended to a [`TelemetryLog`]; its PUBACK goes out only once
+//! the log says it is durable. Two logs exist: [`segments`] (embedded: per partition
+//! a group committer ([`appender`]) appending batches to segment files ([`segment`])
+//! with one `fdatasync` each) and the JetStream stream of cluster mode
+//! (`store::nats`). Readers read durable records by offset, wait for new ones
+//! (long-poll, WebSocket), and keep consumer-group checkpoints in a
+//! [`CheckpointStore`]. Retention removes old records by age and total size.
 
 pub mod appender;
 pub mod message;
 pub mod partitioner;
 pub mod segment;
+pub mod segments;
 
-use std::path::Path;
-use std::sync::{Arc, Mutex, PoisonError};
-use std::thread::JoinHandle;
+use std::sync::Arc;
 use std::time::Duration;
 
 use async_trait::async_trait;
+use bytes::Bytes;
 use time::OffsetDateTime;
-use tokio::sync::watch;
 
 use crate::config::TelemetryConfig;
 use crate::gateway::services::{Durable, IngestError, TelemetryIngest, TelemetryMessage};
 use crate::store::StoreError;
-use appender::{AppendError, BatchLimits, Partition};
 use message::StoredMessage;
 use partitioner::Partitioner;
-use segment::{LogError, SegmentLog};
+use segment::{LogError, Record};
 
 /// The consumer group used when a reader names none.
 pub const DEFAULT_GROUP: &str = "$Default";
@@ -80,6 +79,51 @@ pub enum TelemetryError {
     /// The checkpoint store failed.
     #[error(transparent)]
     Store(#[from] StoreError),
+    /// The requested offset was removed by retention.
+    #[error("offset {requested} is before the first available offset {first}")]
+    BeforeRetention {
+        /// What was asked for.
+        requested: u64,
+        /// The first offset still stored.
+        first: u64,
+    },
+    /// The cluster's stream failed or did not answer.
+    #[error("telemetry stream: {0}")]
+    Stream(String),
+}
+
+/// Where a hub's telemetry partitions live: segment files (embedded) or a JetStream
+/// stream (cluster mode). Offsets increase along a partition; a reader continues from
+/// the offset after the last record it got.
+#[async_trait]
+pub trait TelemetryLog: Send + Sync + 'static {
+    /// Appends one encoded message (received at `time`, Unix nanoseconds) behind
+    /// everything appended to `partition` before; the future completes once it is
+    /// durable. Waits while the log is behind (backpressure).
+    async fn append(
+        &self,
+        partition: u32,
+        time: i64,
+        payload: Bytes,
+    ) -> Result<Durable, IngestError>;
+    /// The first stored offset and one past the last durable one.
+    async fn bounds(&self, partition: u32) -> Result<(u64, u64), TelemetryError>;
+    /// Up to `max` records of `partition` from offset `from` on; when there are none
+    /// yet, waits up to `wait` for the first.
+    async fn read(
+        &self,
+        partition: u32,
+        from: u64,
+        max: usize,
+        wait: Duration,
+    ) -> Result<Vec<Record>, TelemetryError>;
+    /// Removes records older than `older_than` (Unix nanoseconds) or beyond
+    /// `total_bytes`; returns how many units (segments) went. Blocks.
+    fn apply_retention(&self, older_than: i64, total_bytes: u64) -> usize;
+    /// Prometheus text about the log.
+    fn render_metrics(&self) -> String;
+    /// Refuses further appends and waits for what is queued. Blocks.
+    fn close(&self);
 }
 
 /// A partition's stored range.
@@ -96,8 +140,7 @@ pub struct PartitionInfo {
 /// The telemetry streams of one hub.
 pub struct Telemetry {
     partitioner: Partitioner,
-    partitions: Vec<Partition>,
-    threads: Mutex<Vec<JoinHandle<()>>>,
+    log: Arc<dyn TelemetryLog>,
     checkpoints: Arc<dyn CheckpointStore>,
     retention: Duration,
     retention_bytes: u64,
@@ -106,76 +149,36 @@ pub struct Telemetry {
 impl std::fmt::Debug for Telemetry {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Telemetry")
-            .field("partitions", &self.partitions)
+            .field("partitions", &self.partitioner.count())
             .finish_non_exhaustive()
     }
 }
 
 impl Telemetry {
-    /// Opens the partitions under `dir` (recovering torn tails) and starts their
-    /// committers. The partition count is fixed by the first start.
+    /// Opens the embedded partitions under `dir` (recovering torn tails) and starts
+    /// their committers. The partition count is fixed by the first start.
     pub fn open(
-        dir: &Path,
+        dir: &std::path::Path,
         config: &TelemetryConfig,
         checkpoints: Arc<dyn CheckpointStore>,
     ) -> Result<Self, TelemetryError> {
-        let io = |path: &Path| {
-            let path = path.to_path_buf();
-            move |source| TelemetryError::Io { path, source }
-        };
-        std::fs::create_dir_all(dir).map_err(io(dir))?;
-        let count_file = dir.join("partitions");
-        match std::fs::read_to_string(&count_file) {
-            Ok(text) => {
-                let stored: u32 = text.trim().parse().map_err(|_| TelemetryError::Io {
-                    path: count_file.clone(),
-                    source: std::io::Error::new(
-                        std::io::ErrorKind::InvalidData,
-                        "not a partition count",
-                    ),
-                })?;
-                if stored != config.partitions {
-                    return Err(TelemetryError::PartitionCountChanged {
-                        stored,
-                        configured: config.partitions,
-                    });
-                }
-            }
-            Err(err) if err.kind() == std::io::ErrorKind::NotFound => {
-                std::fs::write(&count_file, format!("{}\n", config.partitions))
-                    .map_err(io(&count_file))?;
-            }
-            Err(source) => {
-                return Err(TelemetryError::Io {
-                    path: count_file,
-                    source,
-                });
-            }
-        }
-        let limits = BatchLimits {
-            max_messages: config.max_batch_messages,
-            max_bytes: config.max_batch_bytes,
-            max_wait: Duration::from_micros(config.max_batch_wait_micros),
-            queue_bytes: config.queue_bytes,
-        };
-        let mut partitions = Vec::new();
-        let mut threads = Vec::new();
-        for id in 0..config.partitions {
-            let log = SegmentLog::open(&dir.join(format!("p{id}")), config.segment_bytes)?;
-            let (partition, thread) =
-                Partition::start(Box::new(log), limits, format!("telemetry-p{id}"))
-                    .map_err(io(dir))?;
-            partitions.push(partition);
-            threads.push(thread);
-        }
-        Ok(Self {
+        let log = segments::SegmentPartitions::open(dir, config)?;
+        Ok(Self::new(Arc::new(log), config, checkpoints))
+    }
+
+    /// Telemetry over `log`, which holds `config.partitions` partitions.
+    pub fn new(
+        log: Arc<dyn TelemetryLog>,
+        config: &TelemetryConfig,
+        checkpoints: Arc<dyn CheckpointStore>,
+    ) -> Self {
+        Self {
             partitioner: Partitioner::new(config.partitions),
-            partitions,
-            threads: Mutex::new(threads),
+            log,
             checkpoints,
             retention: Duration::from_secs(config.retention_secs),
             retention_bytes: config.retention_bytes,
-        })
+        }
     }
 
     /// Number of partitions.
@@ -183,33 +186,30 @@ impl Telemetry {
         self.partitioner.count()
     }
 
-    fn partition(&self, id: u32) -> Result<&Partition, TelemetryError> {
-        self.partitions
-            .get(id as usize)
-            .ok_or(TelemetryError::NoSuchPartition(
+    fn check(&self, id: u32) -> Result<(), TelemetryError> {
+        if id < self.partition_count() {
+            Ok(())
+        } else {
+            Err(TelemetryError::NoSuchPartition(
                 id,
                 self.partition_count().saturating_sub(1),
             ))
+        }
     }
 
     /// Stored ranges of every partition.
-    pub fn info(&self) -> Vec<PartitionInfo> {
-        (0u32..)
-            .zip(&self.partitions)
-            .map(|(id, partition)| {
-                let (first_offset, end_offset) = partition.bounds();
-                PartitionInfo {
-                    id,
-                    first_offset,
-                    end_offset,
-                }
-            })
-            .collect()
+    pub async fn info(&self) -> Result<Vec<PartitionInfo>, TelemetryError> {
+        let mut out = Vec::new();
+        for id in 0..self.partition_count() {
+            out.push(self.partition_info(id).await?);
+        }
+        Ok(out)
     }
 
     /// The stored range of one partition.
-    pub fn partition_info(&self, id: u32) -> Result<PartitionInfo, TelemetryError> {
-        let (first_offset, end_offset) = self.partition(id)?.bounds();
+    pub async fn partition_info(&self, id: u32) -> Result<PartitionInfo, TelemetryError> {
+        self.check(id)?;
+        let (first_offset, end_offset) = self.log.bounds(id).await?;
         Ok(PartitionInfo {
             id,
             first_offset,
@@ -226,22 +226,12 @@ impl Telemetry {
         max: usize,
         wait: Duration,
     ) -> Result<Vec<StoredMessage>, TelemetryError> {
-        let part = self.partition(partition)?;
-        let mut end = part.watch_end();
-        if wait > Duration::ZERO && *end.borrow_and_update() <= from {
-            // Timing out is a normal, empty answer.
-            let _ = tokio::time::timeout(wait, end.wait_for(|&e| e > from)).await;
-        }
-        let records = part.read(from, max, 4 * 1024 * 1024)?;
+        self.check(partition)?;
+        let records = self.log.read(partition, from, max, wait).await?;
         records
             .iter()
             .map(|r| message::decode(r.offset, r.time, &r.payload).map_err(TelemetryError::from))
             .collect()
-    }
-
-    /// Watches the durable end of `partition` (for streaming readers).
-    pub fn watch_end(&self, partition: u32) -> Result<watch::Receiver<u64>, TelemetryError> {
-        Ok(self.partition(partition)?.watch_end())
     }
 
     /// The checkpoint of `group` in `partition`.
@@ -250,7 +240,7 @@ impl Telemetry {
         group: &str,
         partition: u32,
     ) -> Result<Option<u64>, TelemetryError> {
-        self.partition(partition)?;
+        self.check(partition)?;
         Ok(self.checkpoints.checkpoint(group, partition).await?)
     }
 
@@ -261,25 +251,19 @@ impl Telemetry {
         partition: u32,
         offset: u64,
     ) -> Result<(), TelemetryError> {
-        self.partition(partition)?;
+        self.check(partition)?;
         Ok(self
             .checkpoints
             .set_checkpoint(group, partition, offset)
             .await?)
     }
 
-    /// Deletes segments past the retention age or size; returns how many went.
+    /// Removes records past the retention age or size; returns how many units went.
+    /// Blocks; call it off the async workers.
     pub fn apply_retention(&self) -> usize {
         let now = OffsetDateTime::now_utc().unix_timestamp_nanos();
         let older_than = i64::try_from(now - self.retention.as_nanos() as i128).unwrap_or(i64::MIN);
-        let per_partition = self.retention_bytes / u64::from(self.partition_count().max(1));
-        let mut removed = 0;
-        for (id, partition) in self.partitions.iter().enumerate() {
-            match partition.apply_retention(older_than, per_partition) {
-                Ok(n) => removed += n,
-                Err(err) => tracing::warn!(partition = id, error = %err, "retention failed"),
-            }
-        }
+        let removed = self.log.apply_retention(older_than, self.retention_bytes);
         if removed > 0 {
             tracing::info!(
                 segments = removed,
@@ -289,72 +273,15 @@ impl Telemetry {
         removed
     }
 
-    /// Prometheus text: commit latency histogram, committed messages, queued bytes and
-    /// end offset, per partition.
+    /// Prometheus text about the partitions.
     pub fn render_metrics(&self) -> String {
-        use std::fmt::Write as _;
-        use std::sync::atomic::Ordering::Relaxed;
-        let mut out = String::new();
-        let _ = writeln!(
-            out,
-            "# HELP hub_telemetry_commit_seconds durable commit latency per partition\n# TYPE hub_telemetry_commit_seconds histogram"
-        );
-        for (id, partition) in self.partitions.iter().enumerate() {
-            let stats = partition.stats();
-            for (bound, bucket) in appender::COMMIT_BUCKETS.iter().zip(&stats.buckets) {
-                let _ = writeln!(
-                    out,
-                    "hub_telemetry_commit_seconds_bucket{{partition=\"{id}\",le=\"{bound}\"}} {}",
-                    bucket.load(Relaxed)
-                );
-            }
-            let count = stats.count.load(Relaxed);
-            let _ = writeln!(
-                out,
-                "hub_telemetry_commit_seconds_bucket{{partition=\"{id}\",le=\"+Inf\"}} {count}"
-            );
-            let sum = stats.sum_micros.load(Relaxed) as f64 / 1e6;
-            let _ = writeln!(
-                out,
-                "hub_telemetry_commit_seconds_sum{{partition=\"{id}\"}} {sum}"
-            );
-            let _ = writeln!(
-                out,
-                "hub_telemetry_commit_seconds_count{{partition=\"{id}\"}} {count}"
-            );
-        }
-        type Reading = fn(&Partition) -> u64;
-        let gauges: [(&str, &str, Reading); 3] = [
-            ("hub_telemetry_messages_committed_total", "counter", |p| {
-                p.stats().messages.load(Relaxed)
-            }),
-            (
-                "hub_telemetry_queue_bytes",
-                "gauge",
-                Partition::queued_bytes,
-            ),
-            ("hub_telemetry_end_offset", "gauge", |p| p.bounds().1),
-        ];
-        for (name, kind, value) in gauges {
-            let _ = writeln!(out, "# TYPE {name} {kind}");
-            for (id, partition) in self.partitions.iter().enumerate() {
-                let _ = writeln!(out, "{name}{{partition=\"{id}\"}} {}", value(partition));
-            }
-        }
-        out
+        self.log.render_metrics()
     }
 
-    /// Refuses further appends and waits for the committers to commit what is
-    /// queued. Blocks; call it off the async workers.
+    /// Refuses further appends and waits for what is queued to become durable.
+    /// Blocks; call it off the async workers.
     pub fn close(&self) {
-        for partition in &self.partitions {
-            partition.close();
-        }
-        let threads =
-            std::mem::take(&mut *self.threads.lock().unwrap_or_else(PoisonError::into_inner));
-        for thread in threads {
-            let _ = thread.join();
-        }
+        self.log.close();
     }
 }
 
@@ -362,20 +289,7 @@ impl Telemetry {
 impl TelemetryIngest for Telemetry {
     async fn submit(&self, message: TelemetryMessage) -> Result<Durable, IngestError> {
         let id = self.partitioner.partition(message.device_id.as_str());
-        let partition = self
-            .partition(id)
-            .map_err(|err| IngestError::Commit(err.to_string()))?;
         let time = i64::try_from(message.enqueued_at.unix_timestamp_nanos()).unwrap_or(i64::MAX);
-        let receipt = partition
-            .submit(time, message::encode(&message))
-            .await
-            .map_err(|_| IngestError::Closed)?;
-        Ok(Box::pin(async move {
-            match receipt.await {
-                Ok(Ok(_offset)) => Ok(()),
-                Ok(Err(AppendError::Commit(err))) => Err(IngestError::Commit(err.to_string())),
-                Ok(Err(AppendError::Closed)) | Err(_) => Err(IngestError::Closed),
-            }
-        }))
+        self.log.append(id, time, message::encode(&message)).await
     }
 }

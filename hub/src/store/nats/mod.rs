@@ -1,0 +1,236 @@
+//! The cluster-mode backend: the hub's state in NATS JetStream (DESIGN section 4).
+//! Telemetry is one replicated stream with a subject per partition ([`telemetry`]);
+//! consumer-group checkpoints are a replicated KV bucket ([`checkpoints`]). Every
+//! stream and bucket has the configured replica count (3 by default), so losing one
+//! NATS node loses nothing JetStream acknowledged.
+//!
+//! [`NatsStore`] holds the connection and creates the streams and buckets; JetStream
+//! requests that fail while a leader is being elected are retried up to
+//! `cluster.retry_secs` ([`NatsStore::retrying`]).
+
+pub mod checkpoints;
+pub mod keys;
+pub mod telemetry;
+
+use std::future::Future;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use async_nats::jetstream::{self, kv, stream};
+use async_trait::async_trait;
+
+use super::{StoreError, StoreHealth};
+use crate::config::ClusterConfig;
+
+/// How long one JetStream request may wait for its answer.
+const REQUEST_TIMEOUT: Duration = Duration::from_secs(5);
+/// How long a telemetry publish waits for JetStream's ack before it is sent again
+/// (with the same message id, so a late first copy is dropped as a duplicate).
+const ACK_TIMEOUT: Duration = Duration::from_secs(1);
+/// The first and the longest pause between two tries of a failed request.
+const BACKOFF: (Duration, Duration) = (Duration::from_millis(50), Duration::from_secs(1));
+
+/// A connection to the NATS cluster holding the hub's state.
+#[derive(Clone)]
+pub struct NatsStore {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    client: async_nats::Client,
+    jetstream: jetstream::Context,
+    replicas: usize,
+    retry: Duration,
+    /// Unique per process: telemetry message ids start with it.
+    node_id: String,
+}
+
+impl std::fmt::Debug for NatsStore {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("NatsStore")
+            .field("node_id", &self.inner.node_id)
+            .field("replicas", &self.inner.replicas)
+            .finish_non_exhaustive()
+    }
+}
+
+impl NatsStore {
+    /// Connects to the servers of `config.nats` (any one that answers; the client
+    /// learns the others and reconnects to them when its server goes away).
+    pub async fn connect(config: &ClusterConfig) -> Result<Self, StoreError> {
+        let urls = config.nats.join(",");
+        let client = async_nats::ConnectOptions::new()
+            .name("hub")
+            .connection_timeout(REQUEST_TIMEOUT)
+            // Unlimited reconnects: the hub outlives any one NATS node.
+            .max_reconnects(None)
+            .event_callback(|event| async move {
+                tracing::info!(%event, "NATS connection event");
+            })
+            .connect(urls.as_str())
+            .await
+            .map_err(|err| StoreError::Open {
+                path: urls.clone().into(),
+                reason: format!("cannot connect to NATS: {err}"),
+            })?;
+        let jetstream = jetstream::ContextBuilder::new()
+            .timeout(REQUEST_TIMEOUT)
+            .ack_timeout(ACK_TIMEOUT)
+            .max_ack_inflight(1 << 16)
+            .backpressure_on_inflight(true)
+            .build(client.clone());
+        // An inbox ends in a fresh NUID: unique enough to tell hub processes apart.
+        let node_id = client
+            .new_inbox()
+            .rsplit('.')
+            .next()
+            .unwrap_or("hub")
+            .to_string();
+        Ok(Self {
+            inner: Arc::new(Inner {
+                client,
+                jetstream,
+                replicas: config.replicas,
+                retry: Duration::from_secs(config.retry_secs),
+                node_id,
+            }),
+        })
+    }
+
+    /// The JetStream context.
+    pub fn jetstream(&self) -> &jetstream::Context {
+        &self.inner.jetstream
+    }
+
+    /// The core NATS client.
+    pub fn client(&self) -> &async_nats::Client {
+        &self.inner.client
+    }
+
+    /// Replicas of every stream and bucket.
+    pub fn replicas(&self) -> usize {
+        self.inner.replicas
+    }
+
+    /// How long writes retry through a leader change.
+    pub fn retry_window(&self) -> Duration {
+        self.inner.retry
+    }
+
+    /// This process's id among the hub nodes.
+    pub fn node_id(&self) -> &str {
+        &self.inner.node_id
+    }
+
+    /// Runs `op` until it succeeds or `cluster.retry_secs` have passed since the first
+    /// failure, pausing with exponential backoff between tries; `what` names the
+    /// operation in logs and in the final error.
+    pub async fn retrying<T, E, F, Fut>(&self, what: &str, mut op: F) -> Result<T, StoreError>
+    where
+        E: std::fmt::Display,
+        F: FnMut() -> Fut,
+        Fut: Future<Output = Result<T, E>>,
+    {
+        let deadline = Instant::now() + self.inner.retry;
+        let mut pause = BACKOFF.0;
+        loop {
+            match op().await {
+                Ok(value) => return Ok(value),
+                Err(err) if Instant::now() + pause < deadline => {
+                    tracing::debug!(%err, what, "JetStream request failed; retrying");
+                    tokio::time::sleep(pause).await;
+                    pause = (pause * 2).min(BACKOFF.1);
+                }
+                Err(err) => {
+                    return Err(StoreError::Backend(format!("{what}: {err}")));
+                }
+            }
+        }
+    }
+
+    /// The stream `config` describes, created if missing and updated if its limits
+    /// changed.
+    pub async fn stream(&self, config: stream::Config) -> Result<stream::Stream, StoreError> {
+        let name = config.name.clone();
+        self.retrying(&format!("create stream {name}"), || {
+            self.inner.jetstream.create_or_update_stream(config.clone())
+        })
+        .await?;
+        self.retrying(&format!("open stream {name}"), || {
+            self.inner.jetstream.get_stream(name.as_str())
+        })
+        .await
+    }
+
+    /// The KV bucket `name` (keeping `history` revisions per key), created if
+    /// missing, with the configured replicas and file storage.
+    pub async fn bucket(&self, name: &str, history: i64) -> Result<kv::Store, StoreError> {
+        let config = kv::Config {
+            bucket: name.to_string(),
+            history,
+            num_replicas: self.inner.replicas,
+            storage: stream::StorageType::File,
+            ..Default::default()
+        };
+        self.retrying(&format!("create bucket {name}"), || {
+            self.inner
+                .jetstream
+                .create_or_update_key_value(config.clone())
+        })
+        .await
+    }
+}
+
+/// The bucket of cluster-wide facts fixed at the first start (the partition count).
+pub const META_BUCKET: &str = "hub-meta";
+
+impl NatsStore {
+    /// Records `partitions` as the cluster's telemetry partition count on the first
+    /// start; later starts must configure the same count (a message's partition is
+    /// its device's hash modulo the count, so changing it would split a device's
+    /// order across partitions).
+    pub async fn claim_partition_count(&self, partitions: u32) -> Result<(), StoreError> {
+        const KEY: &str = "telemetry-partitions";
+        let meta = self.bucket(META_BUCKET, 1).await?;
+        let value = bytes::Bytes::from(partitions.to_string());
+        let created = self
+            .retrying("record the partition count", || async {
+                match meta.create(KEY, value.clone()).await {
+                    Ok(_) => Ok(true),
+                    Err(err) if err.kind() == kv::CreateErrorKind::AlreadyExists => Ok(false),
+                    Err(err) => Err(err),
+                }
+            })
+            .await?;
+        if created {
+            return Ok(());
+        }
+        let stored = self
+            .retrying("read the partition count", || meta.get(KEY))
+            .await?
+            .and_then(|bytes| std::str::from_utf8(&bytes).ok()?.parse::<u32>().ok());
+        match stored {
+            Some(stored) if stored == partitions => Ok(()),
+            stored => Err(StoreError::Open {
+                path: META_BUCKET.into(),
+                reason: format!(
+                    "telemetry.partitions is {partitions} but this cluster was created with {}; the partition count of a cluster cannot change",
+                    stored.map_or_else(|| "an unreadable value".to_string(), |s| s.to_string())
+                ),
+            }),
+        }
+    }
+}
+
+#[async_trait]
+impl StoreHealth for NatsStore {
+    async fn ping(&self) -> Result<(), StoreError> {
+        // An account-info request needs a JetStream meta leader: the cluster can
+        // serve requests.
+        tokio::time::timeout(REQUEST_TIMEOUT, self.inner.jetstream.query_account())
+            .await
+            .map_err(|_| StoreError::Backend("JetStream did not answer in time".into()))?
+            .map(drop)
+            .map_err(|err| StoreError::Backend(format!("JetStream: {err}")))
+    }
+}

@@ -1,0 +1,230 @@
+//! The embedded telemetry log: one directory of segment files per partition, each
+//! with its own group committer ([`super::appender`]). The partition count is fixed by
+//! the first start of a data directory.
+
+use std::path::Path;
+use std::sync::{Mutex, PoisonError};
+use std::thread::JoinHandle;
+use std::time::Duration;
+
+use async_trait::async_trait;
+use bytes::Bytes;
+
+use super::appender::{self, AppendError, BatchLimits, Partition};
+use super::segment::{LogError, Record, SegmentLog};
+use super::{TelemetryError, TelemetryLog};
+use crate::config::TelemetryConfig;
+use crate::gateway::services::{Durable, IngestError};
+
+/// Most bytes one read returns.
+const MAX_READ_BYTES: usize = 4 * 1024 * 1024;
+
+/// The partitions of an embedded hub, in segment files under one directory.
+pub struct SegmentPartitions {
+    partitions: Vec<Partition>,
+    threads: Mutex<Vec<JoinHandle<()>>>,
+}
+
+impl std::fmt::Debug for SegmentPartitions {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("SegmentPartitions")
+            .field("partitions", &self.partitions)
+            .finish_non_exhaustive()
+    }
+}
+
+impl SegmentPartitions {
+    /// Opens the partitions under `dir` (recovering torn tails) and starts their
+    /// committers. The partition count is fixed by the first start.
+    pub fn open(dir: &Path, config: &TelemetryConfig) -> Result<Self, TelemetryError> {
+        let io = |path: &Path| {
+            let path = path.to_path_buf();
+            move |source| TelemetryError::Io { path, source }
+        };
+        std::fs::create_dir_all(dir).map_err(io(dir))?;
+        let count_file = dir.join("partitions");
+        match std::fs::read_to_string(&count_file) {
+            Ok(text) => {
+                let stored: u32 = text.trim().parse().map_err(|_| TelemetryError::Io {
+                    path: count_file.clone(),
+                    source: std::io::Error::new(
+                        std::io::ErrorKind::InvalidData,
+                        "not a partition count",
+                    ),
+                })?;
+                if stored != config.partitions {
+                    return Err(TelemetryError::PartitionCountChanged {
+                        stored,
+                        configured: config.partitions,
+                    });
+                }
+            }
+            Err(err) if err.kind() == std::io::ErrorKind::NotFound => {
+                std::fs::write(&count_file, format!("{}\n", config.partitions))
+                    .map_err(io(&count_file))?;
+            }
+            Err(source) => {
+                return Err(TelemetryError::Io {
+                    path: count_file,
+                    source,
+                });
+            }
+        }
+        let limits = BatchLimits {
+            max_messages: config.max_batch_messages,
+            max_bytes: config.max_batch_bytes,
+            max_wait: Duration::from_micros(config.max_batch_wait_micros),
+            queue_bytes: config.queue_bytes,
+        };
+        let mut partitions = Vec::new();
+        let mut threads = Vec::new();
+        for id in 0..config.partitions {
+            let log = SegmentLog::open(&dir.join(format!("p{id}")), config.segment_bytes)?;
+            let (partition, thread) =
+                Partition::start(Box::new(log), limits, format!("telemetry-p{id}"))
+                    .map_err(io(dir))?;
+            partitions.push(partition);
+            threads.push(thread);
+        }
+        Ok(Self {
+            partitions,
+            threads: Mutex::new(threads),
+        })
+    }
+
+    fn partition(&self, id: u32) -> Result<&Partition, TelemetryError> {
+        self.partitions
+            .get(id as usize)
+            .ok_or(TelemetryError::NoSuchPartition(
+                id,
+                (self.partitions.len() as u32).saturating_sub(1),
+            ))
+    }
+}
+
+#[async_trait]
+impl TelemetryLog for SegmentPartitions {
+    async fn append(
+        &self,
+        partition: u32,
+        time: i64,
+        payload: Bytes,
+    ) -> Result<Durable, IngestError> {
+        let partition = self
+            .partition(partition)
+            .map_err(|err| IngestError::Commit(err.to_string()))?;
+        let receipt = partition
+            .submit(time, payload)
+            .await
+            .map_err(|_| IngestError::Closed)?;
+        Ok(Box::pin(async move {
+            match receipt.await {
+                Ok(Ok(_offset)) => Ok(()),
+                Ok(Err(AppendError::Commit(err))) => Err(IngestError::Commit(err.to_string())),
+                Ok(Err(AppendError::Closed)) | Err(_) => Err(IngestError::Closed),
+            }
+        }))
+    }
+
+    async fn bounds(&self, partition: u32) -> Result<(u64, u64), TelemetryError> {
+        Ok(self.partition(partition)?.bounds())
+    }
+
+    async fn read(
+        &self,
+        partition: u32,
+        from: u64,
+        max: usize,
+        wait: Duration,
+    ) -> Result<Vec<Record>, TelemetryError> {
+        let part = self.partition(partition)?;
+        let mut end = part.watch_end();
+        if wait > Duration::ZERO && *end.borrow_and_update() <= from {
+            // Timing out is a normal, empty answer.
+            let _ = tokio::time::timeout(wait, end.wait_for(|&e| e > from)).await;
+        }
+        part.read(from, max, MAX_READ_BYTES)
+            .map_err(|err| match err {
+                LogError::BeforeRetention { requested, first } => {
+                    TelemetryError::BeforeRetention { requested, first }
+                }
+                other => TelemetryError::Log(other),
+            })
+    }
+
+    fn apply_retention(&self, older_than: i64, total_bytes: u64) -> usize {
+        let per_partition = total_bytes / (self.partitions.len() as u64).max(1);
+        let mut removed = 0;
+        for (id, partition) in self.partitions.iter().enumerate() {
+            match partition.apply_retention(older_than, per_partition) {
+                Ok(n) => removed += n,
+                Err(err) => tracing::warn!(partition = id, error = %err, "retention failed"),
+            }
+        }
+        removed
+    }
+
+    fn render_metrics(&self) -> String {
+        use std::fmt::Write as _;
+        use std::sync::atomic::Ordering::Relaxed;
+        let mut out = String::new();
+        let _ = writeln!(
+            out,
+            "# HELP hub_telemetry_commit_seconds durable commit latency per partition\n# TYPE hub_telemetry_commit_seconds histogram"
+        );
+        for (id, partition) in self.partitions.iter().enumerate() {
+            let stats = partition.stats();
+            for (bound, bucket) in appender::COMMIT_BUCKETS.iter().zip(&stats.buckets) {
+                let _ = writeln!(
+                    out,
+                    "hub_telemetry_commit_seconds_bucket{{partition=\"{id}\",le=\"{bound}\"}} {}",
+                    bucket.load(Relaxed)
+                );
+            }
+            let count = stats.count.load(Relaxed);
+            let _ = writeln!(
+                out,
+                "hub_telemetry_commit_seconds_bucket{{partition=\"{id}\",le=\"+Inf\"}} {count}"
+            );
+            let sum = stats.sum_micros.load(Relaxed) as f64 / 1e6;
+            let _ = writeln!(
+                out,
+                "hub_telemetry_commit_seconds_sum{{partition=\"{id}\"}} {sum}"
+            );
+            let _ = writeln!(
+                out,
+                "hub_telemetry_commit_seconds_count{{partition=\"{id}\"}} {count}"
+            );
+        }
+        type Reading = fn(&Partition) -> u64;
+        let gauges: [(&str, &str, Reading); 3] = [
+            ("hub_telemetry_messages_committed_total", "counter", |p| {
+                p.stats().messages.load(Relaxed)
+            }),
+            (
+                "hub_telemetry_queue_bytes",
+                "gauge",
+                Partition::queued_bytes,
+            ),
+            ("hub_telemetry_end_offset", "gauge", |p| p.bounds().1),
+        ];
+        for (name, kind, value) in gauges {
+            let _ = writeln!(out, "# TYPE {name} {kind}");
+            for (id, partition) in self.partitions.iter().enumerate() {
+                let _ = writeln!(out, "{name}{{partition=\"{id}\"}} {}", value(partition));
+            }
+        }
+        out
+    }
+
+    fn close(&self) {
+        for partition in &self.partitions {
+            partition.close();
+        }
+        let threads =
+            std::mem::take(&mut *self.threads.lock().unwrap_or_else(PoisonError::into_inner));
+        for thread in threads {
+            let _ = thread.join();
+        }
+    }
+}
