@@ -6,10 +6,12 @@
 //! (`target/<profile>/hub`; `cargo test --workspace` builds it), or `$HUB_BIN`.
 //!
 //! [`inproc`] runs the hub through the library instead, with recording capability
-//! services, and [`mqtt`] is a raw MQTT test client.
+//! services, [`mqtt`] is a raw MQTT test client, and [`nats`] starts a real NATS
+//! JetStream cluster (loopback, free ports, temp dirs) for the cluster-mode tests.
 
 pub mod inproc;
 pub mod mqtt;
+pub mod nats;
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
