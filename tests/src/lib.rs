@@ -426,7 +426,9 @@ impl Hub {
                     .await?
                     .json()
                     .await?;
-                let messages = page["messages"].as_array().context("no messages array")?;
+                let messages = page["messages"]
+                    .as_array()
+                    .with_context(|| format!("no messages array in {page}"))?;
                 if messages.is_empty() {
                     break;
                 }

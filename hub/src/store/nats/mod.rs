@@ -59,6 +59,15 @@ impl NatsStore {
     /// learns the others and reconnects to them when its server goes away).
     pub async fn connect(config: &ClusterConfig) -> Result<Self, StoreError> {
         let urls = config.nats.join(",");
+        let servers = config
+            .nats
+            .iter()
+            .map(|url| url.parse::<async_nats::ServerAddr>())
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(|err| StoreError::Open {
+                path: urls.clone().into(),
+                reason: format!("invalid NATS server address: {err}"),
+            })?;
         let client = async_nats::ConnectOptions::new()
             .name("hub")
             .connection_timeout(REQUEST_TIMEOUT)
@@ -67,7 +76,7 @@ impl NatsStore {
             .event_callback(|event| async move {
                 tracing::info!(%event, "NATS connection event");
             })
-            .connect(urls.as_str())
+            .connect(servers)
             .await
             .map_err(|err| StoreError::Open {
                 path: urls.clone().into(),
