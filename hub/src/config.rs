@@ -164,6 +164,11 @@ pub struct MqttConfig {
     pub jwt_max_lifetime_secs: u64,
     /// Clock skew allowed on device JWT `exp`/`iat`, seconds. Default 60.
     pub jwt_clock_skew_secs: u64,
+    /// Furthest a device SAS token's expiry (`se`) may lie in the future, seconds; a
+    /// token beyond it is refused with CONNACK 5. Azure's SDKs sign 1 h tokens and the
+    /// hub's device-sdk renews at 80 % of its (1 h default) lifetime, so the default is
+    /// generous: 31536000 (365 days). At most 3153600000 (100 years).
+    pub sas_max_lifetime_secs: u64,
 }
 
 /// `[http]`: the service REST API.
@@ -202,6 +207,7 @@ impl Default for MqttConfig {
             connect_timeout_secs: 10,
             jwt_max_lifetime_secs: 24 * 3600,
             jwt_clock_skew_secs: 60,
+            sas_max_lifetime_secs: DEFAULT_SAS_MAX_LIFETIME_SECS,
         }
     }
 }
@@ -233,6 +239,12 @@ pub struct Overrides {
     /// `--cluster` / `HUB_CLUSTER`: comma-separated NATS URLs.
     pub cluster: Option<Vec<String>>,
 }
+
+/// Default `mqtt.sas_max_lifetime_secs`: 365 days.
+pub const DEFAULT_SAS_MAX_LIFETIME_SECS: u64 = 365 * 24 * 3600;
+/// Largest `mqtt.sas_max_lifetime_secs`: 100 years, far below where a connection's
+/// expiry deadline could overflow.
+const MAX_SAS_MAX_LIFETIME_SECS: u64 = 100 * 365 * 24 * 3600;
 
 /// The largest packet MQTT 3.1.1 can express (remaining length of four bytes).
 const MQTT_MAX_PACKET: usize = 268_435_455;
@@ -332,6 +344,12 @@ impl Config {
         if self.mqtt.jwt_max_lifetime_secs == 0 {
             return invalid("mqtt.jwt_max_lifetime_secs", "must be ≥ 1");
         }
+        if !(1..=MAX_SAS_MAX_LIFETIME_SECS).contains(&self.mqtt.sas_max_lifetime_secs) {
+            return invalid(
+                "mqtt.sas_max_lifetime_secs",
+                "must be from 1 to 3153600000 (100 years)",
+            );
+        }
         if self.http.max_body_bytes < 1024 {
             return invalid("http.max_body_bytes", "must be ≥ 1024");
         }
@@ -418,7 +436,25 @@ mod tests {
         assert_eq!(config.mqtt.tcp_listen.to_string(), "127.0.0.1:1883");
         assert_eq!(config.mqtt.tls_listen.to_string(), "127.0.0.1:8883");
         assert_eq!(config.http.listen.to_string(), "127.0.0.1:8080");
+        assert_eq!(config.mqtt.sas_max_lifetime_secs, 365 * 24 * 3600);
         config.validate().unwrap();
+    }
+
+    #[test]
+    fn the_sas_lifetime_cap_is_bounded() {
+        let mut config = Config::default();
+        config.mqtt.sas_max_lifetime_secs = 0;
+        assert!(
+            config
+                .validate()
+                .unwrap_err()
+                .to_string()
+                .starts_with("mqtt.sas_max_lifetime_secs ")
+        );
+        config.mqtt.sas_max_lifetime_secs = u64::MAX;
+        assert!(config.validate().is_err());
+        let parsed = Config::from_toml("[mqtt]\nsas_max_lifetime_secs = 3600\n").unwrap();
+        assert_eq!(parsed.mqtt.sas_max_lifetime_secs, 3600);
     }
 
     #[test]

@@ -190,6 +190,7 @@ impl Server {
                     max_lifetime: Duration::from_secs(mqtt.jwt_max_lifetime_secs),
                     skew: Duration::from_secs(mqtt.jwt_clock_skew_secs),
                 },
+                Duration::from_secs(mqtt.sas_max_lifetime_secs),
             ),
             sessions: Arc::new(store.clone()),
             connections,

@@ -381,3 +381,88 @@ async fn rumqttc_connects_publishes_and_is_acknowledged() -> Result<()> {
     assert_eq!(telemetry[0].auth_method, hub::auth::device::AuthMethod::Sas);
     hub.stop().await
 }
+
+/// `hub_mqtt_connections_open` from `GET /metrics`.
+async fn open_connections(hub: &hub_tests::Hub) -> Result<i64> {
+    let text = hub
+        .http()
+        .get(format!("{}/metrics", hub.url()))
+        .send()
+        .await?
+        .text()
+        .await?;
+    text.lines()
+        .find_map(|line| line.strip_prefix("hub_mqtt_connections_open "))
+        .and_then(|value| value.trim().parse().ok())
+        .ok_or_else(|| anyhow::anyhow!("no open-connections gauge in {text}"))
+}
+
+#[tokio::test]
+async fn a_sas_token_valid_for_ever_is_refused_and_leaves_no_trace() -> Result<()> {
+    use base64::Engine;
+
+    let dir = tempfile::tempdir()?;
+    let hub = hub_tests::Hub::start(dir.path()).await?;
+    let token = hub.owner_token().await?;
+    let key = hub.create_device(&token, "forever").await?;
+    let key_bytes = base64::engine::general_purpose::STANDARD.decode(&key)?;
+    let mqtt_addr = hub
+        .endpoint("mqtt")
+        .ok_or_else(|| anyhow::anyhow!("no mqtt"))?;
+    let before = open_connections(&hub).await?;
+
+    // Validly signed with the device's own key: se at (or near) u64::MAX, and ten
+    // years away, beyond the default cap of 365 days.
+    let far = [u64::MAX, u64::MAX - 1, unix_now() + 10 * 365 * 24 * 3600];
+    for se in far {
+        let password = hub::auth::sas::sign("localhost", "forever", &key_bytes, se);
+        let mut client = mqtt::tcp(mqtt_addr).await?;
+        let ack = client
+            .connect(
+                "forever",
+                Some(&azure_username("localhost", "forever")),
+                Some(&password),
+                false,
+            )
+            .await?;
+        assert_eq!(ack.code, ConnectReturnCode::NotAuthorized, "se={se}");
+        client.expect_closed().await?;
+    }
+
+    // The hub closed each socket before its task ended: the gauge follows within
+    // moments (polled, with a deadline).
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+    while open_connections(&hub).await? != before {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the open-connections gauge did not return to {before}"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+    let device: serde_json::Value = hub
+        .http()
+        .get(format!("{}/devices/forever", hub.url()))
+        .bearer_auth(&token)
+        .send()
+        .await?
+        .json()
+        .await?;
+    assert_eq!(device["connectionState"], "Disconnected", "{device}");
+    let metrics = hub
+        .http()
+        .get(format!("{}/metrics", hub.url()))
+        .send()
+        .await?
+        .text()
+        .await?;
+    assert!(
+        metrics.contains("hub_auth_failures_total{reason=\"token_lifetime_too_long\"} 3"),
+        "{metrics}"
+    );
+
+    // An ordinary token still connects.
+    let mut client = hub.connect_device("forever", &key, false).await?;
+    client.ping().await?;
+    hub.stop().await?;
+    Ok(())
+}

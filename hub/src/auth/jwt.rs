@@ -66,6 +66,15 @@ struct Claims {
     aud: Option<serde_json::Value>,
 }
 
+/// Which of the [`JwtKeys`] verified a token (an index into its list).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum JwtKeyUsed {
+    /// `symmetric[i]` (HS256).
+    Symmetric(usize),
+    /// `public_pems[i]` (ES256, RS256).
+    Public(usize),
+}
+
 /// Verifies `token` for `device_id` at `now` (Unix seconds); returns its expiry.
 pub fn verify(
     token: &str,
@@ -75,23 +84,40 @@ pub fn verify(
     policy: JwtPolicy,
     now: u64,
 ) -> Result<u64, JwtError> {
+    verify_key(token, device_id, hostname, keys, policy, now).map(|(exp, _)| exp)
+}
+
+/// As [`verify`], and also says which key verified the token, so a connection can
+/// later tell whether that key was rotated away.
+pub fn verify_key(
+    token: &str,
+    device_id: &str,
+    hostname: &str,
+    keys: &JwtKeys<'_>,
+    policy: JwtPolicy,
+    now: u64,
+) -> Result<(u64, JwtKeyUsed), JwtError> {
     let header = jsonwebtoken::decode_header(token).map_err(|_| JwtError::Malformed)?;
-    let decoding: Vec<DecodingKey> = match header.alg {
+    let public = |parse: fn(&[u8]) -> jsonwebtoken::errors::Result<DecodingKey>| {
+        keys.public_pems
+            .iter()
+            .enumerate()
+            .filter_map(|(i, pem)| {
+                parse(pem.as_bytes())
+                    .ok()
+                    .map(|k| (JwtKeyUsed::Public(i), k))
+            })
+            .collect::<Vec<_>>()
+    };
+    let decoding: Vec<(JwtKeyUsed, DecodingKey)> = match header.alg {
         Algorithm::HS256 => keys
             .symmetric
             .iter()
-            .map(|k| DecodingKey::from_secret(k))
+            .enumerate()
+            .map(|(i, k)| (JwtKeyUsed::Symmetric(i), DecodingKey::from_secret(k)))
             .collect(),
-        Algorithm::ES256 => keys
-            .public_pems
-            .iter()
-            .filter_map(|pem| DecodingKey::from_ec_pem(pem.as_bytes()).ok())
-            .collect(),
-        Algorithm::RS256 => keys
-            .public_pems
-            .iter()
-            .filter_map(|pem| DecodingKey::from_rsa_pem(pem.as_bytes()).ok())
-            .collect(),
+        Algorithm::ES256 => public(DecodingKey::from_ec_pem),
+        Algorithm::RS256 => public(DecodingKey::from_rsa_pem),
         _ => return Err(JwtError::Algorithm),
     };
     let mut validation = Validation::new(header.alg);
@@ -100,11 +126,14 @@ pub fn verify(
     validation.validate_exp = false;
     validation.validate_aud = false;
     validation.required_spec_claims.clear();
-    let claims = decoding
+    let (used, claims) = decoding
         .iter()
-        .find_map(|key| jsonwebtoken::decode::<Claims>(token, key, &validation).ok())
-        .ok_or(JwtError::BadSignature)?
-        .claims;
+        .find_map(|(used, key)| {
+            jsonwebtoken::decode::<Claims>(token, key, &validation)
+                .ok()
+                .map(|data| (*used, data.claims))
+        })
+        .ok_or(JwtError::BadSignature)?;
 
     if claims.sub.as_deref() != Some(device_id) {
         return Err(JwtError::Claims("sub must be the device id"));
@@ -132,7 +161,7 @@ pub fn verify(
             return Err(JwtError::Claims("aud must be the hub hostname"));
         }
     }
-    Ok(exp)
+    Ok((exp, used))
 }
 
 #[cfg(test)]

@@ -27,6 +27,9 @@ pub enum SasError {
     /// The signature matches neither key.
     #[error("SAS signature does not match the device keys")]
     BadSignature,
+    /// `se` is further in the future than the hub accepts (`mqtt.sas_max_lifetime_secs`).
+    #[error("SAS token expiry is more than {0} s away, the hub's limit")]
+    LifetimeTooLong(u64),
 }
 
 /// A parsed SAS token.
@@ -100,6 +103,19 @@ impl SasToken {
         keys: &[&[u8]],
         now: u64,
     ) -> Result<u64, SasError> {
+        self.verify_key(hostname, device_id, keys, now)
+            .map(|(expiry, _)| expiry)
+    }
+
+    /// As [`SasToken::verify`], and also says which of `keys` signed the token (its
+    /// index), so a connection can later tell whether that key was rotated away.
+    pub fn verify_key(
+        &self,
+        hostname: &str,
+        device_id: &str,
+        keys: &[&[u8]],
+        now: u64,
+    ) -> Result<(u64, usize), SasError> {
         if self.has_policy {
             return Err(SasError::PolicyKey);
         }
@@ -113,14 +129,14 @@ impl SasToken {
             return Err(SasError::WrongResource);
         }
         let message = format!("{}\n{}", self.sr_raw, self.se_raw);
-        for key in keys {
+        for (index, key) in keys.iter().enumerate() {
             let Ok(mut mac) = Hmac::<Sha256>::new_from_slice(key) else {
                 continue;
             };
             mac.update(message.as_bytes());
             // verify_slice compares in constant time.
             if mac.verify_slice(&self.signature).is_ok() {
-                return Ok(self.expiry);
+                return Ok((self.expiry, index));
             }
         }
         Err(SasError::BadSignature)
@@ -179,6 +195,10 @@ mod tests {
         assert_eq!(
             token.verify("hub.local", "dev-1", &[OTHER], 1000),
             Err(SasError::BadSignature)
+        );
+        assert_eq!(
+            token.verify_key("hub.local", "dev-1", &[OTHER, KEY], 1000),
+            Ok((2000, 1))
         );
     }
 

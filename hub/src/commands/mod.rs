@@ -482,7 +482,14 @@ impl Commands {
                 self.inner.limits.max_method_bytes
             )));
         }
-        // Wait for the device to be connected and subscribed to methods.
+        // Request ids count up and are never reused while the hub runs.
+        let rid = format!("{:x}", self.inner.next_rid.fetch_add(1, Ordering::Relaxed));
+        let (answer, answered) = oneshot::channel();
+        let key = (device.clone(), rid.clone());
+        lock(&self.inner.methods).insert(key.clone(), answer);
+        // Wait (up to the connect timeout) for the device to be connected and
+        // subscribed to methods. A connection that ended between that check and the
+        // delivery is waited out the same way: the device may be reconnecting.
         let online_by = Instant::now() + connect_timeout;
         loop {
             let changed = self.inner.online_changed.notified();
@@ -490,27 +497,21 @@ impl Commands {
                 .subscribed_connection(device, Subscription::Methods)
                 .is_some()
             {
-                break;
+                let request = Outbound {
+                    topic: topic::method_request(name, &rid),
+                    payload: payload.clone(),
+                    qos: QoS::AtMostOnce,
+                    requires: Some(Subscription::Methods),
+                    id: 0,
+                };
+                if self.inner.connections.deliver(device, request).is_ok() {
+                    break;
+                }
             }
             if tokio::time::timeout_at(online_by, changed).await.is_err() {
+                lock(&self.inner.methods).remove(&key);
                 return Err(CommandError::Offline(device.clone()));
             }
-        }
-        // Request ids count up and are never reused while the hub runs.
-        let rid = format!("{:x}", self.inner.next_rid.fetch_add(1, Ordering::Relaxed));
-        let (answer, answered) = oneshot::channel();
-        let key = (device.clone(), rid.clone());
-        lock(&self.inner.methods).insert(key.clone(), answer);
-        let request = Outbound {
-            topic: topic::method_request(name, &rid),
-            payload,
-            qos: QoS::AtMostOnce,
-            requires: Some(Subscription::Methods),
-            id: 0,
-        };
-        if self.inner.connections.deliver(device, request).is_err() {
-            lock(&self.inner.methods).remove(&key);
-            return Err(CommandError::Offline(device.clone()));
         }
         let result = tokio::time::timeout(response_timeout, answered).await;
         lock(&self.inner.methods).remove(&key);
@@ -582,9 +583,128 @@ impl ConnectionEvents for Commands {
     }
 
     fn disconnected(&self, device: &DeviceId, connection: u64) {
-        let mut online = lock(&self.inner.online);
-        if online.get(device).is_some_and(|(c, _)| *c == connection) {
-            online.remove(device);
+        // Only this connection's entries: a newer connection of the device may already
+        // have reported its own.
+        {
+            let mut online = lock(&self.inner.online);
+            if online.get(device).is_some_and(|(c, _)| *c == connection) {
+                online.remove(device);
+            }
         }
+        let mut sent = lock(&self.inner.sent);
+        if sent.get(device).is_some_and(|(c, _)| *c == connection) {
+            sent.remove(device);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::auth::device::{Credential, Proof};
+    use crate::gateway::connections::Registration;
+    use crate::registry::{DeviceSpec, Presence};
+    use crate::store::embedded::EmbeddedStore;
+
+    async fn commands(dir: &tempfile::TempDir) -> (Commands, Connections, DeviceId) {
+        let store = EmbeddedStore::open(&dir.path().join("hub.redb")).unwrap();
+        let registry = Registry::new(Arc::new(store.clone()), Presence::default());
+        let id = DeviceId::parse("d1").unwrap();
+        registry
+            .create(id.clone(), DeviceSpec::default())
+            .await
+            .unwrap();
+        let connections = Connections::default();
+        let commands = Commands::new(
+            Arc::new(store),
+            registry,
+            connections.clone(),
+            CommandLimits::default(),
+        );
+        (commands, connections, id)
+    }
+
+    fn register(connections: &Connections, id: &DeviceId) -> Registration {
+        let credential = Credential {
+            generation_id: String::new(),
+            proof: Proof::DeviceCa,
+        };
+        connections.register(id, credential)
+    }
+
+    fn methods() -> BTreeSet<Subscription> {
+        BTreeSet::from([Subscription::Methods])
+    }
+
+    #[tokio::test]
+    async fn a_connections_entries_go_when_it_ends_and_only_its_own() {
+        let dir = tempfile::tempdir().unwrap();
+        let (commands, _connections, id) = commands(&dir).await;
+        commands.subscriptions(
+            &id,
+            1,
+            &BTreeSet::from([Subscription::Methods, Subscription::CloudToDevice]),
+        );
+        // A queued message marks what connection 1 was sent.
+        commands.send(&id, SendRequest::default()).await.unwrap();
+        assert_eq!(lock(&commands.inner.sent).len(), 1);
+        commands.disconnected(&id, 1);
+        assert!(lock(&commands.inner.online).is_empty());
+        assert!(lock(&commands.inner.sent).is_empty());
+
+        // A late `disconnected` of a replaced connection leaves the newer one's state.
+        commands.subscriptions(&id, 3, &methods());
+        commands.disconnected(&id, 2);
+        assert_eq!(
+            commands.subscribed_connection(&id, Subscription::Methods),
+            Some(3)
+        );
+        commands.disconnected(&id, 3);
+        assert!(lock(&commands.inner.online).is_empty());
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_call_waits_for_a_device_whose_connection_just_ended() {
+        let dir = tempfile::tempdir().unwrap();
+        let (commands, connections, id) = commands(&dir).await;
+        let old = register(&connections, &id);
+        commands.subscriptions(&id, old.connection, &methods());
+        // The connection is gone from the table; its `disconnected` has not run yet.
+        connections.unregister(&id, old.connection);
+
+        let call = {
+            let (commands, id) = (commands.clone(), id.clone());
+            tokio::spawn(async move {
+                commands
+                    .invoke(
+                        &id,
+                        "reboot",
+                        Bytes::new(),
+                        Duration::from_secs(30),
+                        Duration::from_secs(5),
+                    )
+                    .await
+            })
+        };
+        tokio::task::yield_now().await;
+        assert!(!call.is_finished(), "answered before the connect timeout");
+        commands.disconnected(&id, old.connection);
+        tokio::time::advance(Duration::from_secs(2)).await;
+        assert!(!call.is_finished(), "answered before the connect timeout");
+
+        // The device reconnects within the connect timeout and answers.
+        let new = register(&connections, &id);
+        commands.subscriptions(&id, new.connection, &methods());
+        tokio::task::yield_now().await;
+        let (queued, _) = new.mailbox.drain();
+        let request = queued.first().expect("the call reached the new connection");
+        let rid = request
+            .topic
+            .rsplit_once("$rid=")
+            .map(|(_, rid)| rid.to_string())
+            .unwrap();
+        commands.respond(&id, &rid, 200, Bytes::from_static(b"{}"));
+        let (status, _) = call.await.unwrap().unwrap();
+        assert_eq!(status, 200);
     }
 }

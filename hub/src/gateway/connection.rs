@@ -6,6 +6,11 @@
 //! durability per connection; beyond that the task stops reading the socket, so a
 //! fast device is slowed down by TCP rather than buffered. PUBACKs go out in the
 //! order the PUBLISHes came in (MQTT 4.6), because pending ingests complete in order.
+//!
+//! Once a connection is registered, a [`Registered`] guard holds its place in the
+//! shared tables (connections, presence, the services' per-connection state) and
+//! gives it back when dropped: on the normal close, on any early return and when the
+//! task panics.
 
 use std::collections::BTreeSet;
 use std::pin::Pin;
@@ -26,14 +31,14 @@ use tokio::time::Instant;
 
 use super::GatewayContext;
 use super::codec::{self, Decoded};
-use super::connections::{Mailbox, Registration};
-use super::services::{IngestError, TelemetryMessage, TwinReply};
+use super::connections::{Connections, Mailbox, Registration};
+use super::services::{ConnectionEvents, IngestError, TelemetryMessage, TwinReply};
 use super::session::{
     Accepted, Action, CloseReason, ConnectRequest, DeliverError, Outbound, Session,
 };
 use super::topic::{self, Subscription};
 use crate::auth::device::{AuthMethod, Presented};
-use crate::registry::DeviceId;
+use crate::registry::{DeviceId, Presence};
 
 /// Telemetry messages of one connection waiting to become durable.
 pub const MAX_PENDING_INGESTS: usize = 256;
@@ -51,8 +56,54 @@ struct Authenticated {
     device: DeviceId,
     method: AuthMethod,
     registration: Registration,
+    /// Gives the registration back when the connection ends, however it ends.
+    _registered: Registered,
     /// The subscriptions last reported to [`super::services::ConnectionEvents`].
     reported: Option<BTreeSet<Subscription>>,
+}
+
+/// A registered connection's hold on the shared tables. Dropping it releases them:
+/// the connection table entry (if still this connection's), the device's presence
+/// (only then: a newer connection of the device may have replaced this one) and the
+/// services' per-connection state. Being a guard, it runs on every exit path,
+/// including a panic of the connection task, which unwinds through it.
+struct Registered {
+    connections: Connections,
+    presence: Presence,
+    events: Arc<dyn ConnectionEvents>,
+    device: DeviceId,
+    connection: u64,
+}
+
+impl Registered {
+    /// Marks the device connected; the returned guard undoes it.
+    fn connected(
+        connections: Connections,
+        presence: Presence,
+        events: Arc<dyn ConnectionEvents>,
+        device: DeviceId,
+        connection: u64,
+    ) -> Self {
+        presence.connected(&device, OffsetDateTime::now_utc());
+        Self {
+            connections,
+            presence,
+            events,
+            device,
+            connection,
+        }
+    }
+}
+
+impl Drop for Registered {
+    fn drop(&mut self) {
+        // Nothing here may panic: this can run while a panic unwinds.
+        self.events.disconnected(&self.device, self.connection);
+        let presence = &self.presence;
+        let device = &self.device;
+        self.connections
+            .unregister_with(device, self.connection, || presence.disconnected(device));
+    }
 }
 
 struct Connection<S> {
@@ -412,18 +463,46 @@ impl<S: Transport> Connection<S> {
             tracing::warn!(%device, error = %err, "cannot create session");
             return Err(ConnectReturnCode::ServiceUnavailable);
         }
-        let registration = self.ctx.connections.register(&device);
-        self.ctx
-            .presence
-            .connected(&device, OffsetDateTime::now_utc());
-        let expires_at = authenticated.expires_at.map(|expiry| {
-            Instant::now() + Duration::from_secs(expiry.saturating_sub(crate::auth::unix_now()))
-        });
+        // Checked: `se` is bounded by the authenticator, but a deadline that cannot be
+        // represented must refuse the CONNECT, never panic the task.
+        let expires_at = match authenticated.expires_at {
+            Some(expiry) => {
+                let left = Duration::from_secs(expiry.saturating_sub(crate::auth::unix_now()));
+                match Instant::now().checked_add(left) {
+                    Some(at) => Some(at),
+                    None => {
+                        self.ctx.metrics.auth_failure("token_lifetime_too_long");
+                        tracing::info!(%device, "refused CONNECT: credential expiry out of range");
+                        return Err(ConnectReturnCode::NotAuthorized);
+                    }
+                }
+            }
+            None => None,
+        };
+        let credential = authenticated.credential;
+        let registration = self.ctx.connections.register(&device, credential.clone());
+        let registered = Registered::connected(
+            self.ctx.connections.clone(),
+            self.ctx.presence.clone(),
+            Arc::clone(&self.ctx.services.events),
+            device.clone(),
+            registration.connection,
+        );
+        // A disable, delete or credential change that landed after the registry read
+        // above but before the registration found no connection to close: look again
+        // now that revocations can see this one.
+        if let Err(failure) = self.ctx.authenticator.recheck(&device, &credential).await {
+            drop(registered);
+            self.ctx.metrics.auth_failure(failure.label());
+            tracing::info!(%device, reason = %failure, "refused CONNECT: device changed while connecting");
+            return Err(ConnectReturnCode::NotAuthorized);
+        }
         tracing::debug!(%device, method = ?authenticated.method, session_present, "device connected");
         self.device = Some(Authenticated {
             device: device.clone(),
             method: authenticated.method,
             registration,
+            _registered: registered,
             reported: None,
         });
         Ok(Accepted {
@@ -493,19 +572,96 @@ impl<S: Transport> Connection<S> {
         if self.flush().await.is_ok() {
             let _ = tokio::time::timeout(Duration::from_secs(1), self.stream.shutdown()).await;
         }
-        if let Some(device) = self.device.take()
-            && self
-                .ctx
-                .connections
-                .unregister(&device.device, device.registration.connection)
-        {
-            self.ctx.presence.disconnected(&device.device);
-        }
+        // Dropping the registration guard releases the connection's place.
+        self.device = None;
         match &reason {
             CloseReason::ClientDisconnected | CloseReason::PeerClosed | CloseReason::Shutdown => {
                 tracing::debug!(?reason, "connection closed");
             }
             _ => tracing::info!(?reason, "connection closed"),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Mutex;
+
+    use super::*;
+    use crate::auth::device::{Credential, Proof};
+
+    /// Records `disconnected` calls.
+    #[derive(Default)]
+    struct Events(Mutex<Vec<(DeviceId, u64)>>);
+
+    impl ConnectionEvents for Events {
+        fn subscriptions(&self, _: &DeviceId, _: u64, _: &BTreeSet<Subscription>) {}
+        fn disconnected(&self, device: &DeviceId, connection: u64) {
+            self.0.lock().unwrap().push((device.clone(), connection));
+        }
+    }
+
+    fn credential() -> Credential {
+        Credential {
+            generation_id: "g".into(),
+            proof: Proof::DeviceCa,
+        }
+    }
+
+    #[test]
+    fn the_registration_guard_releases_everything_when_the_task_panics() {
+        let connections = Connections::default();
+        let presence = Presence::default();
+        let events = Arc::new(Events::default());
+        let device = DeviceId::parse("d").unwrap();
+        let registration = connections.register(&device, credential());
+        let guard = Registered::connected(
+            connections.clone(),
+            presence.clone(),
+            events.clone(),
+            device.clone(),
+            registration.connection,
+        );
+        assert!(presence.get(&device).unwrap().connected);
+        let panicked = std::panic::catch_unwind(std::panic::AssertUnwindSafe(move || {
+            let _guard = guard;
+            panic!("connection task failed");
+        }));
+        assert!(panicked.is_err());
+        assert!(!connections.is_connected(&device));
+        assert!(!presence.get(&device).unwrap().connected);
+        assert_eq!(
+            *events.0.lock().unwrap(),
+            vec![(device, registration.connection)]
+        );
+    }
+
+    #[test]
+    fn a_replaced_connection_leaves_its_successor_in_place() {
+        let connections = Connections::default();
+        let presence = Presence::default();
+        let events = Arc::new(Events::default());
+        let device = DeviceId::parse("d").unwrap();
+        let old = connections.register(&device, credential());
+        let old_guard = Registered::connected(
+            connections.clone(),
+            presence.clone(),
+            events.clone(),
+            device.clone(),
+            old.connection,
+        );
+        let new = connections.register(&device, credential());
+        let _new_guard = Registered::connected(
+            connections.clone(),
+            presence.clone(),
+            events.clone(),
+            device.clone(),
+            new.connection,
+        );
+        drop(old_guard);
+        assert!(connections.is_connected(&device));
+        assert!(presence.get(&device).unwrap().connected);
+        // The services hear about the old connection only; they keep the new one's state.
+        assert_eq!(*events.0.lock().unwrap(), vec![(device, old.connection)]);
     }
 }

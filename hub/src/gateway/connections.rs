@@ -1,6 +1,8 @@
 //! The table of live device connections: one per device (a newer connection replaces
 //! the older), each with a bounded delivery queue and a close signal. Other
-//! capabilities deliver messages and cut devices off through it.
+//! capabilities deliver messages and cut devices off through it. Each entry remembers
+//! the credential its connection proved (a digest, never a key), so a registry change
+//! closes exactly the connections whose credential it took away.
 
 use std::collections::{HashMap, VecDeque};
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -9,6 +11,7 @@ use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use tokio::sync::Notify;
 
 use super::session::{CloseReason, Outbound};
+use crate::auth::device::Credential;
 use crate::registry::DeviceId;
 
 /// Why a delivery did not reach a connection's queue.
@@ -89,6 +92,7 @@ impl Mailbox {
 struct Entry {
     connection: u64,
     mailbox: Arc<Mailbox>,
+    credential: Credential,
 }
 
 /// Live connections by device.
@@ -115,8 +119,9 @@ impl Connections {
         self.inner.lock().unwrap_or_else(PoisonError::into_inner)
     }
 
-    /// Registers a new connection of `device`, closing the one it replaces.
-    pub fn register(&self, device: &DeviceId) -> Registration {
+    /// Registers a new connection of `device` that proved `credential`, closing the
+    /// one it replaces.
+    pub fn register(&self, device: &DeviceId, credential: Credential) -> Registration {
         let connection = self.next_id.fetch_add(1, Ordering::Relaxed);
         let mailbox = Arc::new(Mailbox::new(MAILBOX_CAPACITY));
         let previous = self.lock().insert(
@@ -124,6 +129,7 @@ impl Connections {
             Entry {
                 connection,
                 mailbox: Arc::clone(&mailbox),
+                credential,
             },
         );
         if let Some(previous) = previous {
@@ -137,15 +143,46 @@ impl Connections {
 
     /// Removes the entry of `device` if it is still `connection`'s.
     pub fn unregister(&self, device: &DeviceId, connection: u64) -> bool {
+        self.unregister_with(device, connection, || {})
+    }
+
+    /// Removes the entry of `device` if it is still `connection`'s and then, still
+    /// holding the table, runs `removed`: a newer connection of the device cannot
+    /// register in between, so what `removed` records (presence) is not reordered
+    /// after what the newer connection records.
+    pub fn unregister_with(
+        &self,
+        device: &DeviceId,
+        connection: u64,
+        removed: impl FnOnce(),
+    ) -> bool {
         let mut table = self.lock();
         if table
             .get(device)
             .is_some_and(|e| e.connection == connection)
         {
             table.remove(device);
+            removed();
             true
         } else {
             false
+        }
+    }
+
+    /// Closes `device`'s live connection with `reason` if `revoked` says its
+    /// credential is no longer good; returns whether it did.
+    pub fn close_if(
+        &self,
+        device: &DeviceId,
+        reason: CloseReason,
+        revoked: impl FnOnce(&Credential) -> bool,
+    ) -> bool {
+        match self.lock().get(device) {
+            Some(entry) if revoked(&entry.credential) => {
+                entry.mailbox.close(reason);
+                true
+            }
+            _ => false,
         }
     }
 
@@ -194,8 +231,16 @@ impl Connections {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::auth::device::Proof;
     use bytes::Bytes;
     use rumqttc::mqttbytes::QoS;
+
+    fn credential(generation: &str) -> Credential {
+        Credential {
+            generation_id: generation.into(),
+            proof: Proof::DeviceCa,
+        }
+    }
 
     fn message(id: u64) -> Outbound {
         Outbound {
@@ -211,8 +256,8 @@ mod tests {
     fn a_second_connection_replaces_the_first() {
         let table = Connections::default();
         let device = DeviceId::parse("d").unwrap();
-        let first = table.register(&device);
-        let second = table.register(&device);
+        let first = table.register(&device, credential("g"));
+        let second = table.register(&device, credential("g"));
         assert_eq!(first.mailbox.drain().1, Some(CloseReason::Replaced));
         assert_eq!(second.mailbox.drain().1, None);
         // The replaced connection's late unregister leaves the new one in place.
@@ -226,7 +271,7 @@ mod tests {
     fn a_full_mailbox_closes_the_slow_connection() {
         let table = Connections::default();
         let device = DeviceId::parse("d").unwrap();
-        let registration = table.register(&device);
+        let registration = table.register(&device, credential("g"));
         for id in 0..MAILBOX_CAPACITY as u64 {
             table.deliver(&device, message(id)).unwrap();
         }
@@ -241,5 +286,32 @@ mod tests {
             table.deliver(&DeviceId::parse("other").unwrap(), message(1)),
             Err(QueueError::NotConnected)
         );
+    }
+
+    #[test]
+    fn close_if_closes_only_when_the_credential_is_revoked() {
+        let table = Connections::default();
+        let device = DeviceId::parse("d").unwrap();
+        let registration = table.register(&device, credential("g1"));
+        assert!(
+            !table.close_if(&device, CloseReason::CredentialRevoked, |c| {
+                c.generation_id != "g1"
+            })
+        );
+        assert_eq!(registration.mailbox.drain().1, None);
+        assert!(
+            table.close_if(&device, CloseReason::CredentialRevoked, |c| {
+                c.generation_id != "g2"
+            })
+        );
+        assert_eq!(
+            registration.mailbox.drain().1,
+            Some(CloseReason::CredentialRevoked)
+        );
+        assert!(!table.close_if(
+            &DeviceId::parse("other").unwrap(),
+            CloseReason::CredentialRevoked,
+            |_| true
+        ));
     }
 }

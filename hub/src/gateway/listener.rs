@@ -70,7 +70,8 @@ pub async fn accept_loop(
             continue;
         };
         ctx.metrics.accepted.fetch_add(1, Ordering::Relaxed);
-        ctx.metrics.open.fetch_add(1, Ordering::Relaxed);
+        // Moved into the task: dropped when it ends, however it ends (a panic too).
+        let open = ctx.metrics.open_connection();
         let ctx = Arc::clone(&ctx);
         let shutdown = shutdown.clone();
         let _ = stream.set_nodelay(true);
@@ -79,17 +80,15 @@ pub async fn accept_loop(
         match &tls {
             None => {
                 tokio::spawn(async move {
-                    connection::serve(stream, Vec::new(), Arc::clone(&ctx), shutdown).await;
-                    ctx.metrics.open.fetch_sub(1, Ordering::Relaxed);
-                    drop(permit);
+                    let _held = (open, permit);
+                    connection::serve(stream, Vec::new(), ctx, shutdown).await;
                 });
             }
             Some(acceptor) => {
                 let acceptor = acceptor.clone();
                 tokio::spawn(async move {
-                    serve_tls(stream, acceptor, Arc::clone(&ctx), shutdown).await;
-                    ctx.metrics.open.fetch_sub(1, Ordering::Relaxed);
-                    drop(permit);
+                    let _held = (open, permit);
+                    serve_tls(stream, acceptor, ctx, shutdown).await;
                 });
             }
         }

@@ -2,8 +2,8 @@
 
 use std::collections::BTreeMap;
 use std::fmt::Write as _;
-use std::sync::Mutex;
 use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
 
 /// Counters of the device-facing side.
 #[derive(Debug, Default)]
@@ -27,7 +27,24 @@ pub struct GatewayMetrics {
     auth_failures: Mutex<BTreeMap<&'static str, u64>>,
 }
 
+/// One connection counted in [`GatewayMetrics::open`] for as long as this lives: the
+/// count goes down when it is dropped, also while a panicking task unwinds.
+#[derive(Debug)]
+pub struct OpenConnection(Arc<GatewayMetrics>);
+
+impl Drop for OpenConnection {
+    fn drop(&mut self) {
+        self.0.open.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
 impl GatewayMetrics {
+    /// Counts a connection as open until the returned guard is dropped.
+    pub fn open_connection(self: &Arc<Self>) -> OpenConnection {
+        self.open.fetch_add(1, Ordering::Relaxed);
+        OpenConnection(Arc::clone(self))
+    }
+
     /// Counts a refused CONNECT under `reason`.
     pub fn auth_failure(&self, reason: &'static str) {
         let mut failures = self
@@ -129,5 +146,18 @@ mod tests {
             text.contains("hub_auth_failures_total{reason=\"expired\"} 2"),
             "{text}"
         );
+    }
+
+    #[test]
+    fn an_open_connection_is_uncounted_even_when_its_task_panics() {
+        let metrics = Arc::new(GatewayMetrics::default());
+        let open = metrics.open_connection();
+        assert_eq!(metrics.open.load(Ordering::Relaxed), 1);
+        let panicked = std::panic::catch_unwind(std::panic::AssertUnwindSafe(move || {
+            let _open = open;
+            panic!("connection task failed");
+        }));
+        assert!(panicked.is_err());
+        assert_eq!(metrics.open.load(Ordering::Relaxed), 0);
     }
 }

@@ -26,7 +26,7 @@ use tokio::task::JoinHandle;
 use tokio_rustls::TlsAcceptor;
 
 use crate::auth::device::DeviceAuthenticator;
-use crate::registry::{Presence, Registry, RegistryEvent};
+use crate::registry::{DeviceId, Presence, Registry, RegistryError, RegistryEvent};
 use connections::Connections;
 use metrics::GatewayMetrics;
 use services::{DeviceServices, SessionStore};
@@ -171,7 +171,8 @@ impl RunningGateway {
     }
 }
 
-/// Closes the live connection of a device that is disabled or deleted.
+/// Closes the live connection of a device that is disabled or deleted, or whose
+/// credential was changed away.
 async fn revoke_on_registry_change(
     registry: Registry,
     mut events: broadcast::Receiver<RegistryEvent>,
@@ -189,19 +190,258 @@ async fn revoke_on_registry_change(
                     tracing::info!(%device, "closed the connection of a disabled or deleted device");
                 }
             }
+            Ok(RegistryEvent::CredentialsChanged(device)) => {
+                recheck(&registry, &connections, &device).await;
+            }
             Err(broadcast::error::RecvError::Lagged(_)) => {
                 // Events were lost: check every connected device against the registry.
                 for device in connections.devices() {
-                    let enabled = matches!(
-                        registry.get(&device).await,
-                        Ok(d) if d.status == crate::registry::DeviceStatus::Enabled
-                    );
-                    if !enabled {
-                        connections.close(&device, CloseReason::DeviceRevoked);
-                    }
+                    recheck(&registry, &connections, &device).await;
                 }
             }
             Err(broadcast::error::RecvError::Closed) => return,
         }
+    }
+}
+
+/// Closes `device`'s live connection unless the registry still accepts the credential
+/// it connected with (the registry's current record is read after the change, so a
+/// later change is judged too).
+async fn recheck(registry: &Registry, connections: &Connections, device: &DeviceId) {
+    let current = match registry.get(device).await {
+        Ok(current) => Some(current),
+        Err(RegistryError::NotFound(_)) => None,
+        Err(err) => {
+            // Unknown state: closing is safe (the device reconnects and is checked
+            // afresh); keeping a possibly revoked connection is not.
+            tracing::warn!(%device, error = %err, "cannot read the device; closing its connection");
+            None
+        }
+    };
+    let closed = connections.close_if(device, CloseReason::CredentialRevoked, |credential| {
+        current
+            .as_ref()
+            .is_none_or(|current| credential.check(current).is_err())
+    });
+    if closed {
+        tracing::info!(%device, "closed a connection whose credential is no longer valid");
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    //! A registry change that lands between a CONNECT's registry read and the
+    //! connection's registration, made deterministic: the session store, which the
+    //! connection reads exactly in that window, makes the change.
+
+    use std::collections::BTreeSet;
+
+    use async_trait::async_trait;
+    use base64::Engine;
+    use base64::engine::general_purpose::STANDARD;
+    use bytes::BytesMut;
+    use rumqttc::mqttbytes::v4::{Connect, ConnectReturnCode, Login, Packet};
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    use tokio::net::TcpStream;
+
+    use super::*;
+    use crate::auth::jwt::JwtPolicy;
+    use crate::auth::x509::DeviceCa;
+    use crate::registry::{
+        AuthenticationSpec, DeviceSpec, DeviceStatus, IfMatch, SymmetricKeySpec,
+    };
+    use crate::store::StoreError;
+    use crate::store::embedded::EmbeddedStore;
+    use topic::Subscription;
+
+    #[derive(Clone, Copy, Debug)]
+    enum Change {
+        Disable,
+        Delete,
+        RotatePrimaryKey,
+        RotateSecondaryKey,
+    }
+
+    /// A session store whose `load` applies `change` to the registry first.
+    struct ChangingSessions {
+        registry: Registry,
+        change: Change,
+    }
+
+    #[async_trait]
+    impl SessionStore for ChangingSessions {
+        async fn load(
+            &self,
+            device: &DeviceId,
+        ) -> Result<Option<BTreeSet<Subscription>>, StoreError> {
+            let key = |primary: bool| SymmetricKeySpec {
+                primary_key: primary.then(|| STANDARD.encode([9u8; 32])),
+                secondary_key: (!primary).then(|| STANDARD.encode([9u8; 32])),
+            };
+            let rotate = |primary: bool| DeviceSpec {
+                authentication: Some(AuthenticationSpec {
+                    symmetric_key: Some(key(primary)),
+                    ..AuthenticationSpec::default()
+                }),
+                ..DeviceSpec::default()
+            };
+            let changed = match self.change {
+                Change::Disable => {
+                    let disable = DeviceSpec {
+                        status: Some(DeviceStatus::Disabled),
+                        ..DeviceSpec::default()
+                    };
+                    self.registry
+                        .update(device.clone(), disable, IfMatch::Any)
+                        .await
+                }
+                Change::Delete => self.registry.delete(device, None).await,
+                Change::RotatePrimaryKey => {
+                    self.registry
+                        .update(device.clone(), rotate(true), IfMatch::Any)
+                        .await
+                }
+                Change::RotateSecondaryKey => {
+                    self.registry
+                        .update(device.clone(), rotate(false), IfMatch::Any)
+                        .await
+                }
+            };
+            changed.map_err(|err| StoreError::Backend(err.to_string()))?;
+            Ok(None)
+        }
+
+        async fn save(
+            &self,
+            _device: &DeviceId,
+            _subscriptions: &BTreeSet<Subscription>,
+        ) -> Result<(), StoreError> {
+            Ok(())
+        }
+
+        async fn remove(&self, _device: &DeviceId) -> Result<(), StoreError> {
+            Ok(())
+        }
+    }
+
+    /// Connects a SAS device (primary key) while `change` lands in the window; returns
+    /// the CONNACK code, whether the hub then closed the connection, and the gateway.
+    async fn connect_while(change: Change) -> (ConnectReturnCode, bool, Arc<GatewayContext>) {
+        let dir = tempfile::tempdir().unwrap();
+        let store = EmbeddedStore::open(&dir.path().join("hub.redb")).unwrap();
+        let presence = Presence::default();
+        let registry = Registry::new(Arc::new(store), presence.clone());
+        let id = DeviceId::parse("racer").unwrap();
+        let device = registry
+            .create(id.clone(), DeviceSpec::default())
+            .await
+            .unwrap();
+        let key = device.authentication.symmetric_key.unwrap().primary_key;
+        let ca = certs::Ca::generate("test CA").unwrap();
+        let ctx = Arc::new(GatewayContext {
+            authenticator: DeviceAuthenticator::new(
+                registry.clone(),
+                "localhost".into(),
+                DeviceCa::from_pem(ca.cert_pem()).unwrap(),
+                JwtPolicy::default(),
+                Duration::from_secs(3600),
+            ),
+            sessions: Arc::new(ChangingSessions {
+                registry: registry.clone(),
+                change,
+            }),
+            connections: Connections::default(),
+            services: DeviceServices::not_yet_available(),
+            presence: presence.clone(),
+            metrics: Arc::default(),
+            limits: SessionLimits::default(),
+            max_packet_size: 64 * 1024,
+        });
+        let (_stop, stopped) = watch::channel(false);
+        tokio::spawn(revoke_on_registry_change(
+            registry.clone(),
+            registry.subscribe(),
+            ctx.connections.clone(),
+            stopped.clone(),
+        ));
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let server = {
+            let ctx = Arc::clone(&ctx);
+            tokio::spawn(async move {
+                let (stream, _) = listener.accept().await.unwrap();
+                connection::serve(stream, Vec::new(), ctx, stopped).await;
+            })
+        };
+
+        let mut client = TcpStream::connect(addr).await.unwrap();
+        let token = crate::auth::sas::sign(
+            "localhost",
+            "racer",
+            &STANDARD.decode(key).unwrap(),
+            crate::auth::unix_now() + 600,
+        );
+        let mut connect = Connect::new("racer");
+        connect.clean_session = false;
+        connect.login = Some(Login::new("localhost/racer/?api-version=1", token));
+        let mut out = BytesMut::new();
+        Packet::Connect(connect)
+            .write(&mut out, usize::MAX)
+            .unwrap();
+        client.write_all(&out).await.unwrap();
+
+        let mut buf = BytesMut::new();
+        let mut packets = Vec::new();
+        let mut closed = false;
+        // Read the CONNACK, then see whether the hub closes the connection; a
+        // PINGREQ keeps an open one answering, so this never waits on a timer.
+        while !closed && packets.len() < 2 {
+            match Packet::read(&mut buf, 1 << 20) {
+                Ok(packet) => {
+                    packets.push(packet);
+                    if packets.len() == 1 {
+                        let mut ping = BytesMut::new();
+                        Packet::PingReq.write(&mut ping, usize::MAX).unwrap();
+                        // Refused connections may already be gone.
+                        let _ = client.write_all(&ping).await;
+                    }
+                    continue;
+                }
+                Err(rumqttc::mqttbytes::Error::InsufficientBytes(_)) => {}
+                Err(err) => panic!("undecodable packet: {err}"),
+            }
+            match tokio::time::timeout(Duration::from_secs(10), client.read_buf(&mut buf)).await {
+                Ok(Ok(0) | Err(_)) => closed = true,
+                Ok(Ok(_)) => {}
+                Err(_) => panic!("no answer from the hub"),
+            }
+        }
+        let code = match packets.first() {
+            Some(Packet::ConnAck(ack)) => ack.code,
+            other => panic!("expected a CONNACK, got {other:?}"),
+        };
+        if closed {
+            server.await.unwrap();
+        }
+        (code, closed, ctx)
+    }
+
+    #[tokio::test]
+    async fn a_change_between_the_registry_read_and_the_registration_is_not_missed() {
+        for change in [Change::Disable, Change::Delete, Change::RotatePrimaryKey] {
+            let (code, closed, ctx) = connect_while(change).await;
+            assert_eq!(code, ConnectReturnCode::NotAuthorized, "{change:?}");
+            assert!(closed, "{change:?}");
+            let id = DeviceId::parse("racer").unwrap();
+            assert!(!ctx.connections.is_connected(&id), "{change:?}");
+            assert!(
+                ctx.presence.get(&id).is_none_or(|p| !p.connected),
+                "{change:?}"
+            );
+        }
+        // A change that leaves the connection's own key registered does not refuse it.
+        let (code, closed, _ctx) = connect_while(Change::RotateSecondaryKey).await;
+        assert_eq!(code, ConnectReturnCode::Success);
+        assert!(!closed);
     }
 }

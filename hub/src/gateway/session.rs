@@ -110,6 +110,8 @@ pub enum CloseReason {
     Replaced,
     /// The device was disabled or deleted.
     DeviceRevoked,
+    /// The credential the connection authenticated with was changed or removed.
+    CredentialRevoked,
     /// The device does not read fast enough.
     SlowConsumer,
     /// Storing telemetry failed; the message was not acknowledged.

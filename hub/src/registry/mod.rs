@@ -105,6 +105,10 @@ pub struct DevicePage {
 pub enum RegistryEvent {
     /// The device was disabled or deleted: its live connection must close.
     Revoked(DeviceId),
+    /// The device's credentials changed (keys, public keys, thumbprints or the
+    /// authentication type): a live connection whose credential is no longer
+    /// registered must close.
+    CredentialsChanged(DeviceId),
 }
 
 /// Told synchronously, before the registry call returns, when devices come and go:
@@ -266,6 +270,8 @@ impl Registry {
                 Ok(()) => {
                     if next.status == DeviceStatus::Disabled {
                         self.emit(RegistryEvent::Revoked(id.clone()));
+                    } else if next.authentication != current.authentication {
+                        self.emit(RegistryEvent::CredentialsChanged(id.clone()));
                     }
                     return Ok(next);
                 }
@@ -631,6 +637,43 @@ mod tests {
             registry.get(&id("c1")).await,
             Err(RegistryError::NotFound(_))
         ));
+    }
+
+    #[tokio::test]
+    async fn credential_changes_are_announced_and_other_updates_are_not() {
+        let (_dir, registry) = registry();
+        registry
+            .create(id("k1"), DeviceSpec::default())
+            .await
+            .unwrap();
+        let mut events = registry.subscribe();
+        let reason = DeviceSpec {
+            status_reason: Some("maintenance".into()),
+            ..DeviceSpec::default()
+        };
+        registry
+            .update(id("k1"), reason, IfMatch::Any)
+            .await
+            .unwrap();
+        assert!(events.try_recv().is_err());
+        let rotate = DeviceSpec {
+            authentication: Some(AuthenticationSpec {
+                symmetric_key: Some(SymmetricKeySpec {
+                    primary_key: Some(device::generate_key()),
+                    secondary_key: None,
+                }),
+                ..AuthenticationSpec::default()
+            }),
+            ..DeviceSpec::default()
+        };
+        registry
+            .update(id("k1"), rotate, IfMatch::Any)
+            .await
+            .unwrap();
+        assert_eq!(
+            events.try_recv().unwrap(),
+            RegistryEvent::CredentialsChanged(id("k1"))
+        );
     }
 
     #[test]
