@@ -43,6 +43,9 @@ enum Command {
     C2d(cli::C2dCommand),
     /// Invoke a direct method on a device and print its answer.
     Invoke(cli::InvokeArgs),
+    /// Cluster mode: NATS nodes, stream and bucket leaders and replicas.
+    #[command(subcommand)]
+    Cluster(cli::ClusterCommand),
     /// Print telemetry as it arrives, one JSON line per message.
     Tail(cli::TailArgs),
     /// Issue certificates from the data dir's development CA.
@@ -144,6 +147,7 @@ fn main() -> ExitCode {
         Command::C2d(command) => report(runtime.block_on(cli::c2d(command))),
         Command::Twin(command) => report(runtime.block_on(cli::twin(command))),
         Command::Invoke(args) => report(runtime.block_on(cli::invoke(args))),
+        Command::Cluster(command) => report(runtime.block_on(cli::cluster(command))),
         Command::Cert(command) => report(cli::cert(command)),
     }
 }

@@ -128,33 +128,36 @@ impl Server {
         let device_ca = DeviceCa::from_pem(ca.cert_pem())?;
         let service_key = ServiceKey::load_or_create(&data_dir.service_key_path())?;
         let store = EmbeddedStore::open(&data_dir.store_path())?;
-        let (telemetry, health): (Arc<Telemetry>, Arc<dyn StoreHealth>) =
-            if config.cluster.enabled() {
-                let nats = NatsStore::connect(&config.cluster).await?;
-                nats.claim_partition_count(config.telemetry.partitions)
-                    .await?;
-                let log = JetStreamTelemetry::open(
-                    &nats,
-                    &config.telemetry,
-                    config.cluster.max_pending_publishes,
-                )
+        let nats = if config.cluster.enabled() {
+            Some(NatsStore::connect(&config.cluster).await?)
+        } else {
+            None
+        };
+        let (telemetry, health): (Arc<Telemetry>, Arc<dyn StoreHealth>) = if let Some(nats) = &nats
+        {
+            nats.claim_partition_count(config.telemetry.partitions)
                 .await?;
-                let checkpoints = NatsCheckpoints::open(&nats).await?;
-                tracing::info!(
-                    node = nats.node_id(),
-                    "cluster mode: telemetry and checkpoints on NATS JetStream"
-                );
-                let telemetry =
-                    Telemetry::new(Arc::new(log), &config.telemetry, Arc::new(checkpoints));
-                (Arc::new(telemetry), Arc::new(nats))
-            } else {
-                let telemetry = Telemetry::open(
-                    &data_dir.root().join("telemetry"),
-                    &config.telemetry,
-                    Arc::new(store.clone()),
-                )?;
-                (Arc::new(telemetry), Arc::new(store.clone()))
-            };
+            let log = JetStreamTelemetry::open(
+                nats,
+                &config.telemetry,
+                config.cluster.max_pending_publishes,
+            )
+            .await?;
+            let checkpoints = NatsCheckpoints::open(nats).await?;
+            tracing::info!(
+                node = nats.node_id(),
+                "cluster mode: telemetry and checkpoints on NATS JetStream"
+            );
+            let telemetry = Telemetry::new(Arc::new(log), &config.telemetry, Arc::new(checkpoints));
+            (Arc::new(telemetry), Arc::new(nats.clone()))
+        } else {
+            let telemetry = Telemetry::open(
+                &data_dir.root().join("telemetry"),
+                &config.telemetry,
+                Arc::new(store.clone()),
+            )?;
+            (Arc::new(telemetry), Arc::new(store.clone()))
+        };
 
         let presence = Presence::default();
         let registry = Registry::new(Arc::new(store.clone()), presence.clone());
@@ -245,6 +248,7 @@ impl Server {
             telemetry,
             twins,
             commands,
+            nats,
         };
         Ok(Self {
             data_dir,

@@ -119,6 +119,30 @@ async fn telemetry_sent_through_one_hub_is_read_through_another() -> Result<()> 
             );
         }
 
+        // `hub cluster status` names the NATS nodes and the telemetry stream's leader
+        // and replicas.
+        let out = b.cli(&["cluster", "status", "--json"]).await?;
+        ensure!(out.status.success(), "cluster status: {}", out.stderr);
+        let status: Value = serde_json::from_str(&out.stdout)?;
+        ensure!(
+            status["nats_nodes"] == json!(["n0", "n1", "n2"]),
+            "{status}"
+        );
+        let telemetry = status["streams"]
+            .as_array()
+            .context("streams")?
+            .iter()
+            .find(|s| s["name"] == STREAM)
+            .context("the telemetry stream")?;
+        ensure!(
+            telemetry["replicas"] == 3
+                && telemetry["leader"].is_string()
+                && telemetry["peers"].as_array().map(Vec::len) == Some(3),
+            "{telemetry}"
+        );
+        let table = b.cli(&["cluster", "status"]).await?;
+        ensure!(table.stdout.contains("telemetry"), "{}", table.stdout);
+
         // Long-poll through B wakes when A stores a message.
         let from = offsets[49] + 1;
         let poll = {

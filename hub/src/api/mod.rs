@@ -2,6 +2,7 @@
 //! and the JSON error shape. Handlers live one file per resource; extractors in
 //! [`extract`] turn every rejection into an [`ApiError`].
 
+mod cluster;
 mod commands;
 mod devices;
 mod error;
@@ -42,6 +43,8 @@ pub struct AppState {
     pub twins: crate::twins::Twins,
     /// Cloud-to-device messages and direct methods.
     pub commands: crate::commands::Commands,
+    /// The NATS cluster, in cluster mode.
+    pub nats: Option<crate::store::nats::NatsStore>,
 }
 
 /// Limits of the HTTP edge.
@@ -57,6 +60,7 @@ pub struct HttpLimits {
 pub fn router(state: AppState, limits: HttpLimits) -> Router {
     Router::new()
         .route("/devices", get(devices::list))
+        .route("/cluster", get(cluster::status))
         .route(
             "/devices/{id}",
             get(devices::get).put(devices::put).delete(devices::delete),

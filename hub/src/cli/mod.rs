@@ -1,8 +1,9 @@
 //! The admin CLI: `hub token`, `hub device …`, `hub twin …`, `hub c2d …`, `hub invoke`
-//! and `hub tail` (clients of the REST API, authorized with short-lived tokens minted from the data dir's owner key), and
+//! `hub cluster status` and `hub tail` (clients of the REST API, authorized with short-lived tokens minted from the data dir's owner key), and
 //! `hub cert device`.
 
 mod client;
+mod cluster;
 mod commands;
 mod device;
 mod tail;
@@ -16,6 +17,7 @@ use clap::Args;
 use hub::auth::service::{Scope, ServiceKey};
 use hub::data_dir;
 
+pub use cluster::{ClusterCommand, cluster};
 pub use commands::{C2dCommand, InvokeArgs, c2d, invoke};
 pub use device::{DeviceCommand, device};
 pub use tail::{TailArgs, tail};

@@ -10,6 +10,7 @@
 
 pub mod checkpoints;
 pub mod keys;
+pub mod status;
 pub mod telemetry;
 
 use std::future::Future;
