@@ -493,5 +493,17 @@ async fn a_message_over_64_kib_with_its_properties_is_refused_and_nothing_is_que
         .await?;
     assert_eq!(at.status(), StatusCode::ACCEPTED);
     assert_eq!(queue_length().await?, 1);
+
+    // Within the size limit, but its properties would make a devicebound topic longer
+    // than MQTT allows (every `/` travels as `%2F`): refused too, nothing queued.
+    let slashes = api
+        .send(
+            "big",
+            json!({"body": "", "properties": {"path": "/".repeat(30_000)}}),
+        )
+        .await?;
+    assert_eq!(slashes.status(), StatusCode::BAD_REQUEST);
+    assert_eq!(slashes.json::<Value>().await?["errorCode"], 400004);
+    assert_eq!(queue_length().await?, 1);
     Ok(())
 }

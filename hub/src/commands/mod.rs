@@ -107,6 +107,9 @@ pub enum CommandError {
     Registry(RegistryError),
 }
 
+/// MQTT's limit on a topic name (a two-byte length prefix).
+const MAX_TOPIC_BYTES: usize = u16::MAX as usize;
+
 /// Most expired messages removed in one store transaction.
 pub const EXPIRY_BATCH: usize = 1_000;
 
@@ -260,6 +263,15 @@ impl Commands {
                 size,
                 limit: limits.max_message_bytes,
             });
+        }
+        // The properties travel percent-encoded in the topic, which MQTT caps: a
+        // message whose topic would be longer could never be delivered.
+        let topic = topic::cloud_to_device(device.as_str(), &message.property_bag(device));
+        if topic.len() > MAX_TOPIC_BYTES {
+            return Err(CommandError::Invalid(format!(
+                "the properties make the devicebound topic {} bytes; MQTT allows {MAX_TOPIC_BYTES}",
+                topic.len()
+            )));
         }
         let store = Arc::clone(&self.inner.store);
         let id = device.clone();
