@@ -25,9 +25,12 @@ impl From<CommandError> for ApiError {
     fn from(err: CommandError) -> Self {
         match err {
             CommandError::NotFound(id) => ApiError::DeviceNotFound(id.to_string()),
-            CommandError::Invalid(_) | CommandError::UnknownLock => {
-                ApiError::InvalidArgument(err.to_string())
-            }
+            // Too large is a 400 (400004), not 413001: the request body was read in
+            // full and was within the HTTP limit; the message it describes is what is
+            // over Azure's C2D cap (DECISIONS.md, "Limits and abuse").
+            CommandError::Invalid(_)
+            | CommandError::UnknownLock
+            | CommandError::TooLarge { .. } => ApiError::InvalidArgument(err.to_string()),
             CommandError::QueueFull(_) => ApiError::QueueFull(err.to_string()),
             CommandError::Offline(_) => ApiError::DeviceOffline(err.to_string()),
             CommandError::Timeout(..) => ApiError::MethodTimeout(err.to_string()),

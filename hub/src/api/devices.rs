@@ -175,11 +175,15 @@ pub async fn list(
         .transpose()?;
     let page = state.registry.list(after.as_ref(), limit).await?;
     let presence = state.registry.presence();
-    let mut views: Vec<DeviceView<'_>> = Vec::with_capacity(page.devices.len());
-    for device in &page.devices {
-        let queued = state.commands.queue_length(&device.device_id).await?;
-        views.push(DeviceView::new(device, presence, queued));
-    }
+    // One trip to the store for the page's queue lengths, each a count of keys.
+    let ids: Vec<DeviceId> = page.devices.iter().map(|d| d.device_id.clone()).collect();
+    let queued = state.commands.queue_lengths(&ids).await?;
+    let views: Vec<DeviceView<'_>> = page
+        .devices
+        .iter()
+        .zip(queued)
+        .map(|(device, queued)| DeviceView::new(device, presence, queued))
+        .collect();
     let mut response = ApiJson(views).into_response();
     if let Some(next) = page.next_after {
         let token = URL_SAFE_NO_PAD.encode(next.as_str());

@@ -10,6 +10,11 @@ use crate::gateway::topic::PropertyBag;
 use crate::registry::DeviceId;
 use crate::store::StoreError;
 
+/// Azure IoT Hub's cap on a cloud-to-device message, measured by [`C2dMessage::size`]
+/// (64 KiB). The one place the default lives: `CommandLimits::max_message_bytes`
+/// starts from it.
+pub const MAX_C2D_MESSAGE_BYTES: usize = 64 * 1024;
+
 /// Which outcomes produce feedback records.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
@@ -99,6 +104,30 @@ mod body_base64 {
 }
 
 impl C2dMessage {
+    /// The size Azure IoT Hub checks against its limit: body bytes, plus the values of
+    /// the system properties the sender sets (message id, correlation id, content
+    /// type and encoding), plus the names and values of the application properties.
+    /// Properties the hub adds on delivery (`$.to`, `$.exp`, `iothub-ack`) are not
+    /// counted, so the limit does not depend on the device id's length.
+    pub fn size(&self) -> usize {
+        let system = [
+            Some(&self.message_id),
+            self.correlation_id.as_ref(),
+            self.content_type.as_ref(),
+            self.content_encoding.as_ref(),
+        ]
+        .into_iter()
+        .flatten()
+        .map(String::len)
+        .sum::<usize>();
+        let application = self
+            .properties
+            .iter()
+            .map(|(k, v)| k.len() + v.len())
+            .sum::<usize>();
+        self.body.len() + system + application
+    }
+
     /// The property bag of the devicebound topic.
     pub fn property_bag(&self, device: &DeviceId) -> PropertyBag {
         let mut bag = vec![
@@ -188,7 +217,46 @@ pub enum EnqueueError {
     Store(#[from] StoreError),
 }
 
+impl FeedbackStatus {
+    /// The `description` of a feedback record with this status.
+    pub fn description(self) -> &'static str {
+        match self {
+            FeedbackStatus::Success => "the device completed the message",
+            FeedbackStatus::Expired => "the message expired",
+            FeedbackStatus::DeliveryCountExceeded => {
+                "delivered the maximum number of times without completion"
+            }
+            FeedbackStatus::Rejected => "the device rejected the message",
+            FeedbackStatus::Purged => "the queue was purged",
+        }
+    }
+}
+
+/// What a removal did: messages removed and feedback records written (in the same
+/// transaction).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Removed {
+    /// Messages that were still queued and are now gone.
+    pub messages: usize,
+    /// Feedback records written for them (as their ack modes asked).
+    pub feedback: usize,
+}
+
+impl std::ops::AddAssign for Removed {
+    fn add_assign(&mut self, other: Self) {
+        self.messages += other.messages;
+        self.feedback += other.feedback;
+    }
+}
+
 /// Durable C2D queues and feedback. Called on the blocking pool.
+///
+/// Shaped by what the service does on its hot paths, so that none of them reads a
+/// whole queue (or every queue): counting is a count, completing a message finds it
+/// by its sequence number, delivery reads only messages after a cursor, and the
+/// expiry sweep reads only messages that are due. Removals write their feedback in
+/// the same transaction, built from the message as stored, so a message completed
+/// twice (a PUBACK racing the sweep) yields one record.
 pub trait CommandStore: Send + Sync + 'static {
     /// Appends `message` (its `seq` is assigned here) unless `max` are queued.
     fn enqueue(
@@ -197,20 +265,32 @@ pub trait CommandStore: Send + Sync + 'static {
         message: C2dMessage,
         max: usize,
     ) -> Result<C2dMessage, EnqueueError>;
-    /// The device's queued messages, oldest first.
-    fn queued(&self, device: &DeviceId) -> Result<Vec<C2dMessage>, StoreError>;
-    /// Every device's queued messages (for expiry sweeps and start-up).
-    fn all_queued(&self) -> Result<Vec<(DeviceId, C2dMessage)>, StoreError>;
-    /// Replaces a queued message (delivery count changes).
-    fn update(&self, device: &DeviceId, message: &C2dMessage) -> Result<(), StoreError>;
-    /// Removes messages and appends feedback records in one transaction; returns the
-    /// removed messages.
+    /// How many messages are queued for `device`.
+    fn count(&self, device: &DeviceId) -> Result<usize, StoreError>;
+    /// Up to `limit` queued messages of `device` with `seq > after`, oldest first.
+    fn pending(
+        &self,
+        device: &DeviceId,
+        after: u64,
+        limit: usize,
+    ) -> Result<Vec<C2dMessage>, StoreError>;
+    /// Counts one more delivery of message `seq`; `false` when it is no longer queued.
+    fn record_delivery(&self, device: &DeviceId, seq: u64) -> Result<bool, StoreError>;
+    /// Removes messages `seqs` of `device` that are still queued, with a feedback
+    /// record of `status` for each whose ack mode asks for one.
     fn complete(
         &self,
         device: &DeviceId,
         seqs: &[u64],
-        feedback: &[FeedbackRecord],
-    ) -> Result<Vec<C2dMessage>, StoreError>;
+        status: FeedbackStatus,
+    ) -> Result<Removed, StoreError>;
+    /// Removes every queued message of `device`, with a feedback record of `status`
+    /// for each whose ack mode asks for one.
+    fn purge(&self, device: &DeviceId, status: FeedbackStatus) -> Result<Removed, StoreError>;
+    /// Removes up to `limit` messages (of any device) whose expiry is at or before
+    /// `now`, earliest first, with Expired feedback where asked. Reads nothing else:
+    /// the cost is proportional to what is due, not to what is queued.
+    fn expire(&self, now: OffsetDateTime, limit: usize) -> Result<Removed, StoreError>;
     /// Stored feedback records with their keys, oldest first.
     fn feedback(&self) -> Result<Vec<(u64, FeedbackRecord)>, StoreError>;
     /// Deletes acknowledged feedback records.
@@ -252,6 +332,13 @@ mod tests {
             "slashes are escaped: {}",
             bag.encode()
         );
+    }
+
+    #[test]
+    fn the_size_counts_body_sender_system_values_and_application_properties() {
+        let m = message(AckMode::Full);
+        // body "{}" + "m/1" + "c1" + "application/json" + "k" + "v/w"
+        assert_eq!(m.size(), 2 + 3 + 2 + 16 + 1 + 3);
     }
 
     #[test]

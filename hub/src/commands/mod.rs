@@ -32,7 +32,10 @@ use crate::gateway::session::{DeliveryId, Outbound};
 use crate::gateway::topic::{self, Subscription};
 use crate::registry::{DeviceId, Registry, RegistryError};
 use crate::store::StoreError;
-use c2d::{AckMode, C2dMessage, CommandStore, EnqueueError, FeedbackRecord, FeedbackStatus};
+use c2d::{
+    AckMode, C2dMessage, CommandStore, EnqueueError, FeedbackRecord, FeedbackStatus,
+    MAX_C2D_MESSAGE_BYTES, Removed,
+};
 
 /// Limits of cloud-to-device messages and methods.
 #[derive(Debug, Clone, Copy)]
@@ -45,7 +48,7 @@ pub struct CommandLimits {
     pub default_ttl: Duration,
     /// Longest TTL accepted.
     pub max_ttl: Duration,
-    /// Largest message body.
+    /// Largest message, measured as [`C2dMessage::size`] does (body and properties).
     pub max_message_bytes: usize,
     /// Largest method payload.
     pub max_method_bytes: usize,
@@ -60,7 +63,7 @@ impl Default for CommandLimits {
             max_deliveries: 10,
             default_ttl: Duration::from_secs(3600),
             max_ttl: Duration::from_secs(2 * 24 * 3600),
-            max_message_bytes: 64 * 1024,
+            max_message_bytes: MAX_C2D_MESSAGE_BYTES,
             max_method_bytes: 128 * 1024,
             feedback_lock: Duration::from_secs(60),
         }
@@ -76,6 +79,14 @@ pub enum CommandError {
     /// An invalid request.
     #[error("{0}")]
     Invalid(String),
+    /// The message (body and properties) exceeds the size limit; nothing was queued.
+    #[error("the message is {size} bytes (body, ids and properties); the limit is {limit}")]
+    TooLarge {
+        /// The message's size.
+        size: usize,
+        /// The limit.
+        limit: usize,
+    },
     /// The device's queue is full.
     #[error("{0}")]
     QueueFull(String),
@@ -95,6 +106,12 @@ pub enum CommandError {
     #[error(transparent)]
     Registry(RegistryError),
 }
+
+/// MQTT's limit on a topic name (a two-byte length prefix).
+const MAX_TOPIC_BYTES: usize = u16::MAX as usize;
+
+/// Most expired messages removed in one store transaction.
+pub const EXPIRY_BATCH: usize = 1_000;
 
 /// A C2D send request.
 #[derive(Debug, Clone, Default)]
@@ -136,8 +153,10 @@ struct Inner {
     /// Subscriptions of each device's live connection, by connection id.
     online: Mutex<HashMap<DeviceId, (u64, BTreeSet<Subscription>)>>,
     online_changed: Notify,
-    /// Messages already sent on a device's current connection.
-    sent: Mutex<HashMap<DeviceId, (u64, HashSet<u64>)>>,
+    /// Per device: its current connection and the highest sequence number sent on
+    /// it. Messages are sent in sequence order and sequence numbers only grow, so one
+    /// number says what the connection has had, and delivery reads only what follows.
+    sent: Mutex<HashMap<DeviceId, (u64, u64)>>,
     methods: Mutex<HashMap<MethodKey, oneshot::Sender<(i32, Bytes)>>>,
     next_rid: AtomicU64,
     locks: Mutex<HashMap<String, (Vec<u64>, Instant)>>,
@@ -215,13 +234,6 @@ impl Commands {
     ) -> Result<String, CommandError> {
         self.check_device(device).await?;
         let limits = self.inner.limits;
-        if request.body.len() > limits.max_message_bytes {
-            return Err(CommandError::Invalid(format!(
-                "the message body is {} bytes; the limit is {}",
-                request.body.len(),
-                limits.max_message_bytes
-            )));
-        }
         let ttl = request.ttl.unwrap_or(limits.default_ttl);
         if ttl.is_zero() || ttl > limits.max_ttl {
             return Err(CommandError::Invalid(format!(
@@ -243,6 +255,24 @@ impl Commands {
             ack: request.ack,
             delivery_count: 0,
         };
+        // Measured on the message as it would be queued (with a generated id), before
+        // anything is stored: a refused message leaves no trace.
+        let size = message.size();
+        if size > limits.max_message_bytes {
+            return Err(CommandError::TooLarge {
+                size,
+                limit: limits.max_message_bytes,
+            });
+        }
+        // The properties travel percent-encoded in the topic, which MQTT caps: a
+        // message whose topic would be longer could never be delivered.
+        let topic = topic::cloud_to_device(device.as_str(), &message.property_bag(device));
+        if topic.len() > MAX_TOPIC_BYTES {
+            return Err(CommandError::Invalid(format!(
+                "the properties make the devicebound topic {} bytes; MQTT allows {MAX_TOPIC_BYTES}",
+                topic.len()
+            )));
+        }
         let store = Arc::clone(&self.inner.store);
         let id = device.clone();
         let queued = tokio::task::spawn_blocking(move || store.enqueue(&id, message, limits.queue))
@@ -256,11 +286,22 @@ impl Commands {
         Ok(queued.message_id)
     }
 
-    /// Number of messages queued for `device`.
+    /// Number of messages queued for `device` (a count of keys; no message is read).
     pub async fn queue_length(&self, device: &DeviceId) -> Result<usize, CommandError> {
+        Ok(self
+            .queue_lengths(std::slice::from_ref(device))
+            .await?
+            .first()
+            .copied()
+            .unwrap_or(0))
+    }
+
+    /// Queue lengths of `devices`, in order, in one trip to the blocking pool (a page
+    /// of `GET /devices` asks for up to 1,000).
+    pub async fn queue_lengths(&self, devices: &[DeviceId]) -> Result<Vec<usize>, CommandError> {
         let store = Arc::clone(&self.inner.store);
-        let id = device.clone();
-        Ok(blocking(move || store.queued(&id)).await?.len())
+        let ids = devices.to_vec();
+        Ok(blocking(move || ids.iter().map(|id| store.count(id)).collect()).await?)
     }
 
     /// Sends the queued messages the device's current connection has not had, if it
@@ -270,49 +311,54 @@ impl Commands {
         else {
             return;
         };
+        let after = match lock(&self.inner.sent).get(device) {
+            Some((sent_on, last)) if *sent_on == connection => *last,
+            _ => 0,
+        };
         let store = Arc::clone(&self.inner.store);
         let id = device.clone();
-        let queued = match blocking(move || store.queued(&id)).await {
-            Ok(queued) => queued,
+        let limit = self.inner.limits.queue;
+        let pending = match blocking(move || store.pending(&id, after, limit)).await {
+            Ok(pending) => pending,
             Err(err) => {
                 tracing::warn!(%device, error = %err, "cannot read the C2D queue");
                 return;
             }
         };
         let now = OffsetDateTime::now_utc();
-        for mut message in queued {
+        for message in pending {
             if message.expiry <= now {
                 continue; // The expiry sweep reports it.
             }
             {
+                // Claim the message for this connection: concurrent calls (a send and
+                // a subscribe) read overlapping messages, and each is sent once.
                 let mut sent = lock(&self.inner.sent);
-                let entry = sent
-                    .entry(device.clone())
-                    .or_insert_with(|| (connection, HashSet::new()));
+                let entry = sent.entry(device.clone()).or_insert((connection, 0));
                 if entry.0 != connection {
-                    *entry = (connection, HashSet::new());
+                    *entry = (connection, 0);
                 }
-                if !entry.1.insert(message.seq) {
+                if message.seq <= entry.1 {
                     continue;
                 }
+                entry.1 = message.seq;
             }
             if message.delivery_count >= self.inner.limits.max_deliveries {
-                let feedback: Vec<FeedbackRecord> = message
-                    .feedback(
-                        device,
-                        FeedbackStatus::DeliveryCountExceeded,
-                        "delivered the maximum number of times without completion",
-                    )
-                    .into_iter()
-                    .collect();
-                self.finish(device, vec![message.seq], feedback).await;
+                self.finish(
+                    device,
+                    vec![message.seq],
+                    FeedbackStatus::DeliveryCountExceeded,
+                )
+                .await;
                 continue;
             }
-            message.delivery_count += 1;
             let store = Arc::clone(&self.inner.store);
-            let (id, updated) = (device.clone(), message.clone());
-            if let Err(err) = blocking(move || store.update(&id, &updated)).await {
-                tracing::warn!(%device, error = %err, "cannot count a C2D delivery");
+            let (id, seq) = (device.clone(), message.seq);
+            match blocking(move || store.record_delivery(&id, seq)).await {
+                Ok(true) => {}
+                // Completed or expired since it was read: nothing to send.
+                Ok(false) => continue,
+                Err(err) => tracing::warn!(%device, error = %err, "cannot count a C2D delivery"),
             }
             let outbound = Outbound {
                 topic: topic::cloud_to_device(device.as_str(), &message.property_bag(device)),
@@ -335,15 +381,19 @@ impl Commands {
             .map(|(connection, _)| *connection)
     }
 
-    /// Removes messages and stores their feedback.
-    async fn finish(&self, device: &DeviceId, seqs: Vec<u64>, feedback: Vec<FeedbackRecord>) {
-        let has_feedback = !feedback.is_empty();
+    /// Removes messages with feedback of `status` where asked.
+    async fn finish(&self, device: &DeviceId, seqs: Vec<u64>, status: FeedbackStatus) {
         let store = Arc::clone(&self.inner.store);
         let id = device.clone();
-        match blocking(move || store.complete(&id, &seqs, &feedback)).await {
-            Ok(_) if has_feedback => self.inner.feedback_added.notify_waiters(),
-            Ok(_) => {}
+        match blocking(move || store.complete(&id, &seqs, status)).await {
+            Ok(removed) => self.feedback_written(removed),
             Err(err) => tracing::warn!(%device, error = %err, "cannot complete C2D messages"),
+        }
+    }
+
+    fn feedback_written(&self, removed: Removed) {
+        if removed.feedback > 0 {
+            self.inner.feedback_added.notify_waiters();
         }
     }
 
@@ -353,41 +403,33 @@ impl Commands {
         self.check_device(device).await?;
         let store = Arc::clone(&self.inner.store);
         let id = device.clone();
-        let queued = blocking(move || store.queued(&id)).await?;
-        let feedback = queued
-            .iter()
-            .filter_map(|m| m.feedback(device, FeedbackStatus::Purged, "the queue was purged"))
-            .collect();
-        let seqs: Vec<u64> = queued.iter().map(|m| m.seq).collect();
-        let count = seqs.len();
-        self.finish(device, seqs, feedback).await;
-        Ok(count)
+        let removed = blocking(move || store.purge(&id, FeedbackStatus::Purged)).await?;
+        self.feedback_written(removed);
+        Ok(removed.messages)
     }
 
-    /// Removes expired messages (Expired feedback where asked).
+    /// Removes expired messages (Expired feedback where asked). Reads only messages
+    /// that are due, in batches of [`EXPIRY_BATCH`] (one transaction each, so a
+    /// backlog does not hold the store's writer for long).
     pub async fn expire(&self) {
-        let store = Arc::clone(&self.inner.store);
-        let queued = match blocking(move || store.all_queued()).await {
-            Ok(queued) => queued,
-            Err(err) => {
-                tracing::warn!(error = %err, "cannot sweep C2D queues");
-                return;
-            }
-        };
         let now = OffsetDateTime::now_utc();
-        let mut expired: HashMap<DeviceId, (Vec<u64>, Vec<FeedbackRecord>)> = HashMap::new();
-        for (device, message) in queued.into_iter().filter(|(_, m)| m.expiry <= now) {
-            let entry = expired.entry(device.clone()).or_default();
-            entry.0.push(message.seq);
-            entry.1.extend(message.feedback(
-                &device,
-                FeedbackStatus::Expired,
-                "the message expired",
-            ));
+        let mut total = Removed::default();
+        loop {
+            let store = Arc::clone(&self.inner.store);
+            match blocking(move || store.expire(now, EXPIRY_BATCH)).await {
+                Ok(removed) => {
+                    total += removed;
+                    if removed.messages < EXPIRY_BATCH {
+                        break;
+                    }
+                }
+                Err(err) => {
+                    tracing::warn!(error = %err, "cannot sweep C2D queues");
+                    break;
+                }
+            }
         }
-        for (device, (seqs, feedback)) in expired {
-            self.finish(&device, seqs, feedback).await;
-        }
+        self.feedback_written(total);
     }
 
     /// Sweeps expired messages every `interval`, forever.
@@ -542,26 +584,12 @@ impl DeliveryAcks for Commands {
     fn delivered(&self, device: &DeviceId, id: DeliveryId) {
         let commands = self.clone();
         let device = device.clone();
+        // Found by key and removed in one transaction; a PUBACK for a message that is
+        // already gone (expired, or a duplicate PUBACK) removes nothing.
         tokio::spawn(async move {
-            let store = Arc::clone(&commands.inner.store);
-            let lookup = device.clone();
-            let message = match blocking(move || store.queued(&lookup)).await {
-                Ok(queued) => queued.into_iter().find(|m| m.seq == id),
-                Err(err) => {
-                    tracing::warn!(%device, error = %err, "cannot complete a C2D message");
-                    return;
-                }
-            };
-            let Some(message) = message else { return };
-            let feedback = message
-                .feedback(
-                    &device,
-                    FeedbackStatus::Success,
-                    "the device completed the message",
-                )
-                .into_iter()
-                .collect();
-            commands.finish(&device, vec![id], feedback).await;
+            commands
+                .finish(&device, vec![id], FeedbackStatus::Success)
+                .await
         });
     }
 }

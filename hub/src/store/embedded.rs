@@ -12,9 +12,12 @@ use std::sync::Arc;
 
 use async_trait::async_trait;
 use redb::{Database, ReadableDatabase, ReadableTable, TableDefinition};
+use time::OffsetDateTime;
 
 use super::{StoreError, StoreHealth};
-use crate::commands::c2d::{C2dMessage, CommandStore, EnqueueError, FeedbackRecord};
+use crate::commands::c2d::{
+    C2dMessage, CommandStore, EnqueueError, FeedbackRecord, FeedbackStatus, Removed,
+};
 use crate::gateway::services::SessionStore;
 use crate::gateway::topic::Subscription;
 use crate::registry::{Device, DeviceId, RegistryStore, RegistryStoreError};
@@ -22,13 +25,17 @@ use crate::telemetry::CheckpointStore;
 use crate::twins::TwinStore;
 use crate::twins::document::TwinDocument;
 
-/// Schema version this build writes; a file with a higher one is refused.
-const SCHEMA_VERSION: u64 = 1;
+/// Schema version this build writes; a file with a higher one is refused, a file with
+/// a lower one is migrated at open. 2: the C2D expiry index (`c2d_expiry`).
+const SCHEMA_VERSION: u64 = 2;
 
 const META: TableDefinition<&str, u64> = TableDefinition::new("meta");
 const DEVICES: TableDefinition<&str, &[u8]> = TableDefinition::new("devices");
 /// Cloud-to-device queues: `{device}\0{seq, 20 digits}` → JSON message.
 const C2D: TableDefinition<&str, &[u8]> = TableDefinition::new("c2d");
+/// The C2D expiry index: (expiry as Unix nanoseconds, device, seq) → (). Written in
+/// the same transaction as the queue entry, so the sweep reads only what is due.
+const C2D_EXPIRY: TableDefinition<(i128, &str, u64), ()> = TableDefinition::new("c2d_expiry");
 /// Feedback records: sequence → JSON record.
 const FEEDBACK: TableDefinition<u64, &[u8]> = TableDefinition::new("feedback");
 /// Device twins: device id → JSON twin document.
@@ -76,6 +83,13 @@ impl EmbeddedStore {
                         "schema version {version} is newer than this hub's {SCHEMA_VERSION}"
                     )));
                 }
+                // Schema 1 had no expiry index: build it from the queues, in the
+                // transaction that records the new version.
+                Some(version) if version < 2 => {
+                    index_expiries(&txn).map_err(|err| open_err(err.to_string()))?;
+                    meta.insert("schema_version", SCHEMA_VERSION)
+                        .map_err(|err| open_err(err.to_string()))?;
+                }
                 Some(_) => {}
                 None => {
                     meta.insert("schema_version", SCHEMA_VERSION)
@@ -93,6 +107,8 @@ impl EmbeddedStore {
             txn.open_table(C2D)
                 .map_err(|err| open_err(err.to_string()))?;
             txn.open_table(FEEDBACK)
+                .map_err(|err| open_err(err.to_string()))?;
+            txn.open_table(C2D_EXPIRY)
                 .map_err(|err| open_err(err.to_string()))?;
         }
         txn.commit().map_err(|err| open_err(err.to_string()))?;
@@ -237,18 +253,7 @@ impl RegistryStore for EmbeddedStore {
                 }
                 table.remove(id.as_str()).map_err(StoreError::from)?;
                 // The device's twin, queued messages and MQTT session go with it.
-                {
-                    let mut queue = txn.open_table(C2D).map_err(StoreError::from)?;
-                    let (from, to) = queue_range(&id);
-                    let keys: Vec<String> = queue
-                        .range::<&str>(from.as_str()..to.as_str())
-                        .map_err(StoreError::from)?
-                        .filter_map(|e| e.ok().map(|(k, _)| k.value().to_string()))
-                        .collect();
-                    for key in keys {
-                        queue.remove(key.as_str()).map_err(StoreError::from)?;
-                    }
-                }
+                drop_queue(&txn, &id)?;
                 txn.open_table(TWINS)
                     .map_err(StoreError::from)?
                     .remove(id.as_str())
@@ -394,12 +399,127 @@ fn queue_key(device: &DeviceId, seq: u64) -> String {
     format!("{device}\u{0}{seq:020}")
 }
 
+/// The sequence number in a queue key.
+fn seq_of(key: &str) -> Option<u64> {
+    key.rsplit('\u{0}').next().and_then(|s| s.parse().ok())
+}
+
+/// A message's entry in the expiry index.
+fn expiry_key<'a>(device: &'a str, message: &C2dMessage) -> (i128, &'a str, u64) {
+    (message.expiry.unix_timestamp_nanos(), device, message.seq)
+}
+
 fn corrupt(table: &'static str, key: String, err: impl std::fmt::Display) -> StoreError {
     StoreError::Corrupt {
         table,
         key,
         reason: err.to_string(),
     }
+}
+
+fn decode_message(key: &str, bytes: &[u8]) -> Result<C2dMessage, StoreError> {
+    serde_json::from_slice(bytes).map_err(|e| corrupt("c2d", key.to_string(), e))
+}
+
+/// Builds the expiry index of a queue table written before it existed (schema 1).
+fn index_expiries(txn: &redb::WriteTransaction) -> Result<(), StoreError> {
+    let queue = txn.open_table(C2D)?;
+    let mut index = txn.open_table(C2D_EXPIRY)?;
+    for entry in queue.iter()? {
+        let (key, value) = entry?;
+        let key = key.value();
+        let message = decode_message(key, value.value())?;
+        let device = key
+            .split('\u{0}')
+            .next()
+            .ok_or_else(|| corrupt("c2d", key.to_string(), "no device in the key"))?;
+        index.insert(expiry_key(device, &message), ())?;
+    }
+    Ok(())
+}
+
+/// A write transaction's view of the queues: the messages, their expiry index and
+/// the feedback log, kept consistent by going through these methods only.
+struct QueueTables<'txn> {
+    queue: redb::Table<'txn, &'static str, &'static [u8]>,
+    expiry: redb::Table<'txn, (i128, &'static str, u64), ()>,
+    feedback: redb::Table<'txn, u64, &'static [u8]>,
+}
+
+impl<'txn> QueueTables<'txn> {
+    fn open(txn: &'txn redb::WriteTransaction) -> Result<Self, StoreError> {
+        Ok(Self {
+            queue: txn.open_table(C2D)?,
+            expiry: txn.open_table(C2D_EXPIRY)?,
+            feedback: txn.open_table(FEEDBACK)?,
+        })
+    }
+
+    /// Removes message `seq` of `device` (and its index entry); `None` when it is not
+    /// queued.
+    fn remove(&mut self, device: &DeviceId, seq: u64) -> Result<Option<C2dMessage>, StoreError> {
+        let key = queue_key(device, seq);
+        let message = match self.queue.remove(key.as_str())? {
+            Some(value) => decode_message(&key, value.value())?,
+            None => return Ok(None),
+        };
+        self.expiry.remove(expiry_key(device.as_str(), &message))?;
+        Ok(Some(message))
+    }
+
+    /// Removes messages `seqs` with a feedback record of `status` where asked.
+    fn finish(
+        &mut self,
+        device: &DeviceId,
+        seqs: impl IntoIterator<Item = u64>,
+        status: FeedbackStatus,
+    ) -> Result<Removed, StoreError> {
+        let mut removed = Removed::default();
+        let mut records = Vec::new();
+        for seq in seqs {
+            if let Some(message) = self.remove(device, seq)? {
+                removed.messages += 1;
+                records.extend(message.feedback(device, status, status.description()));
+            }
+        }
+        removed.feedback = records.len();
+        self.append_feedback(&records)?;
+        Ok(removed)
+    }
+
+    fn append_feedback(&mut self, records: &[FeedbackRecord]) -> Result<(), StoreError> {
+        if records.is_empty() {
+            return Ok(());
+        }
+        let first = self.feedback.last()?.map_or(0, |(k, _)| k.value()) + 1;
+        for (key, record) in (first..).zip(records) {
+            let bytes =
+                serde_json::to_vec(record).map_err(|e| corrupt("feedback", key.to_string(), e))?;
+            self.feedback.insert(key, bytes.as_slice())?;
+        }
+        Ok(())
+    }
+
+    /// Sequence numbers of `device`'s queued messages (keys only, no values read).
+    fn seqs(&self, device: &DeviceId) -> Result<Vec<u64>, StoreError> {
+        let (from, to) = queue_range(device);
+        let mut seqs = Vec::new();
+        for entry in self.queue.range::<&str>(from.as_str()..to.as_str())? {
+            let (key, _) = entry?;
+            let key = key.value();
+            seqs.push(seq_of(key).ok_or_else(|| corrupt("c2d", key.to_string(), "bad key"))?);
+        }
+        Ok(seqs)
+    }
+}
+
+/// Deletes `device`'s queue and its index entries inside `txn` (the device is going).
+fn drop_queue(txn: &redb::WriteTransaction, device: &DeviceId) -> Result<(), StoreError> {
+    let mut tables = QueueTables::open(txn)?;
+    for seq in tables.seqs(device)? {
+        tables.remove(device, seq)?;
+    }
+    Ok(())
 }
 
 impl CommandStore for EmbeddedStore {
@@ -411,28 +531,26 @@ impl CommandStore for EmbeddedStore {
     ) -> Result<C2dMessage, EnqueueError> {
         let txn = self.db.begin_write().map_err(StoreError::from)?;
         {
-            let mut queue = txn.open_table(C2D).map_err(StoreError::from)?;
+            let mut tables = QueueTables::open(&txn)?;
             let (from, to) = queue_range(device);
-            let mut count = 0usize;
-            let mut last_seq = 0u64;
-            for entry in queue
+            // Keys only: a count and the last key, no message is decoded.
+            let count = tables
+                .queue
                 .range::<&str>(from.as_str()..to.as_str())
                 .map_err(StoreError::from)?
-            {
-                let (key, _) = entry.map_err(StoreError::from)?;
-                count += 1;
-                if let Some(seq) = key
-                    .value()
-                    .rsplit('\u{0}')
-                    .next()
-                    .and_then(|s| s.parse().ok())
-                {
-                    last_seq = last_seq.max(seq);
-                }
-            }
+                .count();
             if count >= max {
                 return Err(EnqueueError::QueueFull(max));
             }
+            let last_seq = match tables
+                .queue
+                .range::<&str>(from.as_str()..to.as_str())
+                .map_err(StoreError::from)?
+                .next_back()
+            {
+                Some(entry) => seq_of(entry.map_err(StoreError::from)?.0.value()).unwrap_or(0),
+                None => 0,
+            };
             // Sequence numbers keep growing (also across purges): a delivery id never
             // names two messages.
             let mut meta = txn.open_table(META).map_err(StoreError::from)?;
@@ -447,91 +565,120 @@ impl CommandStore for EmbeddedStore {
                 .map_err(StoreError::from)?;
             let bytes =
                 serde_json::to_vec(&message).map_err(|e| corrupt("c2d", device.to_string(), e))?;
-            queue
+            tables
+                .queue
                 .insert(queue_key(device, message.seq).as_str(), bytes.as_slice())
+                .map_err(StoreError::from)?;
+            tables
+                .expiry
+                .insert(expiry_key(device.as_str(), &message), ())
                 .map_err(StoreError::from)?;
         }
         txn.commit().map_err(StoreError::from)?;
         Ok(message)
     }
 
-    fn queued(&self, device: &DeviceId) -> Result<Vec<C2dMessage>, StoreError> {
+    fn count(&self, device: &DeviceId) -> Result<usize, StoreError> {
         let txn = self.db.begin_read()?;
         let queue = txn.open_table(C2D)?;
         let (from, to) = queue_range(device);
-        let mut out = Vec::new();
+        let mut count = 0;
         for entry in queue.range::<&str>(from.as_str()..to.as_str())? {
-            let (key, value) = entry?;
-            out.push(
-                serde_json::from_slice(value.value())
-                    .map_err(|e| corrupt("c2d", key.value().to_string(), e))?,
-            );
+            entry?;
+            count += 1;
         }
-        Ok(out)
+        Ok(count)
     }
 
-    fn all_queued(&self) -> Result<Vec<(DeviceId, C2dMessage)>, StoreError> {
+    fn pending(
+        &self,
+        device: &DeviceId,
+        after: u64,
+        limit: usize,
+    ) -> Result<Vec<C2dMessage>, StoreError> {
         let txn = self.db.begin_read()?;
         let queue = txn.open_table(C2D)?;
+        let from = queue_key(device, after.saturating_add(1));
+        let (_, to) = queue_range(device);
         let mut out = Vec::new();
-        for entry in queue.iter()? {
+        for entry in queue.range::<&str>(from.as_str()..to.as_str())?.take(limit) {
             let (key, value) = entry?;
-            let key = key.value().to_string();
-            let device = key
-                .split('\u{0}')
-                .next()
-                .and_then(|d| DeviceId::parse(d).ok())
-                .ok_or_else(|| corrupt("c2d", key.clone(), "bad key"))?;
-            let message = serde_json::from_slice(value.value())
-                .map_err(|e| corrupt("c2d", key.clone(), e))?;
-            out.push((device, message));
+            out.push(decode_message(key.value(), value.value())?);
         }
         Ok(out)
     }
 
-    fn update(&self, device: &DeviceId, message: &C2dMessage) -> Result<(), StoreError> {
+    fn record_delivery(&self, device: &DeviceId, seq: u64) -> Result<bool, StoreError> {
         let txn = self.db.begin_write()?;
         {
             let mut queue = txn.open_table(C2D)?;
-            let key = queue_key(device, message.seq);
-            // A message completed meanwhile stays completed.
-            if queue.get(key.as_str())?.is_some() {
-                let bytes =
-                    serde_json::to_vec(message).map_err(|e| corrupt("c2d", key.clone(), e))?;
-                queue.insert(key.as_str(), bytes.as_slice())?;
-            }
+            let key = queue_key(device, seq);
+            let mut message = match queue.get(key.as_str())? {
+                Some(value) => decode_message(&key, value.value())?,
+                // Completed meanwhile: it stays completed.
+                None => return Ok(false),
+            };
+            message.delivery_count = message.delivery_count.saturating_add(1);
+            let bytes = serde_json::to_vec(&message).map_err(|e| corrupt("c2d", key.clone(), e))?;
+            queue.insert(key.as_str(), bytes.as_slice())?;
         }
         txn.commit()?;
-        Ok(())
+        Ok(true)
     }
 
     fn complete(
         &self,
         device: &DeviceId,
         seqs: &[u64],
-        feedback: &[FeedbackRecord],
-    ) -> Result<Vec<C2dMessage>, StoreError> {
+        status: FeedbackStatus,
+    ) -> Result<Removed, StoreError> {
         let txn = self.db.begin_write()?;
-        let mut removed = Vec::new();
+        let removed = QueueTables::open(&txn)?.finish(device, seqs.iter().copied(), status)?;
+        txn.commit()?;
+        Ok(removed)
+    }
+
+    fn purge(&self, device: &DeviceId, status: FeedbackStatus) -> Result<Removed, StoreError> {
+        let txn = self.db.begin_write()?;
+        let removed = {
+            let mut tables = QueueTables::open(&txn)?;
+            let seqs = tables.seqs(device)?;
+            tables.finish(device, seqs, status)?
+        };
+        txn.commit()?;
+        Ok(removed)
+    }
+
+    fn expire(&self, now: OffsetDateTime, limit: usize) -> Result<Removed, StoreError> {
+        // Everything with an expiry at or before `now`: the smallest key after it is
+        // (now + 1 ns, "", 0).
+        let upper = (now.unix_timestamp_nanos() + 1, "", 0u64);
+        // Most sweeps find nothing due: answer that from a read transaction, without
+        // taking the writer or paying for a commit.
         {
-            let mut queue = txn.open_table(C2D)?;
-            for seq in seqs {
-                let key = queue_key(device, *seq);
-                if let Some(value) = queue.remove(key.as_str())? {
-                    removed.push(
-                        serde_json::from_slice(value.value())
-                            .map_err(|e| corrupt("c2d", key.clone(), e))?,
-                    );
-                }
-            }
-            let mut table = txn.open_table(FEEDBACK)?;
-            let first = table.last()?.map_or(0, |(k, _)| k.value()) + 1;
-            for (key, record) in (first..).zip(feedback) {
-                let bytes = serde_json::to_vec(record)
-                    .map_err(|e| corrupt("feedback", key.to_string(), e))?;
-                table.insert(key, bytes.as_slice())?;
+            let txn = self.db.begin_read()?;
+            let index = txn.open_table(C2D_EXPIRY)?;
+            if index.range(..upper)?.next().is_none() {
+                return Ok(Removed::default());
             }
         }
+        let txn = self.db.begin_write()?;
+        let removed = {
+            let mut tables = QueueTables::open(&txn)?;
+            let mut due: Vec<(DeviceId, u64)> = Vec::new();
+            for entry in tables.expiry.range(..upper)?.take(limit) {
+                let (key, _) = entry?;
+                let (_, device, seq) = key.value();
+                let device = DeviceId::parse(device)
+                    .map_err(|e| corrupt("c2d_expiry", device.to_string(), e))?;
+                due.push((device, seq));
+            }
+            let mut removed = Removed::default();
+            for (device, seq) in due {
+                removed += tables.finish(&device, [seq], FeedbackStatus::Expired)?;
+            }
+            removed
+        };
         txn.commit()?;
         Ok(removed)
     }
@@ -666,5 +813,272 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let store = EmbeddedStore::open(&dir.path().join("hub.redb")).unwrap();
         store.ping().await.unwrap();
+    }
+
+    fn c2d_message(id: &str, expiry: OffsetDateTime) -> C2dMessage {
+        use crate::commands::c2d::AckMode;
+        C2dMessage {
+            seq: 0,
+            message_id: id.to_string(),
+            correlation_id: None,
+            content_type: None,
+            content_encoding: None,
+            properties: Vec::new(),
+            body: bytes::Bytes::from_static(b"payload"),
+            enqueued: OffsetDateTime::now_utc(),
+            expiry,
+            ack: AckMode::Negative,
+            delivery_count: 0,
+        }
+    }
+
+    /// Overwrites every queued message except those of `keep` with bytes that are not
+    /// a message: any operation that decodes one of them fails with `Corrupt`.
+    fn poison_queues_except(store: &EmbeddedStore, keep: &DeviceId) {
+        let txn = store.db.begin_write().unwrap();
+        {
+            let mut queue = txn.open_table(C2D).unwrap();
+            let keys: Vec<String> = queue
+                .iter()
+                .unwrap()
+                .map(|e| e.unwrap().0.value().to_string())
+                .filter(|k| !k.starts_with(&format!("{keep}\u{0}")))
+                .collect();
+            for key in keys {
+                queue
+                    .insert(key.as_str(), b"not a message".as_slice())
+                    .unwrap();
+            }
+        }
+        txn.commit().unwrap();
+    }
+
+    /// 20 devices × 50 messages due in an hour, and one device with one message that
+    /// is already due; then every message that is not due is made unreadable.
+    fn fleet_with_one_due(store: &EmbeddedStore) -> (Vec<DeviceId>, DeviceId) {
+        let later = OffsetDateTime::now_utc() + time::Duration::hours(1);
+        let devices: Vec<DeviceId> = (0..20)
+            .map(|d| DeviceId::parse(&format!("dev-{d:02}")).unwrap())
+            .collect();
+        for device in &devices {
+            for n in 0..50 {
+                store
+                    .enqueue(device, c2d_message(&format!("m{n}"), later), 50)
+                    .unwrap();
+            }
+        }
+        let due = DeviceId::parse("due").unwrap();
+        let past = OffsetDateTime::now_utc() - time::Duration::seconds(1);
+        store.enqueue(&due, c2d_message("gone", past), 50).unwrap();
+        poison_queues_except(store, &due);
+        (devices, due)
+    }
+
+    #[tokio::test]
+    async fn the_expiry_sweep_and_queue_lengths_read_no_message_that_is_not_due() {
+        // Issue 11: the sweep decoded every queued message of every device, and a
+        // queue length decoded the whole queue. Here 1,000 messages that are not due
+        // cannot be decoded at all: the sweep must still remove the one due message
+        // (with its feedback), and the lengths must still be counted.
+        use crate::commands::{CommandLimits, Commands};
+        use crate::gateway::connections::Connections;
+        use crate::registry::{Presence, Registry};
+        let dir = tempfile::tempdir().unwrap();
+        let store = EmbeddedStore::open(&dir.path().join("hub.redb")).unwrap();
+        let (devices, due) = fleet_with_one_due(&store);
+        let commands = Commands::new(
+            Arc::new(store.clone()),
+            Registry::new(Arc::new(store.clone()), Presence::default()),
+            Connections::default(),
+            CommandLimits::default(),
+        );
+        commands.expire().await;
+        assert_eq!(commands.queue_length(&due).await.unwrap(), 0);
+        let feedback = store.feedback().unwrap();
+        assert_eq!(feedback.len(), 1, "{feedback:?}");
+        assert_eq!(feedback[0].1.original_message_id, "gone");
+        assert_eq!(feedback[0].1.status_code, FeedbackStatus::Expired);
+        for device in &devices {
+            assert_eq!(commands.queue_length(device).await.unwrap(), 50);
+        }
+    }
+
+    #[test]
+    fn expire_reads_only_the_index_entries_that_are_due() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = EmbeddedStore::open(&dir.path().join("hub.redb")).unwrap();
+        let (_, due) = fleet_with_one_due(&store);
+        let now = OffsetDateTime::now_utc();
+        assert_eq!(
+            store.expire(now, 1_000).unwrap(),
+            Removed {
+                messages: 1,
+                feedback: 1
+            }
+        );
+        assert_eq!(store.count(&due).unwrap(), 0);
+        // Nothing else is due: the next sweep removes nothing (and decodes nothing).
+        assert_eq!(store.expire(now, 1_000).unwrap(), Removed::default());
+        // The batch limit holds: with everything due, one call removes `limit`.
+        let later = now + time::Duration::hours(2);
+        let dir = tempfile::tempdir().unwrap();
+        let store = EmbeddedStore::open(&dir.path().join("hub.redb")).unwrap();
+        let device = DeviceId::parse("d").unwrap();
+        for n in 0..5 {
+            store
+                .enqueue(&device, c2d_message(&format!("m{n}"), now), 50)
+                .unwrap();
+        }
+        assert_eq!(store.expire(later, 3).unwrap().messages, 3);
+        assert_eq!(store.expire(later, 3).unwrap().messages, 2);
+        assert_eq!(store.count(&device).unwrap(), 0);
+    }
+
+    #[test]
+    fn completion_and_delivery_find_messages_by_key() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = EmbeddedStore::open(&dir.path().join("hub.redb")).unwrap();
+        let later = OffsetDateTime::now_utc() + time::Duration::hours(1);
+        let device = DeviceId::parse("d").unwrap();
+        let seqs: Vec<u64> = (0..10)
+            .map(|n| {
+                store
+                    .enqueue(&device, c2d_message(&format!("m{n}"), later), 50)
+                    .unwrap()
+                    .seq
+            })
+            .collect();
+        // Make every message but the 6th and later unreadable.
+        {
+            let txn = store.db.begin_write().unwrap();
+            {
+                let mut queue = txn.open_table(C2D).unwrap();
+                for seq in &seqs[..5] {
+                    queue
+                        .insert(queue_key(&device, *seq).as_str(), b"x".as_slice())
+                        .unwrap();
+                }
+            }
+            txn.commit().unwrap();
+        }
+        // Delivery reads only what follows the cursor.
+        let pending = store.pending(&device, seqs[4], 50).unwrap();
+        let ids: Vec<&str> = pending.iter().map(|m| m.message_id.as_str()).collect();
+        assert_eq!(ids, ["m5", "m6", "m7", "m8", "m9"]);
+        assert_eq!(store.pending(&device, seqs[4], 2).unwrap().len(), 2);
+        assert!(store.record_delivery(&device, seqs[7]).unwrap());
+        assert_eq!(
+            store.pending(&device, seqs[6], 1).unwrap()[0].delivery_count,
+            1
+        );
+        // A PUBACK removes its message only; a second one removes nothing.
+        assert_eq!(
+            store
+                .complete(&device, &[seqs[7]], FeedbackStatus::Expired)
+                .unwrap(),
+            Removed {
+                messages: 1,
+                feedback: 1
+            }
+        );
+        assert_eq!(
+            store
+                .complete(&device, &[seqs[7]], FeedbackStatus::Expired)
+                .unwrap(),
+            Removed::default()
+        );
+        assert!(!store.record_delivery(&device, seqs[7]).unwrap());
+        assert_eq!(store.count(&device).unwrap(), 9);
+    }
+
+    #[test]
+    fn purge_and_device_removal_clear_the_expiry_index() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = EmbeddedStore::open(&dir.path().join("hub.redb")).unwrap();
+        let soon = OffsetDateTime::now_utc() + time::Duration::seconds(10);
+        let device = DeviceId::parse("d").unwrap();
+        for n in 0..3 {
+            store
+                .enqueue(&device, c2d_message(&format!("m{n}"), soon), 50)
+                .unwrap();
+        }
+        assert_eq!(
+            store.purge(&device, FeedbackStatus::Purged).unwrap(),
+            Removed {
+                messages: 3,
+                feedback: 3
+            }
+        );
+        let index_len = |store: &EmbeddedStore| {
+            let txn = store.db.begin_read().unwrap();
+            redb::ReadableTableMetadata::len(&txn.open_table(C2D_EXPIRY).unwrap()).unwrap()
+        };
+        assert_eq!(index_len(&store), 0);
+        // A later sweep finds nothing of the purged messages.
+        let later = soon + time::Duration::hours(1);
+        assert_eq!(store.expire(later, 100).unwrap(), Removed::default());
+        // Sequence numbers keep growing across a purge.
+        let next = store.enqueue(&device, c2d_message("m3", soon), 50).unwrap();
+        assert_eq!(next.seq, 4);
+        assert_eq!(index_len(&store), 1);
+        // The queue cap holds.
+        for n in 0..49 {
+            store
+                .enqueue(&device, c2d_message(&format!("f{n}"), soon), 50)
+                .unwrap();
+        }
+        assert!(matches!(
+            store.enqueue(&device, c2d_message("over", soon), 50),
+            Err(EnqueueError::QueueFull(50))
+        ));
+        let txn = store.db.begin_write().unwrap();
+        drop_queue(&txn, &device).unwrap();
+        txn.commit().unwrap();
+        assert_eq!(index_len(&store), 0);
+        assert_eq!(store.count(&device).unwrap(), 0);
+    }
+
+    #[test]
+    fn a_schema_1_file_gets_its_expiry_index_at_open() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("hub.redb");
+        let device = DeviceId::parse("old").unwrap();
+        let now = OffsetDateTime::now_utc();
+        {
+            // What a schema-1 hub left behind: queued messages, no index.
+            let store = EmbeddedStore::open(&path).unwrap();
+            store.enqueue(&device, c2d_message("due", now), 50).unwrap();
+            store
+                .enqueue(
+                    &device,
+                    c2d_message("later", now + time::Duration::hours(1)),
+                    50,
+                )
+                .unwrap();
+            let txn = store.db.begin_write().unwrap();
+            txn.delete_table(C2D_EXPIRY).unwrap();
+            txn.open_table(META)
+                .unwrap()
+                .insert("schema_version", 1)
+                .unwrap();
+            txn.commit().unwrap();
+        }
+        let store = EmbeddedStore::open(&path).unwrap();
+        let version = store
+            .db
+            .begin_read()
+            .unwrap()
+            .open_table(META)
+            .unwrap()
+            .get("schema_version")
+            .unwrap()
+            .map(|v| v.value());
+        assert_eq!(version, Some(SCHEMA_VERSION));
+        assert_eq!(store.expire(now, 100).unwrap().messages, 1);
+        assert_eq!(store.count(&device).unwrap(), 1);
+        assert_eq!(
+            store.pending(&device, 0, 50).unwrap()[0].message_id,
+            "later"
+        );
     }
 }
