@@ -124,7 +124,7 @@ impl Server {
         let tls_config = tls::server_config(&server_cert.cert_pem, &server_cert.key_pem)?;
         let device_ca = DeviceCa::from_pem(ca.cert_pem())?;
         let service_key = ServiceKey::load_or_create(&data_dir.service_key_path())?;
-        let store = EmbeddedStore::open(&data_dir.store_path())?;
+        let store = EmbeddedStore::open(&data_dir.prepare_store_file()?)?;
         let telemetry = Arc::new(Telemetry::open(
             &data_dir.root().join("telemetry"),
             &config.telemetry,

@@ -14,7 +14,7 @@
 use std::collections::BTreeMap;
 use std::fs::{self, File, OpenOptions};
 use std::io::{self, Write};
-use std::os::unix::fs::FileExt;
+use std::os::unix::fs::{FileExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
@@ -165,7 +165,7 @@ impl SegmentLog {
     /// Opens (or creates) the log in `dir`, recovering a torn tail of the last
     /// segment. Segments roll over at `segment_bytes`.
     pub fn open(dir: &Path, segment_bytes: u64) -> Result<Self, LogError> {
-        fs::create_dir_all(dir).map_err(io_err(dir))?;
+        crate::data_dir::create_private_dir_all(dir).map_err(io_err(dir))?;
         let mut bases: Vec<u64> = fs::read_dir(dir)
             .map_err(io_err(dir))?
             .filter_map(|entry| entry.ok())
@@ -206,6 +206,7 @@ impl SegmentLog {
             .write(true)
             .create(true)
             .truncate(false)
+            .mode(crate::data_dir::PRIVATE_FILE_MODE)
             .open(&path)
             .map_err(io_err(&path))?;
         let bytes = fs::read(&path).map_err(io_err(&path))?;
@@ -313,6 +314,7 @@ impl SegmentLog {
             .read(true)
             .append(true)
             .create(true)
+            .mode(crate::data_dir::PRIVATE_FILE_MODE)
             .open(&path)
             .map_err(io_err(&path))?;
         // The new file's directory entry must survive a crash too.
