@@ -62,6 +62,12 @@ pub enum ApiError {
     /// 503 / 503001: the store does not answer.
     #[error("the store is not available")]
     Unavailable,
+    /// 429 / 429001: every slot for long requests (method calls, long-polls, streams)
+    /// is taken; retry later.
+    #[error(
+        "too many long-running requests (method calls, long-polls, streams) at once; retry later"
+    )]
+    TooManyLongRequests,
     /// 500 / 500001: anything else; the detail is logged, not sent.
     #[error("internal error")]
     Internal(String),
@@ -87,6 +93,7 @@ impl ApiError {
             ApiError::PayloadTooLarge(_) => (StatusCode::PAYLOAD_TOO_LARGE, 413001),
             ApiError::UnsupportedMediaType(_) => (StatusCode::UNSUPPORTED_MEDIA_TYPE, 415001),
             ApiError::Unavailable => (StatusCode::SERVICE_UNAVAILABLE, 503001),
+            ApiError::TooManyLongRequests => (StatusCode::TOO_MANY_REQUESTS, 429001),
             ApiError::Internal(_) => (StatusCode::INTERNAL_SERVER_ERROR, 500001),
         }
     }
@@ -106,6 +113,11 @@ impl IntoResponse for ApiError {
             response
                 .headers_mut()
                 .insert(header::CONNECTION, HeaderValue::from_static("close"));
+        }
+        if status == StatusCode::TOO_MANY_REQUESTS {
+            response
+                .headers_mut()
+                .insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
         }
         if status == StatusCode::UNAUTHORIZED {
             response
