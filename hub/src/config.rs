@@ -298,6 +298,17 @@ impl Config {
                 "must be ≥ 1 and ≤ mqtt.max_packet_size",
             );
         }
+        if self.mqtt.max_telemetry_bytes > crate::telemetry::message::MAX_TELEMETRY_BYTES {
+            return invalid(
+                "mqtt.max_telemetry_bytes",
+                &format!(
+                    "must be ≤ {} (a telemetry segment record holds at most {} bytes, \
+                     properties and metadata included)",
+                    crate::telemetry::message::MAX_TELEMETRY_BYTES,
+                    crate::telemetry::segment::MAX_PAYLOAD
+                ),
+            );
+        }
         if self.mqtt.connect_timeout_secs == 0 {
             return invalid("mqtt.connect_timeout_secs", "must be ≥ 1");
         }
@@ -422,6 +433,22 @@ mod tests {
                 .to_string()
                 .starts_with("hostname ")
         );
+    }
+
+    #[test]
+    fn telemetry_larger_than_a_segment_record_is_refused_at_start_up() {
+        let mut config = Config::default();
+        config.mqtt.max_packet_size = MQTT_MAX_PACKET;
+        config.mqtt.max_telemetry_bytes = 8 * 1024 * 1024;
+        config.telemetry.max_batch_bytes = 16 * 1024 * 1024;
+        config.telemetry.queue_bytes = 64 * 1024 * 1024;
+        let err = config.validate().unwrap_err().to_string();
+        assert!(
+            err.starts_with("mqtt.max_telemetry_bytes must be ≤ "),
+            "{err}"
+        );
+        config.mqtt.max_telemetry_bytes = crate::telemetry::message::MAX_TELEMETRY_BYTES;
+        config.validate().unwrap();
     }
 
     #[test]

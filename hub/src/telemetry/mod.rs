@@ -373,8 +373,16 @@ impl TelemetryIngest for Telemetry {
             .partition(id)
             .map_err(|err| IngestError::Commit(err.to_string()))?;
         let time = i64::try_from(message.enqueued_at.unix_timestamp_nanos()).unwrap_or(i64::MAX);
+        let payload = message::encode(&message);
+        if payload.len() > segment::MAX_PAYLOAD {
+            // Refused before it is queued, so no PUBACK can follow; stored, it would
+            // be a record that reads and recovery take for damage.
+            return Err(IngestError::Commit(
+                segment::LogError::TooLarge { len: payload.len() }.to_string(),
+            ));
+        }
         let receipt = partition
-            .submit(time, message::encode(&message))
+            .submit(time, payload)
             .await
             .map_err(|_| IngestError::Closed)?;
         Ok(Box::pin(async move {
@@ -384,5 +392,48 @@ impl TelemetryIngest for Telemetry {
                 Ok(Err(AppendError::Closed)) | Err(_) => Err(IngestError::Closed),
             }
         }))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::auth::device::AuthMethod;
+    use crate::gateway::topic::PropertyBag;
+    use crate::registry::DeviceId;
+    use crate::store::embedded::EmbeddedStore;
+
+    #[tokio::test]
+    async fn a_message_over_the_record_limit_is_refused_before_it_is_queued() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = EmbeddedStore::open(&dir.path().join("hub.redb")).unwrap();
+        let config = TelemetryConfig {
+            partitions: 1,
+            ..TelemetryConfig::default()
+        };
+        let telemetry =
+            Telemetry::open(&dir.path().join("telemetry"), &config, Arc::new(store)).unwrap();
+        let message = |body: Vec<u8>| TelemetryMessage {
+            device_id: DeviceId::parse("d1").unwrap(),
+            auth_method: AuthMethod::Sas,
+            properties: PropertyBag(vec![("k".into(), "\u{1}".repeat(100))]),
+            body: body.into(),
+            enqueued_at: OffsetDateTime::from_unix_timestamp(1_800_000_000).unwrap(),
+        };
+        // The body alone fits the record limit; with the metadata it does not.
+        let refused = telemetry
+            .submit(message(vec![0u8; segment::MAX_PAYLOAD - 100]))
+            .await;
+        assert!(matches!(refused, Err(IngestError::Commit(_))));
+        assert_eq!(
+            telemetry.partition(0).unwrap().bounds(),
+            (0, 0),
+            "nothing stored"
+        );
+
+        let durable = telemetry.submit(message(b"fits".to_vec())).await.unwrap();
+        durable.await.unwrap();
+        assert_eq!(telemetry.partition(0).unwrap().bounds(), (0, 1));
+        let _ = tokio::task::spawn_blocking(move || telemetry.close()).await;
     }
 }
