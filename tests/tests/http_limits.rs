@@ -94,8 +94,8 @@ async fn a_stalled_header_and_an_idle_connection_are_closed_within_the_timeout()
     let answer = read_to_close(&mut stalled).await?;
     let answer = String::from_utf8_lossy(&answer);
     assert!(
-        answer.is_empty() || answer.starts_with("HTTP/1.1 408"),
-        "nothing or 408, got {answer:?}"
+        answer.is_empty(),
+        "closed without an answer, got {answer:?}"
     );
     assert!(
         started.elapsed() >= Duration::from_millis(900),
