@@ -1,5 +1,6 @@
 //! Bounds of the HTTP listener against slow and greedy clients: a stalled request
-//! header or an idle keep-alive connection is closed within the header timeout; at the
+//! header or an idle keep-alive connection is closed within the header timeout, a
+//! stalled body fails its request; at the
 //! connection cap the next connection waits until one closes; long requests fill only
 //! their own slots, so `/healthz`, `/readyz` and short requests still answer.
 
@@ -122,6 +123,37 @@ async fn a_stalled_header_and_an_idle_connection_are_closed_within_the_timeout()
         StatusCode::OK
     );
     assert!(hub.stop().await?.success(), "SIGTERM still exits 0");
+    Ok(())
+}
+
+#[tokio::test]
+async fn a_request_body_that_stalls_is_cut_off_after_the_timeout() -> Result<()> {
+    let dir = tempfile::tempdir()?;
+    let hub = start(dir.path(), "header_timeout_secs = 1\n").await?;
+    let token = hub.owner_token().await?;
+    let addr = hub.endpoint("http").context("http endpoint")?;
+    let mut stalled = TcpStream::connect(addr).await?;
+    stalled
+        .write_all(
+            format!(
+                "PUT /devices/slow HTTP/1.1\r\nHost: hub\r\nAuthorization: Bearer {token}\r\n\
+                 Content-Type: application/json\r\nContent-Length: 100\r\n\r\n{{\"authentication\""
+            )
+            .as_bytes(),
+        )
+        .await?;
+    let answer = tokio::time::timeout(PROMPTLY, read_response(&mut stalled))
+        .await
+        .context("the hub still waits for the body")??;
+    assert!(answer.starts_with("HTTP/1.1 400"), "{answer}");
+    assert!(answer.contains("400004"), "{answer}");
+    let missing = hub
+        .http()
+        .get(format!("{}/devices/slow", hub.url()))
+        .bearer_auth(&token)
+        .send()
+        .await?;
+    assert_eq!(missing.status(), StatusCode::NOT_FOUND, "nothing created");
     Ok(())
 }
 

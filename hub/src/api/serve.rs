@@ -7,7 +7,8 @@
 //! not complete within the timeout, or a keep-alive connection that sends no next
 //! request within it, is closed. A semaphore caps open connections: at the cap the
 //! loop stops accepting, so the next connection waits in the kernel's listen backlog
-//! until one closes (stalled clients go within the header timeout).
+//! until one closes (stalled clients go within the header timeout). A request body
+//! that stalls for as long is cut off too.
 
 use std::future::Future;
 use std::io;
@@ -15,6 +16,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use axum::Router;
+use axum::body::Body;
 use axum::extract::Request;
 use hyper::body::Incoming;
 use hyper_util::rt::{TokioIo, TokioTimer};
@@ -23,6 +25,7 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore, watch};
 use tokio::task::JoinSet;
 use tower::ServiceExt;
+use tower_http::timeout::TimeoutBody;
 
 /// Limits of the HTTP listener itself (the per-request limits are layers of the
 /// router, see [`super::router`]).
@@ -120,7 +123,10 @@ async fn serve_connection(
     mut stopping: watch::Receiver<bool>,
 ) {
     let request_slot = slot.clone();
-    let service = router.map_request(move |mut request: Request<Incoming>| {
+    let service = router.map_request(move |request: Request<Incoming>| {
+        // A body that stops arriving for as long as a header may take fails the
+        // request (400) instead of holding its request slot forever.
+        let mut request = request.map(|body| Body::new(TimeoutBody::new(header_timeout, body)));
         request.extensions_mut().insert(request_slot.clone());
         request
     });
