@@ -293,3 +293,49 @@ async fn waiting_long_polls_leave_health_probes_and_short_requests_answering() -
     }
     Ok(())
 }
+
+#[tokio::test]
+async fn a_telemetry_websocket_holds_a_long_request_slot_until_it_closes() -> Result<()> {
+    use tokio_tungstenite::tungstenite::client::IntoClientRequest;
+    let dir = tempfile::tempdir()?;
+    let hub = start(dir.path(), "max_long_requests = 1\n").await?;
+    let token = hub.owner_token().await?;
+    let addr = hub.endpoint("http").context("http endpoint")?;
+    let mut request =
+        format!("ws://{addr}/streams/telemetry/partitions/0/ws").into_client_request()?;
+    request
+        .headers_mut()
+        .insert("authorization", format!("Bearer {token}").parse()?);
+    let (socket, _) = tokio_tungstenite::connect_async(request).await?;
+
+    let poll = || {
+        hub.http()
+            .get(format!(
+                "{}/messages/serviceBound/feedback?waitMs=0",
+                hub.url()
+            ))
+            .bearer_auth(&token)
+            .send()
+    };
+    assert_eq!(
+        poll().await?.status(),
+        StatusCode::TOO_MANY_REQUESTS,
+        "the open stream holds the only long slot"
+    );
+    drop(socket);
+    // The stream ends once the hub sees the close; then the slot is free again.
+    let freed = tokio::time::timeout(PROMPTLY, async {
+        loop {
+            let status = poll().await?.status();
+            if status != StatusCode::TOO_MANY_REQUESTS {
+                return Ok::<_, anyhow::Error>(status);
+            }
+            tokio::task::yield_now().await;
+        }
+    })
+    .await
+    .context("the slot was never released")??;
+    assert_eq!(freed, StatusCode::NO_CONTENT);
+    assert!(hub.stop().await?.success());
+    Ok(())
+}
