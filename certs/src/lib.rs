@@ -49,6 +49,57 @@ pub enum CertError {
     /// A subject alternative name is neither an IP address nor a valid DNS name.
     #[error("invalid subject alternative name {0:?}")]
     InvalidName(String),
+    /// A device id that is not a device id, or that cannot safely name a file.
+    #[error("invalid device name {name:?}: {reason}")]
+    InvalidDeviceName {
+        /// The name given.
+        name: String,
+        /// Why it is refused.
+        reason: &'static str,
+    },
+}
+
+/// The punctuation a device id may hold besides ASCII letters and digits (the
+/// registry's rule, Azure IoT Hub's).
+const DEVICE_ID_PUNCTUATION: &str = "-:.+%_#*?!(),=@;$'";
+
+/// File stems the PKI writes for itself; a device named like one would overwrite it.
+const RESERVED_STEMS: [&str; 2] = ["ca", "server"];
+
+/// Checks that `device_id` is a device id (1–128 ASCII letters, digits and
+/// `- : . + % _ # * ? ! ( ) , = @ ; $ '`) that can name a file in a certificate
+/// directory: not `.` or `..` (which would leave the directory), and not a name the PKI
+/// uses for its own files (`ca`, `server`, in any letter case, for case-insensitive
+/// file systems). The character set already excludes `/`, `\` and NUL.
+pub fn check_device_name(device_id: &str) -> Result<(), CertError> {
+    let refuse = |reason| {
+        Err(CertError::InvalidDeviceName {
+            name: device_id.to_string(),
+            reason,
+        })
+    };
+    if device_id.is_empty() {
+        return refuse("must not be empty");
+    }
+    if device_id.len() > 128 {
+        return refuse("longer than 128 characters");
+    }
+    if !device_id
+        .chars()
+        .all(|c| c.is_ascii_alphanumeric() || DEVICE_ID_PUNCTUATION.contains(c))
+    {
+        return refuse("allowed are ASCII letters, digits and - : . + % _ # * ? ! ( ) , = @ ; $ '");
+    }
+    if device_id == "." || device_id == ".." {
+        return refuse("names a directory, not a file");
+    }
+    if RESERVED_STEMS
+        .iter()
+        .any(|stem| device_id.eq_ignore_ascii_case(stem))
+    {
+        return refuse("is the name of the CA's or the server's own files");
+    }
+    Ok(())
 }
 
 /// How long development certificates stay valid.
@@ -257,6 +308,15 @@ impl Ca {
         })
     }
 
+    /// Signs a TLS client certificate for `device_id` (its common name) and writes it
+    /// as `dir/<device_id>.pem` + `.key`, after [`check_device_name`] (a name like
+    /// `../x` or `ca` is refused before anything is written).
+    pub fn issue_device_into(&self, dir: &Path, device_id: &str) -> Result<PathBuf, CertError> {
+        check_device_name(device_id)?;
+        self.issue_device(device_id)?.write(dir, device_id)?;
+        Ok(dir.join(format!("{device_id}.pem")))
+    }
+
     /// Signs a TLS client certificate for `device_id` (its common name).
     pub fn issue_device(&self, device_id: &str) -> Result<CertifiedKey, CertError> {
         let key = KeyPair::generate()?;
@@ -415,6 +475,38 @@ mod tests {
             .permissions()
             .mode();
         assert_eq!(mode & 0o777, 0o600);
+    }
+
+    #[test]
+    fn device_names_that_escape_the_directory_or_hit_the_pki_files_are_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let ca = Ca::generate("test CA").unwrap();
+        ca.write(dir.path(), "ca").unwrap();
+        let ca_key = fs::read_to_string(dir.path().join("ca.key")).unwrap();
+        let devices = dir.path().join("devices");
+        for bad in [
+            "../x", "..", ".", "ca", "CA", "server", "a/b", "a\0b", "", "a b", "é",
+        ] {
+            let err = ca.issue_device_into(&devices, bad).unwrap_err();
+            assert!(
+                matches!(err, CertError::InvalidDeviceName { .. }),
+                "{bad:?}: {err}"
+            );
+        }
+        assert!(check_device_name(&"d".repeat(129)).is_err());
+        assert!(!dir.path().join("x.pem").exists(), "nothing escaped");
+        assert!(!devices.exists(), "nothing written for a refused name");
+        assert_eq!(
+            fs::read_to_string(dir.path().join("ca.key")).unwrap(),
+            ca_key,
+            "the CA key is untouched"
+        );
+        // Every character the registry allows still works, dots included.
+        for good in ["sensor-42", "a.b", "...", "ca.1", "x:y+z%_#*?!(),=@;$'"] {
+            let path = ca.issue_device_into(&devices, good).unwrap();
+            assert_eq!(path, devices.join(format!("{good}.pem")));
+            assert!(path.exists(), "{good}");
+        }
     }
 
     #[test]

@@ -35,7 +35,8 @@ enum Command {
         #[arg(long = "ip")]
         ips: Vec<IpAddr>,
     },
-    /// Issue a device certificate (ID.pem, ID.key) with CN = ID, signed by the CA.
+    /// Issue a device certificate (devices/ID.pem, devices/ID.key) with CN = ID, signed
+    /// by the CA. ID must be a device id that can name a file (not `..`, `ca`, …).
     Device {
         /// The device id.
         id: String,
@@ -59,9 +60,11 @@ fn main() -> Result<()> {
             println!("{}", cli.dir.join("server.pem").display());
         }
         Command::Device { id } => {
+            certs::check_device_name(&id)?;
             let ca = load_ca(&cli.dir)?;
-            ca.issue_device(&id)?.write(&cli.dir, &id)?;
-            println!("{}", cli.dir.join(format!("{id}.pem")).display());
+            // A directory of their own: device files never sit next to the CA's.
+            let path = ca.issue_device_into(&cli.dir.join("devices"), &id)?;
+            println!("{}", path.display());
         }
     }
     Ok(())

@@ -179,8 +179,21 @@ pub struct HttpConfig {
     pub listen: SocketAddr,
     /// Largest request body accepted, in bytes (larger gets 413). Default 1 MiB.
     pub max_body_bytes: usize,
-    /// Most requests handled at once; further ones wait. Default 1024.
+    /// Most short requests (everything but the long ones below and the health
+    /// probes) handled at once; further ones wait. Default 1024.
     pub max_concurrent_requests: usize,
+    /// Most long requests (direct-method calls, telemetry long-polls and WebSocket
+    /// streams, feedback long-polls) at once; one more gets 429 (429001) at once, so
+    /// they can never take the slots of short requests or of `/healthz`/`/readyz`,
+    /// which have no limit. Default 512; less than `max_connections`.
+    pub max_long_requests: usize,
+    /// Most open HTTP connections (WebSockets included). Over it the hub stops
+    /// accepting: a new connection waits in the listen backlog until one closes.
+    /// Default 2048.
+    pub max_connections: usize,
+    /// Seconds a client has to send a whole request header, and that an idle
+    /// keep-alive connection stays open; then it is closed. Default 30 (1–300).
+    pub header_timeout_secs: u64,
 }
 
 impl Default for Config {
@@ -218,6 +231,9 @@ impl Default for HttpConfig {
             listen: SocketAddr::from(([127, 0, 0, 1], 8080)),
             max_body_bytes: 1024 * 1024,
             max_concurrent_requests: 1024,
+            max_long_requests: 512,
+            max_connections: 2048,
+            header_timeout_secs: 30,
         }
     }
 }
@@ -338,6 +354,17 @@ impl Config {
                 "must be ≥ 1 and ≤ mqtt.max_packet_size",
             );
         }
+        if self.mqtt.max_telemetry_bytes > crate::telemetry::message::MAX_TELEMETRY_BYTES {
+            return invalid(
+                "mqtt.max_telemetry_bytes",
+                &format!(
+                    "must be ≤ {} (a telemetry segment record holds at most {} bytes, \
+                     properties and metadata included)",
+                    crate::telemetry::message::MAX_TELEMETRY_BYTES,
+                    crate::telemetry::segment::MAX_PAYLOAD
+                ),
+            );
+        }
         if self.mqtt.connect_timeout_secs == 0 {
             return invalid("mqtt.connect_timeout_secs", "must be ≥ 1");
         }
@@ -355,6 +382,20 @@ impl Config {
         }
         if self.http.max_concurrent_requests == 0 {
             return invalid("http.max_concurrent_requests", "must be ≥ 1");
+        }
+        if self.http.max_connections == 0 {
+            return invalid("http.max_connections", "must be ≥ 1");
+        }
+        if self.http.max_long_requests == 0
+            || self.http.max_long_requests >= self.http.max_connections
+        {
+            return invalid(
+                "http.max_long_requests",
+                "must be ≥ 1 and < http.max_connections (long requests must leave connections for short ones)",
+            );
+        }
+        if !(1..=300).contains(&self.http.header_timeout_secs) {
+            return invalid("http.header_timeout_secs", "must be from 1 to 300");
         }
         let t = &self.telemetry;
         if !(1..=1024).contains(&t.partitions) {
@@ -494,6 +535,42 @@ mod tests {
                 .to_string()
                 .starts_with("hostname ")
         );
+    }
+
+    #[test]
+    fn telemetry_larger_than_a_segment_record_is_refused_at_start_up() {
+        let mut config = Config::default();
+        config.mqtt.max_packet_size = MQTT_MAX_PACKET;
+        config.mqtt.max_telemetry_bytes = 8 * 1024 * 1024;
+        config.telemetry.max_batch_bytes = 16 * 1024 * 1024;
+        config.telemetry.queue_bytes = 64 * 1024 * 1024;
+        let err = config.validate().unwrap_err().to_string();
+        assert!(
+            err.starts_with("mqtt.max_telemetry_bytes must be ≤ "),
+            "{err}"
+        );
+        config.mqtt.max_telemetry_bytes = crate::telemetry::message::MAX_TELEMETRY_BYTES;
+        config.validate().unwrap();
+    }
+
+    #[test]
+    fn http_limits_are_validated_by_key() {
+        let check = |edit: fn(&mut HttpConfig)| {
+            let mut config = Config::default();
+            edit(&mut config.http);
+            config.validate().unwrap_err().to_string()
+        };
+        assert!(check(|h| h.max_connections = 0).starts_with("http.max_connections "));
+        assert!(check(|h| h.max_long_requests = 0).starts_with("http.max_long_requests "));
+        assert!(
+            check(|h| h.max_long_requests = h.max_connections)
+                .starts_with("http.max_long_requests ")
+        );
+        assert!(check(|h| h.header_timeout_secs = 0).starts_with("http.header_timeout_secs "));
+        assert!(check(|h| h.header_timeout_secs = 301).starts_with("http.header_timeout_secs "));
+        let http = Config::default().http;
+        assert_eq!(http.header_timeout_secs, 30, "≤ 30 s by default");
+        assert!(http.max_long_requests < http.max_connections);
     }
 
     #[test]

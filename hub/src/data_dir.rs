@@ -9,10 +9,16 @@
 //! DIR/certs/server.pem server certificate (+ server.key, + server.sans: its names)
 //! DIR/endpoints.json   bound addresses, written atomically once ready
 //! ```
+//!
+//! Modes: the directory and every directory in it are 0700, every file 0600, except
+//! the public ones (certificates `*.pem`, `server.sans`, `endpoints.json`), which keep
+//! the umask's mode behind the 0700 directory. Looser modes found at start-up (a data
+//! dir from an older hub, or one an operator created) are tightened and logged.
 
 use std::fs::{self, File};
 use std::io;
 use std::net::{IpAddr, SocketAddr};
+use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 
 use certs::{Ca, CertError, CertifiedKey, SubjectAltNames};
@@ -54,7 +60,7 @@ impl DataDir {
         if root.exists() && !root.is_dir() {
             return Err(DataDirError::NotADirectory(root.to_path_buf()));
         }
-        fs::create_dir_all(root).map_err(|source| DataDirError::Io {
+        create_private_dir_all(root).map_err(|source| DataDirError::Io {
             path: root.to_path_buf(),
             source,
         })?;
@@ -63,6 +69,7 @@ impl DataDir {
             .create(true)
             .truncate(false)
             .write(true)
+            .mode(PRIVATE_FILE_MODE)
             .open(&lock_path)
             .map_err(|source| DataDirError::Io {
                 path: lock_path.clone(),
@@ -80,10 +87,35 @@ impl DataDir {
                 });
             }
         }
+        tighten_modes(root)?;
+        // Created here, before the PKI and the store create them with the umask's mode.
+        let certs = root.join("certs");
+        create_private_dir_all(&certs).map_err(|source| DataDirError::Io {
+            path: certs,
+            source,
+        })?;
         Ok(Self {
             root: root.to_path_buf(),
             _lock: lock,
         })
+    }
+
+    /// Creates the store's file empty with mode 0600 when it does not exist yet, so the
+    /// store (which holds every device key) is never readable by others, not even for
+    /// the moment between its creation and a chmod. redb initialises an empty file.
+    pub fn prepare_store_file(&self) -> Result<PathBuf, DataDirError> {
+        let path = self.store_path();
+        File::options()
+            .create(true)
+            .truncate(false)
+            .write(true)
+            .mode(PRIVATE_FILE_MODE)
+            .open(&path)
+            .map_err(|source| DataDirError::Io {
+                path: path.clone(),
+                source,
+            })?;
+        Ok(path)
     }
 
     /// The directory itself.
@@ -213,6 +245,66 @@ pub fn listener_ips(addrs: impl IntoIterator<Item = SocketAddr>) -> Vec<IpAddr> 
     addrs.into_iter().map(|addr| addr.ip()).collect()
 }
 
+/// Mode of every directory in the data dir.
+pub const PRIVATE_DIR_MODE: u32 = 0o700;
+/// Mode of every non-public file in the data dir.
+pub const PRIVATE_FILE_MODE: u32 = 0o600;
+
+/// `mkdir -p` with mode 0700 for every directory it creates (an existing one keeps
+/// its mode; [`DataDir::open`] tightens those).
+pub fn create_private_dir_all(path: &Path) -> io::Result<()> {
+    fs::DirBuilder::new()
+        .recursive(true)
+        .mode(PRIVATE_DIR_MODE)
+        .create(path)
+}
+
+/// Files readable by anyone who can enter the directory: certificates and addresses,
+/// no secrets.
+fn is_public_file(name: &str) -> bool {
+    name.ends_with(".pem") || name == "server.sans" || name == "endpoints.json"
+}
+
+/// Walks the data dir (without following symbolic links) and removes group and other
+/// permissions from every directory and non-public file, logging each change.
+fn tighten_modes(root: &Path) -> Result<(), DataDirError> {
+    let io_err = |path: &Path| {
+        let path = path.to_path_buf();
+        move |source| DataDirError::Io { path, source }
+    };
+    // An explicit stack: the walk's depth is bounded by the layout, not by recursion.
+    let mut pending = vec![root.to_path_buf()];
+    while let Some(path) = pending.pop() {
+        let meta = fs::symlink_metadata(&path).map_err(io_err(&path))?;
+        let mode = meta.permissions().mode() & 0o7777;
+        let wanted = if meta.is_dir() {
+            for entry in fs::read_dir(&path).map_err(io_err(&path))? {
+                pending.push(entry.map_err(io_err(&path))?.path());
+            }
+            mode & PRIVATE_DIR_MODE
+        } else if meta.is_file() {
+            let name = path.file_name().and_then(|n| n.to_str()).unwrap_or("");
+            if is_public_file(name) {
+                continue;
+            }
+            mode & PRIVATE_FILE_MODE
+        } else {
+            continue;
+        };
+        if wanted != mode {
+            fs::set_permissions(&path, fs::Permissions::from_mode(wanted))
+                .map_err(io_err(&path))?;
+            tracing::warn!(
+                path = %path.display(),
+                from = format!("{mode:o}"),
+                to = format!("{wanted:o}"),
+                "tightened the permissions of a data dir entry"
+            );
+        }
+    }
+    Ok(())
+}
+
 fn write_atomically(path: &Path, contents: &[u8]) -> Result<(), DataDirError> {
     certs::write_atomically(path, contents, false).map_err(|source| DataDirError::Io {
         path: path.to_path_buf(),
@@ -232,6 +324,55 @@ mod tests {
             DataDir::open(dir.path()),
             Err(DataDirError::Locked(_))
         ));
+    }
+
+    fn mode(path: &Path) -> u32 {
+        fs::metadata(path).unwrap().permissions().mode() & 0o7777
+    }
+
+    #[test]
+    fn a_new_data_dir_is_private() {
+        let parent = tempfile::tempdir().unwrap();
+        let root = parent.path().join("data");
+        let data = DataDir::open(&root).unwrap();
+        let store = data.prepare_store_file().unwrap();
+        data.ensure_ca().unwrap();
+        assert_eq!(mode(&root), 0o700);
+        assert_eq!(mode(&root.join("certs")), 0o700);
+        assert_eq!(mode(&root.join("hub.lock")), 0o600);
+        assert_eq!(mode(&store), 0o600);
+        assert_eq!(mode(&root.join("certs/ca.key")), 0o600);
+    }
+
+    #[test]
+    fn looser_modes_of_an_existing_data_dir_are_tightened() {
+        let parent = tempfile::tempdir().unwrap();
+        let root = parent.path().join("data");
+        fs::create_dir_all(root.join("telemetry/p0")).unwrap();
+        for (file, contents) in [
+            ("hub.redb", "db"),
+            ("service.key", "key"),
+            ("telemetry/p0/00000000000000000000.log", ""),
+            ("endpoints.json", "{}"),
+        ] {
+            fs::write(root.join(file), contents).unwrap();
+            fs::set_permissions(root.join(file), fs::Permissions::from_mode(0o644)).unwrap();
+        }
+        for dir in ["", "telemetry", "telemetry/p0"] {
+            fs::set_permissions(root.join(dir), fs::Permissions::from_mode(0o755)).unwrap();
+        }
+        let _data = DataDir::open(&root).unwrap();
+        for dir in ["", "telemetry", "telemetry/p0"] {
+            assert_eq!(mode(&root.join(dir)), 0o700, "{dir:?}");
+        }
+        for file in [
+            "hub.redb",
+            "service.key",
+            "telemetry/p0/00000000000000000000.log",
+        ] {
+            assert_eq!(mode(&root.join(file)), 0o600, "{file}");
+        }
+        assert_eq!(mode(&root.join("endpoints.json")), 0o644, "public");
     }
 
     #[test]

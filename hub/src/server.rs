@@ -10,6 +10,7 @@ use std::time::Duration;
 use certs::SubjectAltNames;
 use tokio::net::TcpListener;
 
+use crate::api::serve::ConnectionLimits;
 use crate::api::{self, AppState, HttpLimits};
 use crate::auth::device::DeviceAuthenticator;
 use crate::auth::jwt::JwtPolicy;
@@ -87,6 +88,7 @@ pub struct Server {
     gateway: Gateway,
     state: AppState,
     limits: HttpLimits,
+    connection_limits: ConnectionLimits,
     retention_interval: Duration,
 }
 
@@ -127,7 +129,7 @@ impl Server {
         let tls_config = tls::server_config(&server_cert.cert_pem, &server_cert.key_pem)?;
         let device_ca = DeviceCa::from_pem(ca.cert_pem())?;
         let service_key = ServiceKey::load_or_create(&data_dir.service_key_path())?;
-        let store = EmbeddedStore::open(&data_dir.store_path())?;
+        let store = EmbeddedStore::open(&data_dir.prepare_store_file()?)?;
         let nats = if config.cluster.enabled() {
             Some(NatsStore::connect(&config.cluster).await?)
         } else {
@@ -259,6 +261,11 @@ impl Server {
             limits: HttpLimits {
                 max_body_bytes: config.http.max_body_bytes,
                 max_concurrent_requests: config.http.max_concurrent_requests,
+                max_long_requests: config.http.max_long_requests,
+            },
+            connection_limits: ConnectionLimits {
+                max_connections: config.http.max_connections,
+                header_timeout: Duration::from_secs(config.http.header_timeout_secs),
             },
             retention_interval: Duration::from_secs(config.telemetry.retention_interval_secs),
         })
@@ -303,8 +310,7 @@ impl Server {
                 .run_expiry(Duration::from_secs(1)),
         );
         let router = api::router(self.state, self.limits);
-        let result = axum::serve(self.http, router)
-            .with_graceful_shutdown(shutdown)
+        let result = api::serve::serve(self.http, router, self.connection_limits, shutdown)
             .await
             .map_err(|source| ServeError::Serve {
                 listener: "http",

@@ -66,6 +66,12 @@ pub enum ApiError {
     /// 503 / 503001: the store does not answer.
     #[error("the store is not available")]
     Unavailable,
+    /// 429 / 429001: every slot for long requests (method calls, long-polls, streams)
+    /// is taken; retry later.
+    #[error(
+        "too many long-running requests (method calls, long-polls, streams) at once; retry later"
+    )]
+    TooManyLongRequests,
     /// 500 / 500001: anything else; the detail is logged, not sent.
     #[error("internal error")]
     Internal(String),
@@ -92,6 +98,7 @@ impl ApiError {
             ApiError::UnsupportedMediaType(_) => (StatusCode::UNSUPPORTED_MEDIA_TYPE, 415001),
             ApiError::Throttled(_) => (StatusCode::TOO_MANY_REQUESTS, 429001),
             ApiError::Unavailable => (StatusCode::SERVICE_UNAVAILABLE, 503001),
+            ApiError::TooManyLongRequests => (StatusCode::TOO_MANY_REQUESTS, 429001),
             ApiError::Internal(_) => (StatusCode::INTERNAL_SERVER_ERROR, 500001),
         }
     }
@@ -111,6 +118,11 @@ impl IntoResponse for ApiError {
             response
                 .headers_mut()
                 .insert(header::CONNECTION, HeaderValue::from_static("close"));
+        }
+        if status == StatusCode::TOO_MANY_REQUESTS {
+            response
+                .headers_mut()
+                .insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
         }
         if status == StatusCode::UNAUTHORIZED {
             response

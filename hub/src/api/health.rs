@@ -26,12 +26,17 @@ pub async fn readyz(State(state): State<AppState>) -> Result<Json<Value>, ApiErr
 /// Prometheus text exposition of the hub's counters.
 pub async fn metrics(
     State(state): State<AppState>,
+    long_requests: Option<axum::Extension<super::LongRequestSlots>>,
 ) -> ([(axum::http::HeaderName, &'static str); 1], String) {
     (
         [(
             axum::http::header::CONTENT_TYPE,
             "text/plain; version=0.0.4",
         )],
-        state.metrics.render() + &state.telemetry.render_metrics(),
+        state.metrics.render()
+            + &state.telemetry.render_metrics()
+            + &long_requests
+                .map(|slots| slots.render())
+                .unwrap_or_default(),
     )
 }

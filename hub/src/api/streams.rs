@@ -181,6 +181,8 @@ pub async fn websocket(
     ApiPath(partition): ApiPath<String>,
     ApiQuery(query): ApiQuery<HashMap<String, String>>,
     upgrade: Result<WebSocketUpgrade, WebSocketUpgradeRejection>,
+    long_slot: Option<axum::Extension<super::LongRequestSlot>>,
+    connection_slot: Option<axum::Extension<super::serve::ConnectionSlot>>,
 ) -> Result<Response, ApiError> {
     let upgrade = upgrade.map_err(|rejection| ApiError::InvalidArgument(rejection.body_text()))?;
     let partition = parse_partition(&partition)?;
@@ -190,7 +192,12 @@ pub async fn websocket(
         None => state.telemetry.partition_info(partition).await?.end_offset,
         Some(_) => resolve_from(&state, &group, partition, query.get("from")).await?,
     };
-    Ok(upgrade.on_upgrade(move |socket| stream_partition(socket, state, partition, from)))
+    Ok(upgrade.on_upgrade(move |socket| async move {
+        // The stream outlives this request and its HTTP connection: it keeps their
+        // slots (a long request's and a connection's) until it ends.
+        let _slots = (long_slot, connection_slot);
+        stream_partition(socket, state, partition, from).await;
+    }))
 }
 
 async fn stream_partition(mut socket: WebSocket, state: AppState, partition: u32, mut next: u64) {

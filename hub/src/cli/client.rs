@@ -1,7 +1,8 @@
 //! A small REST client for the CLI: finds the hub, mints a short-lived token, and
 //! turns the API's JSON errors into readable messages.
 
-use std::time::Duration;
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail};
 use hub::auth::service::{Scope, ServiceKey};
@@ -12,11 +13,29 @@ use super::Target;
 
 /// Lifetime of the tokens the CLI mints for itself.
 const CLI_TOKEN_TTL: Duration = Duration::from_secs(300);
+/// A token older than this is replaced before the next request, so a long-running
+/// command (`hub tail`) never sends one that is about to expire.
+const CLI_TOKEN_RENEW_AFTER: Duration = Duration::from_secs(150);
+/// Timeout of an ordinary request (long-polls ask the hub for at most 30 s).
+const REQUEST_TIMEOUT: Duration = Duration::from_secs(30);
+/// What `hub invoke` waits beyond the method's own timeouts: the hub answers 404103 or
+/// 504101 itself when those pass, and the answer must still reach the CLI.
+const INVOKE_MARGIN: Duration = Duration::from_secs(10);
+
+/// The client timeout of a direct-method call that may wait `connect_timeout` seconds
+/// for the device to come online and then `response_timeout` seconds for its answer.
+pub fn invoke_timeout(connect_timeout_secs: u64, response_timeout_secs: u64) -> Duration {
+    Duration::from_secs(connect_timeout_secs.saturating_add(response_timeout_secs))
+        .saturating_add(INVOKE_MARGIN)
+}
 
 /// An authorized client of one hub's REST API.
 pub struct ApiClient {
     base: String,
-    token: String,
+    key: ServiceKey,
+    scopes: Vec<Scope>,
+    /// The current token and when it was minted.
+    token: Mutex<(String, Instant)>,
     http: reqwest::Client,
 }
 
@@ -38,17 +57,41 @@ impl ApiClient {
         let key = ServiceKey::load(&data_dir::service_key_path(&target.data_dir))?;
         let token = key.mint("cli", scopes, CLI_TOKEN_TTL)?;
         let http = reqwest::Client::builder()
-            .timeout(Duration::from_secs(30))
+            .timeout(REQUEST_TIMEOUT)
             .build()
             .context("cannot build the HTTP client")?;
-        Ok(Self { base, token, http })
+        Ok(Self {
+            base,
+            key,
+            scopes: scopes.to_vec(),
+            token: Mutex::new((token, Instant::now())),
+            http,
+        })
     }
 
-    /// A request to `path` (already percent-encoded), authorized.
+    /// A request to `path` (already percent-encoded), authorized with a token that
+    /// has at least half its lifetime left.
     pub fn request(&self, method: Method, path: &str) -> RequestBuilder {
         self.http
             .request(method, format!("{}{path}", self.base))
-            .bearer_auth(&self.token)
+            .bearer_auth(self.token_at(Instant::now()))
+    }
+
+    /// The token to send at `now`, minting a new one when the current one is older
+    /// than [`CLI_TOKEN_RENEW_AFTER`].
+    fn token_at(&self, now: Instant) -> String {
+        let mut current = match self.token.lock() {
+            Ok(guard) => guard,
+            Err(poisoned) => poisoned.into_inner(),
+        };
+        if now.saturating_duration_since(current.1) >= CLI_TOKEN_RENEW_AFTER {
+            match self.key.mint("cli", &self.scopes, CLI_TOKEN_TTL) {
+                Ok(token) => *current = (token, now),
+                // Keep the old token: the hub's 401 then says what went wrong.
+                Err(err) => eprintln!("cannot renew the CLI token: {err}"),
+            }
+        }
+        current.0.clone()
     }
 
     /// Sends `request`; a non-success status becomes an error carrying the API's
@@ -118,6 +161,37 @@ pub fn path_segment(id: &str) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_token_is_renewed_before_it_expires() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("service.key");
+        let key = ServiceKey::load_or_create(&path).unwrap();
+        let client = ApiClient {
+            base: "http://127.0.0.1:1".into(),
+            scopes: vec![Scope::ServiceConnect],
+            token: Mutex::new(("old".into(), Instant::now())),
+            key: ServiceKey::load(&path).unwrap(),
+            http: reqwest::Client::new(),
+        };
+        let start = client.token.lock().unwrap().1;
+        assert_eq!(client.token_at(start + Duration::from_secs(149)), "old");
+        // Well inside the 5-minute lifetime, so a long `hub tail` never sends an
+        // expired one.
+        let renewed = client.token_at(start + Duration::from_secs(150));
+        assert_ne!(renewed, "old");
+        assert!(key.verify(&renewed).is_ok(), "a valid token");
+        assert_eq!(client.token_at(start + Duration::from_secs(200)), renewed);
+        assert!(CLI_TOKEN_RENEW_AFTER < CLI_TOKEN_TTL);
+    }
+
+    #[test]
+    fn invoke_waits_longer_than_both_method_timeouts() {
+        assert_eq!(invoke_timeout(0, 30), Duration::from_secs(40));
+        assert_eq!(invoke_timeout(300, 300), Duration::from_secs(610));
+        assert!(invoke_timeout(0, 30) > REQUEST_TIMEOUT);
+        assert_eq!(invoke_timeout(u64::MAX, 1), Duration::MAX, "no overflow");
+    }
 
     #[test]
     fn ids_are_escaped_into_one_segment() {

@@ -158,8 +158,16 @@ pub async fn invoke(args: InvokeArgs) -> Result<()> {
         "connectTimeoutInSeconds": args.connect_timeout,
     });
     let path = format!("/twins/{}/methods", path_segment(&args.id));
+    // The hub may take connect + response timeout to answer; the client's own
+    // timeout must not cut that short.
+    let timeout = super::client::invoke_timeout(args.connect_timeout, args.timeout);
     let answer: Value = client
-        .send(client.request(Method::POST, &path).json(&request))
+        .send(
+            client
+                .request(Method::POST, &path)
+                .timeout(timeout)
+                .json(&request),
+        )
         .await?
         .json()
         .await?;

@@ -106,8 +106,10 @@ pub fn cert(command: CertCommand) -> Result<()> {
                 )
             })?;
             let out = out.unwrap_or_else(|| ca_dir.join("devices"));
-            ca.issue_device(id.as_str())?.write(&out, id.as_str())?;
-            println!("{}", out.join(format!("{id}.pem")).display());
+            // A valid device id may still be `..` or `ca`: the file-name check refuses
+            // those before anything is written.
+            let path = ca.issue_device_into(&out, id.as_str())?;
+            println!("{}", path.display());
             Ok(())
         }
     }

@@ -58,6 +58,16 @@ pub struct DecodeError {
     reason: String,
 }
 
+/// Bytes a record payload may take beyond the message's body and property bag: the
+/// length prefix, the JSON framing and key names, the device id (twice) and the
+/// properties the hub stamps.
+pub const ENCODING_OVERHEAD: usize = 4096;
+
+/// The largest `mqtt.max_telemetry_bytes` (body + property bag) whose every message
+/// fits in one segment record: JSON escaping can at most double the property bag
+/// (`%01` → `\u0001`), so body + 2 × bag + overhead must stay within the record limit.
+pub const MAX_TELEMETRY_BYTES: usize = (super::segment::MAX_PAYLOAD - ENCODING_OVERHEAD) / 2;
+
 /// Encodes a gateway message into a record payload: `meta length | meta JSON | body`.
 pub fn encode(message: &TelemetryMessage) -> Bytes {
     let mut system_properties = BTreeMap::new();

@@ -290,6 +290,57 @@ impl TelemetryIngest for Telemetry {
     async fn submit(&self, message: TelemetryMessage) -> Result<Durable, IngestError> {
         let id = self.partitioner.partition(message.device_id.as_str());
         let time = i64::try_from(message.enqueued_at.unix_timestamp_nanos()).unwrap_or(i64::MAX);
-        self.log.append(id, time, message::encode(&message)).await
+        let payload = message::encode(&message);
+        if payload.len() > segment::MAX_PAYLOAD {
+            // Refused before it is queued, so no PUBACK can follow; stored, it would
+            // be a record that reads and recovery take for damage.
+            return Err(IngestError::Commit(
+                segment::LogError::TooLarge { len: payload.len() }.to_string(),
+            ));
+        }
+        self.log.append(id, time, payload).await
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::auth::device::AuthMethod;
+    use crate::gateway::topic::PropertyBag;
+    use crate::registry::DeviceId;
+    use crate::store::embedded::EmbeddedStore;
+
+    #[tokio::test]
+    async fn a_message_over_the_record_limit_is_refused_before_it_is_queued() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = EmbeddedStore::open(&dir.path().join("hub.redb")).unwrap();
+        let config = TelemetryConfig {
+            partitions: 1,
+            ..TelemetryConfig::default()
+        };
+        let telemetry =
+            Telemetry::open(&dir.path().join("telemetry"), &config, Arc::new(store)).unwrap();
+        let message = |body: Vec<u8>| TelemetryMessage {
+            device_id: DeviceId::parse("d1").unwrap(),
+            auth_method: AuthMethod::Sas,
+            properties: PropertyBag(vec![("k".into(), "\u{1}".repeat(100))]),
+            body: body.into(),
+            enqueued_at: OffsetDateTime::from_unix_timestamp(1_800_000_000).unwrap(),
+        };
+        // The body alone fits the record limit; with the metadata it does not.
+        let refused = telemetry
+            .submit(message(vec![0u8; segment::MAX_PAYLOAD - 100]))
+            .await;
+        assert!(matches!(refused, Err(IngestError::Commit(_))));
+        assert_eq!(
+            telemetry.partition_info(0).await.unwrap().end_offset,
+            0,
+            "nothing stored"
+        );
+
+        let durable = telemetry.submit(message(b"fits".to_vec())).await.unwrap();
+        durable.await.unwrap();
+        assert_eq!(telemetry.partition_info(0).await.unwrap().end_offset, 1);
+        let _ = tokio::task::spawn_blocking(move || telemetry.close()).await;
     }
 }

@@ -1,6 +1,8 @@
 //! One partition's log on disk: append-only segment files of framed records, each
-//! with a CRC, and an in-memory sparse offset index. On open the last segment is
-//! checked record by record and a torn tail (a crash mid-write) is cut off.
+//! with a CRC, and an in-memory sparse offset index. On open every segment is
+//! checked record by record: a torn tail of the last one (a crash mid-write) is cut
+//! off; a damaged record with valid records after it (a bad sector, a flipped bit) is
+//! skipped as a hole, and the records after it are kept (see `load_segment`).
 //!
 //! ```text
 //! DIR/telemetry/p{N}/{base offset, 20 digits}.log
@@ -14,7 +16,7 @@
 use std::collections::BTreeMap;
 use std::fs::{self, File, OpenOptions};
 use std::io::{self, Write};
-use std::os::unix::fs::FileExt;
+use std::os::unix::fs::{FileExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
@@ -57,7 +59,23 @@ pub enum LogError {
         /// The first offset still stored.
         first: u64,
     },
-    /// A sealed segment does not parse (not a torn tail: real corruption).
+    /// A record larger than the format allows ([`MAX_PAYLOAD`]); nothing was written.
+    #[error("record of {len} bytes exceeds the segment limit of {MAX_PAYLOAD} bytes")]
+    TooLarge {
+        /// The payload's length.
+        len: usize,
+    },
+    /// A write failed and cutting the file back to its last durable record failed
+    /// too: appending after the garbage would corrupt the log, so the partition
+    /// refuses every append until the hub restarts (recovery then cuts the tail).
+    #[error("partition stopped: {path} could not be cut back after a failed write: {reason}")]
+    Stopped {
+        /// The partition's directory.
+        path: PathBuf,
+        /// The cut-back's error.
+        reason: String,
+    },
+    /// A segment does not parse where it must.
     #[error("corrupt segment {path} at byte {position}")]
     Corrupt {
         /// The segment file.
@@ -87,9 +105,24 @@ struct Segment {
     index: Vec<(u64, u64)>,
     /// Latest record time in the segment (for retention by age).
     newest: i64,
+    /// Damaged byte ranges found on open (start → end), skipped by reads.
+    holes: BTreeMap<u64, u64>,
 }
 
 impl Segment {
+    fn empty(base: u64, path: PathBuf, file: File) -> Self {
+        Self {
+            base,
+            path,
+            file: Arc::new(file),
+            size: 0,
+            end: base,
+            index: Vec::new(),
+            newest: i64::MIN,
+            holes: BTreeMap::new(),
+        }
+    }
+
     fn position_of(&self, offset: u64) -> u64 {
         match self.index.binary_search_by_key(&offset, |(o, _)| *o) {
             Ok(i) => self.index[i].1,
@@ -151,6 +184,27 @@ fn decode_record(buf: &[u8]) -> Option<(Record, usize)> {
     ))
 }
 
+/// Finds the first position after `from` in `bytes` where a whole, CRC-valid record
+/// starts whose offset could follow `expected` (at least `expected`, and no more
+/// records ahead than the remaining bytes could hold). Cheap header checks come
+/// first, so scanning garbage costs little more than one pass over it.
+fn resync(bytes: &[u8], from: usize, expected: u64) -> Option<usize> {
+    (from + 1..bytes.len().saturating_sub(HEADER_LEN - 1)).find(|&at| {
+        let rest = &bytes[at..];
+        let Ok(len) = <[u8; 4]>::try_from(&rest[0..4]).map(u32::from_le_bytes) else {
+            return false;
+        };
+        let Ok(offset) = <[u8; 8]>::try_from(&rest[8..16]).map(u64::from_le_bytes) else {
+            return false;
+        };
+        let most_ahead = (rest.len() / HEADER_LEN) as u64;
+        len as usize <= rest.len() - HEADER_LEN
+            && offset >= expected
+            && offset - expected <= most_ahead
+            && decode_record(rest).is_some()
+    })
+}
+
 /// A partition's segments, shared by its writer and its readers.
 #[derive(Debug)]
 pub struct SegmentLog {
@@ -159,13 +213,26 @@ pub struct SegmentLog {
     /// Writable handle of the last segment.
     active: File,
     segment_bytes: u64,
+    /// Set when a failed write could not be cut back: no append is accepted after it.
+    stopped: Option<String>,
+    #[cfg(test)]
+    faults: Faults,
+}
+
+/// Failures a test can inject into the file operations of [`SegmentLog::append`].
+#[cfg(test)]
+#[derive(Debug, Default)]
+struct Faults {
+    write: bool,
+    cut_back: bool,
+    roll: bool,
 }
 
 impl SegmentLog {
     /// Opens (or creates) the log in `dir`, recovering a torn tail of the last
     /// segment. Segments roll over at `segment_bytes`.
     pub fn open(dir: &Path, segment_bytes: u64) -> Result<Self, LogError> {
-        fs::create_dir_all(dir).map_err(io_err(dir))?;
+        crate::data_dir::create_private_dir_all(dir).map_err(io_err(dir))?;
         let mut bases: Vec<u64> = fs::read_dir(dir)
             .map_err(io_err(dir))?
             .filter_map(|entry| entry.ok())
@@ -194,11 +261,21 @@ impl SegmentLog {
             segments,
             active,
             segment_bytes,
+            stopped: None,
+            #[cfg(test)]
+            faults: Faults::default(),
         })
     }
 
-    /// Reads a segment's records to build its index; in the `last` segment a damaged
-    /// or incomplete tail is truncated (it was never acknowledged).
+    /// Reads a segment's records to build its index.
+    ///
+    /// Where a record does not parse, the rest of the file is scanned for the next
+    /// whole record with a valid CRC and a plausible offset ([`resync`]). If there is
+    /// one, the damaged range is a hole: reads skip it and every record after it is
+    /// kept (they were acknowledged; the damaged one is lost, and its offset with it).
+    /// If there is none, the damage is a tail: in the `last` segment a torn tail left
+    /// by a crash mid-write (never acknowledged), cut off; in a sealed segment,
+    /// acknowledged records that can no longer be read, kept out of reads and logged.
     fn load_segment(dir: &Path, base: u64, last: bool) -> Result<Segment, LogError> {
         let path = segment_path(dir, base);
         let file = OpenOptions::new()
@@ -206,45 +283,54 @@ impl SegmentLog {
             .write(true)
             .create(true)
             .truncate(false)
+            .mode(crate::data_dir::PRIVATE_FILE_MODE)
             .open(&path)
             .map_err(io_err(&path))?;
         let bytes = fs::read(&path).map_err(io_err(&path))?;
-        let mut segment = Segment {
-            base,
-            path: path.clone(),
-            file: Arc::new(file),
-            size: 0,
-            end: base,
-            index: Vec::new(),
-            newest: i64::MIN,
-        };
+        let mut segment = Segment::empty(base, path.clone(), file);
         let mut position = 0usize;
         while position < bytes.len() {
             match decode_record(&bytes[position..]) {
-                Some((record, len)) if record.offset == segment.end => {
+                Some((record, len)) if record.offset >= segment.end => {
                     segment.note(record.offset, position as u64, record.time, len as u64);
                     position += len;
                 }
-                _ if last => {
-                    tracing::warn!(
-                        path = %path.display(),
-                        kept = position,
-                        dropped = bytes.len() - position,
-                        "truncating a torn tail left by a crash"
-                    );
-                    segment
-                        .file
-                        .set_len(position as u64)
-                        .map_err(io_err(&path))?;
-                    segment.file.sync_all().map_err(io_err(&path))?;
-                    break;
-                }
-                _ => {
-                    return Err(LogError::Corrupt {
-                        path,
-                        position: position as u64,
-                    });
-                }
+                _ => match resync(&bytes, position, segment.end) {
+                    Some(next) => {
+                        tracing::error!(
+                            path = %path.display(),
+                            from = position,
+                            to = next,
+                            after_offset = segment.end,
+                            "skipping a damaged record; the records after it are kept"
+                        );
+                        segment.holes.insert(position as u64, next as u64);
+                        position = next;
+                    }
+                    None if last => {
+                        tracing::warn!(
+                            path = %path.display(),
+                            kept = position,
+                            dropped = bytes.len() - position,
+                            "truncating a torn tail left by a crash"
+                        );
+                        segment
+                            .file
+                            .set_len(position as u64)
+                            .map_err(io_err(&path))?;
+                        segment.file.sync_all().map_err(io_err(&path))?;
+                        break;
+                    }
+                    None => {
+                        tracing::error!(
+                            path = %path.display(),
+                            from = position,
+                            lost = bytes.len() - position,
+                            "the end of a sealed segment is damaged; its records are lost"
+                        );
+                        break;
+                    }
+                },
             }
         }
         Ok(segment)
@@ -268,6 +354,16 @@ impl SegmentLog {
     /// Appends a batch of (time, payload) with one write and one `fdatasync`;
     /// returns the offset of the first. On failure nothing of the batch remains.
     pub fn append(&mut self, batch: &[(i64, Bytes)]) -> Result<u64, LogError> {
+        if let Some(reason) = &self.stopped {
+            return Err(LogError::Stopped {
+                path: self.dir.clone(),
+                reason: reason.clone(),
+            });
+        }
+        if let Some((_, payload)) = batch.iter().find(|(_, p)| p.len() > MAX_PAYLOAD) {
+            return Err(LogError::TooLarge { len: payload.len() });
+        }
+        let (fail_write, fail_cut_back) = self.injected_faults();
         let first = self.end_offset();
         let Some(active) = self.segments.values_mut().next_back() else {
             return Err(LogError::Corrupt {
@@ -283,14 +379,19 @@ impl SegmentLog {
             encode_record(&mut buf, first + i as u64, *time, payload);
             placed.push((position, *time, (HEADER_LEN + payload.len()) as u64));
         }
-        let written = self
-            .active
-            .write_all(&buf)
-            .and_then(|()| self.active.sync_data());
+        let written = write_durably(&mut self.active, &buf, fail_write);
         if let Err(source) = written {
-            // Cut back whatever part of the batch reached the file; if even that
-            // fails, the tail is torn and recovery on the next open removes it.
-            let _ = self.active.set_len(start);
+            // Cut back whatever part of the batch reached the file. If even that
+            // fails, the file ends in garbage that later appends would follow: stop
+            // instead (recovery on the next start cuts the garbage as a torn tail).
+            if let Err(cut_err) = cut_back(&self.active, start, fail_cut_back) {
+                tracing::error!(
+                    path = %active.path.display(),
+                    error = %cut_err,
+                    "cannot cut back a failed write; the partition stops accepting telemetry"
+                );
+                self.stopped = Some(cut_err.to_string());
+            }
             return Err(LogError::Io {
                 path: active.path.clone(),
                 source,
@@ -299,20 +400,45 @@ impl SegmentLog {
         for (i, (position, time, len)) in placed.into_iter().enumerate() {
             active.note(first + i as u64, position, time, len);
         }
-        if active.size >= self.segment_bytes {
-            self.roll()?;
+        if active.size >= self.segment_bytes
+            && let Err(err) = self.roll()
+        {
+            // The batch is durable and must be acknowledged; the full segment just
+            // grows until a later append manages to roll over.
+            tracing::warn!(error = %err, "cannot start a new segment; will retry");
         }
         Ok(first)
+    }
+
+    /// (write, cut-back) faults to inject: none outside tests.
+    fn injected_faults(&self) -> (bool, bool) {
+        #[cfg(test)]
+        return (self.faults.write, self.faults.cut_back);
+        #[cfg(not(test))]
+        (false, false)
+    }
+
+    /// Whether a failed cut-back stopped this partition.
+    pub fn is_stopped(&self) -> bool {
+        self.stopped.is_some()
     }
 
     /// Starts a new segment at the current end.
     fn roll(&mut self) -> Result<(), LogError> {
         let base = self.end_offset();
         let path = segment_path(&self.dir, base);
+        #[cfg(test)]
+        if self.faults.roll {
+            return Err(LogError::Io {
+                path,
+                source: io::Error::other("injected roll fault"),
+            });
+        }
         let file = OpenOptions::new()
             .read(true)
             .append(true)
             .create(true)
+            .mode(crate::data_dir::PRIVATE_FILE_MODE)
             .open(&path)
             .map_err(io_err(&path))?;
         // The new file's directory entry must survive a crash too.
@@ -321,18 +447,8 @@ impl SegmentLog {
             .map_err(io_err(&self.dir))?;
         let reader = File::open(&path).map_err(io_err(&path))?;
         self.active = file;
-        self.segments.insert(
-            base,
-            Segment {
-                base,
-                path,
-                file: Arc::new(reader),
-                size: 0,
-                end: base,
-                index: Vec::new(),
-                newest: i64::MIN,
-            },
-        );
+        self.segments
+            .insert(base, Segment::empty(base, path, reader));
         Ok(())
     }
 
@@ -366,7 +482,20 @@ impl SegmentLog {
             let mut position = segment.position_of(next);
             let mut chunk = Vec::new();
             while position < segment.size && out.len() < max && bytes < max_bytes {
-                let want = (segment.size - position).min(256 * 1024) as usize;
+                // Holes found on open hold no records: jump over them, and never read
+                // a chunk across the start of one.
+                if let Some((_, &end)) = segment.holes.range(..=position).next_back()
+                    && end > position
+                {
+                    position = end;
+                    continue;
+                }
+                let limit = segment
+                    .holes
+                    .range(position..)
+                    .next()
+                    .map_or(segment.size, |(&start, _)| start.min(segment.size));
+                let want = (limit - position).min(256 * 1024) as usize;
                 chunk.resize(want, 0);
                 segment
                     .file
@@ -457,6 +586,24 @@ impl SegmentLog {
     }
 }
 
+/// Writes `buf` and syncs it (`fail` injects an error in tests).
+fn write_durably(file: &mut File, buf: &[u8], fail: bool) -> io::Result<()> {
+    if fail {
+        // Part of the batch reaches the file before the failure, as in real life.
+        file.write_all(&buf[..buf.len() / 2])?;
+        return Err(io::Error::other("injected write fault"));
+    }
+    file.write_all(buf).and_then(|()| file.sync_data())
+}
+
+/// Truncates the active file back to `len` (`fail` injects an error in tests).
+fn cut_back(file: &File, len: u64, fail: bool) -> io::Result<()> {
+    if fail {
+        return Err(io::Error::other("injected cut-back fault"));
+    }
+    file.set_len(len)
+}
+
 fn segment_path(dir: &Path, base: u64) -> PathBuf {
     dir.join(format!("{base:020}.log"))
 }
@@ -545,6 +692,162 @@ mod tests {
             1,
             "the damaged record is dropped, the first kept"
         );
+    }
+
+    /// Byte position of the record with `offset` in segment 0 (records of `size`).
+    fn position(offset: u64, size: usize) -> usize {
+        offset as usize * (HEADER_LEN + size)
+    }
+
+    #[test]
+    fn a_damaged_record_mid_segment_is_skipped_and_the_later_ones_are_kept() {
+        let dir = tempfile::tempdir().unwrap();
+        {
+            let mut log = SegmentLog::open(dir.path(), 1 << 20).unwrap();
+            log.append(&batch(10, 50, 1)).unwrap();
+        }
+        let path = segment_path(dir.path(), 0);
+        let mut bytes = fs::read(&path).unwrap();
+        // A flipped bit in the payload of offset 3, and a wrecked header of offset 6.
+        bytes[position(3, 50) + HEADER_LEN + 7] ^= 0x10;
+        bytes[position(6, 50)..position(6, 50) + 8].fill(0xff);
+        let len = bytes.len() as u64;
+        fs::write(&path, bytes).unwrap();
+
+        let mut log = SegmentLog::open(dir.path(), 1 << 20).unwrap();
+        assert_eq!(fs::metadata(&path).unwrap().len(), len, "nothing truncated");
+        assert_eq!(
+            log.end_offset(),
+            10,
+            "acknowledged records after the damage kept"
+        );
+        let offsets: Vec<u64> = log
+            .read(0, 100, usize::MAX)
+            .unwrap()
+            .iter()
+            .map(|r| r.offset)
+            .collect();
+        assert_eq!(offsets, [0, 1, 2, 4, 5, 7, 8, 9]);
+        // Reading from a lost offset, or from inside the damage, resumes after it.
+        assert_eq!(log.read(3, 1, usize::MAX).unwrap()[0].offset, 4);
+        assert_eq!(log.read(6, 2, usize::MAX).unwrap()[1].offset, 8);
+        // The log continues after the last record.
+        assert_eq!(log.append(&batch(1, 50, 1)).unwrap(), 10);
+        assert_eq!(log.read(9, 10, usize::MAX).unwrap().len(), 2);
+    }
+
+    #[test]
+    fn a_torn_tail_after_a_hole_is_still_cut_off() {
+        let dir = tempfile::tempdir().unwrap();
+        {
+            let mut log = SegmentLog::open(dir.path(), 1 << 20).unwrap();
+            log.append(&batch(5, 50, 1)).unwrap();
+        }
+        let path = segment_path(dir.path(), 0);
+        let mut bytes = fs::read(&path).unwrap();
+        bytes[position(1, 50) + HEADER_LEN] ^= 0x01;
+        let mut torn = Vec::new();
+        encode_record(&mut torn, 5, 1, &[7u8; 50]);
+        bytes.extend_from_slice(&torn[..40]);
+        fs::write(&path, &bytes).unwrap();
+
+        let log = SegmentLog::open(dir.path(), 1 << 20).unwrap();
+        assert_eq!(log.end_offset(), 5);
+        assert_eq!(
+            fs::metadata(&path).unwrap().len() as usize,
+            position(5, 50),
+            "the torn record is cut, the hole is not"
+        );
+        assert_eq!(log.read(0, 10, usize::MAX).unwrap().len(), 4);
+    }
+
+    #[test]
+    fn a_damaged_sealed_segment_keeps_its_readable_records_and_the_log_opens() {
+        let dir = tempfile::tempdir().unwrap();
+        {
+            let mut log = SegmentLog::open(dir.path(), 300).unwrap();
+            log.append(&batch(5, 50, 1)).unwrap();
+            log.append(&batch(2, 50, 1)).unwrap();
+        }
+        let sealed = segment_path(dir.path(), 0);
+        let mut bytes = fs::read(&sealed).unwrap();
+        bytes[position(2, 50) + HEADER_LEN] ^= 0x01;
+        fs::write(&sealed, &bytes).unwrap();
+        let log = SegmentLog::open(dir.path(), 300).unwrap();
+        let offsets: Vec<u64> = log
+            .read(0, 100, usize::MAX)
+            .unwrap()
+            .iter()
+            .map(|r| r.offset)
+            .collect();
+        assert_eq!(offsets, [0, 1, 3, 4, 5, 6]);
+    }
+
+    #[test]
+    fn a_rollover_that_cannot_create_a_file_does_not_fail_the_durable_batch() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut log = SegmentLog::open(dir.path(), 200).unwrap();
+        log.faults.roll = true;
+        assert_eq!(log.append(&batch(3, 50, 1)).unwrap(), 0, "acknowledged");
+        assert_eq!(log.append(&batch(1, 50, 1)).unwrap(), 3, "still appending");
+        assert_eq!(log.segments.len(), 1, "no new segment yet");
+        log.faults.roll = false;
+        assert_eq!(log.append(&batch(1, 50, 1)).unwrap(), 4);
+        assert_eq!(log.segments.len(), 2, "rolled over once it could");
+        assert_eq!(log.read(0, 10, usize::MAX).unwrap().len(), 5);
+        drop(log);
+        let log = SegmentLog::open(dir.path(), 200).unwrap();
+        assert_eq!(log.end_offset(), 5);
+    }
+
+    #[test]
+    fn a_failed_write_is_cut_back_and_the_log_continues() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut log = SegmentLog::open(dir.path(), 1 << 20).unwrap();
+        log.append(&batch(2, 50, 1)).unwrap();
+        log.faults.write = true;
+        assert!(log.append(&batch(2, 50, 1)).is_err());
+        log.faults.write = false;
+        assert!(!log.is_stopped());
+        assert_eq!(log.append(&batch(1, 50, 1)).unwrap(), 2);
+        assert_eq!(log.read(0, 10, usize::MAX).unwrap().len(), 3);
+    }
+
+    #[test]
+    fn a_failed_cut_back_stops_the_partition_instead_of_appending_after_garbage() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut log = SegmentLog::open(dir.path(), 1 << 20).unwrap();
+        log.append(&batch(2, 50, 1)).unwrap();
+        log.faults.write = true;
+        log.faults.cut_back = true;
+        // Half a record reaches the file.
+        assert!(log.append(&batch(1, 50, 1)).is_err());
+        log.faults = Faults::default();
+        assert!(log.is_stopped());
+        assert!(matches!(
+            log.append(&batch(1, 50, 1)),
+            Err(LogError::Stopped { .. })
+        ));
+        assert_eq!(log.read(0, 10, usize::MAX).unwrap().len(), 2);
+        drop(log);
+        // A restart cuts the half-written batch as a torn tail and goes on.
+        let mut log = SegmentLog::open(dir.path(), 1 << 20).unwrap();
+        assert_eq!(log.end_offset(), 2);
+        assert_eq!(log.append(&batch(1, 50, 1)).unwrap(), 2);
+        assert_eq!(log.read(0, 10, usize::MAX).unwrap().len(), 3);
+    }
+
+    #[test]
+    fn a_record_over_the_format_limit_is_refused_before_anything_is_written() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut log = SegmentLog::open(dir.path(), 1 << 30).unwrap();
+        let too_big = vec![(1, Bytes::from(vec![0u8; MAX_PAYLOAD + 1]))];
+        assert!(matches!(
+            log.append(&too_big),
+            Err(LogError::TooLarge { .. })
+        ));
+        assert_eq!(log.total_bytes(), 0);
+        assert_eq!(log.append(&batch(1, 10, 1)).unwrap(), 0);
     }
 
     #[test]

@@ -41,7 +41,7 @@ impl SegmentPartitions {
             let path = path.to_path_buf();
             move |source| TelemetryError::Io { path, source }
         };
-        std::fs::create_dir_all(dir).map_err(io(dir))?;
+        crate::data_dir::create_private_dir_all(dir).map_err(io(dir))?;
         let count_file = dir.join("partitions");
         match std::fs::read_to_string(&count_file) {
             Ok(text) => {
@@ -60,7 +60,14 @@ impl SegmentPartitions {
                 }
             }
             Err(err) if err.kind() == std::io::ErrorKind::NotFound => {
-                std::fs::write(&count_file, format!("{}\n", config.partitions))
+                use std::io::Write;
+                use std::os::unix::fs::OpenOptionsExt;
+                std::fs::OpenOptions::new()
+                    .write(true)
+                    .create_new(true)
+                    .mode(crate::data_dir::PRIVATE_FILE_MODE)
+                    .open(&count_file)
+                    .and_then(|mut file| writeln!(file, "{}", config.partitions))
                     .map_err(io(&count_file))?;
             }
             Err(source) => {
