@@ -93,6 +93,11 @@ pub async fn tls(
 }
 
 impl<S: AsyncRead + AsyncWrite + Unpin> RawClient<S> {
+    /// A client over an already connected stream (e.g. a TLS stream set up by hand).
+    pub fn from_stream(stream: S) -> Self {
+        Self::new(stream)
+    }
+
     fn new(stream: S) -> Self {
         Self {
             stream,

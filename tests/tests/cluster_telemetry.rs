@@ -270,6 +270,11 @@ async fn losing_a_node(cluster: &mut NatsCluster) -> Result<()> {
         .find(|&i| i != leader)
         .context("a follower")?;
     let killed_follower = Instant::now();
+    eprintln!(
+        "killing follower {} at {:?}",
+        cluster.name(follower),
+        std::time::SystemTime::now()
+    );
     cluster.kill(follower).await?;
     tokio::time::sleep(Duration::from_secs(3)).await;
     let follower_gap = {
@@ -319,7 +324,8 @@ async fn losing_a_node(cluster: &mut NatsCluster) -> Result<()> {
         .clone();
     let stored: Vec<String> = hub
         .read_telemetry(&token)
-        .await?
+        .await
+        .with_context(|| format!("the hub's log:\n{}", hub.stderr()))?
         .iter()
         .filter_map(|m| {
             let bytes = STANDARD.decode(m["body"].as_str()?).ok()?;
@@ -342,7 +348,8 @@ async fn losing_a_node(cluster: &mut NatsCluster) -> Result<()> {
     );
     ensure!(
         follower_gap < Duration::from_secs(2),
-        "publishing paused {follower_gap:?} when a follower died"
+        "publishing paused {follower_gap:?} when a follower died; the hub's log:\n{}",
+        hub.stderr()
     );
     ensure!(
         leader_gap < Duration::from_secs(10),

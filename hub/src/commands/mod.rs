@@ -575,7 +575,7 @@ impl MethodResponses for Commands {
             Some(waiter) => {
                 let _ = waiter.send((status, payload));
             }
-            None => tracing::warn!(%device, %rid, "method response for no pending call dropped"),
+            None => tracing::warn!(%device, ?rid, "method response for no pending call dropped"),
         }
     }
 }

@@ -149,14 +149,17 @@ async fn read_some<S: Transport>(stream: &mut S, buf: &mut BytesMut) -> std::io:
     stream.read_buf(buf).await
 }
 
-/// Serves one accepted connection until it closes.
+/// Serves one accepted connection until it closes. `accepted_at` starts the
+/// first-CONNECT deadline: for TLS it is before the handshake, so handshake and
+/// CONNECT share one budget.
 pub async fn serve<S: Transport>(
     stream: S,
     certificates: Vec<CertificateDer<'static>>,
     ctx: Arc<GatewayContext>,
     shutdown: watch::Receiver<bool>,
+    accepted_at: Instant,
 ) {
-    let session = Session::new(ctx.limits, Instant::now());
+    let session = Session::new(ctx.limits, accepted_at);
     let mut connection = Connection {
         stream,
         certificates,
@@ -437,7 +440,9 @@ impl<S: Transport> Connection<S> {
             Ok(authenticated) => authenticated,
             Err(failure) => {
                 self.ctx.metrics.auth_failure(failure.label());
-                tracing::info!(client_id = %request.client_id, reason = %failure, "refused CONNECT");
+                // Debug formatting escapes control characters: a client id cannot forge
+                // log lines.
+                tracing::info!(client_id = ?request.client_id, reason = %failure, "refused CONNECT");
                 return Err(ConnectReturnCode::NotAuthorized);
             }
         };

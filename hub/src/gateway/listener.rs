@@ -9,6 +9,7 @@ use std::time::Duration;
 
 use tokio::net::{TcpListener, TcpSocket, TcpStream};
 use tokio::sync::{Semaphore, watch};
+use tokio::time::Instant;
 use tokio_rustls::TlsAcceptor;
 
 use super::{GatewayContext, connection};
@@ -81,7 +82,7 @@ pub async fn accept_loop(
             None => {
                 tokio::spawn(async move {
                     let _held = (open, permit);
-                    connection::serve(stream, Vec::new(), ctx, shutdown).await;
+                    connection::serve(stream, Vec::new(), ctx, shutdown, Instant::now()).await;
                 });
             }
             Some(acceptor) => {
@@ -101,7 +102,8 @@ async fn serve_tls(
     ctx: Arc<GatewayContext>,
     shutdown: watch::Receiver<bool>,
 ) {
-    // The handshake counts against the first-CONNECT deadline.
+    // The handshake counts against the first-CONNECT deadline: one budget for both.
+    let accepted_at = Instant::now();
     match tokio::time::timeout(ctx.limits.connect_timeout, acceptor.accept(stream)).await {
         Ok(Ok(tls_stream)) => {
             let certificates = tls_stream
@@ -110,7 +112,7 @@ async fn serve_tls(
                 .peer_certificates()
                 .map(|chain| chain.iter().map(|c| c.clone().into_owned()).collect())
                 .unwrap_or_default();
-            connection::serve(tls_stream, certificates, ctx, shutdown).await;
+            connection::serve(tls_stream, certificates, ctx, shutdown, accepted_at).await;
         }
         Ok(Err(err)) => {
             ctx.metrics.tls_failures.fetch_add(1, Ordering::Relaxed);

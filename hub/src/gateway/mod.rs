@@ -370,7 +370,14 @@ mod tests {
             let ctx = Arc::clone(&ctx);
             tokio::spawn(async move {
                 let (stream, _) = listener.accept().await.unwrap();
-                connection::serve(stream, Vec::new(), ctx, stopped).await;
+                connection::serve(
+                    stream,
+                    Vec::new(),
+                    ctx,
+                    stopped,
+                    tokio::time::Instant::now(),
+                )
+                .await;
             })
         };
 

@@ -170,7 +170,7 @@ impl TwinRequests for NotYetAvailable {
 
 impl MethodResponses for NotYetAvailable {
     fn respond(&self, device: &DeviceId, rid: &str, _status: i32, _payload: Bytes) {
-        tracing::warn!(%device, %rid, "method response dropped: no method calls are pending");
+        tracing::warn!(%device, ?rid, "method response dropped: no method calls are pending");
     }
 }
 

@@ -214,7 +214,14 @@ pub enum DeliverError {
     /// The outbound queue is full.
     #[error("outbound queue full")]
     QueueFull,
+    /// The topic does not fit MQTT's two-byte length: it could only be written as a
+    /// malformed frame.
+    #[error("topic of {0} bytes exceeds MQTT's 65,535")]
+    TopicTooLong(usize),
 }
+
+/// The longest topic an MQTT frame can carry (its length is two bytes).
+pub const MAX_TOPIC_BYTES: usize = u16::MAX as usize;
 
 #[derive(Debug)]
 struct Connected {
@@ -625,6 +632,9 @@ impl Session {
         out: &mut Vec<Action>,
     ) -> Result<(), DeliverError> {
         let limits = self.limits;
+        if message.topic.len() > MAX_TOPIC_BYTES {
+            return Err(DeliverError::TopicTooLong(message.topic.len()));
+        }
         let Some(c) = self.connected() else {
             return Err(DeliverError::NotConnected);
         };

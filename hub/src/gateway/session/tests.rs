@@ -453,3 +453,35 @@ async fn the_will_is_ingested_on_an_unclean_close_only() {
     assert!(!out.iter().any(|a| matches!(a, Action::Ingest { .. })));
     assert_eq!(closed_with(&out), Some(&CloseReason::ClientDisconnected));
 }
+
+#[test]
+fn a_topic_longer_than_mqtt_can_frame_is_never_written() {
+    let mut session = connected(true, 30, None, &[]);
+    let mut out = Vec::new();
+    for qos in [QoS::AtMostOnce, QoS::AtLeastOnce] {
+        let message = Outbound {
+            topic: format!("$iothub/twin/res/200/?$rid={}", "r".repeat(70_000)),
+            payload: Bytes::from_static(b"{}"),
+            qos,
+            requires: None,
+            id: 1,
+        };
+        let len = message.topic.len();
+        assert_eq!(
+            session.deliver(message, &mut out),
+            Err(DeliverError::TopicTooLong(len))
+        );
+        assert!(out.is_empty(), "nothing is sent: {out:?}");
+    }
+    let fits = Outbound {
+        topic: format!("$iothub/twin/res/200/?$rid={}", "r".repeat(60_000)),
+        payload: Bytes::from_static(b"{}"),
+        qos: QoS::AtMostOnce,
+        requires: None,
+        id: 2,
+    };
+    session
+        .deliver(fits, &mut out)
+        .expect("a topic under the limit goes out");
+    assert_eq!(out.len(), 1);
+}

@@ -48,6 +48,8 @@ pub const STREAM: &str = "telemetry";
 const WINDOW: usize = 1024;
 /// Header carrying the hub's receipt time (Unix nanoseconds).
 const TIME_HEADER: &str = "Hub-Enqueued-Nanos";
+/// Tries of one read before its error reaches the caller.
+const READ_ATTEMPTS: u32 = 5;
 /// Most bytes one read returns.
 const MAX_READ_BYTES: usize = 4 * 1024 * 1024;
 /// JetStream drops a message whose id it saw within this window.
@@ -339,7 +341,20 @@ impl TelemetryLog for JetStreamTelemetry {
                 first,
             });
         }
-        self.fetch(partition, from + 1, max.max(1), wait).await
+        // A pull request can meet "no responders" right after its consumer was
+        // created (the consumer's interest has not reached this server yet) or while
+        // a node is lost; a fresh consumer a moment later reads fine.
+        let mut attempt = 1;
+        loop {
+            match self.fetch(partition, from + 1, max.max(1), wait).await {
+                Err(TelemetryError::Stream(err)) if attempt < READ_ATTEMPTS => {
+                    tracing::debug!(%err, attempt, "telemetry read failed; reading again");
+                    tokio::time::sleep(PUBLISH_BACKOFF.0 * attempt).await;
+                    attempt += 1;
+                }
+                result => return result,
+            }
+        }
     }
 
     fn apply_retention(&self, _older_than: i64, _total_bytes: u64) -> usize {
