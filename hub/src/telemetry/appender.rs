@@ -9,6 +9,7 @@
 //! before queueing, which (through the connection task) stops reading the device's
 //! socket.
 
+use std::sync::atomic::{AtomicU64, Ordering as AtomicOrdering};
 use std::sync::{Arc, Mutex, PoisonError, RwLock};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
@@ -118,6 +119,9 @@ impl CommitStats {
 /// One partition: its storage, its committer, and the durable end readers wait on.
 pub struct Partition {
     store: Arc<RwLock<Box<dyn PartitionStore>>>,
+    /// The first stored offset, kept beside the store so that asking for the bounds
+    /// never waits on the lock the committer holds through its fsync.
+    first: Arc<AtomicU64>,
     /// Taken (dropped) by [`Partition::close`]; the committer then drains and stops.
     queue: Mutex<Option<mpsc::UnboundedSender<Append>>>,
     budget: Arc<Semaphore>,
@@ -144,6 +148,7 @@ impl Partition {
     ) -> std::io::Result<(Self, JoinHandle<()>)> {
         let (queue, rx) = mpsc::unbounded_channel();
         let (end_tx, end) = watch::channel(store.end_offset());
+        let first = Arc::new(AtomicU64::new(store.first_offset()));
         let store = Arc::new(RwLock::new(store));
         let thread_store = Arc::clone(&store);
         let stats = Arc::new(CommitStats::default());
@@ -156,6 +161,7 @@ impl Partition {
         Ok((
             Self {
                 store,
+                first,
                 queue: Mutex::new(Some(queue)),
                 budget: Arc::new(Semaphore::new(queue_kib)),
                 end,
@@ -215,18 +221,23 @@ impl Partition {
             .take();
     }
 
-    /// Reads durable records.
+    /// Reads durable records. Blocks while a commit holds the store (through its
+    /// fsync): call it off the async workers, e.g. through [`Partition::reader`].
     pub fn read(&self, from: u64, max: usize, max_bytes: usize) -> Result<Vec<Record>, LogError> {
-        self.store
-            .read()
-            .unwrap_or_else(PoisonError::into_inner)
-            .read(from, max, max_bytes)
+        self.reader().read(from, max, max_bytes)
     }
 
-    /// (first stored offset, one past the last durable offset).
+    /// A handle that reads this partition from another thread.
+    pub fn reader(&self) -> PartitionReader {
+        PartitionReader {
+            store: Arc::clone(&self.store),
+        }
+    }
+
+    /// (first stored offset, one past the last durable offset). Never waits for a
+    /// commit.
     pub fn bounds(&self) -> (u64, u64) {
-        let store = self.store.read().unwrap_or_else(PoisonError::into_inner);
-        (store.first_offset(), store.end_offset())
+        (self.first.load(AtomicOrdering::Acquire), *self.end.borrow())
     }
 
     /// Watches the durable end offset.
@@ -236,10 +247,27 @@ impl Partition {
 
     /// Applies retention.
     pub fn apply_retention(&self, older_than: i64, max_bytes: u64) -> Result<usize, LogError> {
+        let mut store = self.store.write().unwrap_or_else(PoisonError::into_inner);
+        let removed = store.apply_retention(older_than, max_bytes);
+        self.first
+            .store(store.first_offset(), AtomicOrdering::Release);
+        removed
+    }
+}
+
+/// Reads a partition's durable records from any thread.
+#[derive(Clone)]
+pub struct PartitionReader {
+    store: Arc<RwLock<Box<dyn PartitionStore>>>,
+}
+
+impl PartitionReader {
+    /// Reads durable records (blocks while a commit holds the store).
+    pub fn read(&self, from: u64, max: usize, max_bytes: usize) -> Result<Vec<Record>, LogError> {
         self.store
-            .write()
+            .read()
             .unwrap_or_else(PoisonError::into_inner)
-            .apply_retention(older_than, max_bytes)
+            .read(from, max, max_bytes)
     }
 }
 
@@ -331,6 +359,61 @@ mod tests {
         fn apply_retention(&mut self, older_than: i64, max_bytes: u64) -> Result<usize, LogError> {
             self.inner.apply_retention(older_than, max_bytes)
         }
+    }
+
+    /// A store whose commit takes as long as the test says (a slow fsync).
+    struct Slow {
+        inner: SegmentLog,
+        release: Mutex<std::sync::mpsc::Receiver<()>>,
+    }
+
+    impl PartitionStore for Slow {
+        fn append(&mut self, batch: &[(i64, Bytes)]) -> Result<u64, LogError> {
+            if let Ok(release) = self.release.lock() {
+                let _ = release.recv_timeout(Duration::from_secs(30));
+            }
+            self.inner.append(batch)
+        }
+        fn read(&self, from: u64, max: usize, max_bytes: usize) -> Result<Vec<Record>, LogError> {
+            self.inner.read(from, max, max_bytes)
+        }
+        fn first_offset(&self) -> u64 {
+            self.inner.first_offset()
+        }
+        fn end_offset(&self) -> u64 {
+            self.inner.end_offset()
+        }
+        fn apply_retention(&mut self, older_than: i64, max_bytes: u64) -> Result<usize, LogError> {
+            self.inner.apply_retention(older_than, max_bytes)
+        }
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn the_bounds_never_wait_for_a_commit_in_progress() {
+        let dir = tempfile::tempdir().unwrap();
+        let (release, stalled) = std::sync::mpsc::channel();
+        let store = Slow {
+            inner: SegmentLog::open(dir.path(), 1 << 20).unwrap(),
+            release: Mutex::new(stalled),
+        };
+        let (partition, _thread) =
+            Partition::start(Box::new(store), limits(), "slow".into()).unwrap();
+        let receipt = partition.submit(0, Bytes::from_static(b"x")).await.unwrap();
+        // The committer is now inside its (stalled) commit, holding the store.
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        let partition = Arc::new(partition);
+        let asking = Arc::clone(&partition);
+        let bounds = tokio::time::timeout(
+            Duration::from_secs(2),
+            tokio::task::spawn_blocking(move || asking.bounds()),
+        )
+        .await
+        .expect("bounds answered while a commit was in progress")
+        .unwrap();
+        assert_eq!(bounds, (0, 0), "the message is not durable yet");
+        release.send(()).unwrap();
+        assert_eq!(receipt.await.unwrap().unwrap(), 0);
+        assert_eq!(partition.bounds(), (0, 1));
     }
 
     fn limits() -> BatchLimits {
