@@ -333,3 +333,109 @@ async fn ctrl_c_ends_a_run_with_a_partial_report() -> Result<()> {
     );
     Ok(())
 }
+
+#[tokio::test]
+async fn sdk_devices_report_twins_answer_methods_and_complete_c2d() -> Result<()> {
+    let dir = tempfile::tempdir()?;
+    let hub = Hub::start(dir.path()).await?;
+    let token = hub.owner_token().await?;
+    let data_dir = dir.path().to_string_lossy().into_owned();
+    let mut child = sim()?
+        .args([
+            "--data-dir",
+            &data_dir,
+            "--devices",
+            "3",
+            "--prefix",
+            "fw-",
+            "--duration",
+            "6s",
+            "--rate",
+            "10",
+            "--twin-every",
+            "500ms",
+            "--method-delay-ms",
+            "20",
+            "--verify",
+            "--json",
+        ])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()?;
+    let stderr = child.stderr.take().context("stderr")?;
+    let mut lines = BufReader::new(stderr).lines();
+    let connected = tokio::time::timeout(Duration::from_secs(30), async {
+        while let Some(line) = lines.next_line().await? {
+            if line.contains("connected 3/3") {
+                return Ok::<_, std::io::Error>(true);
+            }
+        }
+        Ok(false)
+    })
+    .await
+    .context("the fleet did not connect")??;
+    ensure!(connected, "firmware-sim ended before its devices connected");
+    tokio::spawn(async move { while let Ok(Some(_)) = lines.next_line().await {} });
+
+    let answer: Value = hub
+        .http()
+        .post(format!("{}/twins/fw-0/methods", hub.url()))
+        .bearer_auth(&token)
+        .json(&serde_json::json!({
+            "methodName": "reboot",
+            "payload": {"delay": 1},
+            "responseTimeoutInSeconds": 10,
+            "connectTimeoutInSeconds": 10
+        }))
+        .send()
+        .await?
+        .json()
+        .await?;
+    assert_eq!(answer["status"], 200, "{answer}");
+    assert_eq!(answer["payload"]["method"], "reboot", "{answer}");
+    assert_eq!(answer["payload"]["payload"]["delay"], 1, "{answer}");
+    let queued = hub
+        .http()
+        .post(format!("{}/devices/fw-1/messages/deviceBound", hub.url()))
+        .bearer_auth(&token)
+        .json(&serde_json::json!({"body": "hello"}))
+        .send()
+        .await?;
+    ensure!(queued.status().is_success(), "C2D: {}", queued.status());
+
+    let output = tokio::time::timeout(RUN_SLACK, child.wait_with_output())
+        .await
+        .context("firmware-sim did not finish")??;
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    ensure!(output.status.success(), "firmware-sim failed:\n{stdout}");
+    let report: Value = serde_json::from_str(&stdout)
+        .with_context(|| format!("the report is not JSON:\n{stdout}"))?;
+    assert_eq!(report["path"], "sdk", "{report:#}");
+    assert_eq!(n(&report, "methods"), 1, "{report:#}");
+    assert_eq!(n(&report, "c2d"), 1, "{report:#}");
+    assert!(n(&report, "twin_reports") >= 3, "{report:#}");
+    let sent = n(&report, "sent");
+    assert!(sent > 0 && n(&report, "acked") == sent, "{report:#}");
+    assert_eq!(report["verify"]["lost"].as_u64(), Some(0), "{report:#}");
+    assert_eq!(
+        report["verify"]["duplicated"].as_u64(),
+        Some(0),
+        "{report:#}"
+    );
+
+    let twin: Value = hub
+        .http()
+        .get(format!("{}/twins/fw-2", hub.url()))
+        .bearer_auth(&token)
+        .send()
+        .await?
+        .json()
+        .await?;
+    assert!(
+        twin["properties"]["reported"]["simulator"]["reports"]
+            .as_u64()
+            .is_some_and(|r| r >= 1),
+        "{twin:#}"
+    );
+    Ok(())
+}
