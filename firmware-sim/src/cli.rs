@@ -114,6 +114,8 @@ pub enum Rate {
 pub enum Auth {
     /// SAS tokens signed with the device's primary key.
     Sas,
+    /// Device JWTs (HS256) signed with the device's primary key.
+    Jwt,
 }
 
 impl Args {

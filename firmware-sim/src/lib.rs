@@ -9,12 +9,14 @@
 //! - [`lean`]: the lean publish path, MQTT on rumqttc's packet codec over TCP, with
 //!   [`lean::Inflight`] pairing PUBACKs to sends without I/O.
 //! - [`sdk`]: the full-behaviour path on device-sdk (twin, methods, C2D).
+//! - [`credentials`]: SAS (via device-sdk) and device JWT passwords.
 //! - [`template`]: payloads rendered per message and parsed back.
 //! - [`verify`]: counting lost and duplicated messages in the stream.
 //! - [`report`]: counters, histograms, CPU from /proc, the text and JSON report.
 
 pub mod api;
 pub mod cli;
+pub mod credentials;
 pub mod lean;
 pub mod report;
 pub mod run;

@@ -6,7 +6,7 @@ use std::collections::HashMap;
 use std::io::IsTerminal;
 use std::net::SocketAddr;
 use std::sync::Arc;
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant};
 
 use tokio::sync::{Semaphore, mpsc, watch};
 
@@ -21,8 +21,6 @@ use crate::verify;
 /// given: more would overflow the broker's accept backlog and turn speed into
 /// refusals.
 const CONNECTING_AT_ONCE: usize = 256;
-/// Lifetime of the SAS tokens devices connect with.
-const SAS_TTL: Duration = Duration::from_secs(24 * 3600);
 
 /// Why a run could not be made.
 #[derive(Debug, thiserror::Error)]
@@ -37,8 +35,8 @@ pub enum RunError {
     #[error("no device connected; first failure: {0}")]
     NoneConnected(String),
     /// A device credential could not be made.
-    #[error("device credential: {0}")]
-    Credential(#[from] device_sdk::Error),
+    #[error(transparent)]
+    Credential(#[from] crate::credentials::CredentialError),
 }
 
 /// Where devices go and how they authenticate.
@@ -102,16 +100,11 @@ async fn fleet(args: &Args) -> Result<Fleet, RunError> {
     };
     let api = Api::new(&base, token);
     let credentials = api.provision(ids).await?;
-    let expiry = SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .unwrap_or_default()
-        .saturating_add(SAS_TTL)
-        .as_secs();
     let mut identities = Vec::with_capacity(credentials.len());
     let mut keys = Vec::with_capacity(credentials.len());
     for device in credentials {
         let password =
-            device_sdk::credentials::sas_token(&args.hostname, &device.id, &device.key, expiry)?;
+            crate::credentials::password(args.auth, &args.hostname, &device.id, &device.key)?;
         identities.push(Identity {
             login: Some((
                 format!(

@@ -27,6 +27,8 @@ const CONNECT_TIMEOUT: Duration = Duration::from_secs(30);
 pub struct Behaviour {
     /// The host name signed into SAS tokens.
     pub hostname: String,
+    /// How devices authenticate.
+    pub auth: crate::cli::Auth,
     /// Reported-properties period.
     pub twin_every: Option<Duration>,
     /// Delay before answering a method.
@@ -40,6 +42,7 @@ impl Behaviour {
     pub fn from_args(args: &Args) -> Self {
         Self {
             hostname: args.hostname.clone(),
+            auth: args.auth,
             twin_every: args.twin_every,
             method_delay: Duration::from_millis(args.method_delay_ms),
             method_fail_rate: args.method_fail_rate,
@@ -68,10 +71,7 @@ pub async fn run_device(
     let options = device_sdk::ClientOptions::new(
         &behaviour.hostname,
         &id,
-        device_sdk::Credentials::Sas {
-            key,
-            ttl: Duration::from_secs(3600),
-        },
+        crate::credentials::sdk_credentials(behaviour.auth, &behaviour.hostname, key),
     )
     .with_endpoint(&plan.addr.ip().to_string(), plan.addr.port())
     .without_tls();

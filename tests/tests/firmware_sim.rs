@@ -98,8 +98,9 @@ async fn a_small_fleet_gets_every_message_acked_and_read_back_once() -> Result<(
         "{first:#}"
     );
 
-    // A second run reuses the 50 devices (their keys come back from the registry) and
-    // verifies only its own messages, although the stream holds the first run's too.
+    // A second run reuses the 50 devices (their keys come back from the registry),
+    // connects with device JWTs this time, and verifies only its own messages,
+    // although the stream holds the first run's too.
     let second = report(&[
         "--data-dir",
         &data_dir,
@@ -111,6 +112,8 @@ async fn a_small_fleet_gets_every_message_acked_and_read_back_once() -> Result<(
         "max",
         "--inflight",
         "4",
+        "--auth",
+        "jwt",
         "--verify",
     ])
     .await?;
