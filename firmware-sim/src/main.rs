@@ -13,13 +13,23 @@ async fn main() -> ExitCode {
         eprintln!("firmware-sim: error: {message}");
         return ExitCode::from(2);
     }
+    raise_open_file_limit(u64::from(args.devices));
     let json = args.json;
     let interrupt = async {
         // Without a signal handler there is no early end; the run still ends on time.
         if tokio::signal::ctrl_c().await.is_err() {
             std::future::pending::<()>().await;
         }
-        eprintln!("firmware-sim: interrupted; finishing with a partial report");
+        eprintln!(
+            "firmware-sim: interrupted; finishing with a partial report (Ctrl-C again quits)"
+        );
+        // The handler replaced the default action: a second Ctrl-C must still quit
+        // at once if the drain or the read-back takes too long for the user.
+        tokio::spawn(async {
+            if tokio::signal::ctrl_c().await.is_ok() {
+                std::process::exit(130);
+            }
+        });
     };
     match firmware_sim::run::run(args, interrupt).await {
         Ok(report) => {
@@ -40,5 +50,25 @@ async fn main() -> ExitCode {
             eprintln!("firmware-sim: error: {err}");
             ExitCode::FAILURE
         }
+    }
+}
+
+/// Each device holds a socket: raise the soft open-file limit to the hard one so a
+/// fleet larger than the usual 1,024 default fits, and say so when it cannot.
+fn raise_open_file_limit(devices: u64) {
+    use nix::sys::resource::{Resource, getrlimit, setrlimit};
+    let Ok((soft, hard)) = getrlimit(Resource::RLIMIT_NOFILE) else {
+        return;
+    };
+    if soft < hard && setrlimit(Resource::RLIMIT_NOFILE, hard, hard).is_err() {
+        eprintln!("firmware-sim: cannot raise the open-file limit from {soft} to {hard}");
+    }
+    let limit = getrlimit(Resource::RLIMIT_NOFILE).map_or(soft, |(soft, _)| soft);
+    // A few dozen descriptors go to the runtime, the API client and stdio.
+    if devices + 64 > limit {
+        eprintln!(
+            "firmware-sim: warning: {devices} devices need more than the {limit} open files \
+             this process may hold; some connections will fail (raise `ulimit -n`)"
+        );
     }
 }

@@ -110,7 +110,7 @@ fn parse_stat_cpu(stat: &str) -> Option<f64> {
     Some(ticks / 100.0)
 }
 
-/// CPU used over the publish phase.
+/// CPU used over the send window and the drain.
 #[derive(Debug, Clone, Serialize, PartialEq)]
 pub struct Cpu {
     /// The simulator's CPU seconds.
@@ -173,8 +173,10 @@ pub struct Report {
     pub failed: u64,
     /// Connections lost during the run.
     pub disconnects: u64,
-    /// Length of the publish phase.
+    /// Length of the send window (`--duration`, or until Ctrl-C).
     pub elapsed_secs: f64,
+    /// From the end of the window until every device drained and disconnected.
+    pub drain_secs: f64,
     /// Acknowledged (QoS 1) or sent (QoS 0) messages per second.
     pub msgs_per_sec: f64,
     /// Publish → PUBACK latency (QoS 1).
@@ -220,12 +222,13 @@ impl Report {
             self.connected, self.devices, self.connect_failed, self.connect_secs, self.connect_rate
         ));
         line(format!(
-            "messages   sent {}  acked {}  failed {}  (QoS {}) in {:.2} s: {:.0} msgs/s; {} disconnects",
+            "messages   sent {}  acked {}  failed {}  (QoS {}) in {:.2} s (+{:.2} s drain): {:.0} msgs/s; {} disconnects",
             self.sent,
             self.acked,
             self.failed,
             self.qos,
             self.elapsed_secs,
+            self.drain_secs,
             self.msgs_per_sec,
             self.disconnects
         ));

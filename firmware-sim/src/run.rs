@@ -254,6 +254,9 @@ pub async fn run(
         }
     }
     let _ = phase_tx.send(Phase::Stopping);
+    // Rates are over the send window: the drain (last PUBACKs, DISCONNECTs) is
+    // reported apart so a large fleet's shutdown does not dilute them.
+    let window = started.elapsed().as_secs_f64().max(1e-9);
     let handles = spawn_all.await.unwrap_or_default();
     let mut latencies = histogram();
     let mut delivered = Vec::with_capacity(handles.len());
@@ -271,6 +274,7 @@ pub async fn run(
         }
     }
     let elapsed = started.elapsed().as_secs_f64().max(1e-9);
+    let drain_secs = (elapsed - window).max(0.0);
     let cpu = sim_cpu_start.and_then(|start| {
         let sim_secs = own_cpu_secs()? - start;
         let hub_secs = match (args.hub_pid, hub_cpu_start) {
@@ -302,8 +306,9 @@ pub async fn run(
         acked,
         failed: Counters::get(&counters.failed),
         disconnects: Counters::get(&counters.disconnects),
-        elapsed_secs: elapsed,
-        msgs_per_sec: if args.qos == 0 { sent } else { acked } as f64 / elapsed,
+        elapsed_secs: window,
+        drain_secs,
+        msgs_per_sec: if args.qos == 0 { sent } else { acked } as f64 / window,
         puback_ms: Latency::from_histogram(&latencies),
         cpu,
         methods: Counters::get(&counters.methods),
