@@ -218,6 +218,9 @@ pub fn parse_payload(text: &str) -> Result<Template, String> {
             "{size} bytes is more than the hub's 256 KiB telemetry limit"
         )),
         Ok(size) => Ok(Template::sized(size)),
+        Err(_) if text.len() > 64 * 1024 => {
+            Err("a payload template may be at most 64 KiB".to_string())
+        }
         Err(_) => Template::parse(text).map_err(|err| err.to_string()),
     }
 }

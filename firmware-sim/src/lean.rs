@@ -350,7 +350,7 @@ async fn publish(
                 .write(out, usize::MAX)
                 .map_err(|err| DeviceError::Protocol(id.clone(), err.to_string()))
         };
-    let result = loop {
+    let result = 'session: loop {
         let stopping = drain_deadline.is_some();
         let mut batch = 0u64;
         if max_rate && !stopping {
@@ -360,7 +360,9 @@ async fn publish(
             while (qos == QoS::AtMostOnce && (batch as usize) < limit)
                 || (qos == QoS::AtLeastOnce && inflight.has_room())
             {
-                encode(&mut out, &mut inflight, &mut seq, delivered)?;
+                if let Err(err) = encode(&mut out, &mut inflight, &mut seq, delivered) {
+                    break 'session Err(err);
+                }
                 batch += 1;
             }
         }
@@ -411,7 +413,9 @@ async fn publish(
             }
             _ = tick_opt(&mut ticker), if !stopping && !max_rate => {
                 if qos == QoS::AtMostOnce || inflight.has_room() {
-                    encode(&mut out, &mut inflight, &mut seq, delivered)?;
+                    if let Err(err) = encode(&mut out, &mut inflight, &mut seq, delivered) {
+                        break 'session Err(err);
+                    }
                     if let Err(err) = flush(&mut stream, &mut out, counters, 1, qos).await {
                         break Err(io(err));
                     }

@@ -139,6 +139,9 @@ pub struct Verification {
     /// Messages of this run that were read back although never acknowledged (QoS 0,
     /// or PUBACKs lost with their connection): not an error.
     pub unacked_read: u64,
+    /// Bodies stamped with this run but naming a device or sequence number it never
+    /// sent (corruption, or another simulator with the same run id).
+    pub unexpected: u64,
     /// Send → enqueued latency (the body's send time against `enqueuedTime`).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub end_to_end_ms: Option<Latency>,
@@ -253,8 +256,8 @@ impl Report {
         }
         if let Some(v) = &self.verify {
             line(format!(
-                "verify     read {} ({} distinct): {} lost, {} duplicated, {} read although unacked",
-                v.read, v.distinct, v.lost, v.duplicated, v.unacked_read
+                "verify     read {} ({} distinct): {} lost, {} duplicated, {} read although unacked, {} unexpected",
+                v.read, v.distinct, v.lost, v.duplicated, v.unacked_read, v.unexpected
             ));
             if let Some(latency) = &v.end_to_end_ms {
                 line(format!("end-to-end {}", latency.line()));

@@ -26,17 +26,30 @@ pub fn start_offsets(before: &[PartitionOffsets]) -> HashMap<u64, u64> {
         .collect()
 }
 
-/// Counts what came back of `run`. `acked[d][n]` says whether message `n` of device
-/// index `d` was acknowledged; `devices` maps ids to indexes.
+/// Counts what came back of `run`: copies read per (device index, sequence number),
+/// one byte per message sent, so a long run's tally stays small.
 #[derive(Debug, Default)]
 pub struct Tally {
-    /// Copies read, per (device index, seq).
-    seen: HashMap<(usize, u64), u32>,
+    /// `copies[d][n]`: copies of message `n` of device `d` read (saturating).
+    copies: Vec<Vec<u8>>,
+    /// Bodies of this run naming a device or sequence number it never sent.
+    unexpected: u64,
+    distinct: u64,
+    read: u64,
     end_to_end: Vec<u64>,
 }
 
 impl Tally {
-    /// Records one message body (already decoded) enqueued at `enqueued_ns`.
+    /// A tally for devices that sent `sent[d]` messages each.
+    pub fn new(sent: impl IntoIterator<Item = usize>) -> Self {
+        Self {
+            copies: sent.into_iter().map(|n| vec![0u8; n]).collect(),
+            ..Self::default()
+        }
+    }
+
+    /// Records one message body (already decoded) enqueued at `enqueued_ns`; `devices`
+    /// maps device ids to indexes.
     pub fn record(
         &mut self,
         template: &Template,
@@ -51,10 +64,19 @@ impl Tally {
         if stamp.run != run {
             return;
         }
-        let Some(&device) = devices.get(&stamp.device) else {
+        let slot = devices
+            .get(&stamp.device)
+            .and_then(|&d| self.copies.get_mut(d))
+            .and_then(|copies| copies.get_mut(usize::try_from(stamp.seq).ok()?));
+        let Some(slot) = slot else {
+            self.unexpected += 1;
             return;
         };
-        *self.seen.entry((device, stamp.seq)).or_default() += 1;
+        if *slot == 0 {
+            self.distinct += 1;
+        }
+        *slot = slot.saturating_add(1);
+        self.read += 1;
         if let (Some(sent), Some(enqueued)) = (stamp.time_ns, enqueued_ns) {
             // Clocks are the same machine's in tests; elsewhere a skew shows as 0.
             self.end_to_end
@@ -64,42 +86,38 @@ impl Tally {
 
     /// Distinct messages read.
     pub fn distinct(&self) -> u64 {
-        self.seen.len() as u64
+        self.distinct
     }
 
-    /// The verdict, given which messages were acknowledged.
-    pub fn verdict(&self, acked: &[Vec<bool>]) -> Verification {
-        let read: u64 = self.seen.values().map(|&n| u64::from(n)).sum();
-        let duplicated: u64 = self.seen.values().map(|&n| u64::from(n - 1)).sum();
-        let mut lost = 0;
-        for (device, messages) in acked.iter().enumerate() {
-            for (seq, &was_acked) in messages.iter().enumerate() {
-                if was_acked && !self.seen.contains_key(&(device, seq as u64)) {
-                    lost += 1;
+    /// The verdict, given which messages were acknowledged (QoS 1) or written (QoS 0).
+    pub fn verdict(&self, delivered: &[Vec<bool>]) -> Verification {
+        let (mut lost, mut duplicated, mut unacked_read) = (0, 0, 0);
+        for (d, copies) in self.copies.iter().enumerate() {
+            for (n, &count) in copies.iter().enumerate() {
+                let expected = delivered
+                    .get(d)
+                    .and_then(|m| m.get(n))
+                    .copied()
+                    .unwrap_or(false);
+                match (expected, count) {
+                    (true, 0) => lost += 1,
+                    (false, c) if c > 0 => unacked_read += 1,
+                    _ => {}
                 }
+                duplicated += u64::from(count.saturating_sub(1));
             }
         }
-        let unacked_read = self
-            .seen
-            .keys()
-            .filter(|(device, seq)| {
-                !acked
-                    .get(*device)
-                    .and_then(|m| m.get(*seq as usize))
-                    .copied()
-                    .unwrap_or(false)
-            })
-            .count() as u64;
         let mut h = histogram();
         for &us in &self.end_to_end {
             let _ = h.record(us.max(1));
         }
         Verification {
-            read,
-            distinct: self.distinct(),
+            read: self.read,
+            distinct: self.distinct,
             lost,
             duplicated,
             unacked_read,
+            unexpected: self.unexpected,
             end_to_end_ms: Latency::from_histogram(&h),
         }
     }
@@ -177,9 +195,13 @@ pub async fn read_back(
     template: &Template,
     run: &str,
     devices: &HashMap<String, usize>,
-    expected: u64,
+    delivered: &[Vec<bool>],
 ) -> Result<Tally, ApiError> {
-    let mut tally = Tally::default();
+    let expected: u64 = delivered
+        .iter()
+        .map(|d| d.iter().filter(|&&x| x).count() as u64)
+        .sum();
+    let mut tally = Tally::new(delivered.iter().map(Vec::len));
     let mut last_progress = Instant::now();
     loop {
         let before = tally.distinct();
@@ -232,7 +254,7 @@ mod tests {
     fn lost_duplicated_and_unacked_messages_are_told_apart() {
         let template = Template::sized(0);
         let devices: HashMap<String, usize> = [("a".to_string(), 0), ("b".to_string(), 1)].into();
-        let mut tally = Tally::default();
+        let mut tally = Tally::new([2, 2]);
         let body = |d: &str, n: u64| String::from_utf8(template.render("run", d, n, 5)).unwrap();
         tally.record(&template, "run", &devices, &body("a", 0), Some(1005));
         tally.record(&template, "run", &devices, &body("a", 0), Some(1005));
@@ -241,11 +263,16 @@ mod tests {
         // Other runs, unknown devices and foreign bodies are ignored.
         tally.record(&template, "old", &devices, &body("a", 2), None);
         tally.record(&template, "run", &devices, &body("zz", 0), None);
+        tally.record(&template, "run", &devices, &body("b", 7), None);
         tally.record(&template, "run", &devices, "{\"temp\":1}", None);
         let acked = vec![vec![true, true], vec![true, false]];
         let v = tally.verdict(&acked);
         assert_eq!((v.read, v.distinct), (4, 3));
         assert_eq!((v.lost, v.duplicated, v.unacked_read), (1, 1, 1));
+        assert_eq!(
+            v.unexpected, 2,
+            "an unknown device and a sequence number never sent"
+        );
         assert_eq!(v.end_to_end_ms.unwrap().count, 2);
     }
 }

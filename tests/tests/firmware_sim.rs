@@ -92,6 +92,8 @@ async fn a_small_fleet_gets_every_message_acked_and_read_back_once() -> Result<(
     assert_eq!(verify["duplicated"].as_u64(), Some(0), "{first:#}");
     assert_eq!(verify["read"].as_u64(), Some(sent), "{first:#}");
     assert_eq!(verify["distinct"].as_u64(), Some(sent), "{first:#}");
+    assert_eq!(verify["unexpected"].as_u64(), Some(0), "{first:#}");
+    assert_eq!(verify["unacked_read"].as_u64(), Some(0), "{first:#}");
     assert!(verify["end_to_end_ms"]["p50"].is_number(), "{first:#}");
     assert!(
         first["cpu"]["hub_secs"].as_f64().is_some_and(|s| s > 0.0),
@@ -277,12 +279,18 @@ async fn invalid_arguments_fail_with_a_message() -> Result<()> {
 #[tokio::test]
 async fn ctrl_c_ends_a_run_with_a_partial_report() -> Result<()> {
     let dir = tempfile::tempdir()?;
-    let _hub = Hub::start(dir.path()).await?;
-    let data_dir = dir.path().to_string_lossy().into_owned();
+    let hub = Hub::start(dir.path()).await?;
+    // This run finds the hub by URL and token, without its data dir.
+    let token = hub.owner_token().await?;
+    let mqtt = hub.endpoint("mqtt").context("mqtt endpoint")?.to_string();
     let mut child = sim()?
         .args([
-            "--data-dir",
-            &data_dir,
+            "--hub",
+            &hub.url(),
+            "--token",
+            &token,
+            "--mqtt",
+            &mqtt,
             "--devices",
             "10",
             "--duration",
