@@ -31,20 +31,30 @@ const STOP_TIMEOUT: Duration = Duration::from_secs(15);
 
 /// Path of the `hub` binary under test.
 pub fn hub_binary() -> Result<PathBuf> {
-    if let Some(path) = std::env::var_os("HUB_BIN") {
+    workspace_binary("hub", "HUB_BIN")
+}
+
+/// Path of the `firmware-sim` binary under test (`$FIRMWARE_SIM_BIN` overrides).
+pub fn firmware_sim_binary() -> Result<PathBuf> {
+    workspace_binary("firmware-sim", "FIRMWARE_SIM_BIN")
+}
+
+/// A binary cargo built next to the test executables, or the path in `$env_var`.
+fn workspace_binary(name: &str, env_var: &str) -> Result<PathBuf> {
+    if let Some(path) = std::env::var_os(env_var) {
         return Ok(PathBuf::from(path));
     }
     let exe = std::env::current_exe().context("cannot locate the test executable")?;
-    // target/<profile>/deps/<test-exe> → target/<profile>/hub
+    // target/<profile>/deps/<test-exe> → target/<profile>/<name>
     let profile_dir = exe
         .parent()
         .and_then(Path::parent)
         .context("unexpected test executable location")?;
-    let binary = profile_dir.join(format!("hub{}", std::env::consts::EXE_SUFFIX));
+    let binary = profile_dir.join(format!("{name}{}", std::env::consts::EXE_SUFFIX));
     if !binary.exists() {
         bail!(
-            "no hub binary at {}: run the suite with `cargo test --workspace` (which builds it), \
-             or `cargo build -p hub` first, or set HUB_BIN",
+            "no {name} binary at {}: run the suite with `cargo test --workspace` (which builds it), \
+             or `cargo build -p {name}` first, or set {env_var}",
             binary.display()
         );
     }
@@ -291,6 +301,11 @@ impl Hub {
     /// Starts a hub on `data_dir` with default options.
     pub async fn start(data_dir: &Path) -> Result<Self> {
         HubOptions::new(data_dir).start().await
+    }
+
+    /// The hub's process id (for CPU measurements from /proc).
+    pub fn pid(&self) -> Option<u32> {
+        self.child.id()
     }
 
     /// The data directory.

@@ -1,0 +1,294 @@
+//! What a run measured: the live counters every device task bumps, latency
+//! histograms, CPU time from /proc, and the final report as text or JSON.
+
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use hdrhistogram::Histogram;
+use serde::Serialize;
+
+/// Counters shared by every device task and read by the progress line.
+#[derive(Debug, Default)]
+pub struct Counters {
+    /// Devices connected now.
+    pub connected: AtomicU64,
+    /// Connection attempts refused or failed.
+    pub connect_failed: AtomicU64,
+    /// Messages written to the socket.
+    pub sent: AtomicU64,
+    /// Messages the broker acknowledged (QoS 1).
+    pub acked: AtomicU64,
+    /// Messages that will never be acknowledged (connection lost, drain timeout).
+    pub failed: AtomicU64,
+    /// Connections lost after they were established.
+    pub disconnects: AtomicU64,
+    /// Direct methods answered (device-sdk path).
+    pub methods: AtomicU64,
+    /// Twin reported patches acknowledged (device-sdk path).
+    pub twin_reports: AtomicU64,
+    /// C2D messages completed (device-sdk path).
+    pub c2d: AtomicU64,
+}
+
+impl Counters {
+    /// Adds one to `counter`.
+    pub fn bump(counter: &AtomicU64) {
+        counter.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// Reads `counter`.
+    pub fn get(counter: &AtomicU64) -> u64 {
+        counter.load(Ordering::Relaxed)
+    }
+}
+
+/// A latency histogram in microseconds, 1 µs to 10 minutes, 3 significant digits.
+pub fn histogram() -> Histogram<u64> {
+    Histogram::new_with_bounds(1, 600_000_000, 3)
+        .expect("constant bounds that hdrhistogram accepts")
+}
+
+/// Latency percentiles in milliseconds.
+#[derive(Debug, Clone, Serialize, PartialEq)]
+pub struct Latency {
+    /// Samples.
+    pub count: u64,
+    /// Median.
+    pub p50: f64,
+    /// 90th percentile.
+    pub p90: f64,
+    /// 99th percentile.
+    pub p99: f64,
+    /// 99.9th percentile.
+    pub p99_9: f64,
+    /// Largest sample.
+    pub max: f64,
+}
+
+impl Latency {
+    /// Percentiles of a histogram in µs; `None` when it is empty.
+    pub fn from_histogram(h: &Histogram<u64>) -> Option<Self> {
+        if h.is_empty() {
+            return None;
+        }
+        let ms = |us: u64| us as f64 / 1000.0;
+        Some(Self {
+            count: h.len(),
+            p50: ms(h.value_at_quantile(0.5)),
+            p90: ms(h.value_at_quantile(0.9)),
+            p99: ms(h.value_at_quantile(0.99)),
+            p99_9: ms(h.value_at_quantile(0.999)),
+            max: ms(h.max()),
+        })
+    }
+
+    fn line(&self) -> String {
+        format!(
+            "p50 {:.2}  p90 {:.2}  p99 {:.2}  p99.9 {:.2}  max {:.2} ms  ({} samples)",
+            self.p50, self.p90, self.p99, self.p99_9, self.max, self.count
+        )
+    }
+}
+
+/// CPU seconds (user + system) a process has used, from /proc/PID/stat.
+pub fn cpu_secs(pid: u32) -> Option<f64> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    parse_stat_cpu(&stat)
+}
+
+/// This process's CPU seconds.
+pub fn own_cpu_secs() -> Option<f64> {
+    cpu_secs(std::process::id())
+}
+
+fn parse_stat_cpu(stat: &str) -> Option<f64> {
+    // The command name is parenthesised and may hold spaces: fields count from
+    // after the last `)`. utime and stime are fields 14 and 15 of the line.
+    let rest = stat.rsplit_once(')')?.1;
+    let fields: Vec<&str> = rest.split_whitespace().collect();
+    let ticks = fields.get(11)?.parse::<f64>().ok()? + fields.get(12)?.parse::<f64>().ok()?;
+    // USER_HZ is 100 on every Linux configuration the kernel exposes to user space.
+    Some(ticks / 100.0)
+}
+
+/// CPU used over the send window and the drain.
+#[derive(Debug, Clone, Serialize, PartialEq)]
+pub struct Cpu {
+    /// The simulator's CPU seconds.
+    pub sim_secs: f64,
+    /// The simulator's average cores.
+    pub sim_cores: f64,
+    /// The hub's CPU seconds (with `--hub-pid`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub hub_secs: Option<f64>,
+    /// The hub's average cores.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub hub_cores: Option<f64>,
+}
+
+/// What `--verify` found in the stream.
+#[derive(Debug, Clone, Serialize, PartialEq)]
+pub struct Verification {
+    /// Messages of this run read back (duplicates included).
+    pub read: u64,
+    /// Distinct messages of this run read back.
+    pub distinct: u64,
+    /// Acknowledged messages that were not read back.
+    pub lost: u64,
+    /// Extra copies of messages read back.
+    pub duplicated: u64,
+    /// Messages of this run that were read back although never acknowledged (QoS 0,
+    /// or PUBACKs lost with their connection): not an error.
+    pub unacked_read: u64,
+    /// Bodies stamped with this run but naming a device or sequence number it never
+    /// sent (corruption, or another simulator with the same run id).
+    pub unexpected: u64,
+    /// Send → enqueued latency (the body's send time against `enqueuedTime`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub end_to_end_ms: Option<Latency>,
+}
+
+/// The final report.
+#[derive(Debug, Clone, Serialize, PartialEq)]
+pub struct Report {
+    /// `hub` or `mqtt`.
+    pub target: String,
+    /// `lean` or `sdk`.
+    pub path: String,
+    /// The run id stamped into every payload.
+    pub run: String,
+    /// Devices asked for.
+    pub devices: u64,
+    /// Devices that connected.
+    pub connected: u64,
+    /// Connection attempts that failed.
+    pub connect_failed: u64,
+    /// Time from the first connection attempt to the last CONNACK.
+    pub connect_secs: f64,
+    /// Connections per second over `connect_secs`.
+    pub connect_rate: f64,
+    /// Telemetry QoS.
+    pub qos: u8,
+    /// Messages sent.
+    pub sent: u64,
+    /// Messages acknowledged (QoS 1).
+    pub acked: u64,
+    /// Messages never acknowledged (QoS 1).
+    pub failed: u64,
+    /// Connections lost during the run.
+    pub disconnects: u64,
+    /// Length of the send window (`--duration`, or until Ctrl-C).
+    pub elapsed_secs: f64,
+    /// From the end of the window until every device drained and disconnected.
+    pub drain_secs: f64,
+    /// Acknowledged (QoS 1) or sent (QoS 0) messages per second.
+    pub msgs_per_sec: f64,
+    /// Publish → PUBACK latency (QoS 1).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub puback_ms: Option<Latency>,
+    /// CPU over the publish phase.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub cpu: Option<Cpu>,
+    /// Direct methods answered (device-sdk path).
+    pub methods: u64,
+    /// Twin reported patches acknowledged (device-sdk path).
+    pub twin_reports: u64,
+    /// C2D messages completed (device-sdk path).
+    pub c2d: u64,
+    /// Ended early by Ctrl-C.
+    pub interrupted: bool,
+    /// `--verify` results.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub verify: Option<Verification>,
+}
+
+impl Report {
+    /// The report as text for people.
+    pub fn text(&self) -> String {
+        let mut out = String::new();
+        let mut line = |s: String| {
+            out.push_str(&s);
+            out.push('\n');
+        };
+        line(format!(
+            "firmware-sim run {} against {} ({} path){}",
+            self.run,
+            self.target,
+            self.path,
+            if self.interrupted {
+                " — interrupted, partial report"
+            } else {
+                ""
+            }
+        ));
+        line(format!(
+            "devices    {} connected of {} ({} failed) in {:.2} s, {:.0} connects/s",
+            self.connected, self.devices, self.connect_failed, self.connect_secs, self.connect_rate
+        ));
+        line(format!(
+            "messages   sent {}  acked {}  failed {}  (QoS {}) in {:.2} s (+{:.2} s drain): {:.0} msgs/s; {} disconnects",
+            self.sent,
+            self.acked,
+            self.failed,
+            self.qos,
+            self.elapsed_secs,
+            self.drain_secs,
+            self.msgs_per_sec,
+            self.disconnects
+        ));
+        if let Some(latency) = &self.puback_ms {
+            line(format!("puback     {}", latency.line()));
+        }
+        if let Some(cpu) = &self.cpu {
+            let hub = match (cpu.hub_secs, cpu.hub_cores) {
+                (Some(secs), Some(cores)) => format!("; hub {secs:.2} s ({cores:.2} cores)"),
+                _ => String::new(),
+            };
+            line(format!(
+                "cpu        simulator {:.2} s ({:.2} cores){hub}",
+                cpu.sim_secs, cpu.sim_cores
+            ));
+        }
+        if self.path == "sdk" {
+            line(format!(
+                "behaviour  {} methods answered, {} twin reports, {} C2D completed",
+                self.methods, self.twin_reports, self.c2d
+            ));
+        }
+        if let Some(v) = &self.verify {
+            line(format!(
+                "verify     read {} ({} distinct): {} lost, {} duplicated, {} read although unacked, {} unexpected",
+                v.read, v.distinct, v.lost, v.duplicated, v.unacked_read, v.unexpected
+            ));
+            if let Some(latency) = &v.end_to_end_ms {
+                line(format!("end-to-end {}", latency.line()));
+            }
+        }
+        out
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn cpu_time_is_read_past_a_command_name_with_spaces() {
+        let stat = "42 (my (odd) cmd) S 1 42 42 0 -1 4194304 100 0 0 0 250 50 0 0 20 0";
+        assert_eq!(parse_stat_cpu(stat), Some(3.0));
+        assert_eq!(parse_stat_cpu("garbage"), None);
+        assert!(own_cpu_secs().is_some());
+    }
+
+    #[test]
+    fn latency_percentiles_come_from_the_histogram() {
+        let mut h = histogram();
+        assert!(Latency::from_histogram(&h).is_none());
+        for us in 1..=1000u64 {
+            h.record(us * 1000).unwrap();
+        }
+        let latency = Latency::from_histogram(&h).unwrap();
+        assert_eq!(latency.count, 1000);
+        assert!((latency.p50 - 500.0).abs() < 1.0, "{latency:?}");
+        assert!((latency.max - 1000.0).abs() < 1.0, "{latency:?}");
+    }
+}

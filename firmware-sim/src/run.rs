@@ -1,0 +1,388 @@
+//! One run from start to report: find the hub, provision the fleet, connect it at
+//! the ramp rate, let it send for the duration (or until interrupted), drain,
+//! optionally verify through the stream, and measure CPU on both sides.
+
+use std::collections::HashMap;
+use std::io::IsTerminal;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use tokio::sync::{Semaphore, mpsc, watch};
+
+use crate::api::{self, Api, ApiError};
+use crate::cli::Args;
+use crate::lean::{self, Identity, Outcome, Phase, Plan};
+use crate::report::{Counters, Cpu, Latency, Report, cpu_secs, histogram, own_cpu_secs};
+use crate::sdk;
+use crate::verify;
+
+/// How many devices may be between TCP connect and CONNACK at once when no ramp is
+/// given: more would overflow the broker's accept backlog and turn speed into
+/// refusals.
+const CONNECTING_AT_ONCE: usize = 256;
+
+/// Why a run could not be made.
+#[derive(Debug, thiserror::Error)]
+pub enum RunError {
+    /// The service API failed.
+    #[error(transparent)]
+    Api(#[from] ApiError),
+    /// The arguments do not describe a usable run.
+    #[error("{0}")]
+    Config(String),
+    /// Not one device connected.
+    #[error("no device connected; first failure: {0}")]
+    NoneConnected(String),
+    /// A device credential could not be made.
+    #[error(transparent)]
+    Credential(#[from] crate::credentials::CredentialError),
+}
+
+/// Where devices go and how they authenticate.
+struct Fleet {
+    target: &'static str,
+    mqtt: SocketAddr,
+    identities: Vec<Identity>,
+    /// Device keys (hub targets), for the device-sdk path.
+    keys: Vec<String>,
+    api: Option<Api>,
+}
+
+async fn fleet(args: &Args) -> Result<Fleet, RunError> {
+    let ids: Vec<String> = (0..args.devices).map(|i| args.device_id(i)).collect();
+    if let Some(addr) = args.target {
+        let identities = ids
+            .into_iter()
+            .map(|id| Identity {
+                topic: format!("devices/{id}/messages/events/"),
+                client_id: id,
+                login: None,
+            })
+            .collect();
+        return Ok(Fleet {
+            target: "mqtt",
+            mqtt: addr,
+            identities,
+            keys: Vec::new(),
+            api: None,
+        });
+    }
+    let endpoints = args
+        .data_dir
+        .as_deref()
+        .map(api::read_endpoints)
+        .transpose()?;
+    let base = match (&args.hub, &endpoints) {
+        (Some(url), _) => url.clone(),
+        (None, Some(endpoints)) => format!("http://{}", endpoints.http),
+        (None, None) => return Err(RunError::Config("no --hub and no --data-dir".into())),
+    };
+    let mqtt = match (&args.mqtt, endpoints.and_then(|e| e.mqtt)) {
+        (Some(addr), _) => crate::cli::resolve(addr).map_err(RunError::Config)?,
+        (None, Some(addr)) => addr,
+        (None, None) => {
+            let host = base
+                .split_once("://")
+                .map_or(base.as_str(), |(_, rest)| rest)
+                .split(['/', ':'])
+                .next()
+                .unwrap_or("localhost");
+            crate::cli::resolve(&format!("{host}:1883")).map_err(RunError::Config)?
+        }
+    };
+    let token = match (&args.token, &args.data_dir) {
+        (Some(token), _) => token.clone(),
+        (None, Some(dir)) => {
+            api::mint_token(&api::hub_binary(args.hub_bin.as_deref()), dir).await?
+        }
+        (None, None) => return Err(RunError::Config("no --token and no --data-dir".into())),
+    };
+    let api = Api::new(&base, token);
+    let credentials = api.provision(ids).await?;
+    let mut identities = Vec::with_capacity(credentials.len());
+    let mut keys = Vec::with_capacity(credentials.len());
+    for device in credentials {
+        let password =
+            crate::credentials::password(args.auth, &args.hostname, &device.id, &device.key)?;
+        identities.push(Identity {
+            login: Some((
+                format!(
+                    "{}/{}/?api-version=2021-04-12&DeviceClientType=firmware-sim",
+                    args.hostname, device.id
+                ),
+                password,
+            )),
+            topic: format!("devices/{}/messages/events/", device.id),
+            client_id: device.id,
+        });
+        keys.push(device.key);
+    }
+    Ok(Fleet {
+        target: "hub",
+        mqtt,
+        identities,
+        keys,
+        api: Some(api),
+    })
+}
+
+/// A short id for this run, stamped into every payload so `--verify` reads only
+/// this run's messages even when devices are reused.
+fn run_id() -> String {
+    format!("{:08x}", rand::random::<u32>())
+}
+
+/// Runs the simulation; `interrupt` ends it early (Ctrl-C) with a partial report.
+pub async fn run(
+    args: Args,
+    interrupt: impl std::future::Future<Output = ()>,
+) -> Result<Report, RunError> {
+    let mut interrupt = std::pin::pin!(interrupt);
+    let mut interrupted = false;
+    let fleet = tokio::select! {
+        fleet = fleet(&args) => fleet?,
+        () = &mut interrupt => return Err(RunError::Config("interrupted while provisioning".into())),
+    };
+    let start_offsets = match (&fleet.api, args.verify) {
+        (Some(api), true) => Some(verify::start_offsets(&api.partitions().await?)),
+        _ => None,
+    };
+    let run = run_id();
+    let counters = Arc::new(Counters::default());
+    let (phase_tx, phase_rx) = watch::channel(Phase::Connecting);
+    let (connected_tx, mut connected_rx) = mpsc::unbounded_channel();
+    let plan = Arc::new(Plan {
+        addr: fleet.mqtt,
+        qos: args.qos,
+        rate: args.rate,
+        inflight: args.inflight,
+        template: Arc::new(args.payload.clone()),
+        run: run.clone().into(),
+        drain: args.drain,
+    });
+    let progress = Progress::start(Arc::clone(&counters), u64::from(args.devices));
+    let use_sdk = args.uses_sdk();
+
+    // Connect phase: at most CONNECTING_AT_ONCE handshakes, paced by --ramp.
+    let connect_started = Instant::now();
+    let slots = Arc::new(Semaphore::new(CONNECTING_AT_ONCE));
+    let spawn_all = {
+        let (plan, counters, phase_rx, slots) = (
+            Arc::clone(&plan),
+            Arc::clone(&counters),
+            phase_rx.clone(),
+            Arc::clone(&slots),
+        );
+        let identities = fleet.identities.clone();
+        let keys = fleet.keys.clone();
+        let behaviour = sdk::Behaviour::from_args(&args);
+        let ramp = args
+            .ramp
+            .map(|per_sec| Duration::from_secs_f64(1.0 / per_sec));
+        tokio::spawn(async move {
+            let mut handles = Vec::with_capacity(identities.len());
+            let mut next = tokio::time::Instant::now();
+            for (i, identity) in identities.into_iter().enumerate() {
+                if let Some(period) = ramp {
+                    tokio::time::sleep_until(next).await;
+                    next += period;
+                }
+                let permit = Arc::clone(&slots).acquire_owned().await.ok();
+                let (plan, counters, phase, connected) = (
+                    Arc::clone(&plan),
+                    Arc::clone(&counters),
+                    phase_rx.clone(),
+                    connected_tx.clone(),
+                );
+                let handle = if use_sdk {
+                    let key = keys.get(i).cloned().unwrap_or_default();
+                    let behaviour = behaviour.clone();
+                    tokio::spawn(async move {
+                        sdk::run_device(
+                            plan, identity, key, behaviour, counters, phase, connected, permit,
+                        )
+                        .await
+                    })
+                } else {
+                    tokio::spawn(lean::run_device(
+                        plan, identity, counters, phase, connected, permit,
+                    ))
+                };
+                handles.push(handle);
+            }
+            handles
+        })
+    };
+    let mut first_failure = None;
+    let mut answered = 0u64;
+    while answered < u64::from(args.devices) {
+        tokio::select! {
+            outcome = connected_rx.recv() => match outcome {
+                Some(Ok(())) => answered += 1,
+                Some(Err(err)) => {
+                    answered += 1;
+                    first_failure.get_or_insert_with(|| err.to_string());
+                }
+                None => break,
+            },
+            () = &mut interrupt, if !interrupted => {
+                interrupted = true;
+                break;
+            }
+        }
+    }
+    let connect_secs = connect_started.elapsed().as_secs_f64();
+    let connected = Counters::get(&counters.connected);
+    if connected == 0 && !interrupted {
+        let _ = phase_tx.send(Phase::Stopping);
+        progress.finish();
+        return Err(RunError::NoneConnected(
+            first_failure.unwrap_or_else(|| "none reported".into()),
+        ));
+    }
+
+    // Publish phase.
+    let sim_cpu_start = own_cpu_secs();
+    let hub_cpu_start = args.hub_pid.and_then(cpu_secs);
+    let started = Instant::now();
+    if !interrupted {
+        let _ = phase_tx.send(Phase::Running);
+        tokio::select! {
+            () = tokio::time::sleep(args.duration) => {}
+            () = &mut interrupt => interrupted = true,
+        }
+    }
+    let _ = phase_tx.send(Phase::Stopping);
+    // Rates are over the send window: the drain (last PUBACKs, DISCONNECTs) is
+    // reported apart so a large fleet's shutdown does not dilute them.
+    let window = started.elapsed().as_secs_f64().max(1e-9);
+    let handles = spawn_all.await.unwrap_or_default();
+    let mut latencies = histogram();
+    let mut delivered = Vec::with_capacity(handles.len());
+    for handle in handles {
+        match handle.await {
+            Ok(Outcome {
+                latencies: h,
+                delivered: d,
+            }) => {
+                let _ = latencies.add(&h);
+                delivered.push(d);
+            }
+            // A panicked device task delivered nothing we can vouch for.
+            Err(_) => delivered.push(Vec::new()),
+        }
+    }
+    let elapsed = started.elapsed().as_secs_f64().max(1e-9);
+    let drain_secs = (elapsed - window).max(0.0);
+    let cpu = sim_cpu_start.and_then(|start| {
+        let sim_secs = own_cpu_secs()? - start;
+        let hub_secs = match (args.hub_pid, hub_cpu_start) {
+            (Some(pid), Some(start)) => cpu_secs(pid).map(|end| end - start),
+            _ => None,
+        };
+        Some(Cpu {
+            sim_secs,
+            sim_cores: sim_secs / elapsed,
+            hub_secs,
+            hub_cores: hub_secs.map(|s| s / elapsed),
+        })
+    });
+    progress.finish();
+
+    let sent = Counters::get(&counters.sent);
+    let acked = Counters::get(&counters.acked);
+    let mut report = Report {
+        target: fleet.target.to_string(),
+        path: if use_sdk { "sdk" } else { "lean" }.to_string(),
+        run: run.clone(),
+        devices: u64::from(args.devices),
+        connected,
+        connect_failed: Counters::get(&counters.connect_failed),
+        connect_secs,
+        connect_rate: connected as f64 / connect_secs.max(1e-9),
+        qos: args.qos,
+        sent,
+        acked,
+        failed: Counters::get(&counters.failed),
+        disconnects: Counters::get(&counters.disconnects),
+        elapsed_secs: window,
+        drain_secs,
+        msgs_per_sec: if args.qos == 0 { sent } else { acked } as f64 / window,
+        puback_ms: Latency::from_histogram(&latencies),
+        cpu,
+        methods: Counters::get(&counters.methods),
+        twin_reports: Counters::get(&counters.twin_reports),
+        c2d: Counters::get(&counters.c2d),
+        interrupted,
+        verify: None,
+    };
+    if let (Some(api), Some(from)) = (&fleet.api, start_offsets) {
+        let devices: HashMap<String, usize> = fleet
+            .identities
+            .iter()
+            .enumerate()
+            .map(|(i, identity)| (identity.client_id.clone(), i))
+            .collect();
+        let tally = verify::read_back(api, from, &args.payload, &run, &devices, &delivered).await?;
+        report.verify = Some(tally.verdict(&delivered));
+    }
+    Ok(report)
+}
+
+/// The live progress: an indicatif spinner on a terminal, else one line per second
+/// on stderr.
+struct Progress {
+    stop: watch::Sender<bool>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl Progress {
+    fn start(counters: Arc<Counters>, devices: u64) -> Self {
+        let (stop, mut stopped) = watch::channel(false);
+        let task = tokio::spawn(async move {
+            let bar = std::io::stderr().is_terminal().then(|| {
+                let bar = indicatif::ProgressBar::new_spinner();
+                bar.enable_steady_tick(Duration::from_millis(200));
+                bar
+            });
+            let started = Instant::now();
+            let mut tick = tokio::time::interval(Duration::from_secs(1));
+            tick.tick().await;
+            let mut last = (0u64, Instant::now());
+            loop {
+                tokio::select! {
+                    _ = tick.tick() => {}
+                    _ = stopped.changed() => break,
+                }
+                let done = Counters::get(&counters.acked).max(Counters::get(&counters.sent));
+                let rate = (done - last.0) as f64 / last.1.elapsed().as_secs_f64().max(1e-9);
+                last = (done, Instant::now());
+                let errors = Counters::get(&counters.connect_failed)
+                    + Counters::get(&counters.failed)
+                    + Counters::get(&counters.disconnects);
+                let line = format!(
+                    "[{:>4}s] connected {}/{devices}  sent {}  acked {}  {rate:.0} msgs/s  errors {errors}",
+                    started.elapsed().as_secs(),
+                    Counters::get(&counters.connected),
+                    Counters::get(&counters.sent),
+                    Counters::get(&counters.acked),
+                );
+                match &bar {
+                    Some(bar) => bar.set_message(line),
+                    None => eprintln!("{line}"),
+                }
+            }
+            if let Some(bar) = bar {
+                bar.finish_and_clear();
+            }
+        });
+        Self { stop, task }
+    }
+
+    fn finish(self) {
+        let _ = self.stop.send(true);
+        // The task ends at once; not waiting keeps `finish` synchronous.
+        drop(self.task);
+    }
+}

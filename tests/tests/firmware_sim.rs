@@ -1,0 +1,452 @@
+//! firmware-sim end to end, running the built binary: a small fleet against a real
+//! hub gets every message acknowledged and read back exactly once (and a second run
+//! reuses the devices); the same load runs against a real Mosquitto; bad arguments
+//! fail with a message; Ctrl-C ends a run with a partial report.
+
+use std::path::{Path, PathBuf};
+use std::process::Stdio;
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result, bail, ensure};
+use hub_tests::{Hub, firmware_sim_binary};
+use serde_json::Value;
+use tokio::io::{AsyncBufReadExt, BufReader};
+use tokio::process::{Child, Command};
+
+/// How long one simulator run may take beyond its `--duration`.
+const RUN_SLACK: Duration = Duration::from_secs(60);
+
+fn sim() -> Result<Command> {
+    let mut command = Command::new(firmware_sim_binary()?);
+    command
+        .env_remove("FIRMWARE_SIM_TOKEN")
+        .stdin(Stdio::null())
+        .kill_on_drop(true);
+    Ok(command)
+}
+
+/// Runs firmware-sim to completion; returns (exit success, stdout, stderr).
+async fn run_sim(args: &[&str]) -> Result<(bool, String, String)> {
+    let output = tokio::time::timeout(RUN_SLACK, sim()?.args(args).output())
+        .await
+        .context("firmware-sim did not finish in time")??;
+    Ok((
+        output.status.success(),
+        String::from_utf8_lossy(&output.stdout).into_owned(),
+        String::from_utf8_lossy(&output.stderr).into_owned(),
+    ))
+}
+
+/// Runs firmware-sim with `--json` and returns the report.
+async fn report(args: &[&str]) -> Result<Value> {
+    let mut all = args.to_vec();
+    all.push("--json");
+    let (ok, stdout, stderr) = run_sim(&all).await?;
+    ensure!(ok, "firmware-sim failed:\n{stderr}");
+    serde_json::from_str(&stdout)
+        .with_context(|| format!("the report is not JSON:\n{stdout}\nstderr:\n{stderr}"))
+}
+
+fn n(report: &Value, key: &str) -> u64 {
+    report[key].as_u64().unwrap_or(u64::MAX)
+}
+
+#[tokio::test]
+async fn a_small_fleet_gets_every_message_acked_and_read_back_once() -> Result<()> {
+    let dir = tempfile::tempdir()?;
+    let hub = Hub::start(dir.path()).await?;
+    let data_dir = dir.path().to_string_lossy().into_owned();
+    let pid = hub.pid().context("hub pid")?.to_string();
+    let first = report(&[
+        "--data-dir",
+        &data_dir,
+        "--devices",
+        "50",
+        "--duration",
+        "5s",
+        "--rate",
+        "20",
+        "--qos",
+        "1",
+        "--verify",
+        "--hub-pid",
+        &pid,
+    ])
+    .await?;
+    assert_eq!(n(&first, "connected"), 50, "{first:#}");
+    assert_eq!(n(&first, "connect_failed"), 0, "{first:#}");
+    let sent = n(&first, "sent");
+    assert!(
+        sent > 1000,
+        "50 devices × 20/s × 5 s sent only {sent}: {first:#}"
+    );
+    assert_eq!(n(&first, "acked"), sent, "{first:#}");
+    assert_eq!(n(&first, "failed"), 0, "{first:#}");
+    assert_eq!(
+        first["puback_ms"]["count"].as_u64(),
+        Some(sent),
+        "{first:#}"
+    );
+    let verify = &first["verify"];
+    assert_eq!(verify["lost"].as_u64(), Some(0), "{first:#}");
+    assert_eq!(verify["duplicated"].as_u64(), Some(0), "{first:#}");
+    assert_eq!(verify["read"].as_u64(), Some(sent), "{first:#}");
+    assert_eq!(verify["distinct"].as_u64(), Some(sent), "{first:#}");
+    assert_eq!(verify["unexpected"].as_u64(), Some(0), "{first:#}");
+    assert_eq!(verify["unacked_read"].as_u64(), Some(0), "{first:#}");
+    assert!(verify["end_to_end_ms"]["p50"].is_number(), "{first:#}");
+    assert!(
+        first["cpu"]["hub_secs"].as_f64().is_some_and(|s| s > 0.0),
+        "{first:#}"
+    );
+
+    // A second run reuses the 50 devices (their keys come back from the registry),
+    // connects with device JWTs this time, and verifies only its own messages,
+    // although the stream holds the first run's too.
+    let second = report(&[
+        "--data-dir",
+        &data_dir,
+        "--devices",
+        "50",
+        "--duration",
+        "1s",
+        "--rate",
+        "max",
+        "--inflight",
+        "4",
+        "--auth",
+        "jwt",
+        "--verify",
+    ])
+    .await?;
+    assert_eq!(n(&second, "connected"), 50, "{second:#}");
+    assert_ne!(second["run"], first["run"]);
+    let sent = n(&second, "sent");
+    assert!(sent > 0 && n(&second, "acked") == sent, "{second:#}");
+    assert_eq!(second["verify"]["read"].as_u64(), Some(sent), "{second:#}");
+    assert_eq!(second["verify"]["lost"].as_u64(), Some(0), "{second:#}");
+    assert_eq!(
+        second["verify"]["duplicated"].as_u64(),
+        Some(0),
+        "{second:#}"
+    );
+    Ok(())
+}
+
+/// A Mosquitto broker on a free loopback port, stopped when dropped.
+struct Mosquitto {
+    _child: Child,
+    port: u16,
+    _dir: tempfile::TempDir,
+}
+
+fn mosquitto_binary() -> Result<PathBuf> {
+    let path = std::env::var_os("MOSQUITTO_BIN")
+        .map_or_else(|| PathBuf::from("/usr/sbin/mosquitto"), PathBuf::from);
+    if !Path::new(&path).exists() {
+        bail!(
+            "no Mosquitto at {}: `apt-get install mosquitto` (the plain-MQTT comparison \
+             needs a real broker), or set MOSQUITTO_BIN",
+            path.display()
+        );
+    }
+    Ok(path)
+}
+
+impl Mosquitto {
+    async fn start() -> Result<Self> {
+        let binary = mosquitto_binary()?;
+        let dir = tempfile::tempdir()?;
+        // Mosquitto cannot be told to pick a port itself: take a free one from the
+        // kernel and hand it over (another process could grab it in between; the
+        // readiness poll below then fails loudly rather than testing the wrong thing).
+        let port = std::net::TcpListener::bind("127.0.0.1:0")?
+            .local_addr()?
+            .port();
+        let config = dir.path().join("mosquitto.conf");
+        std::fs::write(
+            &config,
+            format!("listener {port} 127.0.0.1\nallow_anonymous true\npersistence false\n"),
+        )?;
+        let child = Command::new(binary)
+            .arg("-c")
+            .arg(&config)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .kill_on_drop(true)
+            .spawn()
+            .context("cannot start mosquitto")?;
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while tokio::net::TcpStream::connect(("127.0.0.1", port))
+            .await
+            .is_err()
+        {
+            ensure!(
+                Instant::now() < deadline,
+                "mosquitto is not listening on {port}"
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        Ok(Self {
+            _child: child,
+            port,
+            _dir: dir,
+        })
+    }
+}
+
+#[tokio::test]
+async fn the_same_load_runs_against_a_plain_mqtt_broker() -> Result<()> {
+    let broker = Mosquitto::start().await?;
+    let target = format!("mqtt://127.0.0.1:{}", broker.port);
+    let qos1 = report(&[
+        "--target",
+        &target,
+        "--devices",
+        "20",
+        "--duration",
+        "2s",
+        "--rate",
+        "max",
+    ])
+    .await?;
+    assert_eq!(qos1["target"], "mqtt");
+    assert_eq!(n(&qos1, "connected"), 20, "{qos1:#}");
+    let sent = n(&qos1, "sent");
+    assert!(sent > 0, "{qos1:#}");
+    assert_eq!(n(&qos1, "acked"), sent, "{qos1:#}");
+    assert_eq!(n(&qos1, "failed"), 0, "{qos1:#}");
+    assert!(qos1["puback_ms"]["p99"].is_number(), "{qos1:#}");
+
+    let qos0 = report(&[
+        "--target",
+        &target,
+        "--devices",
+        "5",
+        "--duration",
+        "1s",
+        "--rate",
+        "50",
+        "--qos",
+        "0",
+    ])
+    .await?;
+    assert!(n(&qos0, "sent") > 0, "{qos0:#}");
+    assert_eq!(n(&qos0, "acked"), 0, "QoS 0 has no PUBACK: {qos0:#}");
+    assert_eq!(n(&qos0, "failed"), 0, "{qos0:#}");
+    Ok(())
+}
+
+#[tokio::test]
+async fn invalid_arguments_fail_with_a_message() -> Result<()> {
+    let cases: &[(&[&str], &str)] = &[
+        (
+            &["--target", "mqtt://127.0.0.1:1", "--devices", "0"],
+            "--devices",
+        ),
+        (&["--target", "mqtt://127.0.0.1:1", "--qos", "2"], "--qos"),
+        (&["--target", "mqtt://127.0.0.1:1", "--rate", "fast"], "max"),
+        (
+            &["--target", "mqtt://127.0.0.1:1", "--duration", "soon"],
+            "duration",
+        ),
+        (&["--target", "http://127.0.0.1:1"], "mqtt://"),
+        (&["--target", "mqtt://127.0.0.1:1", "--verify"], "--verify"),
+        (&["--devices", "3"], "--hub"),
+        (&["--hub", "http://127.0.0.1:1"], "token"),
+        (
+            &["--target", "mqtt://127.0.0.1:1", "--payload", "{oops}"],
+            "placeholder",
+        ),
+        (&["--no-such-flag"], "--no-such-flag"),
+    ];
+    for (args, needle) in cases {
+        let (ok, stdout, stderr) = run_sim(args).await?;
+        assert!(!ok, "{args:?} succeeded:\n{stdout}");
+        assert!(
+            stderr.contains(needle),
+            "{args:?}: the error does not mention {needle}:\n{stderr}"
+        );
+    }
+    // Valid arguments but nobody listening: a clear error, non-zero exit.
+    let (ok, _, stderr) = run_sim(&["--target", "mqtt://127.0.0.1:1", "--duration", "1s"]).await?;
+    assert!(!ok);
+    assert!(stderr.contains("no device connected"), "{stderr}");
+    Ok(())
+}
+
+#[tokio::test]
+async fn ctrl_c_ends_a_run_with_a_partial_report() -> Result<()> {
+    let dir = tempfile::tempdir()?;
+    let hub = Hub::start(dir.path()).await?;
+    // This run finds the hub by URL and token, without its data dir.
+    let token = hub.owner_token().await?;
+    let mqtt = hub.endpoint("mqtt").context("mqtt endpoint")?.to_string();
+    let mut child = sim()?
+        .args([
+            "--hub",
+            &hub.url(),
+            "--token",
+            &token,
+            "--mqtt",
+            &mqtt,
+            "--devices",
+            "10",
+            "--duration",
+            "120s",
+            "--rate",
+            "max",
+            "--json",
+        ])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()?;
+    // The progress line (one a second, stderr is not a terminal) says when messages
+    // flow.
+    let stderr = child.stderr.take().context("stderr")?;
+    let mut lines = BufReader::new(stderr).lines();
+    let flowing = tokio::time::timeout(Duration::from_secs(30), async {
+        while let Some(line) = lines.next_line().await? {
+            if line.contains("connected 10/10") && !line.contains(" acked 0 ") {
+                return Ok::<_, std::io::Error>(true);
+            }
+        }
+        Ok(false)
+    })
+    .await
+    .context("no progress line showed acknowledged messages")??;
+    ensure!(flowing, "firmware-sim ended before sending");
+    tokio::spawn(async move { while let Ok(Some(_)) = lines.next_line().await {} });
+    let pid = i32::try_from(child.id().context("pid")?)?;
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(pid),
+        nix::sys::signal::Signal::SIGINT,
+    )?;
+    let output = tokio::time::timeout(Duration::from_secs(30), child.wait_with_output())
+        .await
+        .context("firmware-sim did not end after SIGINT")??;
+    assert!(output.status.success(), "{:?}", output.status);
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    let report: Value = serde_json::from_str(&stdout)
+        .with_context(|| format!("the partial report is not JSON:\n{stdout}"))?;
+    assert_eq!(report["interrupted"], true, "{report:#}");
+    let sent = n(&report, "sent");
+    assert!(sent > 0, "{report:#}");
+    assert_eq!(
+        n(&report, "acked") + n(&report, "failed"),
+        sent,
+        "{report:#}"
+    );
+    assert!(
+        report["elapsed_secs"].as_f64().is_some_and(|s| s < 60.0),
+        "{report:#}"
+    );
+    Ok(())
+}
+
+#[tokio::test]
+async fn sdk_devices_report_twins_answer_methods_and_complete_c2d() -> Result<()> {
+    let dir = tempfile::tempdir()?;
+    let hub = Hub::start(dir.path()).await?;
+    let token = hub.owner_token().await?;
+    let data_dir = dir.path().to_string_lossy().into_owned();
+    let mut child = sim()?
+        .args([
+            "--data-dir",
+            &data_dir,
+            "--devices",
+            "3",
+            "--prefix",
+            "fw-",
+            "--duration",
+            "6s",
+            "--rate",
+            "10",
+            "--twin-every",
+            "500ms",
+            "--method-delay-ms",
+            "20",
+            "--verify",
+            "--json",
+        ])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()?;
+    let stderr = child.stderr.take().context("stderr")?;
+    let mut lines = BufReader::new(stderr).lines();
+    let connected = tokio::time::timeout(Duration::from_secs(30), async {
+        while let Some(line) = lines.next_line().await? {
+            if line.contains("connected 3/3") {
+                return Ok::<_, std::io::Error>(true);
+            }
+        }
+        Ok(false)
+    })
+    .await
+    .context("the fleet did not connect")??;
+    ensure!(connected, "firmware-sim ended before its devices connected");
+    tokio::spawn(async move { while let Ok(Some(_)) = lines.next_line().await {} });
+
+    let answer: Value = hub
+        .http()
+        .post(format!("{}/twins/fw-0/methods", hub.url()))
+        .bearer_auth(&token)
+        .json(&serde_json::json!({
+            "methodName": "reboot",
+            "payload": {"delay": 1},
+            "responseTimeoutInSeconds": 10,
+            "connectTimeoutInSeconds": 10
+        }))
+        .send()
+        .await?
+        .json()
+        .await?;
+    assert_eq!(answer["status"], 200, "{answer}");
+    assert_eq!(answer["payload"]["method"], "reboot", "{answer}");
+    assert_eq!(answer["payload"]["payload"]["delay"], 1, "{answer}");
+    let queued = hub
+        .http()
+        .post(format!("{}/devices/fw-1/messages/deviceBound", hub.url()))
+        .bearer_auth(&token)
+        .json(&serde_json::json!({"body": "hello"}))
+        .send()
+        .await?;
+    ensure!(queued.status().is_success(), "C2D: {}", queued.status());
+
+    let output = tokio::time::timeout(RUN_SLACK, child.wait_with_output())
+        .await
+        .context("firmware-sim did not finish")??;
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    ensure!(output.status.success(), "firmware-sim failed:\n{stdout}");
+    let report: Value = serde_json::from_str(&stdout)
+        .with_context(|| format!("the report is not JSON:\n{stdout}"))?;
+    assert_eq!(report["path"], "sdk", "{report:#}");
+    assert_eq!(n(&report, "methods"), 1, "{report:#}");
+    assert_eq!(n(&report, "c2d"), 1, "{report:#}");
+    assert!(n(&report, "twin_reports") >= 3, "{report:#}");
+    let sent = n(&report, "sent");
+    assert!(sent > 0 && n(&report, "acked") == sent, "{report:#}");
+    assert_eq!(report["verify"]["lost"].as_u64(), Some(0), "{report:#}");
+    assert_eq!(
+        report["verify"]["duplicated"].as_u64(),
+        Some(0),
+        "{report:#}"
+    );
+
+    let twin: Value = hub
+        .http()
+        .get(format!("{}/twins/fw-2", hub.url()))
+        .bearer_auth(&token)
+        .send()
+        .await?
+        .json()
+        .await?;
+    assert!(
+        twin["properties"]["reported"]["simulator"]["reports"]
+            .as_u64()
+            .is_some_and(|r| r >= 1),
+        "{twin:#}"
+    );
+    Ok(())
+}
