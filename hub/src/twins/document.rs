@@ -200,6 +200,19 @@ fn stamp(
     mark(metadata);
 }
 
+/// A stored desired or reported section, `$metadata` included, may be at most this
+/// many times the section limit.
+pub const STORED_SECTION_FACTOR: usize = 4;
+
+/// How a size error names a section counted with its metadata.
+fn with_metadata(section: &'static str) -> &'static str {
+    match section {
+        "desired" => "desired with $metadata",
+        "reported" => "reported with $metadata",
+        _ => "section with $metadata",
+    }
+}
+
 fn json_len(map: &Map<String, Value>) -> usize {
     serde_json::to_vec(map).map_or(usize::MAX, |v| v.len())
 }
@@ -227,7 +240,23 @@ impl Section {
             });
         }
         let version = self.version + 1;
-        stamp(&mut self.metadata, patch, now, desired.then_some(version));
+        let mut metadata = self.metadata.clone();
+        stamp(&mut metadata, patch, now, desired.then_some(version));
+        // Azure does not count `$metadata` in the section limit, but a section of many
+        // tiny leaves carries ~10× its size in metadata: the stored section is bounded
+        // too, so a device cannot grow its twin far past the limit.
+        let stored = size.saturating_add(json_len(&metadata));
+        let max_stored = limits
+            .max_properties_bytes
+            .saturating_mul(STORED_SECTION_FACTOR);
+        if stored > max_stored {
+            return Err(PatchError::TooLarge {
+                section: with_metadata(section),
+                size: stored,
+                max: max_stored,
+            });
+        }
+        self.metadata = metadata;
         self.properties = properties;
         self.version = version;
         Ok(())
@@ -449,6 +478,38 @@ mod tests {
             .patch_tags(&obj(json!({"t": "x".repeat(9 * 1024)})), limits)
             .unwrap_err();
         assert!(err.to_string().contains("tags"), "{err}");
+    }
+
+    #[test]
+    fn metadata_counts_towards_the_stored_size_of_a_section() {
+        let limits = TwinLimits::default();
+        // 2,500 one-digit leaves: ~25 KB of properties, under the 32 KiB limit, but
+        // ~190 KB with their $metadata.
+        let patch: Map<String, Value> = (0..2500)
+            .map(|i| (format!("k{i:04}"), Value::from(1)))
+            .collect();
+        assert!(json_len(&patch) < limits.max_properties_bytes);
+        let mut section = Section::default();
+        let err = section
+            .apply("reported", &patch, "2026-11-30T00:00:00Z", false, limits)
+            .unwrap_err();
+        assert!(
+            matches!(err, PatchError::TooLarge { section: "reported with $metadata", max, .. } if max == 4 * limits.max_properties_bytes),
+            "{err}"
+        );
+        assert_eq!(section, Section::default(), "nothing applied");
+        // A section of ordinary values fits with its metadata.
+        let fits: Map<String, Value> = (0..100)
+            .map(|i| {
+                (
+                    format!("sensor{i}"),
+                    Value::from("a reading of some length"),
+                )
+            })
+            .collect();
+        section
+            .apply("reported", &fits, "2026-11-30T00:00:00Z", false, limits)
+            .expect("fits");
     }
 
     #[test]
