@@ -15,6 +15,7 @@ use crate::auth::device::DeviceAuthenticator;
 use crate::auth::jwt::JwtPolicy;
 use crate::auth::service::{ServiceKey, ServiceKeyError};
 use crate::auth::x509::{DeviceCa, X509Error};
+use crate::commands::c2d::CommandStore;
 use crate::commands::{CommandLimits, Commands};
 use crate::config::Config;
 use crate::data_dir::{self, DataDir, DataDirError, Endpoints};
@@ -27,6 +28,7 @@ use crate::gateway::{Gateway, GatewayContext, listener};
 use crate::registry::{Presence, Registry};
 use crate::store::embedded::EmbeddedStore;
 use crate::store::nats::NatsStore;
+use crate::store::nats::c2d::NatsCommands;
 use crate::store::nats::checkpoints::NatsCheckpoints;
 use crate::store::nats::telemetry::JetStreamTelemetry;
 use crate::store::{StoreError, StoreHealth};
@@ -170,12 +172,18 @@ impl Server {
             TwinLimits::default(),
         )
         .await?;
-        let commands = Commands::new(
-            Arc::new(store.clone()),
-            registry.clone(),
-            connections.clone(),
-            CommandLimits::default(),
-        );
+        let limits = CommandLimits {
+            feedback_lock: Duration::from_secs(config.commands.feedback_lock_secs),
+            ..CommandLimits::default()
+        };
+        let command_store: Arc<dyn CommandStore> = match &nats {
+            Some(nats) => {
+                tracing::info!("cluster mode: C2D queues and feedback on NATS JetStream");
+                Arc::new(NatsCommands::open(nats, limits.queue, limits.feedback_lock).await?)
+            }
+            None => Arc::new(store.clone()),
+        };
+        let commands = Commands::new(command_store, registry.clone(), connections.clone(), limits);
         let services = services(DeviceServices {
             telemetry: telemetry.clone(),
             twins: Arc::new(twins.clone()),
