@@ -19,8 +19,14 @@ use hub::config::ClusterConfig;
 use hub::registry::DeviceId;
 use hub::store::nats::NatsStore;
 use hub::store::nats::c2d::NatsCommands;
+use hub_tests::mqtt::RawClient;
 use hub_tests::nats::NatsCluster;
+use hub_tests::{Hub, HubOptions};
+use reqwest::StatusCode;
+use rumqttc::mqttbytes::v4::{Packet, PubAck, Publish};
+use serde_json::{Value, json};
 use time::OffsetDateTime;
+use tokio::net::TcpStream;
 use tokio::time::Instant;
 
 const DEPTH: usize = 50;
@@ -228,4 +234,294 @@ async fn the_jetstream_store_caps_completes_expires_and_locks_feedback() -> Resu
     }
     .await;
     cluster.with_logs(result).context("store test")
+}
+
+/// A hub on `cluster` whose feedback locks last `lock_secs`.
+async fn cluster_hub(dir: &std::path::Path, cluster: &NatsCluster, lock_secs: u64) -> Result<Hub> {
+    let config = dir.join("hub.toml");
+    std::fs::write(
+        &config,
+        format!("[commands]\nfeedback_lock_secs = {lock_secs}\n"),
+    )?;
+    let config = config.to_string_lossy().to_string();
+    HubOptions::new(dir)
+        .args([
+            "--cluster",
+            cluster.cluster_url().as_str(),
+            "--config",
+            &config,
+        ])
+        .start()
+        .await
+}
+
+/// A hub and its owner token.
+struct Api {
+    hub: Hub,
+    token: String,
+}
+
+impl Api {
+    async fn start(dir: &std::path::Path, cluster: &NatsCluster, lock_secs: u64) -> Result<Self> {
+        let hub = cluster_hub(dir, cluster, lock_secs).await?;
+        let token = hub.owner_token().await?;
+        Ok(Self { hub, token })
+    }
+
+    fn url(&self, path: &str) -> String {
+        format!("{}{path}", self.hub.url())
+    }
+
+    async fn send(&self, id: &str, body: Value) -> Result<reqwest::Response> {
+        Ok(self
+            .hub
+            .http()
+            .post(self.url(&format!("/devices/{id}/messages/deviceBound")))
+            .bearer_auth(&self.token)
+            .json(&body)
+            .send()
+            .await?)
+    }
+
+    async fn queue_length(&self, id: &str) -> Result<u64> {
+        let device: Value = self
+            .hub
+            .http()
+            .get(self.url(&format!("/devices/{id}")))
+            .bearer_auth(&self.token)
+            .send()
+            .await?
+            .error_for_status()?
+            .json()
+            .await?;
+        device["cloudToDeviceMessageCount"]
+            .as_u64()
+            .with_context(|| format!("no cloudToDeviceMessageCount in {device}"))
+    }
+
+    async fn feedback(&self, wait_ms: u64) -> Result<Option<Value>> {
+        let response = self
+            .hub
+            .http()
+            .get(self.url(&format!("/messages/serviceBound/feedback?waitMs={wait_ms}")))
+            .bearer_auth(&self.token)
+            .send()
+            .await?;
+        match response.status() {
+            StatusCode::NO_CONTENT => Ok(None),
+            StatusCode::OK => Ok(Some(response.json().await?)),
+            other => bail!("feedback: {other}: {}", response.text().await?),
+        }
+    }
+
+    async fn acknowledge(&self, token: &str) -> Result<StatusCode> {
+        Ok(self
+            .hub
+            .http()
+            .delete(self.url(&format!("/messages/serviceBound/feedback/{token}")))
+            .bearer_auth(&self.token)
+            .send()
+            .await?
+            .status())
+    }
+}
+
+fn lock_token(batch: &Value) -> Result<String> {
+    batch["lockToken"]
+        .as_str()
+        .map(str::to_string)
+        .with_context(|| format!("no lockToken in {batch}"))
+}
+
+/// Polls `length` until it is `want` (bounded).
+async fn wait_for_length(api: &Api, id: &str, want: u64) -> Result<()> {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let length = api.queue_length(id).await?;
+        if length == want {
+            return Ok(());
+        }
+        ensure!(
+            Instant::now() < deadline,
+            "queue length of {id} stays {length}, expected {want}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+async fn next_publish(client: &mut RawClient<TcpStream>) -> Result<Publish> {
+    match tokio::time::timeout(Duration::from_secs(10), client.recv()).await {
+        Ok(Ok(Some(Packet::Publish(publish)))) => Ok(publish),
+        Ok(other) => bail!("expected a PUBLISH, got {other:?}"),
+        Err(_) => bail!("no PUBLISH within 10 s"),
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_message_queued_through_one_hub_is_delivered_and_fed_back_through_another() -> Result<()>
+{
+    let cluster = NatsCluster::start(3).await?;
+    let result = async {
+        let (dir_a, dir_b) = (tempfile::tempdir()?, tempfile::tempdir()?);
+        let a = Api::start(dir_a.path(), &cluster, 3).await?;
+        let b = Api::start(dir_b.path(), &cluster, 3).await?;
+        let key = a.hub.create_device(&a.token, "lamp").await?;
+
+        // Queued through A while the device is offline; B delivers it when the device
+        // connects there, and the device's PUBACK on B completes it.
+        let sent = a
+            .send(
+                "lamp",
+                json!({"body": "on", "messageId": "m-1", "ack": "full"}),
+            )
+            .await?;
+        ensure!(sent.status() == StatusCode::ACCEPTED, "{}", sent.status());
+        wait_for_length(&b, "lamp", 1).await?;
+        let mut device = b.hub.connect_device("lamp", &key, true).await?;
+        device
+            .subscribe(&["devices/lamp/messages/devicebound/#"])
+            .await?;
+        let delivered = next_publish(&mut device)
+            .await
+            .with_context(|| format!("hub B's log:\n{}", b.hub.stderr()))?;
+        ensure!(delivered.payload.as_ref() == b"on");
+        ensure!(
+            delivered.topic.contains("%24.mid=m-1"),
+            "{}",
+            delivered.topic
+        );
+        device
+            .send(&Packet::PubAck(PubAck::new(delivered.pkid)))
+            .await?;
+        wait_for_length(&a, "lamp", 0).await?;
+        wait_for_length(&b, "lamp", 0).await?;
+
+        // Its Success feedback, locked through A and not acknowledged, is not offered
+        // while locked, comes back after the lock (3 s), and is acknowledged through B;
+        // A's expired token no longer acknowledges anything.
+        let locked = a.feedback(10_000).await?.context("feedback through A")?;
+        ensure!(locked["records"][0]["statusCode"] == "Success", "{locked}");
+        ensure!(
+            locked["records"][0]["originalMessageId"] == "m-1",
+            "{locked}"
+        );
+        ensure!(locked["records"][0]["deviceId"] == "lamp", "{locked}");
+        let first = lock_token(&locked)?;
+        ensure!(b.feedback(0).await?.is_none(), "offered twice while locked");
+        let again = b
+            .feedback(15_000)
+            .await?
+            .context("the batch never came back")?;
+        ensure!(again["records"][0]["originalMessageId"] == "m-1", "{again}");
+        let second = lock_token(&again)?;
+        ensure!(a.acknowledge(&first).await? == StatusCode::BAD_REQUEST);
+        ensure!(b.acknowledge(&second).await? == StatusCode::NO_CONTENT);
+        ensure!(
+            a.feedback(0).await?.is_none(),
+            "acknowledged feedback is gone"
+        );
+
+        // The queue holds 50, sent through either hub; the 51st is refused with
+        // 403004 through both, and nothing queued is dropped for it.
+        drop(device);
+        for n in 0..50 {
+            let api = if n % 2 == 0 { &a } else { &b };
+            let response = api
+                .send(
+                    "lamp",
+                    json!({"body": format!("m{n}"), "messageId": format!("q{n}")}),
+                )
+                .await?;
+            ensure!(
+                response.status() == StatusCode::ACCEPTED,
+                "message {n}: {}",
+                response.status()
+            );
+        }
+        for api in [&a, &b] {
+            let full = api.send("lamp", json!({"body": "one too many"})).await?;
+            ensure!(full.status() == StatusCode::FORBIDDEN, "{}", full.status());
+            ensure!(full.json::<Value>().await?["errorCode"] == 403004);
+        }
+        ensure!(a.queue_length("lamp").await? == 50);
+        ensure!(b.queue_length("lamp").await? == 50);
+        let mut device = a.hub.connect_device("lamp", &key, true).await?;
+        device
+            .subscribe(&["devices/lamp/messages/devicebound/#"])
+            .await?;
+        let oldest = next_publish(&mut device).await?;
+        ensure!(oldest.payload.as_ref() == b"m0", "{:?}", oldest.payload);
+        Ok(())
+    }
+    .await;
+    cluster.with_logs(result)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn expired_messages_leave_feedback_and_queues_outlive_a_hub_restart() -> Result<()> {
+    let cluster = NatsCluster::start(3).await?;
+    let result = async {
+        let (dir_a, dir_b) = (tempfile::tempdir()?, tempfile::tempdir()?);
+        let a = Api::start(dir_a.path(), &cluster, 60).await?;
+        let b = Api::start(dir_b.path(), &cluster, 60).await?;
+        let key = a.hub.create_device(&a.token, "sleepy").await?;
+
+        // Expires while the device is offline: Expired feedback, readable through B.
+        let sent = a
+            .send(
+                "sleepy",
+                json!({"body": "soon gone", "messageId": "short", "ttlSeconds": 1, "ack": "negative"}),
+            )
+            .await?;
+        ensure!(sent.status() == StatusCode::ACCEPTED, "{}", sent.status());
+        let batch = b.feedback(15_000).await?.context("no expiry feedback")?;
+        ensure!(batch["records"][0]["statusCode"] == "Expired", "{batch}");
+        ensure!(batch["records"][0]["originalMessageId"] == "short", "{batch}");
+        ensure!(b.acknowledge(&lock_token(&batch)?).await? == StatusCode::NO_CONTENT);
+        wait_for_length(&a, "sleepy", 0).await?;
+
+        // Queued messages survive a restart of the hub they were sent through, and
+        // the restarted hub delivers them in order.
+        for n in 0..3 {
+            let response = a
+                .send("sleepy", json!({"body": format!("m{n}"), "ack": "positive"}))
+                .await?;
+            ensure!(response.status() == StatusCode::ACCEPTED);
+        }
+        let Api { hub, token } = a;
+        ensure!(hub.stop().await?.success());
+        ensure!(b.queue_length("sleepy").await? == 3);
+        let a = Api {
+            hub: cluster_hub(dir_a.path(), &cluster, 60).await?,
+            token,
+        };
+        ensure!(a.queue_length("sleepy").await? == 3);
+        let mut device = a.hub.connect_device("sleepy", &key, true).await?;
+        device
+            .subscribe(&["devices/sleepy/messages/devicebound/#"])
+            .await?;
+        for n in 0..3 {
+            let message = next_publish(&mut device).await?;
+            ensure!(message.payload.as_ref() == format!("m{n}").as_bytes());
+            device
+                .send(&Packet::PubAck(PubAck::new(message.pkid)))
+                .await?;
+        }
+        wait_for_length(&b, "sleepy", 0).await?;
+        let mut records = 0;
+        while let Some(batch) = b.feedback(2_000).await? {
+            for record in batch["records"].as_array().context("records")? {
+                ensure!(record["statusCode"] == "Success", "{record}");
+                records += 1;
+            }
+            ensure!(b.acknowledge(&lock_token(&batch)?).await? == StatusCode::NO_CONTENT);
+            if records == 3 {
+                break;
+            }
+        }
+        ensure!(records == 3, "{records} Success records");
+        Ok(())
+    }
+    .await;
+    cluster.with_logs(result)
 }
