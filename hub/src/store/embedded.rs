@@ -180,7 +180,7 @@ impl StoreHealth for EmbeddedStore {
 
 #[async_trait]
 impl RegistryStore for EmbeddedStore {
-    async fn insert(&self, device: Device) -> Result<(), RegistryStoreError> {
+    async fn insert(&self, device: Device) -> Result<Device, RegistryStoreError> {
         self.blocking(move |db| {
             let bytes = encode(&device)?;
             let txn = db.begin_write().map_err(StoreError::from)?;
@@ -198,7 +198,7 @@ impl RegistryStore for EmbeddedStore {
                     .map_err(StoreError::from)?;
             }
             txn.commit().map_err(StoreError::from)?;
-            Ok(())
+            Ok(device)
         })
         .await
     }
@@ -220,7 +220,7 @@ impl RegistryStore for EmbeddedStore {
         &self,
         device: Device,
         expected_version: u64,
-    ) -> Result<(), RegistryStoreError> {
+    ) -> Result<Device, RegistryStoreError> {
         self.blocking(move |db| {
             let bytes = encode(&device)?;
             let txn = db.begin_write().map_err(StoreError::from)?;
@@ -238,7 +238,7 @@ impl RegistryStore for EmbeddedStore {
                     .map_err(StoreError::from)?;
             }
             txn.commit().map_err(StoreError::from)?;
-            Ok(())
+            Ok(device)
         })
         .await
     }
@@ -247,7 +247,7 @@ impl RegistryStore for EmbeddedStore {
         &self,
         id: &DeviceId,
         expected_version: Option<u64>,
-    ) -> Result<Device, RegistryStoreError> {
+    ) -> Result<crate::registry::Removed, RegistryStoreError> {
         let id = id.clone();
         self.blocking(move |db| {
             let txn = db.begin_write().map_err(StoreError::from)?;
@@ -274,7 +274,10 @@ impl RegistryStore for EmbeddedStore {
                 current
             };
             txn.commit().map_err(StoreError::from)?;
-            Ok(removed)
+            Ok(crate::registry::Removed {
+                version: removed.version,
+                device: removed,
+            })
         })
         .await
     }
