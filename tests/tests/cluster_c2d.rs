@@ -224,7 +224,13 @@ async fn the_jetstream_store_caps_completes_expires_and_locks_feedback() -> Resu
             ensure!(Instant::now() < deadline, "acknowledged feedback stays");
             tokio::time::sleep(Duration::from_millis(100)).await;
         }
-        // And it is not offered again after the lock time.
+        // A deleted device's queue goes without feedback.
+        ensure!(b.count(&device).await? == 1);
+        a.drop_queue(&device).await?;
+        ensure!(b.count(&device).await? == 0);
+        ensure!(b.pending(&device, 0, 50).await?.is_empty());
+
+        // And the acknowledged batch is not offered again after the lock time.
         tokio::time::sleep(lock + Duration::from_millis(500)).await;
         ensure!(matches!(
             a.lock_feedback(100, lock).await?,

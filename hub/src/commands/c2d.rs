@@ -312,6 +312,8 @@ pub trait CommandStore: Send + Sync + 'static {
         seqs: &[u64],
         status: FeedbackStatus,
     ) -> Result<Removed, StoreError>;
+    /// Drops `device`'s queue without feedback (the device was deleted).
+    async fn drop_queue(&self, device: &DeviceId) -> Result<(), StoreError>;
     /// Removes every queued message of `device`, with a feedback record of `status`
     /// for each whose ack mode asks for one.
     async fn purge(&self, device: &DeviceId, status: FeedbackStatus)

@@ -393,6 +393,14 @@ impl Commands {
         Ok(removed.messages)
     }
 
+    /// Drops the queue of a deleted device (no feedback: there is no device to have
+    /// completed or missed anything). A failure is logged: the device is gone either way.
+    pub async fn forget(&self, device: &DeviceId) {
+        if let Err(err) = self.inner.store.drop_queue(device).await {
+            tracing::warn!(%device, error = %err, "cannot drop the C2D queue of a deleted device");
+        }
+    }
+
     /// Removes expired messages (Expired feedback where asked). Reads only messages
     /// that are due, in batches of [`EXPIRY_BATCH`] (one transaction each, so a
     /// backlog does not hold the store's writer for long).

@@ -795,6 +795,19 @@ impl CommandStore for EmbeddedStore {
             .await
     }
 
+    async fn drop_queue(&self, device: &DeviceId) -> Result<(), StoreError> {
+        // Removing the device already dropped its queue in the same transaction; this
+        // finds an empty range.
+        let device = device.clone();
+        self.c2d_blocking(move |store| {
+            let txn = store.db.begin_write()?;
+            drop_queue(&txn, &device)?;
+            txn.commit()?;
+            Ok(())
+        })
+        .await
+    }
+
     async fn expire(&self, now: OffsetDateTime, limit: usize) -> Result<Removed, StoreError> {
         self.c2d_blocking(move |store| store.expire(now, limit))
             .await

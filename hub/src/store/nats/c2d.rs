@@ -25,16 +25,18 @@
 //!   `hub-c2d-feedback-locks` holding the batch's ack subjects, so any hub node, also
 //!   after a restart, can acknowledge it; acking removes the records.
 
+use std::future::IntoFuture;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use async_nats::HeaderMap;
+use async_nats::jetstream::ErrorCode;
 use async_nats::jetstream::consumer::{AckPolicy, DeliverPolicy, PullConsumer, pull};
 use async_nats::jetstream::context::PublishError;
 use async_nats::jetstream::kv;
 use async_nats::jetstream::message::StreamMessage;
 use async_nats::jetstream::stream::{
-    self, DeleteMessageErrorKind, DiscardPolicy, LastRawMessageErrorKind, RetentionPolicy,
-    StorageType,
+    self, DeleteMessageError, DeleteMessageErrorKind, DiscardPolicy, LastRawMessageErrorKind,
+    RetentionPolicy, StorageType,
 };
 use async_trait::async_trait;
 use bytes::Bytes;
@@ -76,6 +78,8 @@ const FEEDBACK_POLL: Duration = Duration::from_millis(250);
 const DELIVERIES_MAX_AGE: Duration = Duration::from_secs(3 * 24 * 3600);
 /// Unacknowledged feedback records a receiver may hold locked at once.
 const MAX_LOCKED_FEEDBACK: i64 = 10_000;
+/// Compare-and-set tries of one delivery count before it fails.
+const COUNT_TRIES: u32 = 10;
 /// Tries of one feedback ack, and how long each waits for JetStream's answer.
 const ACK_TRIES: u32 = 3;
 const ACK_TIMEOUT: Duration = Duration::from_secs(2);
@@ -109,6 +113,12 @@ fn unix_ms() -> u128 {
 
 fn backend(what: &str, err: impl std::fmt::Display) -> StoreError {
     StoreError::Backend(format!("{what}: {err}"))
+}
+
+/// Whether a delete failed because the message is not there (any more).
+fn is_gone(err: &DeleteMessageError) -> bool {
+    matches!(err.kind(), DeleteMessageErrorKind::JetStream(e)
+        if e.error_code() == ErrorCode::STREAM_MESSAGE_DELETE_FAILED)
 }
 
 fn is_queue_full(err: &PublishError) -> bool {
@@ -284,9 +294,7 @@ impl NatsCommands {
                 match self.queues.delete_message(seq).await {
                     Ok(deleted) => Ok(deleted),
                     // "no message found": another removal won.
-                    Err(err) if matches!(err.kind(), DeleteMessageErrorKind::JetStream(_)) => {
-                        Ok(false)
-                    }
+                    Err(err) if is_gone(&err) => Ok(false),
                     Err(err) => Err(err),
                 }
             })
@@ -538,7 +546,7 @@ impl CommandStore for NatsCommands {
         }
         let key = delivery_key(device, seq);
         // Compare-and-set: two hubs counting at once both count.
-        loop {
+        for _ in 0..COUNT_TRIES {
             let entry = self
                 .store
                 .retrying("read a C2D delivery count", || {
@@ -570,6 +578,9 @@ impl CommandStore for NatsCommands {
                 Err(err) => tracing::debug!(%device, seq, error = %err, "delivery count retry"),
             }
         }
+        Err(StoreError::Backend(format!(
+            "cannot count a delivery of C2D message {seq} of {device} in {COUNT_TRIES} tries"
+        )))
     }
 
     async fn complete(
@@ -599,6 +610,17 @@ impl CommandStore for NatsCommands {
             .map(|m| m.seq)
             .collect();
         self.complete(device, &seqs, status).await
+    }
+
+    async fn drop_queue(&self, device: &DeviceId) -> Result<(), StoreError> {
+        // Its expiry schedules fire later and find nothing; its delivery counts age out.
+        let subject = queue_subject(device);
+        self.store
+            .retrying("drop a C2D queue", || {
+                self.queues.purge().filter(subject.as_str()).into_future()
+            })
+            .await
+            .map(drop)
     }
 
     async fn expire(&self, _now: OffsetDateTime, limit: usize) -> Result<Removed, StoreError> {
@@ -684,9 +706,7 @@ impl CommandStore for NatsCommands {
                 .retrying("remove C2D feedback", || async {
                     match self.feedback.delete_message(*seq).await {
                         Ok(_) => Ok(()),
-                        Err(err) if matches!(err.kind(), DeleteMessageErrorKind::JetStream(_)) => {
-                            Ok(())
-                        }
+                        Err(err) if is_gone(&err) => Ok(()),
                         Err(err) => Err(err),
                     }
                 })
