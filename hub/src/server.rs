@@ -138,65 +138,28 @@ impl Server {
         let service_key = ServiceKey::load_or_create(&data_dir.service_key_path())?;
         let store = EmbeddedStore::open(&data_dir.store_path())?;
         let presence = Presence::default();
-        let nats = if config.cluster.enabled() {
-            Some(NatsStore::connect(&config.cluster).await?)
+        let Backends {
+            telemetry,
+            health,
+            registry,
+            registry_feed,
+            sessions,
+            nats,
+        } = if config.cluster.enabled() {
+            Backends::cluster(&config, &presence).await?
         } else {
-            None
-        };
-        let cluster = if let Some(nats) = &nats {
-            nats.claim_partition_count(config.telemetry.partitions)
-                .await?;
-            let log = JetStreamTelemetry::open(
-                nats,
+            let telemetry = Telemetry::open(
+                &data_dir.root().join("telemetry"),
                 &config.telemetry,
-                config.cluster.max_pending_publishes,
-            )
-            .await?;
-            let checkpoints = NatsCheckpoints::open(nats).await?;
-            let telemetry = Telemetry::new(Arc::new(log), &config.telemetry, Arc::new(checkpoints));
-            // Other hubs write the registry too: this hub's registry mirrors the
-            // bucket through its change feed, and is caught up before anything reads it.
-            let devices = NatsRegistry::open(nats).await?;
-            let registry = Registry::mirrored(Arc::new(devices.clone()), presence.clone());
-            let feed = devices.follow(registry.clone());
-            registry.catch_up().await?;
-            let sessions = NatsSessions::open(nats).await?;
-            tracing::info!(
-                node = nats.node_id(),
-                "cluster mode: telemetry, checkpoints, registry and sessions on NATS JetStream"
-            );
-            Some((nats.clone(), telemetry, registry, feed, sessions))
-        } else {
-            None
-        };
-        #[allow(clippy::type_complexity)]
-        let (telemetry, health, registry, feed, sessions): (
-            Arc<Telemetry>,
-            Arc<dyn StoreHealth>,
-            Registry,
-            Option<tokio::task::JoinHandle<()>>,
-            Arc<dyn SessionStore>,
-        ) = match cluster {
-            Some((nats, telemetry, registry, feed, sessions)) => (
-                Arc::new(telemetry),
-                Arc::new(nats),
-                registry,
-                Some(feed),
-                Arc::new(sessions),
-            ),
-            None => {
-                let telemetry = Telemetry::open(
-                    &data_dir.root().join("telemetry"),
-                    &config.telemetry,
-                    Arc::new(store.clone()),
-                )?;
-                (
-                    Arc::new(telemetry),
-                    Arc::new(store.clone()),
-                    Registry::new(Arc::new(store.clone()), presence.clone()),
-                    None,
-                    Arc::new(store.clone()),
-                )
+                Arc::new(store.clone()),
+            )?;
+            Backends {
+                telemetry: Arc::new(telemetry),
+                health: Arc::new(store.clone()),
+                registry: Registry::new(Arc::new(store.clone()), presence.clone()),
+                registry_feed: None,
+                sessions: Arc::new(store.clone()),
+                nats: None,
             }
         };
 
@@ -306,7 +269,7 @@ impl Server {
                 max_concurrent_requests: config.http.max_concurrent_requests,
             },
             retention_interval: Duration::from_secs(config.telemetry.retention_interval_secs),
-            registry_feed: feed,
+            registry_feed,
         })
     }
 
@@ -373,6 +336,55 @@ impl Server {
         }
         tracing::info!("hub stopped");
         result
+    }
+}
+
+/// The capabilities whose backend depends on the mode (embedded or cluster).
+struct Backends {
+    telemetry: Arc<Telemetry>,
+    health: Arc<dyn StoreHealth>,
+    registry: Registry,
+    /// Cluster mode: the task feeding the registry's mirror.
+    registry_feed: Option<tokio::task::JoinHandle<()>>,
+    sessions: Arc<dyn SessionStore>,
+    /// Cluster mode: the connection (C2D queues and `GET /cluster` use it too).
+    nats: Option<NatsStore>,
+}
+
+impl Backends {
+    /// Cluster mode: telemetry, checkpoints, the registry and sessions on NATS
+    /// JetStream (the twins stay in the data dir for now; C2D queues are opened beside).
+    async fn cluster(config: &Config, presence: &Presence) -> Result<Self, ServeError> {
+        let nats = NatsStore::connect(&config.cluster).await?;
+        nats.claim_partition_count(config.telemetry.partitions)
+            .await?;
+        let log = JetStreamTelemetry::open(
+            &nats,
+            &config.telemetry,
+            config.cluster.max_pending_publishes,
+        )
+        .await?;
+        let checkpoints = NatsCheckpoints::open(&nats).await?;
+        let telemetry = Telemetry::new(Arc::new(log), &config.telemetry, Arc::new(checkpoints));
+        // Other hubs write the registry too: this hub's registry mirrors the bucket
+        // through its change feed, caught up before anything reads it.
+        let devices = NatsRegistry::open(&nats).await?;
+        let registry = Registry::mirrored(Arc::new(devices.clone()), presence.clone());
+        let registry_feed = devices.follow(registry.clone());
+        registry.catch_up().await?;
+        let sessions = NatsSessions::open(&nats).await?;
+        tracing::info!(
+            node = nats.node_id(),
+            "cluster mode: telemetry, checkpoints, registry and sessions on NATS JetStream"
+        );
+        Ok(Self {
+            telemetry: Arc::new(telemetry),
+            health: Arc::new(nats.clone()),
+            registry,
+            registry_feed: Some(registry_feed),
+            sessions: Arc::new(sessions),
+            nats: Some(nats),
+        })
     }
 }
 
