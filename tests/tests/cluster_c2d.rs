@@ -6,7 +6,8 @@
 //! through another. Through two hubs: a message queued through A is delivered by B
 //! and completed by the device's PUBACK, the cap holds through either hub, an expired
 //! message leaves Expired feedback, a feedback batch locked through A comes back and
-//! is acknowledged through B, and queued messages survive a hub restart.
+//! is acknowledged through B, and queued messages survive a hub restart. And SIGKILLing
+//! the queue stream's leader: sends wait through the election and land exactly once.
 
 use std::time::Duration;
 
@@ -530,6 +531,73 @@ async fn expired_messages_leave_feedback_and_queues_outlive_a_hub_restart() -> R
             }
         }
         ensure!(records == 3, "{records} Success records");
+        Ok(())
+    }
+    .await;
+    cluster.with_logs(result)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn queueing_and_completing_retry_through_the_loss_of_the_queue_leader() -> Result<()> {
+    let mut cluster = NatsCluster::start(3).await?;
+    let result = async {
+        let store = open_store(&cluster, Duration::from_secs(60)).await?;
+        let device = DeviceId::parse("survivor")?;
+        let hour = time::Duration::hours(1);
+        let mut seqs = Vec::new();
+        for n in 0..5 {
+            let queued = store
+                .enqueue(
+                    &device,
+                    message(&format!("m{n}"), hour, AckMode::Positive),
+                    DEPTH,
+                )
+                .await?;
+            seqs.push(queued.seq);
+        }
+        let leader = cluster.wait_stream_leader("c2d").await?;
+        cluster.kill(leader).await?;
+        // Every send waits through the election and lands exactly once.
+        let started = Instant::now();
+        for n in 5..10 {
+            let queued = store
+                .enqueue(
+                    &device,
+                    message(&format!("m{n}"), hour, AckMode::Positive),
+                    DEPTH,
+                )
+                .await
+                .with_context(|| format!("message {n} after the leader was killed"))?;
+            seqs.push(queued.seq);
+        }
+        ensure!(
+            started.elapsed() < Duration::from_secs(20),
+            "sends stalled {:?}",
+            started.elapsed()
+        );
+        ensure!(store.count(&device).await? == 10);
+        let ids: Vec<String> = store
+            .pending(&device, 0, 50)
+            .await?
+            .into_iter()
+            .map(|m| m.message_id)
+            .collect();
+        let want: Vec<String> = (0..10).map(|n| format!("m{n}")).collect();
+        ensure!(ids == want, "{ids:?}");
+        let done = store
+            .complete(&device, &seqs[..3], FeedbackStatus::Success)
+            .await?;
+        ensure!(
+            done == Removed {
+                messages: 3,
+                feedback: 3
+            },
+            "{done:?}"
+        );
+        ensure!(store.count(&device).await? == 7);
+        // The killed node comes back and catches up.
+        cluster.restart(leader).await?;
+        ensure!(store.feedback().await?.len() == 3);
         Ok(())
     }
     .await;
