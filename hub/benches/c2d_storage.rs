@@ -18,7 +18,7 @@ use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use hub::commands::EXPIRY_BATCH;
-use hub::commands::c2d::{AckMode, C2dMessage, CommandStore, Removed};
+use hub::commands::c2d::{AckMode, C2dMessage, Removed};
 use hub::registry::DeviceId;
 use hub::store::embedded::EmbeddedStore;
 use time::OffsetDateTime;

@@ -59,6 +59,25 @@ pub struct Config {
     pub telemetry: TelemetryConfig,
     /// Cluster mode: the hub's state on NATS JetStream.
     pub cluster: ClusterConfig,
+    /// Cloud-to-device messages and their feedback.
+    pub commands: CommandsConfig,
+}
+
+/// `[commands]`: cloud-to-device messages and their feedback.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct CommandsConfig {
+    /// How long a received feedback batch stays locked before it is offered again
+    /// unless acknowledged, seconds. Default 60 (Azure IoT Hub's lock time).
+    pub feedback_lock_secs: u64,
+}
+
+impl Default for CommandsConfig {
+    fn default() -> Self {
+        Self {
+            feedback_lock_secs: 60,
+        }
+    }
 }
 
 /// `[cluster]`: cluster mode. With no `nats` servers the hub keeps its state in its
@@ -205,6 +224,7 @@ impl Default for Config {
             http: HttpConfig::default(),
             telemetry: TelemetryConfig::default(),
             cluster: ClusterConfig::default(),
+            commands: CommandsConfig::default(),
         }
     }
 }
@@ -443,6 +463,9 @@ impl Config {
         }
         if c.retry_secs == 0 {
             return invalid("cluster.retry_secs", "must be ≥ 1");
+        }
+        if self.commands.feedback_lock_secs == 0 {
+            return invalid("commands.feedback_lock_secs", "must be ≥ 1");
         }
         if c.max_pending_publishes == 0 {
             return invalid("cluster.max_pending_publishes", "must be ≥ 1");

@@ -16,19 +16,23 @@ use crate::auth::device::DeviceAuthenticator;
 use crate::auth::jwt::JwtPolicy;
 use crate::auth::service::{ServiceKey, ServiceKeyError};
 use crate::auth::x509::{DeviceCa, X509Error};
+use crate::commands::c2d::CommandStore;
 use crate::commands::{CommandLimits, Commands};
 use crate::config::Config;
 use crate::data_dir::{self, DataDir, DataDirError, Endpoints};
 use crate::gateway::connections::Connections;
 use crate::gateway::metrics::GatewayMetrics;
-use crate::gateway::services::DeviceServices;
+use crate::gateway::services::{DeviceServices, SessionStore};
 use crate::gateway::session::SessionLimits;
 use crate::gateway::tls::{self, TlsError};
 use crate::gateway::{Gateway, GatewayContext, listener};
-use crate::registry::{Presence, Registry};
+use crate::registry::{Presence, Registry, RegistryError};
 use crate::store::embedded::EmbeddedStore;
 use crate::store::nats::NatsStore;
+use crate::store::nats::c2d::NatsCommands;
 use crate::store::nats::checkpoints::NatsCheckpoints;
+use crate::store::nats::registry::NatsRegistry;
+use crate::store::nats::sessions::NatsSessions;
 use crate::store::nats::telemetry::JetStreamTelemetry;
 use crate::store::{StoreError, StoreHealth};
 use crate::telemetry::{Telemetry, TelemetryError};
@@ -53,6 +57,9 @@ pub enum ServeError {
     /// The device CA could not be loaded.
     #[error(transparent)]
     DeviceCa(#[from] X509Error),
+    /// The registry could not be read.
+    #[error("registry: {0}")]
+    Registry(#[from] RegistryError),
     /// The twins could not be loaded.
     #[error("twins: {0}")]
     Twins(#[from] TwinError),
@@ -90,6 +97,8 @@ pub struct Server {
     limits: HttpLimits,
     connection_limits: ConnectionLimits,
     retention_interval: Duration,
+    /// Cluster mode: the task feeding the registry mirror from the bucket's changes.
+    registry_feed: Option<tokio::task::JoinHandle<()>>,
 }
 
 impl std::fmt::Debug for AppState {
@@ -130,39 +139,32 @@ impl Server {
         let device_ca = DeviceCa::from_pem(ca.cert_pem())?;
         let service_key = ServiceKey::load_or_create(&data_dir.service_key_path())?;
         let store = EmbeddedStore::open(&data_dir.prepare_store_file()?)?;
-        let nats = if config.cluster.enabled() {
-            Some(NatsStore::connect(&config.cluster).await?)
-        } else {
-            None
-        };
-        let (telemetry, health): (Arc<Telemetry>, Arc<dyn StoreHealth>) = if let Some(nats) = &nats
-        {
-            nats.claim_partition_count(config.telemetry.partitions)
-                .await?;
-            let log = JetStreamTelemetry::open(
-                nats,
-                &config.telemetry,
-                config.cluster.max_pending_publishes,
-            )
-            .await?;
-            let checkpoints = NatsCheckpoints::open(nats).await?;
-            tracing::info!(
-                node = nats.node_id(),
-                "cluster mode: telemetry and checkpoints on NATS JetStream"
-            );
-            let telemetry = Telemetry::new(Arc::new(log), &config.telemetry, Arc::new(checkpoints));
-            (Arc::new(telemetry), Arc::new(nats.clone()))
+        let presence = Presence::default();
+        let Backends {
+            telemetry,
+            health,
+            registry,
+            registry_feed,
+            sessions,
+            nats,
+        } = if config.cluster.enabled() {
+            Backends::cluster(&config, &presence).await?
         } else {
             let telemetry = Telemetry::open(
                 &data_dir.root().join("telemetry"),
                 &config.telemetry,
                 Arc::new(store.clone()),
             )?;
-            (Arc::new(telemetry), Arc::new(store.clone()))
+            Backends {
+                telemetry: Arc::new(telemetry),
+                health: Arc::new(store.clone()),
+                registry: Registry::new(Arc::new(store.clone()), presence.clone()),
+                registry_feed: None,
+                sessions: Arc::new(store.clone()),
+                nats: None,
+            }
         };
 
-        let presence = Presence::default();
-        let registry = Registry::new(Arc::new(store.clone()), presence.clone());
         let metrics = Arc::new(GatewayMetrics::default());
         let connections = Connections::default();
         let twins = Twins::start(
@@ -172,12 +174,18 @@ impl Server {
             TwinLimits::default(),
         )
         .await?;
-        let commands = Commands::new(
-            Arc::new(store.clone()),
-            registry.clone(),
-            connections.clone(),
-            CommandLimits::default(),
-        );
+        let limits = CommandLimits {
+            feedback_lock: Duration::from_secs(config.commands.feedback_lock_secs),
+            ..CommandLimits::default()
+        };
+        let command_store: Arc<dyn CommandStore> = match &nats {
+            Some(nats) => {
+                tracing::info!("cluster mode: C2D queues and feedback on NATS JetStream");
+                Arc::new(NatsCommands::open(nats, limits.queue, limits.feedback_lock).await?)
+            }
+            None => Arc::new(store.clone()),
+        };
+        let commands = Commands::new(command_store, registry.clone(), connections.clone(), limits);
         let services = services(DeviceServices {
             telemetry: telemetry.clone(),
             twins: Arc::new(twins.clone()),
@@ -197,7 +205,7 @@ impl Server {
                 },
                 Duration::from_secs(mqtt.sas_max_lifetime_secs),
             ),
-            sessions: Arc::new(store.clone()),
+            sessions,
             connections,
             services,
             presence,
@@ -268,6 +276,7 @@ impl Server {
                 header_timeout: Duration::from_secs(config.http.header_timeout_secs),
             },
             retention_interval: Duration::from_secs(config.telemetry.retention_interval_secs),
+            registry_feed,
         })
     }
 
@@ -319,6 +328,9 @@ impl Server {
         running.shutdown().await;
         retention.abort();
         expiry.abort();
+        if let Some(feed) = &self.registry_feed {
+            feed.abort();
+        }
         let _ = retention.await;
         let _ = expiry.await;
         // Device connections are closed: the committers commit what is queued and stop.
@@ -330,6 +342,55 @@ impl Server {
         }
         tracing::info!("hub stopped");
         result
+    }
+}
+
+/// The capabilities whose backend depends on the mode (embedded or cluster).
+struct Backends {
+    telemetry: Arc<Telemetry>,
+    health: Arc<dyn StoreHealth>,
+    registry: Registry,
+    /// Cluster mode: the task feeding the registry's mirror.
+    registry_feed: Option<tokio::task::JoinHandle<()>>,
+    sessions: Arc<dyn SessionStore>,
+    /// Cluster mode: the connection (C2D queues and `GET /cluster` use it too).
+    nats: Option<NatsStore>,
+}
+
+impl Backends {
+    /// Cluster mode: telemetry, checkpoints, the registry and sessions on NATS
+    /// JetStream (the twins stay in the data dir for now; C2D queues are opened beside).
+    async fn cluster(config: &Config, presence: &Presence) -> Result<Self, ServeError> {
+        let nats = NatsStore::connect(&config.cluster).await?;
+        nats.claim_partition_count(config.telemetry.partitions)
+            .await?;
+        let log = JetStreamTelemetry::open(
+            &nats,
+            &config.telemetry,
+            config.cluster.max_pending_publishes,
+        )
+        .await?;
+        let checkpoints = NatsCheckpoints::open(&nats).await?;
+        let telemetry = Telemetry::new(Arc::new(log), &config.telemetry, Arc::new(checkpoints));
+        // Other hubs write the registry too: this hub's registry mirrors the bucket
+        // through its change feed, caught up before anything reads it.
+        let devices = NatsRegistry::open(&nats).await?;
+        let registry = Registry::mirrored(Arc::new(devices.clone()), presence.clone());
+        let registry_feed = devices.follow(registry.clone());
+        registry.catch_up().await?;
+        let sessions = NatsSessions::open(&nats).await?;
+        tracing::info!(
+            node = nats.node_id(),
+            "cluster mode: telemetry, checkpoints, registry and sessions on NATS JetStream"
+        );
+        Ok(Self {
+            telemetry: Arc::new(telemetry),
+            health: Arc::new(nats.clone()),
+            registry,
+            registry_feed: Some(registry_feed),
+            sessions: Arc::new(sessions),
+            nats: Some(nats),
+        })
     }
 }
 

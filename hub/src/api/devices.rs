@@ -149,6 +149,9 @@ pub async fn delete(
     let id = parse_id(&id)?;
     let if_match = header_str(&headers, &header::IF_MATCH)?.map(IfMatch::parse);
     state.registry.delete(&id, if_match).await?;
+    // The embedded store dropped the queue with the device; a cluster's queues are a
+    // stream of their own. A device created again with this id starts empty.
+    state.commands.forget(&id).await;
     Ok(StatusCode::NO_CONTENT)
 }
 

@@ -2,9 +2,13 @@
 //! expiry, acknowledgement mode and delivery count; feedback records; and the store
 //! trait a backend implements (one queue per device, capped; a feedback log).
 
+use std::time::Duration;
+
+use async_trait::async_trait;
 use bytes::Bytes;
 use serde::{Deserialize, Serialize};
 use time::OffsetDateTime;
+use tokio::time::Instant;
 
 use crate::gateway::topic::PropertyBag;
 use crate::registry::DeviceId;
@@ -249,52 +253,84 @@ impl std::ops::AddAssign for Removed {
     }
 }
 
-/// Durable C2D queues and feedback. Called on the blocking pool.
+/// The outcome of [`CommandStore::lock_feedback`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum FeedbackLock {
+    /// A batch of records no other batch holds, locked under `token` until the lock
+    /// time passes or the token is acknowledged.
+    Locked {
+        /// Acknowledges the batch.
+        token: String,
+        /// The records.
+        records: Vec<FeedbackRecord>,
+    },
+    /// Nothing free. Look again at `retry` at the latest: a lock expires then, or the
+    /// backend is shared with other hub nodes whose feedback this process is not told
+    /// about. `None`: only feedback written through this process changes the answer.
+    Empty {
+        /// When to look again.
+        retry: Option<Instant>,
+    },
+}
+
+/// Durable C2D queues and feedback.
 ///
 /// Shaped by what the service does on its hot paths, so that none of them reads a
 /// whole queue (or every queue): counting is a count, completing a message finds it
 /// by its sequence number, delivery reads only messages after a cursor, and the
-/// expiry sweep reads only messages that are due. Removals write their feedback in
-/// the same transaction, built from the message as stored, so a message completed
-/// twice (a PUBACK racing the sweep) yields one record.
+/// expiry sweep reads only messages that are due. A removal writes the feedback of
+/// the message as stored, and a message completed twice (a PUBACK racing the sweep)
+/// yields one record.
+#[async_trait]
 pub trait CommandStore: Send + Sync + 'static {
     /// Appends `message` (its `seq` is assigned here) unless `max` are queued.
-    fn enqueue(
+    async fn enqueue(
         &self,
         device: &DeviceId,
         message: C2dMessage,
         max: usize,
     ) -> Result<C2dMessage, EnqueueError>;
     /// How many messages are queued for `device`.
-    fn count(&self, device: &DeviceId) -> Result<usize, StoreError>;
+    async fn count(&self, device: &DeviceId) -> Result<usize, StoreError>;
+    /// How many messages are queued for each of `devices`, in order (a page of
+    /// `GET /devices` asks for up to 1,000 at once).
+    async fn counts(&self, devices: &[DeviceId]) -> Result<Vec<usize>, StoreError>;
     /// Up to `limit` queued messages of `device` with `seq > after`, oldest first.
-    fn pending(
+    async fn pending(
         &self,
         device: &DeviceId,
         after: u64,
         limit: usize,
     ) -> Result<Vec<C2dMessage>, StoreError>;
     /// Counts one more delivery of message `seq`; `false` when it is no longer queued.
-    fn record_delivery(&self, device: &DeviceId, seq: u64) -> Result<bool, StoreError>;
+    async fn record_delivery(&self, device: &DeviceId, seq: u64) -> Result<bool, StoreError>;
     /// Removes messages `seqs` of `device` that are still queued, with a feedback
     /// record of `status` for each whose ack mode asks for one.
-    fn complete(
+    async fn complete(
         &self,
         device: &DeviceId,
         seqs: &[u64],
         status: FeedbackStatus,
     ) -> Result<Removed, StoreError>;
+    /// Drops `device`'s queue without feedback (the device was deleted).
+    async fn drop_queue(&self, device: &DeviceId) -> Result<(), StoreError>;
     /// Removes every queued message of `device`, with a feedback record of `status`
     /// for each whose ack mode asks for one.
-    fn purge(&self, device: &DeviceId, status: FeedbackStatus) -> Result<Removed, StoreError>;
-    /// Removes up to `limit` messages (of any device) whose expiry is at or before
-    /// `now`, earliest first, with Expired feedback where asked. Reads nothing else:
-    /// the cost is proportional to what is due, not to what is queued.
-    fn expire(&self, now: OffsetDateTime, limit: usize) -> Result<Removed, StoreError>;
+    async fn purge(&self, device: &DeviceId, status: FeedbackStatus)
+    -> Result<Removed, StoreError>;
+    /// Removes up to `limit` messages (of any device) that are due at `now`,
+    /// earliest first, with Expired feedback where asked. Reads nothing else: the
+    /// cost is proportional to what is due, not to what is queued.
+    async fn expire(&self, now: OffsetDateTime, limit: usize) -> Result<Removed, StoreError>;
     /// Stored feedback records with their keys, oldest first.
-    fn feedback(&self) -> Result<Vec<(u64, FeedbackRecord)>, StoreError>;
+    async fn feedback(&self) -> Result<Vec<(u64, FeedbackRecord)>, StoreError>;
     /// Deletes acknowledged feedback records.
-    fn remove_feedback(&self, keys: &[u64]) -> Result<(), StoreError>;
+    async fn remove_feedback(&self, keys: &[u64]) -> Result<(), StoreError>;
+    /// Locks up to `max` feedback records no other batch holds for `lock`.
+    async fn lock_feedback(&self, max: usize, lock: Duration) -> Result<FeedbackLock, StoreError>;
+    /// Deletes the records of the batch locked under `token`; `false` when the token
+    /// is unknown or its lock expired (the records are offered again).
+    async fn acknowledge_feedback(&self, token: &str) -> Result<bool, StoreError>;
 }
 
 #[cfg(test)]

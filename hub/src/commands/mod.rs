@@ -15,7 +15,7 @@
 
 pub mod c2d;
 
-use std::collections::{BTreeSet, HashMap, HashSet};
+use std::collections::{BTreeSet, HashMap};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::time::Duration;
@@ -33,7 +33,7 @@ use crate::gateway::topic::{self, Subscription};
 use crate::registry::{DeviceId, Registry, RegistryError};
 use crate::store::StoreError;
 use c2d::{
-    AckMode, C2dMessage, CommandStore, EnqueueError, FeedbackRecord, FeedbackStatus,
+    AckMode, C2dMessage, CommandStore, EnqueueError, FeedbackLock, FeedbackRecord, FeedbackStatus,
     MAX_C2D_MESSAGE_BYTES, Removed,
 };
 
@@ -159,7 +159,6 @@ struct Inner {
     sent: Mutex<HashMap<DeviceId, (u64, u64)>>,
     methods: Mutex<HashMap<MethodKey, oneshot::Sender<(i32, Bytes)>>>,
     next_rid: AtomicU64,
-    locks: Mutex<HashMap<String, (Vec<u64>, Instant)>>,
     feedback_added: Notify,
 }
 
@@ -179,15 +178,8 @@ impl std::fmt::Debug for Commands {
     }
 }
 
-async fn blocking<T: Send + 'static>(
-    op: impl FnOnce() -> Result<T, StoreError> + Send + 'static,
-) -> Result<T, StoreError> {
-    tokio::task::spawn_blocking(op)
-        .await
-        .map_err(|err| StoreError::Task(err.to_string()))?
-}
-
-fn random_hex(bytes: usize) -> String {
+/// `bytes` random bytes in hex (message ids, lock tokens).
+pub(crate) fn random_hex(bytes: usize) -> String {
     (0..bytes)
         .map(|_| format!("{:02x}", rand::random::<u8>()))
         .collect()
@@ -212,7 +204,6 @@ impl Commands {
                 sent: Mutex::default(),
                 methods: Mutex::default(),
                 next_rid: AtomicU64::new(1),
-                locks: Mutex::default(),
                 feedback_added: Notify::new(),
             }),
         }
@@ -273,11 +264,11 @@ impl Commands {
                 topic.len()
             )));
         }
-        let store = Arc::clone(&self.inner.store);
-        let id = device.clone();
-        let queued = tokio::task::spawn_blocking(move || store.enqueue(&id, message, limits.queue))
+        let queued = self
+            .inner
+            .store
+            .enqueue(device, message, limits.queue)
             .await
-            .map_err(|err| StoreError::Task(err.to_string()))?
             .map_err(|err| match err {
                 EnqueueError::QueueFull(_) => CommandError::QueueFull(err.to_string()),
                 EnqueueError::Store(err) => CommandError::Store(err),
@@ -296,12 +287,10 @@ impl Commands {
             .unwrap_or(0))
     }
 
-    /// Queue lengths of `devices`, in order, in one trip to the blocking pool (a page
-    /// of `GET /devices` asks for up to 1,000).
+    /// Queue lengths of `devices`, in order, in one store call (a page of
+    /// `GET /devices` asks for up to 1,000).
     pub async fn queue_lengths(&self, devices: &[DeviceId]) -> Result<Vec<usize>, CommandError> {
-        let store = Arc::clone(&self.inner.store);
-        let ids = devices.to_vec();
-        Ok(blocking(move || ids.iter().map(|id| store.count(id)).collect()).await?)
+        Ok(self.inner.store.counts(devices).await?)
     }
 
     /// Sends the queued messages the device's current connection has not had, if it
@@ -315,10 +304,8 @@ impl Commands {
             Some((sent_on, last)) if *sent_on == connection => *last,
             _ => 0,
         };
-        let store = Arc::clone(&self.inner.store);
-        let id = device.clone();
         let limit = self.inner.limits.queue;
-        let pending = match blocking(move || store.pending(&id, after, limit)).await {
+        let pending = match self.inner.store.pending(device, after, limit).await {
             Ok(pending) => pending,
             Err(err) => {
                 tracing::warn!(%device, error = %err, "cannot read the C2D queue");
@@ -352,9 +339,7 @@ impl Commands {
                 .await;
                 continue;
             }
-            let store = Arc::clone(&self.inner.store);
-            let (id, seq) = (device.clone(), message.seq);
-            match blocking(move || store.record_delivery(&id, seq)).await {
+            match self.inner.store.record_delivery(device, message.seq).await {
                 Ok(true) => {}
                 // Completed or expired since it was read: nothing to send.
                 Ok(false) => continue,
@@ -383,9 +368,7 @@ impl Commands {
 
     /// Removes messages with feedback of `status` where asked.
     async fn finish(&self, device: &DeviceId, seqs: Vec<u64>, status: FeedbackStatus) {
-        let store = Arc::clone(&self.inner.store);
-        let id = device.clone();
-        match blocking(move || store.complete(&id, &seqs, status)).await {
+        match self.inner.store.complete(device, &seqs, status).await {
             Ok(removed) => self.feedback_written(removed),
             Err(err) => tracing::warn!(%device, error = %err, "cannot complete C2D messages"),
         }
@@ -401,11 +384,21 @@ impl Commands {
     /// returns how many.
     pub async fn purge(&self, device: &DeviceId) -> Result<usize, CommandError> {
         self.check_device(device).await?;
-        let store = Arc::clone(&self.inner.store);
-        let id = device.clone();
-        let removed = blocking(move || store.purge(&id, FeedbackStatus::Purged)).await?;
+        let removed = self
+            .inner
+            .store
+            .purge(device, FeedbackStatus::Purged)
+            .await?;
         self.feedback_written(removed);
         Ok(removed.messages)
+    }
+
+    /// Drops the queue of a deleted device (no feedback: there is no device to have
+    /// completed or missed anything). A failure is logged: the device is gone either way.
+    pub async fn forget(&self, device: &DeviceId) {
+        if let Err(err) = self.inner.store.drop_queue(device).await {
+            tracing::warn!(%device, error = %err, "cannot drop the C2D queue of a deleted device");
+        }
     }
 
     /// Removes expired messages (Expired feedback where asked). Reads only messages
@@ -415,8 +408,7 @@ impl Commands {
         let now = OffsetDateTime::now_utc();
         let mut total = Removed::default();
         loop {
-            let store = Arc::clone(&self.inner.store);
-            match blocking(move || store.expire(now, EXPIRY_BATCH)).await {
+            match self.inner.store.expire(now, EXPIRY_BATCH).await {
                 Ok(removed) => {
                     total += removed;
                     if removed.messages < EXPIRY_BATCH {
@@ -449,62 +441,33 @@ impl Commands {
         let deadline = Instant::now() + wait;
         loop {
             let added = self.inner.feedback_added.notified();
-            let store = Arc::clone(&self.inner.store);
-            let stored = blocking(move || store.feedback()).await?;
-            let now = Instant::now();
-            let batch = {
-                let mut locks = lock(&self.inner.locks);
-                locks.retain(|_, (_, until)| *until > now);
-                let locked: HashSet<u64> = locks
-                    .values()
-                    .flat_map(|(keys, _)| keys.iter().copied())
-                    .collect();
-                let free: Vec<(u64, FeedbackRecord)> = stored
-                    .into_iter()
-                    .filter(|(key, _)| !locked.contains(key))
-                    .take(100)
-                    .collect();
-                if free.is_empty() {
-                    None
-                } else {
-                    let token = random_hex(16);
-                    let keys = free.iter().map(|(k, _)| *k).collect();
-                    locks.insert(token.clone(), (keys, now + self.inner.limits.feedback_lock));
-                    Some(FeedbackBatch {
+            let lock = self.inner.limits.feedback_lock;
+            let retry = match self.inner.store.lock_feedback(100, lock).await? {
+                FeedbackLock::Locked { token, records } => {
+                    return Ok(Some(FeedbackBatch {
                         lock_token: token,
-                        records: free.into_iter().map(|(_, r)| r).collect(),
-                    })
+                        records,
+                    }));
                 }
+                FeedbackLock::Empty { retry } => retry,
             };
-            if batch.is_some() {
-                return Ok(batch);
-            }
-            // Locked batches come back after their lock: wake up for that too.
-            let next_unlock = lock(&self.inner.locks)
-                .values()
-                .map(|(_, until)| *until)
-                .min();
-            let until = next_unlock.map_or(deadline, |u| u.min(deadline));
             if Instant::now() >= deadline {
                 return Ok(None);
             }
-            // Woken by new feedback, an expiring lock, or the deadline; then look again.
+            // Woken by new feedback, an expiring lock (or the store's next look), or
+            // the deadline; then look again.
+            let until = retry.map_or(deadline, |r| r.min(deadline));
             let _ = tokio::time::timeout_at(until, added).await;
         }
     }
 
     /// Acknowledges (deletes) the feedback batch of `token`.
     pub async fn acknowledge_feedback(&self, token: &str) -> Result<(), CommandError> {
-        let keys = {
-            let mut locks = lock(&self.inner.locks);
-            match locks.remove(token) {
-                Some((keys, until)) if until > Instant::now() => keys,
-                _ => return Err(CommandError::UnknownLock),
-            }
-        };
-        let store = Arc::clone(&self.inner.store);
-        blocking(move || store.remove_feedback(&keys)).await?;
-        Ok(())
+        if self.inner.store.acknowledge_feedback(token).await? {
+            Ok(())
+        } else {
+            Err(CommandError::UnknownLock)
+        }
     }
 
     /// Invokes direct method `name` on `device`.

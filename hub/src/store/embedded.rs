@@ -5,18 +5,20 @@
 //! redb calls block (a commit is an fsync), so every operation runs on tokio's
 //! blocking pool.
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeSet, HashMap, HashSet};
 use std::ops::Bound;
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex, PoisonError};
+use std::time::Duration;
 
 use async_trait::async_trait;
 use redb::{Database, ReadableDatabase, ReadableTable, TableDefinition};
 use time::OffsetDateTime;
+use tokio::time::Instant;
 
 use super::{StoreError, StoreHealth};
 use crate::commands::c2d::{
-    C2dMessage, CommandStore, EnqueueError, FeedbackRecord, FeedbackStatus, Removed,
+    C2dMessage, CommandStore, EnqueueError, FeedbackLock, FeedbackRecord, FeedbackStatus, Removed,
 };
 use crate::gateway::services::SessionStore;
 use crate::gateway::topic::Subscription;
@@ -50,7 +52,13 @@ const SESSIONS: TableDefinition<&str, &[u8]> = TableDefinition::new("sessions");
 pub struct EmbeddedStore {
     db: Arc<Database>,
     path: PathBuf,
+    /// Feedback batches handed out and not yet acknowledged: token → (record keys,
+    /// lock end). In memory: one process serves this store, and a lock that a restart
+    /// forgets only offers its records again sooner.
+    feedback_locks: Arc<Mutex<FeedbackLocks>>,
 }
+
+type FeedbackLocks = HashMap<String, (Vec<u64>, Instant)>;
 
 impl std::fmt::Debug for EmbeddedStore {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -115,6 +123,7 @@ impl EmbeddedStore {
         Ok(Self {
             db: Arc::new(db),
             path: path.to_path_buf(),
+            feedback_locks: Arc::default(),
         })
     }
 
@@ -171,7 +180,7 @@ impl StoreHealth for EmbeddedStore {
 
 #[async_trait]
 impl RegistryStore for EmbeddedStore {
-    async fn insert(&self, device: Device) -> Result<(), RegistryStoreError> {
+    async fn insert(&self, device: Device) -> Result<Device, RegistryStoreError> {
         self.blocking(move |db| {
             let bytes = encode(&device)?;
             let txn = db.begin_write().map_err(StoreError::from)?;
@@ -189,7 +198,7 @@ impl RegistryStore for EmbeddedStore {
                     .map_err(StoreError::from)?;
             }
             txn.commit().map_err(StoreError::from)?;
-            Ok(())
+            Ok(device)
         })
         .await
     }
@@ -211,7 +220,7 @@ impl RegistryStore for EmbeddedStore {
         &self,
         device: Device,
         expected_version: u64,
-    ) -> Result<(), RegistryStoreError> {
+    ) -> Result<Device, RegistryStoreError> {
         self.blocking(move |db| {
             let bytes = encode(&device)?;
             let txn = db.begin_write().map_err(StoreError::from)?;
@@ -229,7 +238,7 @@ impl RegistryStore for EmbeddedStore {
                     .map_err(StoreError::from)?;
             }
             txn.commit().map_err(StoreError::from)?;
-            Ok(())
+            Ok(device)
         })
         .await
     }
@@ -238,7 +247,7 @@ impl RegistryStore for EmbeddedStore {
         &self,
         id: &DeviceId,
         expected_version: Option<u64>,
-    ) -> Result<Device, RegistryStoreError> {
+    ) -> Result<crate::registry::Removed, RegistryStoreError> {
         let id = id.clone();
         self.blocking(move |db| {
             let txn = db.begin_write().map_err(StoreError::from)?;
@@ -265,7 +274,10 @@ impl RegistryStore for EmbeddedStore {
                 current
             };
             txn.commit().map_err(StoreError::from)?;
-            Ok(removed)
+            Ok(crate::registry::Removed {
+                version: removed.version,
+                device: removed,
+            })
         })
         .await
     }
@@ -522,8 +534,11 @@ fn drop_queue(txn: &redb::WriteTransaction, device: &DeviceId) -> Result<(), Sto
     Ok(())
 }
 
-impl CommandStore for EmbeddedStore {
-    fn enqueue(
+/// The C2D queues, synchronously: the [`CommandStore`] implementation runs these on
+/// the blocking pool; benchmarks and tests call them directly.
+impl EmbeddedStore {
+    /// [`CommandStore::enqueue`], on the calling thread.
+    pub fn enqueue(
         &self,
         device: &DeviceId,
         mut message: C2dMessage,
@@ -578,7 +593,8 @@ impl CommandStore for EmbeddedStore {
         Ok(message)
     }
 
-    fn count(&self, device: &DeviceId) -> Result<usize, StoreError> {
+    /// [`CommandStore::count`], on the calling thread.
+    pub fn count(&self, device: &DeviceId) -> Result<usize, StoreError> {
         let txn = self.db.begin_read()?;
         let queue = txn.open_table(C2D)?;
         let (from, to) = queue_range(device);
@@ -590,7 +606,8 @@ impl CommandStore for EmbeddedStore {
         Ok(count)
     }
 
-    fn pending(
+    /// [`CommandStore::pending`], on the calling thread.
+    pub fn pending(
         &self,
         device: &DeviceId,
         after: u64,
@@ -608,7 +625,8 @@ impl CommandStore for EmbeddedStore {
         Ok(out)
     }
 
-    fn record_delivery(&self, device: &DeviceId, seq: u64) -> Result<bool, StoreError> {
+    /// [`CommandStore::record_delivery`], on the calling thread.
+    pub fn record_delivery(&self, device: &DeviceId, seq: u64) -> Result<bool, StoreError> {
         let txn = self.db.begin_write()?;
         {
             let mut queue = txn.open_table(C2D)?;
@@ -626,7 +644,8 @@ impl CommandStore for EmbeddedStore {
         Ok(true)
     }
 
-    fn complete(
+    /// [`CommandStore::complete`], on the calling thread.
+    pub fn complete(
         &self,
         device: &DeviceId,
         seqs: &[u64],
@@ -638,7 +657,8 @@ impl CommandStore for EmbeddedStore {
         Ok(removed)
     }
 
-    fn purge(&self, device: &DeviceId, status: FeedbackStatus) -> Result<Removed, StoreError> {
+    /// [`CommandStore::purge`], on the calling thread.
+    pub fn purge(&self, device: &DeviceId, status: FeedbackStatus) -> Result<Removed, StoreError> {
         let txn = self.db.begin_write()?;
         let removed = {
             let mut tables = QueueTables::open(&txn)?;
@@ -649,7 +669,8 @@ impl CommandStore for EmbeddedStore {
         Ok(removed)
     }
 
-    fn expire(&self, now: OffsetDateTime, limit: usize) -> Result<Removed, StoreError> {
+    /// [`CommandStore::expire`], on the calling thread.
+    pub fn expire(&self, now: OffsetDateTime, limit: usize) -> Result<Removed, StoreError> {
         // Everything with an expiry at or before `now`: the smallest key after it is
         // (now + 1 ns, "", 0).
         let upper = (now.unix_timestamp_nanos() + 1, "", 0u64);
@@ -683,7 +704,8 @@ impl CommandStore for EmbeddedStore {
         Ok(removed)
     }
 
-    fn feedback(&self) -> Result<Vec<(u64, FeedbackRecord)>, StoreError> {
+    /// [`CommandStore::feedback`], on the calling thread.
+    pub fn feedback(&self) -> Result<Vec<(u64, FeedbackRecord)>, StoreError> {
         let txn = self.db.begin_read()?;
         let table = txn.open_table(FEEDBACK)?;
         let mut out = Vec::new();
@@ -696,7 +718,8 @@ impl CommandStore for EmbeddedStore {
         Ok(out)
     }
 
-    fn remove_feedback(&self, keys: &[u64]) -> Result<(), StoreError> {
+    /// [`CommandStore::remove_feedback`], on the calling thread.
+    pub fn remove_feedback(&self, keys: &[u64]) -> Result<(), StoreError> {
         let txn = self.db.begin_write()?;
         {
             let mut table = txn.open_table(FEEDBACK)?;
@@ -706,6 +729,158 @@ impl CommandStore for EmbeddedStore {
         }
         txn.commit()?;
         Ok(())
+    }
+}
+
+#[async_trait]
+impl CommandStore for EmbeddedStore {
+    async fn enqueue(
+        &self,
+        device: &DeviceId,
+        message: C2dMessage,
+        max: usize,
+    ) -> Result<C2dMessage, EnqueueError> {
+        let (store, device) = (self.clone(), device.clone());
+        tokio::task::spawn_blocking(move || store.enqueue(&device, message, max))
+            .await
+            .map_err(|err| StoreError::Task(err.to_string()))?
+    }
+
+    async fn count(&self, device: &DeviceId) -> Result<usize, StoreError> {
+        let device = device.clone();
+        self.c2d_blocking(move |store| store.count(&device)).await
+    }
+
+    async fn counts(&self, devices: &[DeviceId]) -> Result<Vec<usize>, StoreError> {
+        let devices = devices.to_vec();
+        self.c2d_blocking(move |store| devices.iter().map(|d| store.count(d)).collect())
+            .await
+    }
+
+    async fn pending(
+        &self,
+        device: &DeviceId,
+        after: u64,
+        limit: usize,
+    ) -> Result<Vec<C2dMessage>, StoreError> {
+        let device = device.clone();
+        self.c2d_blocking(move |store| store.pending(&device, after, limit))
+            .await
+    }
+
+    async fn record_delivery(&self, device: &DeviceId, seq: u64) -> Result<bool, StoreError> {
+        let device = device.clone();
+        self.c2d_blocking(move |store| store.record_delivery(&device, seq))
+            .await
+    }
+
+    async fn complete(
+        &self,
+        device: &DeviceId,
+        seqs: &[u64],
+        status: FeedbackStatus,
+    ) -> Result<Removed, StoreError> {
+        let (device, seqs) = (device.clone(), seqs.to_vec());
+        self.c2d_blocking(move |store| store.complete(&device, &seqs, status))
+            .await
+    }
+
+    async fn purge(
+        &self,
+        device: &DeviceId,
+        status: FeedbackStatus,
+    ) -> Result<Removed, StoreError> {
+        let device = device.clone();
+        self.c2d_blocking(move |store| store.purge(&device, status))
+            .await
+    }
+
+    async fn drop_queue(&self, device: &DeviceId) -> Result<(), StoreError> {
+        // Removing the device already dropped its queue in the same transaction; this
+        // finds an empty range.
+        let device = device.clone();
+        self.c2d_blocking(move |store| {
+            let txn = store.db.begin_write()?;
+            drop_queue(&txn, &device)?;
+            txn.commit()?;
+            Ok(())
+        })
+        .await
+    }
+
+    async fn expire(&self, now: OffsetDateTime, limit: usize) -> Result<Removed, StoreError> {
+        self.c2d_blocking(move |store| store.expire(now, limit))
+            .await
+    }
+
+    async fn feedback(&self) -> Result<Vec<(u64, FeedbackRecord)>, StoreError> {
+        self.c2d_blocking(|store| store.feedback()).await
+    }
+
+    async fn remove_feedback(&self, keys: &[u64]) -> Result<(), StoreError> {
+        let keys = keys.to_vec();
+        self.c2d_blocking(move |store| store.remove_feedback(&keys))
+            .await
+    }
+
+    async fn lock_feedback(&self, max: usize, lock: Duration) -> Result<FeedbackLock, StoreError> {
+        let stored = self.c2d_blocking(|store| store.feedback()).await?;
+        let now = Instant::now();
+        let mut locks = self
+            .feedback_locks
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
+        locks.retain(|_, (_, until)| *until > now);
+        let locked: HashSet<u64> = locks
+            .values()
+            .flat_map(|(keys, _)| keys.iter().copied())
+            .collect();
+        let free: Vec<(u64, FeedbackRecord)> = stored
+            .into_iter()
+            .filter(|(key, _)| !locked.contains(key))
+            .take(max)
+            .collect();
+        if free.is_empty() {
+            // Locked batches come back after their lock.
+            let retry = locks.values().map(|(_, until)| *until).min();
+            return Ok(FeedbackLock::Empty { retry });
+        }
+        let token = crate::commands::random_hex(16);
+        let keys = free.iter().map(|(k, _)| *k).collect();
+        locks.insert(token.clone(), (keys, now + lock));
+        Ok(FeedbackLock::Locked {
+            token,
+            records: free.into_iter().map(|(_, r)| r).collect(),
+        })
+    }
+
+    async fn acknowledge_feedback(&self, token: &str) -> Result<bool, StoreError> {
+        let keys = {
+            let mut locks = self
+                .feedback_locks
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner);
+            match locks.remove(token) {
+                Some((keys, until)) if until > Instant::now() => keys,
+                _ => return Ok(false),
+            }
+        };
+        self.c2d_blocking(move |store| store.remove_feedback(&keys))
+            .await?;
+        Ok(true)
+    }
+}
+
+impl EmbeddedStore {
+    /// Runs a synchronous queue operation on the blocking pool.
+    async fn c2d_blocking<T: Send + 'static>(
+        &self,
+        op: impl FnOnce(&EmbeddedStore) -> Result<T, StoreError> + Send + 'static,
+    ) -> Result<T, StoreError> {
+        let store = self.clone();
+        tokio::task::spawn_blocking(move || op(&store))
+            .await
+            .map_err(|err| StoreError::Task(err.to_string()))?
     }
 }
 

@@ -1,6 +1,10 @@
 //! The cluster-mode backend: the hub's state in NATS JetStream (DESIGN section 4).
 //! Telemetry is one replicated stream with a subject per partition ([`telemetry`]);
-//! consumer-group checkpoints are a replicated KV bucket ([`checkpoints`]). Every
+//! consumer-group checkpoints are a replicated KV bucket ([`checkpoints`]); device
+//! identities ([`registry`]) and persistent MQTT sessions ([`sessions`]) are KV
+//! buckets with compare-and-set on the revision where writers may race; C2D queues
+//! are a stream with a subject per device, their feedback a work-queue stream
+//! ([`c2d`]). Every
 //! stream and bucket has the configured replica count (3 by default), so losing one
 //! NATS node loses nothing JetStream acknowledged.
 //!
@@ -8,8 +12,11 @@
 //! requests that fail while a leader is being elected are retried up to
 //! `cluster.retry_secs` ([`NatsStore::retrying`]).
 
+pub mod c2d;
 pub mod checkpoints;
 pub mod keys;
+pub mod registry;
+pub mod sessions;
 pub mod status;
 pub mod telemetry;
 
