@@ -26,13 +26,15 @@ use crate::gateway::tls::{self, TlsError};
 use crate::gateway::{Gateway, GatewayContext, listener};
 use crate::registry::{Presence, Registry};
 use crate::store::embedded::EmbeddedStore;
+use crate::store::embedded_twins::EmbeddedTwins;
 use crate::store::nats::NatsStore;
 use crate::store::nats::checkpoints::NatsCheckpoints;
 use crate::store::nats::telemetry::JetStreamTelemetry;
+use crate::store::nats::twins::NatsTwins;
 use crate::store::{StoreError, StoreHealth};
 use crate::telemetry::{Telemetry, TelemetryError};
 use crate::twins::document::TwinLimits;
-use crate::twins::{TwinError, Twins};
+use crate::twins::{TwinError, TwinStore, Twins};
 
 /// Why the hub could not start or stopped with an error.
 #[derive(Debug, thiserror::Error)]
@@ -128,40 +130,48 @@ impl Server {
         let device_ca = DeviceCa::from_pem(ca.cert_pem())?;
         let service_key = ServiceKey::load_or_create(&data_dir.service_key_path())?;
         let store = EmbeddedStore::open(&data_dir.store_path())?;
-        let (telemetry, health): (Arc<Telemetry>, Arc<dyn StoreHealth>) =
-            if config.cluster.enabled() {
-                let nats = NatsStore::connect(&config.cluster).await?;
-                nats.claim_partition_count(config.telemetry.partitions)
-                    .await?;
-                let log = JetStreamTelemetry::open(
-                    &nats,
-                    &config.telemetry,
-                    config.cluster.max_pending_publishes,
-                )
+        let (telemetry, health, twin_store): (
+            Arc<Telemetry>,
+            Arc<dyn StoreHealth>,
+            Arc<dyn TwinStore>,
+        ) = if config.cluster.enabled() {
+            let nats = NatsStore::connect(&config.cluster).await?;
+            nats.claim_partition_count(config.telemetry.partitions)
                 .await?;
-                let checkpoints = NatsCheckpoints::open(&nats).await?;
-                tracing::info!(
-                    node = nats.node_id(),
-                    "cluster mode: telemetry and checkpoints on NATS JetStream"
-                );
-                let telemetry =
-                    Telemetry::new(Arc::new(log), &config.telemetry, Arc::new(checkpoints));
-                (Arc::new(telemetry), Arc::new(nats))
-            } else {
-                let telemetry = Telemetry::open(
-                    &data_dir.root().join("telemetry"),
-                    &config.telemetry,
-                    Arc::new(store.clone()),
-                )?;
-                (Arc::new(telemetry), Arc::new(store.clone()))
-            };
+            let log = JetStreamTelemetry::open(
+                &nats,
+                &config.telemetry,
+                config.cluster.max_pending_publishes,
+            )
+            .await?;
+            let checkpoints = NatsCheckpoints::open(&nats).await?;
+            let twins = NatsTwins::open(&nats).await?;
+            tracing::info!(
+                node = nats.node_id(),
+                "cluster mode: telemetry, checkpoints and twins on NATS JetStream"
+            );
+            let telemetry = Telemetry::new(Arc::new(log), &config.telemetry, Arc::new(checkpoints));
+            (Arc::new(telemetry), Arc::new(nats), Arc::new(twins))
+        } else {
+            let telemetry = Telemetry::open(
+                &data_dir.root().join("telemetry"),
+                &config.telemetry,
+                Arc::new(store.clone()),
+            )?;
+            let twins = EmbeddedTwins::open(store.clone())?;
+            (
+                Arc::new(telemetry),
+                Arc::new(store.clone()),
+                Arc::new(twins),
+            )
+        };
 
         let presence = Presence::default();
         let registry = Registry::new(Arc::new(store.clone()), presence.clone());
         let metrics = Arc::new(GatewayMetrics::default());
         let connections = Connections::default();
         let twins = Twins::start(
-            Arc::new(store.clone()),
+            twin_store,
             registry.clone(),
             connections.clone(),
             TwinLimits::default(),

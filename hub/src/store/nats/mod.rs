@@ -1,6 +1,7 @@
 //! The cluster-mode backend: the hub's state in NATS JetStream (DESIGN section 4).
 //! Telemetry is one replicated stream with a subject per partition ([`telemetry`]);
-//! consumer-group checkpoints are a replicated KV bucket ([`checkpoints`]). Every
+//! consumer-group checkpoints are a replicated KV bucket ([`checkpoints`]); device
+//! twins are a KV bucket with compare-and-set on the revision ([`twins`]). Every
 //! stream and bucket has the configured replica count (3 by default), so losing one
 //! NATS node loses nothing JetStream acknowledged.
 //!
@@ -11,6 +12,7 @@
 pub mod checkpoints;
 pub mod keys;
 pub mod telemetry;
+pub mod twins;
 
 use std::future::Future;
 use std::sync::Arc;
