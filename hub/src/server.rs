@@ -20,21 +20,34 @@ use crate::config::Config;
 use crate::data_dir::{self, DataDir, DataDirError, Endpoints};
 use crate::gateway::connections::Connections;
 use crate::gateway::metrics::GatewayMetrics;
-use crate::gateway::services::DeviceServices;
+use crate::gateway::services::{DeviceServices, SessionStore};
 use crate::gateway::session::SessionLimits;
 use crate::gateway::tls::{self, TlsError};
 use crate::gateway::{Gateway, GatewayContext, listener};
-use crate::registry::{Presence, Registry};
+use crate::registry::{Presence, Registry, RegistryError};
 use crate::store::embedded::EmbeddedStore;
 use crate::store::embedded_twins::EmbeddedTwins;
 use crate::store::nats::NatsStore;
 use crate::store::nats::checkpoints::NatsCheckpoints;
+use crate::store::nats::registry::NatsRegistry;
+use crate::store::nats::sessions::NatsSessions;
 use crate::store::nats::telemetry::JetStreamTelemetry;
 use crate::store::nats::twins::NatsTwins;
 use crate::store::{StoreError, StoreHealth};
 use crate::telemetry::{Telemetry, TelemetryError};
 use crate::twins::document::TwinLimits;
 use crate::twins::{TwinError, TwinStore, Twins};
+
+/// The backends the capabilities run on: telemetry, health, registry, the registry's
+/// change feed (cluster mode), sessions and twins.
+type Backends = (
+    Arc<Telemetry>,
+    Arc<dyn StoreHealth>,
+    Registry,
+    Option<tokio::task::JoinHandle<()>>,
+    Arc<dyn SessionStore>,
+    Arc<dyn TwinStore>,
+);
 
 /// Why the hub could not start or stopped with an error.
 #[derive(Debug, thiserror::Error)]
@@ -54,6 +67,9 @@ pub enum ServeError {
     /// The device CA could not be loaded.
     #[error(transparent)]
     DeviceCa(#[from] X509Error),
+    /// The registry could not be read.
+    #[error("registry: {0}")]
+    Registry(#[from] RegistryError),
     /// The twins could not be loaded.
     #[error("twins: {0}")]
     Twins(#[from] TwinError),
@@ -90,6 +106,8 @@ pub struct Server {
     state: AppState,
     limits: HttpLimits,
     retention_interval: Duration,
+    /// Cluster mode: the task feeding the registry mirror from the bucket's changes.
+    registry_feed: Option<tokio::task::JoinHandle<()>>,
 }
 
 impl std::fmt::Debug for AppState {
@@ -130,11 +148,8 @@ impl Server {
         let device_ca = DeviceCa::from_pem(ca.cert_pem())?;
         let service_key = ServiceKey::load_or_create(&data_dir.service_key_path())?;
         let store = EmbeddedStore::open(&data_dir.store_path())?;
-        let (telemetry, health, twin_store): (
-            Arc<Telemetry>,
-            Arc<dyn StoreHealth>,
-            Arc<dyn TwinStore>,
-        ) = if config.cluster.enabled() {
+        let presence = Presence::default();
+        let cluster = if config.cluster.enabled() {
             let nats = NatsStore::connect(&config.cluster).await?;
             nats.claim_partition_count(config.telemetry.partitions)
                 .await?;
@@ -145,29 +160,49 @@ impl Server {
             )
             .await?;
             let checkpoints = NatsCheckpoints::open(&nats).await?;
+            let telemetry = Telemetry::new(Arc::new(log), &config.telemetry, Arc::new(checkpoints));
+            // Other hubs write the registry too: this hub's registry mirrors the
+            // bucket through its change feed, and is caught up before anything reads it.
+            let devices = NatsRegistry::open(&nats).await?;
+            let registry = Registry::mirrored(Arc::new(devices.clone()), presence.clone());
+            let feed = devices.follow(registry.clone());
+            registry.catch_up().await?;
+            let sessions = NatsSessions::open(&nats).await?;
             let twins = NatsTwins::open(&nats).await?;
             tracing::info!(
                 node = nats.node_id(),
-                "cluster mode: telemetry, checkpoints and twins on NATS JetStream"
+                "cluster mode: telemetry, checkpoints, registry, twins and sessions on NATS JetStream"
             );
-            let telemetry = Telemetry::new(Arc::new(log), &config.telemetry, Arc::new(checkpoints));
-            (Arc::new(telemetry), Arc::new(nats), Arc::new(twins))
+            Some((nats, telemetry, registry, feed, sessions, twins))
         } else {
-            let telemetry = Telemetry::open(
-                &data_dir.root().join("telemetry"),
-                &config.telemetry,
-                Arc::new(store.clone()),
-            )?;
-            let twins = EmbeddedTwins::open(store.clone())?;
-            (
+            None
+        };
+        let (telemetry, health, registry, feed, sessions, twin_store): Backends = match cluster {
+            Some((nats, telemetry, registry, feed, sessions, twins)) => (
                 Arc::new(telemetry),
-                Arc::new(store.clone()),
+                Arc::new(nats),
+                registry,
+                Some(feed),
+                Arc::new(sessions),
                 Arc::new(twins),
-            )
+            ),
+            None => {
+                let telemetry = Telemetry::open(
+                    &data_dir.root().join("telemetry"),
+                    &config.telemetry,
+                    Arc::new(store.clone()),
+                )?;
+                (
+                    Arc::new(telemetry),
+                    Arc::new(store.clone()),
+                    Registry::new(Arc::new(store.clone()), presence.clone()),
+                    None,
+                    Arc::new(store.clone()),
+                    Arc::new(EmbeddedTwins::open(store.clone())?),
+                )
+            }
         };
 
-        let presence = Presence::default();
-        let registry = Registry::new(Arc::new(store.clone()), presence.clone());
         let metrics = Arc::new(GatewayMetrics::default());
         let connections = Connections::default();
         let twins = Twins::start(
@@ -202,7 +237,7 @@ impl Server {
                 },
                 Duration::from_secs(mqtt.sas_max_lifetime_secs),
             ),
-            sessions: Arc::new(store.clone()),
+            sessions,
             connections,
             services,
             presence,
@@ -267,6 +302,7 @@ impl Server {
                 max_concurrent_requests: config.http.max_concurrent_requests,
             },
             retention_interval: Duration::from_secs(config.telemetry.retention_interval_secs),
+            registry_feed: feed,
         })
     }
 
@@ -319,6 +355,9 @@ impl Server {
         running.shutdown().await;
         retention.abort();
         expiry.abort();
+        if let Some(feed) = &self.registry_feed {
+            feed.abort();
+        }
         let _ = retention.await;
         let _ = expiry.await;
         // Device connections are closed: the committers commit what is queued and stop.

@@ -7,7 +7,10 @@ mod device_id;
 mod presence;
 mod store;
 
+use std::collections::{BTreeMap, HashMap};
+use std::ops::Bound;
 use std::sync::Arc;
+use std::time::Duration;
 
 use time::OffsetDateTime;
 use tokio::sync::broadcast;
@@ -18,7 +21,7 @@ pub use device::{
 };
 pub use device_id::{DeviceId, DeviceIdError};
 pub use presence::{DevicePresence, Presence};
-pub use store::{RegistryStore, RegistryStoreError};
+pub use store::{RegistryStore, RegistryStoreError, Removed};
 
 use crate::store::StoreError;
 
@@ -123,6 +126,24 @@ pub trait RegistryObserver: Send + Sync + 'static {
 /// How often an unconditional (`If-Match: *`) update retries a lost race.
 const UNCONDITIONAL_RETRIES: usize = 8;
 
+/// How long a listing waits for a mirrored registry to catch up with its store.
+const MIRROR_CATCH_UP: Duration = Duration::from_secs(10);
+
+/// A change to the stored registry as a store's change feed delivers it, in the
+/// store's version order (cluster mode: the KV watch of the registry bucket).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum StoredChange {
+    /// The device was written; its `version` is the store's version of that write.
+    Put(Device),
+    /// The device was deleted by the write with version `version`.
+    Deleted {
+        /// The device.
+        id: DeviceId,
+        /// The store's version of the deletion.
+        version: u64,
+    },
+}
+
 /// The registry service.
 #[derive(Clone)]
 pub struct Registry {
@@ -130,18 +151,57 @@ pub struct Registry {
     presence: Presence,
     events: broadcast::Sender<RegistryEvent>,
     observers: Arc<std::sync::RwLock<Vec<Arc<dyn RegistryObserver>>>>,
-    /// Read-through copy of stored devices: every CONNECT reads its device, and
-    /// every write goes through this registry, which keeps the copy current.
+    /// Copy of stored devices: every CONNECT reads its device. Embedded: read-through,
+    /// kept current by the writes, which all go through this registry. Cluster mode:
+    /// a mirror of the whole bucket fed by the store's change feed (writes through
+    /// other hubs arrive there) and by this hub's own writes.
     cache: Arc<std::sync::Mutex<DeviceCache>>,
+    /// Held from applying a change to the cache until its events are told, so that
+    /// observers and the gateway hear the changes of a device in their order even
+    /// when the feed and a local write apply them concurrently.
+    announcing: Arc<std::sync::Mutex<()>>,
+    /// Cluster mode: the store version up to which the feed has applied every change.
+    fed: Arc<tokio::sync::watch::Sender<u64>>,
+}
+
+/// Where a change to a mirrored cache comes from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Source {
+    /// The store's change feed: every change, in version order.
+    Feed,
+    /// The ack of a write made through this hub: may arrive before or after the feed
+    /// delivers the same change.
+    Local,
 }
 
 /// The registry's copy of stored devices, with a count of writes so a read that
 /// raced a write does not put a stale device back.
 #[derive(Debug, Default)]
 struct DeviceCache {
-    devices: std::collections::HashMap<DeviceId, Device>,
+    devices: BTreeMap<DeviceId, Device>,
     writes: u64,
+    /// Cluster mode: the cache mirrors the store (see [`Mirror`]).
+    mirror: Option<Mirror>,
 }
+
+/// What a mirrored cache knows beyond its devices. The invariant: every change up to
+/// `applied` is reflected, and a device's entry is never replaced by an older version,
+/// so the writer of version `v` finds `v` or newer in its own cache once its write
+/// returns (read-your-writes) and every change is applied — and announced — once.
+#[derive(Debug, Default)]
+struct Mirror {
+    /// The feed's position: the store version of the last change it delivered.
+    applied: u64,
+    /// Deletions made through this hub that the feed has not delivered yet, by the
+    /// version of the deletion: an older write arriving later must not bring the
+    /// device back. Dropped once the feed passes them (the position then rejects
+    /// anything older).
+    deleted: HashMap<DeviceId, u64>,
+}
+
+/// A change a mirrored cache applied: the device's previous entry (none when it was
+/// absent).
+type Applied = Option<Device>;
 
 impl DeviceCache {
     fn put(&mut self, device: Device) {
@@ -152,6 +212,67 @@ impl DeviceCache {
     fn forget(&mut self, id: &DeviceId) {
         self.writes += 1;
         self.devices.remove(id);
+    }
+
+    /// Whether a change with `version` to `id` is older than what the mirror holds.
+    fn is_stale(mirror: &Mirror, current: Option<&Device>, id: &DeviceId, version: u64) -> bool {
+        current.is_some_and(|current| current.version >= version)
+            || mirror.deleted.get(id).is_some_and(|&gone| gone >= version)
+    }
+
+    /// Applies a write of `device` (at version `device.version`) to a mirror;
+    /// `None` when the mirror already holds that version or a newer one.
+    fn apply_put(&mut self, device: Device, source: Source) -> Option<Applied> {
+        let mirror = self.mirror.as_mut()?;
+        let version = device.version;
+        let stale = (source == Source::Local && version <= mirror.applied)
+            || Self::is_stale(
+                mirror,
+                self.devices.get(&device.device_id),
+                &device.device_id,
+                version,
+            );
+        let applied = if stale {
+            None
+        } else {
+            mirror.deleted.remove(&device.device_id);
+            self.writes += 1;
+            Some(self.devices.insert(device.device_id.clone(), device))
+        };
+        if source == Source::Feed {
+            self.advance(version);
+        }
+        applied
+    }
+
+    /// Applies the deletion of `id` at `version` to a mirror; `None` when the mirror
+    /// already holds that change or a newer one.
+    fn apply_delete(&mut self, id: &DeviceId, version: u64, source: Source) -> Option<Applied> {
+        let mirror = self.mirror.as_mut()?;
+        let stale = (source == Source::Local && version <= mirror.applied)
+            || Self::is_stale(mirror, self.devices.get(id), id, version);
+        let applied = if stale {
+            None
+        } else {
+            if source == Source::Local {
+                mirror.deleted.insert(id.clone(), version);
+            }
+            self.writes += 1;
+            Some(self.devices.remove(id))
+        };
+        if source == Source::Feed {
+            self.advance(version);
+        }
+        applied
+    }
+
+    /// Moves the feed's position to `version` (the feed delivers in version order).
+    fn advance(&mut self, version: u64) {
+        if let Some(mirror) = self.mirror.as_mut() {
+            mirror.applied = mirror.applied.max(version);
+            let applied = mirror.applied;
+            mirror.deleted.retain(|_, gone| *gone > applied);
+        }
     }
 }
 
@@ -164,13 +285,33 @@ impl std::fmt::Debug for Registry {
 impl Registry {
     /// A registry over `store`, reading live state from `presence`.
     pub fn new(store: Arc<dyn RegistryStore>, presence: Presence) -> Self {
+        Self::with_cache(store, presence, DeviceCache::default())
+    }
+
+    /// A registry over a store that other hubs write too (cluster mode): its cache
+    /// mirrors the store and must be fed every change, in order, through
+    /// [`Registry::apply_from_feed`]; reads miss to the store until the feed caught up.
+    pub fn mirrored(store: Arc<dyn RegistryStore>, presence: Presence) -> Self {
+        Self::with_cache(
+            store,
+            presence,
+            DeviceCache {
+                mirror: Some(Mirror::default()),
+                ..DeviceCache::default()
+            },
+        )
+    }
+
+    fn with_cache(store: Arc<dyn RegistryStore>, presence: Presence, cache: DeviceCache) -> Self {
         let (events, _) = broadcast::channel(1024);
         Self {
             store,
             presence,
             events,
             observers: Arc::default(),
-            cache: Arc::default(),
+            cache: Arc::new(std::sync::Mutex::new(cache)),
+            announcing: Arc::default(),
+            fed: Arc::new(tokio::sync::watch::channel(0).0),
         }
     }
 
@@ -178,6 +319,10 @@ impl Registry {
         self.cache
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    fn is_mirrored(&self) -> bool {
+        self.cache().mirror.is_some()
     }
 
     /// Registers an observer of device creation and deletion.
@@ -210,6 +355,141 @@ impl Registry {
         &self.presence
     }
 
+    /// Tells observers and the gateway what a change did to a device: `previous` was
+    /// its entry before, `next` is its entry after (none when deleted).
+    fn announce(&self, previous: Option<&Device>, next: Option<&Device>) {
+        let id = match (previous, next) {
+            (_, Some(device)) | (Some(device), None) => device.device_id.clone(),
+            (None, None) => return,
+        };
+        // A deletion, or a re-creation under the id that the feed shows as one write
+        // (the deletion was compacted away), ends the old device.
+        let ended = match (previous, next) {
+            (_, None) => true,
+            (Some(previous), Some(next)) => previous.generation_id != next.generation_id,
+            (None, Some(_)) => false,
+        };
+        if ended {
+            for observer in self.observers() {
+                observer.deleted(&id);
+            }
+            self.emit(RegistryEvent::Revoked(id.clone()));
+            self.presence.forget(&id);
+        }
+        let Some(next) = next else { return };
+        let previous = previous.filter(|_| !ended);
+        if previous.is_none() {
+            for observer in self.observers() {
+                observer.created(&id);
+            }
+        }
+        if next.status == DeviceStatus::Disabled {
+            self.emit(RegistryEvent::Revoked(id));
+        } else if previous.is_some_and(|previous| previous.authentication != next.authentication) {
+            self.emit(RegistryEvent::CredentialsChanged(id));
+        }
+    }
+
+    /// Records a write made through this hub: `read` is the entry it was based on,
+    /// `stored` the device as the store now holds it.
+    fn record_put(&self, read: Option<&Device>, stored: &Device) {
+        let _order = self.announcing();
+        let applied = {
+            let mut cache = self.cache();
+            if cache.mirror.is_some() {
+                cache.apply_put(stored.clone(), Source::Local)
+            } else {
+                cache.put(stored.clone());
+                Some(read.cloned())
+            }
+        };
+        if let Some(previous) = applied {
+            self.announce(previous.as_ref(), Some(stored));
+        }
+    }
+
+    /// Records a deletion made through this hub.
+    fn record_delete(&self, removed: &store::Removed) {
+        let _order = self.announcing();
+        let id = &removed.device.device_id;
+        let applied = {
+            let mut cache = self.cache();
+            if cache.mirror.is_some() {
+                cache.apply_delete(id, removed.version, Source::Local)
+            } else {
+                cache.forget(id);
+                Some(Some(removed.device.clone()))
+            }
+        };
+        if let Some(previous) = applied {
+            // Announced even when this hub never saw the device: a connection made
+            // with a read that missed the mirror must close too.
+            self.announce(previous.as_ref().or(Some(&removed.device)), None);
+        }
+    }
+
+    fn announcing(&self) -> std::sync::MutexGuard<'_, ()> {
+        self.announcing
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    /// Applies a change delivered by the store's change feed (cluster mode), in the
+    /// store's version order, and announces it unless this hub's own write already
+    /// did. A change written through another hub reaches the gateway (revocations)
+    /// and the observers (twins) of this one here.
+    pub fn apply_from_feed(&self, change: StoredChange) {
+        let _order = self.announcing();
+        let (version, applied, next) = {
+            let mut cache = self.cache();
+            match change {
+                StoredChange::Put(device) => {
+                    let version = device.version;
+                    let applied = cache.apply_put(device.clone(), Source::Feed);
+                    (version, applied, Some(device))
+                }
+                StoredChange::Deleted { id, version } => {
+                    let applied = cache.apply_delete(&id, version, Source::Feed);
+                    (version, applied, None)
+                }
+            }
+        };
+        if let Some(previous) = applied {
+            self.announce(previous.as_ref(), next.as_ref());
+        }
+        self.fed.send_modify(|fed| *fed = (*fed).max(version));
+    }
+
+    /// Moves the feed's position past a change it could not apply (a record that does
+    /// not decode, already logged by the feed).
+    pub fn skip_in_feed(&self, version: u64) {
+        self.cache().advance(version);
+        self.fed.send_modify(|fed| *fed = (*fed).max(version));
+    }
+
+    /// The store version up to which the feed has applied every change (0 before the
+    /// first, and always in the embedded mode).
+    pub fn feed_position(&self) -> u64 {
+        *self.fed.borrow()
+    }
+
+    /// Waits until a mirrored registry's feed has applied the store's latest write (as
+    /// of this call): from then on the mirror holds everything written before. Returns
+    /// at once for a store without a feed.
+    pub async fn catch_up(&self) -> Result<(), RegistryError> {
+        let Some(head) = self.store.head().await? else {
+            return Ok(());
+        };
+        let mut fed = self.fed.subscribe();
+        match tokio::time::timeout(MIRROR_CATCH_UP, fed.wait_for(|&fed| fed >= head)).await {
+            Ok(Ok(_)) => Ok(()),
+            Ok(Err(_)) | Err(_) => Err(RegistryError::Store(StoreError::Backend(format!(
+                "the registry's change feed is at version {} of {head}",
+                self.feed_position()
+            )))),
+        }
+    }
+
     /// Creates a device from `spec`; missing keys are generated.
     pub async fn create(&self, id: DeviceId, spec: DeviceSpec) -> Result<Device, RegistryError> {
         check_body_id(&id, &spec)?;
@@ -223,17 +503,23 @@ impl Registry {
             status_updated_time: now,
             authentication: build_authentication(spec.authentication.unwrap_or_default(), None)?,
         };
-        match self.store.insert(device.clone()).await {
-            Ok(()) => {
-                self.cache().put(device.clone());
-                for observer in self.observers() {
-                    observer.created(&id);
-                }
-                Ok(device)
+        match self.store.insert(device).await {
+            Ok(stored) => {
+                self.record_put(None, &stored);
+                Ok(stored)
             }
             Err(RegistryStoreError::AlreadyExists) => Err(RegistryError::AlreadyExists(id)),
             Err(err) => Err(err.into()),
         }
+    }
+
+    /// The device as the store holds it, bypassing the cache (after a lost race, or to
+    /// judge an etag a mirror may not have seen yet).
+    async fn get_stored(&self, id: &DeviceId) -> Result<Device, RegistryError> {
+        self.store
+            .get(id)
+            .await?
+            .ok_or_else(|| RegistryError::NotFound(id.clone()))
     }
 
     /// Updates a device: fields present in `spec` replace the stored ones.
@@ -244,9 +530,24 @@ impl Registry {
         if_match: IfMatch,
     ) -> Result<Device, RegistryError> {
         check_body_id(&id, &spec)?;
+        let mirrored = self.is_mirrored();
+        // Read from the store instead of the cache once the cache proved behind.
+        let mut fresh = false;
         for _ in 0..UNCONDITIONAL_RETRIES {
-            let current = self.get(&id).await?;
-            if_match.check(&current)?;
+            let current = if fresh {
+                self.get_stored(&id).await?
+            } else {
+                self.get(&id).await?
+            };
+            if let Err(mismatch) = if_match.check(&current) {
+                // A mirror may lag a write through another hub whose etag the client
+                // already holds: only the store can refuse it.
+                if mirrored && !fresh {
+                    fresh = true;
+                    continue;
+                }
+                return Err(mismatch);
+            }
             let mut next = current.clone();
             next.version = current.version + 1;
             if let Some(status) = spec.status {
@@ -261,28 +562,26 @@ impl Registry {
             if let Some(auth) = spec.authentication.clone() {
                 next.authentication = build_authentication(auth, Some(&current.authentication))?;
             }
-            let replaced = self.store.replace(next.clone(), current.version).await;
-            match &replaced {
-                Ok(()) => self.cache().put(next.clone()),
-                Err(_) => self.cache().forget(&id),
+            let replaced = self.store.replace(next, current.version).await;
+            if replaced.is_err() && !mirrored {
+                self.cache().forget(&id);
             }
             match replaced {
-                Ok(()) => {
-                    if next.status == DeviceStatus::Disabled {
-                        self.emit(RegistryEvent::Revoked(id.clone()));
-                    } else if next.authentication != current.authentication {
-                        self.emit(RegistryEvent::CredentialsChanged(id.clone()));
-                    }
-                    return Ok(next);
+                Ok(stored) => {
+                    self.record_put(Some(&current), &stored);
+                    return Ok(stored);
                 }
                 Err(RegistryStoreError::NotFound) => return Err(RegistryError::NotFound(id)),
                 // Someone wrote between our read and write. An etag-conditional update
                 // has lost; an unconditional one reads again.
-                Err(RegistryStoreError::VersionConflict) => continue,
+                Err(RegistryStoreError::VersionConflict) => {
+                    fresh = true;
+                    continue;
+                }
                 Err(err) => return Err(err.into()),
             }
         }
-        let current = self.get(&id).await?;
+        let current = self.get_stored(&id).await?;
         Err(RegistryError::EtagMismatch {
             current: current.etag(),
         })
@@ -290,22 +589,22 @@ impl Registry {
 
     /// The device with `id`.
     pub async fn get(&self, id: &DeviceId) -> Result<Device, RegistryError> {
-        let writes = {
+        let (writes, mirrored) = {
             let cache = self.cache();
             if let Some(device) = cache.devices.get(id) {
                 return Ok(device.clone());
             }
-            cache.writes
+            (cache.writes, cache.mirror.is_some())
         };
-        let device = self
-            .store
-            .get(id)
-            .await?
-            .ok_or_else(|| RegistryError::NotFound(id.clone()))?;
-        let mut cache = self.cache();
-        // A write since the read may have changed or deleted the device.
-        if cache.writes == writes {
-            cache.devices.insert(id.clone(), device.clone());
+        let device = self.get_stored(id).await?;
+        // A mirror is filled by its feed only: a device read here (written through
+        // another hub a moment ago) arrives there soon, and is announced then.
+        if !mirrored {
+            let mut cache = self.cache();
+            // A write since the read may have changed or deleted the device.
+            if cache.writes == writes {
+                cache.devices.insert(id.clone(), device.clone());
+            }
         }
         Ok(device)
     }
@@ -319,26 +618,28 @@ impl Registry {
         let expected_version = match &if_match {
             None | Some(IfMatch::Any) => None,
             Some(precondition) => {
-                let current = self.get(id).await?;
+                let mut current = self.get(id).await?;
+                if precondition.check(&current).is_err() && self.is_mirrored() {
+                    // The mirror may lag the write whose etag the client holds.
+                    current = self.get_stored(id).await?;
+                }
                 precondition.check(&current)?;
                 Some(current.version)
             }
         };
         let removed = self.store.remove(id, expected_version).await;
-        // Whatever happened, the next read goes to the store.
-        self.cache().forget(id);
+        if removed.is_err() && !self.is_mirrored() {
+            // Whatever happened, the next read goes to the store.
+            self.cache().forget(id);
+        }
         match removed {
-            Ok(device) => {
-                for observer in self.observers() {
-                    observer.deleted(id);
-                }
-                self.emit(RegistryEvent::Revoked(id.clone()));
-                self.presence.forget(id);
-                Ok(device)
+            Ok(removed) => {
+                self.record_delete(&removed);
+                Ok(removed.device)
             }
             Err(RegistryStoreError::NotFound) => Err(RegistryError::NotFound(id.clone())),
             Err(RegistryStoreError::VersionConflict) => {
-                let current = self.get(id).await?;
+                let current = self.get_stored(id).await?;
                 Err(RegistryError::EtagMismatch {
                     current: current.etag(),
                 })
@@ -354,7 +655,25 @@ impl Registry {
         limit: usize,
     ) -> Result<DevicePage, RegistryError> {
         // One extra row tells whether another page follows.
-        let mut devices = self.store.list(after, limit + 1).await?;
+        let mut devices = if self.is_mirrored() {
+            // The store has no ordered scan; the mirror is ordered and, once caught up
+            // with the store's latest write, holds every device written before this
+            // call, through any hub.
+            self.catch_up().await?;
+            let cache = self.cache();
+            let lower = match after {
+                Some(id) => Bound::Excluded(id),
+                None => Bound::Unbounded,
+            };
+            cache
+                .devices
+                .range::<DeviceId, _>((lower, Bound::Unbounded))
+                .take(limit + 1)
+                .map(|(_, device)| device.clone())
+                .collect()
+        } else {
+            self.store.list(after, limit + 1).await?
+        };
         let next_after = if devices.len() > limit {
             devices.truncate(limit);
             devices.last().map(|d| d.device_id.clone())
@@ -674,6 +993,146 @@ mod tests {
             events.try_recv().unwrap(),
             RegistryEvent::CredentialsChanged(id("k1"))
         );
+    }
+
+    fn stored(name: &str, version: u64, status: DeviceStatus) -> Device {
+        Device {
+            device_id: id(name),
+            generation_id: "g1".into(),
+            version,
+            status,
+            status_reason: None,
+            status_updated_time: OffsetDateTime::UNIX_EPOCH,
+            authentication: Authentication {
+                kind: AuthType::CertificateAuthority,
+                symmetric_key: None,
+                public_keys: Vec::new(),
+                x509_thumbprint: X509Thumbprint::default(),
+            },
+        }
+    }
+
+    fn mirror() -> DeviceCache {
+        DeviceCache {
+            mirror: Some(Mirror::default()),
+            ..DeviceCache::default()
+        }
+    }
+
+    #[test]
+    fn a_mirror_applies_only_newer_versions_from_either_source() {
+        let enabled = DeviceStatus::Enabled;
+        let mut cache = mirror();
+        assert!(
+            cache
+                .apply_put(stored("m", 5, enabled), Source::Feed)
+                .is_some()
+        );
+        // A local ack older than what the feed delivered, or equal to it, is stale.
+        assert!(
+            cache
+                .apply_put(stored("m", 3, enabled), Source::Local)
+                .is_none()
+        );
+        assert!(
+            cache
+                .apply_put(stored("m", 5, enabled), Source::Local)
+                .is_none()
+        );
+        // The writer's own ack arrives before the feed: applied once, by the ack.
+        let previous = cache.apply_put(stored("m", 7, enabled), Source::Local);
+        assert_eq!(previous.unwrap().unwrap().version, 5);
+        assert!(
+            cache
+                .apply_put(stored("m", 7, enabled), Source::Feed)
+                .is_none()
+        );
+        assert_eq!(cache.devices[&id("m")].version, 7);
+        // Another device's write the feed delivers in between moves the position.
+        assert!(
+            cache
+                .apply_put(stored("o", 8, enabled), Source::Feed)
+                .is_some()
+        );
+        // A local deletion leaves a mark no older write can cross...
+        assert!(cache.apply_delete(&id("m"), 10, Source::Local).is_some());
+        assert!(
+            cache
+                .apply_put(stored("m", 9, enabled), Source::Feed)
+                .is_none()
+        );
+        assert!(!cache.devices.contains_key(&id("m")));
+        // ...until the feed delivers the deletion itself, which is not applied twice.
+        assert!(cache.apply_delete(&id("m"), 10, Source::Feed).is_none());
+        assert!(cache.mirror.as_ref().unwrap().deleted.is_empty());
+        assert_eq!(cache.mirror.as_ref().unwrap().applied, 10);
+        // A late local ack the feed already passed is dropped; a re-creation is not.
+        assert!(
+            cache
+                .apply_put(stored("m", 6, enabled), Source::Local)
+                .is_none()
+        );
+        assert!(
+            cache
+                .apply_put(stored("m", 11, enabled), Source::Feed)
+                .is_some()
+        );
+        assert_eq!(cache.devices[&id("m")].version, 11);
+    }
+
+    #[derive(Default)]
+    struct Recorded(std::sync::Mutex<Vec<String>>);
+
+    impl RegistryObserver for Recorded {
+        fn created(&self, id: &DeviceId) {
+            self.0.lock().unwrap().push(format!("created {id}"));
+        }
+        fn deleted(&self, id: &DeviceId) {
+            self.0.lock().unwrap().push(format!("deleted {id}"));
+        }
+    }
+
+    #[tokio::test]
+    async fn changes_from_the_feed_are_announced_once() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = EmbeddedStore::open(&dir.path().join("hub.redb")).unwrap();
+        let registry = Registry::mirrored(Arc::new(store), Presence::default());
+        let observer = Arc::new(Recorded::default());
+        registry.observe(observer.clone());
+        let mut events = registry.subscribe();
+
+        registry.apply_from_feed(StoredChange::Put(stored("f", 1, DeviceStatus::Enabled)));
+        assert_eq!(registry.get(&id("f")).await.unwrap().version, 1);
+        let disabled = stored("f", 2, DeviceStatus::Disabled);
+        registry.apply_from_feed(StoredChange::Put(disabled.clone()));
+        assert_eq!(events.try_recv().unwrap(), RegistryEvent::Revoked(id("f")));
+        // The same change again (the writer's ack after the feed) announces nothing.
+        registry.record_put(None, &disabled);
+        assert!(events.try_recv().is_err());
+
+        let mut rekeyed = stored("f", 3, DeviceStatus::Enabled);
+        rekeyed.authentication.kind = AuthType::SelfSigned;
+        registry.apply_from_feed(StoredChange::Put(rekeyed));
+        assert_eq!(
+            events.try_recv().unwrap(),
+            RegistryEvent::CredentialsChanged(id("f"))
+        );
+        registry.apply_from_feed(StoredChange::Deleted {
+            id: id("f"),
+            version: 4,
+        });
+        assert_eq!(events.try_recv().unwrap(), RegistryEvent::Revoked(id("f")));
+        assert!(matches!(
+            registry.get(&id("f")).await,
+            Err(RegistryError::NotFound(_))
+        ));
+        assert_eq!(registry.feed_position(), 4);
+        assert_eq!(
+            *observer.0.lock().unwrap(),
+            ["created f", "deleted f"].map(String::from)
+        );
+        let page = registry.list(None, 10).await.unwrap();
+        assert!(page.devices.is_empty());
     }
 
     #[test]

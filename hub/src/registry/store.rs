@@ -23,21 +23,38 @@ pub enum RegistryStoreError {
     Store(#[from] StoreError),
 }
 
+/// What [`RegistryStore::remove`] took away.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Removed {
+    /// The device as it was stored.
+    pub device: Device,
+    /// The store's version of the deletion itself: in cluster mode the revision of the
+    /// KV delete marker (later than the device's), in the embedded store the device's
+    /// version. A copy of the registry fed by the store's changes orders it against
+    /// writes by this number.
+    pub version: u64,
+}
+
 /// Device identities, keyed by id, ordered by id.
+///
+/// A device's `version` is the store's: a backend may assign it on write (NATS KV
+/// uses the entry's revision), so the writes return the device as stored.
 #[async_trait]
 pub trait RegistryStore: Send + Sync + 'static {
-    /// Stores a new device; [`RegistryStoreError::AlreadyExists`] if the id is taken.
-    async fn insert(&self, device: Device) -> Result<(), RegistryStoreError>;
+    /// Stores a new device and returns it as stored;
+    /// [`RegistryStoreError::AlreadyExists`] if the id is taken.
+    async fn insert(&self, device: Device) -> Result<Device, RegistryStoreError>;
 
     /// The device with `id`, if any.
     async fn get(&self, id: &DeviceId) -> Result<Option<Device>, RegistryStoreError>;
 
-    /// Replaces the stored device if its version is `expected_version`.
+    /// Replaces the stored device if its version is `expected_version`; returns it as
+    /// stored.
     async fn replace(
         &self,
         device: Device,
         expected_version: u64,
-    ) -> Result<(), RegistryStoreError>;
+    ) -> Result<Device, RegistryStoreError>;
 
     /// Removes the device if its version is `expected_version` (any, when `None`);
     /// returns what was removed.
@@ -45,7 +62,7 @@ pub trait RegistryStore: Send + Sync + 'static {
         &self,
         id: &DeviceId,
         expected_version: Option<u64>,
-    ) -> Result<Device, RegistryStoreError>;
+    ) -> Result<Removed, RegistryStoreError>;
 
     /// Up to `limit` devices with ids greater than `after`, in id order.
     async fn list(
@@ -53,4 +70,11 @@ pub trait RegistryStore: Send + Sync + 'static {
         after: Option<&DeviceId>,
         limit: usize,
     ) -> Result<Vec<Device>, RegistryStoreError>;
+
+    /// The version of the store's latest write of any device, for a registry that
+    /// mirrors the store through its change feed (cluster mode) and must catch up to
+    /// it before answering a listing; `None` for a store without a feed (the default).
+    async fn head(&self) -> Result<Option<u64>, RegistryStoreError> {
+        Ok(None)
+    }
 }

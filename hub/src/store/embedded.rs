@@ -17,7 +17,7 @@ use super::{StoreError, StoreHealth};
 use crate::commands::c2d::{C2dMessage, CommandStore, EnqueueError, FeedbackRecord};
 use crate::gateway::services::SessionStore;
 use crate::gateway::topic::Subscription;
-use crate::registry::{Device, DeviceId, RegistryStore, RegistryStoreError};
+use crate::registry::{Device, DeviceId, RegistryStore, RegistryStoreError, Removed};
 use crate::telemetry::CheckpointStore;
 use crate::twins::document::TwinDocument;
 
@@ -154,7 +154,7 @@ impl StoreHealth for EmbeddedStore {
 
 #[async_trait]
 impl RegistryStore for EmbeddedStore {
-    async fn insert(&self, device: Device) -> Result<(), RegistryStoreError> {
+    async fn insert(&self, device: Device) -> Result<Device, RegistryStoreError> {
         self.blocking(move |db| {
             let bytes = encode(&device)?;
             let txn = db.begin_write().map_err(StoreError::from)?;
@@ -172,7 +172,7 @@ impl RegistryStore for EmbeddedStore {
                     .map_err(StoreError::from)?;
             }
             txn.commit().map_err(StoreError::from)?;
-            Ok(())
+            Ok(device)
         })
         .await
     }
@@ -194,7 +194,7 @@ impl RegistryStore for EmbeddedStore {
         &self,
         device: Device,
         expected_version: u64,
-    ) -> Result<(), RegistryStoreError> {
+    ) -> Result<Device, RegistryStoreError> {
         self.blocking(move |db| {
             let bytes = encode(&device)?;
             let txn = db.begin_write().map_err(StoreError::from)?;
@@ -212,7 +212,7 @@ impl RegistryStore for EmbeddedStore {
                     .map_err(StoreError::from)?;
             }
             txn.commit().map_err(StoreError::from)?;
-            Ok(())
+            Ok(device)
         })
         .await
     }
@@ -221,7 +221,7 @@ impl RegistryStore for EmbeddedStore {
         &self,
         id: &DeviceId,
         expected_version: Option<u64>,
-    ) -> Result<Device, RegistryStoreError> {
+    ) -> Result<Removed, RegistryStoreError> {
         let id = id.clone();
         self.blocking(move |db| {
             let txn = db.begin_write().map_err(StoreError::from)?;
@@ -259,7 +259,10 @@ impl RegistryStore for EmbeddedStore {
                 current
             };
             txn.commit().map_err(StoreError::from)?;
-            Ok(removed)
+            Ok(Removed {
+                version: removed.version,
+                device: removed,
+            })
         })
         .await
     }

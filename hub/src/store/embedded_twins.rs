@@ -192,7 +192,7 @@ impl TwinStore for EmbeddedTwins {
         self.shared.lock().latest.remove(id);
     }
 
-    fn deleted(&self, id: &DeviceId) {
+    fn deleted(&self, id: &DeviceId, _known: Revision) {
         // The registry deleted the stored twin with the device.
         self.shared.lock().latest.remove(id);
     }
@@ -233,6 +233,9 @@ fn commit_loop(mut rx: mpsc::UnboundedReceiver<Write>, shared: Weak<Shared>) {
                         }
                     }
                 }
+                // Let go of the store before answering: once the last writer has its
+                // answer and drops the twins, the database file must be closed.
+                drop(shared);
                 for write in batch.drain(..) {
                     let _ = write.done.send(Ok(()));
                 }
@@ -385,7 +388,7 @@ mod tests {
             Err(PutError::Conflict)
         ));
         // A deleted device's twin is gone; one created again starts afresh.
-        twins.deleted(&id);
+        twins.deleted(&id, 4);
         assert_eq!(twins.get(&id).await.unwrap(), None);
         twins.created(&id);
         assert_eq!(twins.put(&id, twin(2), 0).await.unwrap(), 2);

@@ -111,10 +111,14 @@ pub trait TwinStore: Send + Sync + 'static {
         write: TwinWrite,
         expected: Revision,
     ) -> Result<Revision, PutError>;
-    /// `id` was created through this process (its twin starts afresh).
+    /// `id` was created (its twin starts afresh). In cluster mode every hub hears
+    /// of every creation.
     fn created(&self, id: &DeviceId);
-    /// `id` was deleted through this process (its twin goes with it).
-    fn deleted(&self, id: &DeviceId);
+    /// `id` was deleted; its twin goes with it. `known` is the newest revision of
+    /// the twin this process knows (`0`: none): in cluster mode every hub hears of
+    /// every deletion, and a store deletes only that revision, so a late deletion
+    /// never removes the twin of a device created again under the id.
+    fn deleted(&self, id: &DeviceId, known: Revision);
     /// The changes every writer makes after `after`, for a store shared by several
     /// processes; `None` when this process is the store's only writer.
     async fn watch(
@@ -963,8 +967,8 @@ impl RegistryObserver for FollowRegistry {
 
     fn deleted(&self, id: &DeviceId) {
         if let Some(inner) = self.0.upgrade() {
-            inner.lock().remove(id);
-            inner.store.deleted(id);
+            let known = inner.lock().remove(id).map_or(0, |cached| cached.revision);
+            inner.store.deleted(id, known);
         }
     }
 }

@@ -1,7 +1,9 @@
 //! The cluster-mode backend: the hub's state in NATS JetStream (DESIGN section 4).
 //! Telemetry is one replicated stream with a subject per partition ([`telemetry`]);
 //! consumer-group checkpoints are a replicated KV bucket ([`checkpoints`]); device
-//! twins are a KV bucket with compare-and-set on the revision ([`twins`]). Every
+//! identities ([`registry`]), device twins ([`twins`]) and persistent MQTT sessions
+//! ([`sessions`]) are KV buckets with compare-and-set on the revision where writers
+//! may race. Every
 //! stream and bucket has the configured replica count (3 by default), so losing one
 //! NATS node loses nothing JetStream acknowledged.
 //!
@@ -11,6 +13,8 @@
 
 pub mod checkpoints;
 pub mod keys;
+pub mod registry;
+pub mod sessions;
 pub mod telemetry;
 pub mod twins;
 

@@ -336,13 +336,27 @@ impl TwinStore for NatsTwins {
         });
     }
 
-    fn deleted(&self, id: &DeviceId) {
+    fn deleted(&self, id: &DeviceId, known: Revision) {
+        if known == 0 {
+            // This hub never saw the twin stored: a hub that did deletes it.
+            return;
+        }
         let key = keys::encode(id.as_str());
         let (store, bucket) = (self.store.clone(), self.bucket.clone());
         let id = id.clone();
         tokio::spawn(async move {
             let deleted = store
-                .retrying("delete twin", || bucket.delete(key.as_str()))
+                .retrying("delete twin", || async {
+                    match bucket
+                        .delete_expect_revision(key.as_str(), Some(known))
+                        .await
+                    {
+                        // Another hub deleted it, or it changed since: a hub that
+                        // knows the newer revision deletes that.
+                        Err(err) if err.kind() == kv::UpdateErrorKind::WrongLastRevision => Ok(()),
+                        other => other,
+                    }
+                })
                 .await;
             if let Err(err) = deleted {
                 tracing::error!(%id, %err, "cannot delete a deleted device's twin");
