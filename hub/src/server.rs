@@ -28,16 +28,19 @@ use crate::gateway::tls::{self, TlsError};
 use crate::gateway::{Gateway, GatewayContext, listener};
 use crate::registry::{Presence, Registry, RegistryError};
 use crate::store::embedded::EmbeddedStore;
+use crate::store::embedded_twins::EmbeddedTwins;
 use crate::store::nats::NatsStore;
 use crate::store::nats::c2d::NatsCommands;
 use crate::store::nats::checkpoints::NatsCheckpoints;
 use crate::store::nats::registry::NatsRegistry;
 use crate::store::nats::sessions::NatsSessions;
 use crate::store::nats::telemetry::JetStreamTelemetry;
+use crate::store::nats::twins::NatsTwins;
 use crate::store::{StoreError, StoreHealth};
 use crate::telemetry::{Telemetry, TelemetryError};
 use crate::twins::document::TwinLimits;
-use crate::twins::{TwinError, Twins};
+use crate::twins::{TwinError, TwinStore, Twins};
+
 
 /// Why the hub could not start or stopped with an error.
 #[derive(Debug, thiserror::Error)]
@@ -146,6 +149,7 @@ impl Server {
             registry,
             registry_feed,
             sessions,
+            twin_store,
             nats,
         } = if config.cluster.enabled() {
             Backends::cluster(&config, &presence).await?
@@ -161,6 +165,7 @@ impl Server {
                 registry: Registry::new(Arc::new(store.clone()), presence.clone()),
                 registry_feed: None,
                 sessions: Arc::new(store.clone()),
+                twin_store: Arc::new(EmbeddedTwins::open(store.clone())?),
                 nats: None,
             }
         };
@@ -168,7 +173,7 @@ impl Server {
         let metrics = Arc::new(GatewayMetrics::default());
         let connections = Connections::default();
         let twins = Twins::start(
-            Arc::new(store.clone()),
+            twin_store,
             registry.clone(),
             connections.clone(),
             TwinLimits::default(),
@@ -353,13 +358,15 @@ struct Backends {
     /// Cluster mode: the task feeding the registry's mirror.
     registry_feed: Option<tokio::task::JoinHandle<()>>,
     sessions: Arc<dyn SessionStore>,
+    /// Twin documents.
+    twin_store: Arc<dyn TwinStore>,
     /// Cluster mode: the connection (C2D queues and `GET /cluster` use it too).
     nats: Option<NatsStore>,
 }
 
 impl Backends {
-    /// Cluster mode: telemetry, checkpoints, the registry and sessions on NATS
-    /// JetStream (the twins stay in the data dir for now; C2D queues are opened beside).
+    /// Cluster mode: telemetry, checkpoints, the registry, twins and sessions on NATS
+    /// JetStream (C2D queues are opened beside).
     async fn cluster(config: &Config, presence: &Presence) -> Result<Self, ServeError> {
         let nats = NatsStore::connect(&config.cluster).await?;
         nats.claim_partition_count(config.telemetry.partitions)
@@ -379,9 +386,10 @@ impl Backends {
         let registry_feed = devices.follow(registry.clone());
         registry.catch_up().await?;
         let sessions = NatsSessions::open(&nats).await?;
+        let twin_store = NatsTwins::open(&nats).await?;
         tracing::info!(
             node = nats.node_id(),
-            "cluster mode: telemetry, checkpoints, registry and sessions on NATS JetStream"
+            "cluster mode: telemetry, checkpoints, registry, twins, sessions and C2D on NATS JetStream"
         );
         Ok(Self {
             telemetry: Arc::new(telemetry),
@@ -389,6 +397,7 @@ impl Backends {
             registry,
             registry_feed: Some(registry_feed),
             sessions: Arc::new(sessions),
+            twin_store: Arc::new(twin_store),
             nats: Some(nats),
         })
     }

@@ -25,6 +25,7 @@ impl From<TwinError> for ApiError {
             TwinError::EtagMismatch(_) => ApiError::PreconditionFailed(err.to_string()),
             TwinError::Registry(err) => err.into(),
             TwinError::Store(detail) => ApiError::Internal(detail),
+            TwinError::Contended(_) => ApiError::Throttled(err.to_string()),
             TwinError::QueryBudget(_) => ApiError::Throttled(format!(
                 "{err}; narrow the query with WHERE or ask for fewer results"
             )),

@@ -24,7 +24,6 @@ use crate::gateway::services::SessionStore;
 use crate::gateway::topic::Subscription;
 use crate::registry::{Device, DeviceId, RegistryStore, RegistryStoreError};
 use crate::telemetry::CheckpointStore;
-use crate::twins::TwinStore;
 use crate::twins::document::TwinDocument;
 
 /// Schema version this build writes; a file with a higher one is refused, a file with
@@ -884,8 +883,10 @@ impl EmbeddedStore {
     }
 }
 
-impl TwinStore for EmbeddedStore {
-    fn load_all(&self) -> Result<Vec<(DeviceId, TwinDocument)>, StoreError> {
+/// The twins table, for [`super::embedded_twins`]: called on blocking threads.
+impl EmbeddedStore {
+    /// Every stored twin.
+    pub(crate) fn load_twins(&self) -> Result<Vec<(DeviceId, TwinDocument)>, StoreError> {
         let txn = self.db.begin_read()?;
         let table = txn.open_table(TWINS)?;
         let mut twins = Vec::new();
@@ -904,12 +905,32 @@ impl TwinStore for EmbeddedStore {
         Ok(twins)
     }
 
-    fn write_batch(&self, twins: &[(DeviceId, TwinDocument)]) -> Result<(), StoreError> {
+    /// The stored twin of `id`.
+    pub(crate) fn read_twin(&self, id: &DeviceId) -> Result<Option<TwinDocument>, StoreError> {
+        let txn = self.db.begin_read()?;
+        let table = txn.open_table(TWINS)?;
+        let Some(value) = table.get(id.as_str())? else {
+            return Ok(None);
+        };
+        serde_json::from_slice(value.value())
+            .map(Some)
+            .map_err(|err| StoreError::Corrupt {
+                table: "twins",
+                key: id.to_string(),
+                reason: err.to_string(),
+            })
+    }
+
+    /// Writes a batch of twins in one durable transaction.
+    pub(crate) fn write_twins(
+        &self,
+        twins: &[(DeviceId, Arc<TwinDocument>)],
+    ) -> Result<(), StoreError> {
         let txn = self.db.begin_write()?;
         {
             let mut table = txn.open_table(TWINS)?;
             for (id, twin) in twins {
-                let bytes = serde_json::to_vec(twin).map_err(|err| StoreError::Corrupt {
+                let bytes = serde_json::to_vec(&**twin).map_err(|err| StoreError::Corrupt {
                     table: "twins",
                     key: id.to_string(),
                     reason: err.to_string(),

@@ -4,6 +4,7 @@
 //! never a backend's tables.
 
 pub mod embedded;
+pub mod embedded_twins;
 pub mod nats;
 
 use std::path::PathBuf;

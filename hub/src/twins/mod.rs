@@ -1,13 +1,19 @@
 //! Device twins (DESIGN sections 2–3): one document per registered device with
 //! tags, desired and reported properties, their versions and `$metadata`.
 //!
-//! The twins of all devices live in memory (the authoritative copy for reads and
-//! queries) and are written behind to the store by a group committer: a change is
-//! applied in memory under the twin lock, queued, and committed in a batch with
-//! others; only then does the caller get its answer (REST 200, device 204) and the
-//! device its desired-property push. If a commit fails, every queued change is
-//! refused and the twins are reloaded from the store, so memory never keeps a change
-//! the store lost.
+//! The service keeps a cache of every twin with the store revision it was read at
+//! (queries scan it). A change reads the cached `(twin, revision)`, applies itself,
+//! and asks the store to [`TwinStore::put`] the result *if the stored revision is
+//! still the one it read* (compare-and-set). On success the cache takes the new
+//! revision (read-your-writes) and the caller gets its answer (REST 200, device
+//! 204); on a conflict the change reads the twin from the store and applies itself
+//! again, a bounded number of times. So writers in different hub processes sharing
+//! one store never lose each other's updates.
+//!
+//! In embedded mode this process is the only writer: the cache is authoritative and
+//! the store commits in groups (`store::embedded`). In cluster mode the store also
+//! [`TwinStore::watch`]es the changes every writer makes: they refresh the cache
+//! and every node pushes desired-property patches to the devices connected to it.
 
 pub mod document;
 pub mod query;
@@ -22,7 +28,7 @@ use bytes::Bytes;
 use rumqttc::mqttbytes::QoS;
 use serde_json::{Map, Value, json};
 use time::OffsetDateTime;
-use tokio::sync::{mpsc, oneshot};
+use tokio::sync::mpsc;
 
 use crate::gateway::connections::Connections;
 use crate::gateway::services::{TwinReply, TwinRequests};
@@ -32,12 +38,93 @@ use crate::registry::{Device, DeviceId, IfMatch, Registry, RegistryError, Regist
 use crate::store::StoreError;
 use document::{PatchError, TwinDocument, TwinLimits};
 
-/// Where twins are stored. Called from the committer's blocking thread.
+/// A twin's revision in its store: grows with every stored change of the twin; `0`
+/// means "never stored" (a new device's twin). Only the store interprets it.
+pub type Revision = u64;
+
+/// A twin as read from the store.
+#[derive(Debug, Clone, PartialEq)]
+pub struct StoredTwin {
+    /// The document.
+    pub twin: TwinDocument,
+    /// Its revision.
+    pub revision: Revision,
+    /// The desired patch that produced `twin.desired.version`, when the store keeps
+    /// it (cluster mode: every node pushes it to its own devices).
+    pub desired_patch: Option<Value>,
+}
+
+/// One change to store.
+#[derive(Debug, Clone)]
+pub struct TwinWrite {
+    /// The new document.
+    pub twin: TwinDocument,
+    /// The desired patch this change made, if it changed desired properties.
+    pub desired_patch: Option<Value>,
+}
+
+/// Why a [`TwinStore::put`] did not store the twin.
+#[derive(Debug, thiserror::Error)]
+pub enum PutError {
+    /// The stored revision is not the expected one: another writer changed (or
+    /// deleted) the twin since it was read. Nothing was written.
+    #[error("the twin was changed by another writer")]
+    Conflict,
+    /// The store failed; nothing was written.
+    #[error(transparent)]
+    Store(#[from] StoreError),
+}
+
+/// A change to a stored twin, seen by [`TwinStore::watch`].
+#[derive(Debug, Clone)]
+pub struct TwinChange {
+    /// The device.
+    pub device: DeviceId,
+    /// The revision of the change.
+    pub revision: Revision,
+    /// The new twin, or `None` when the twin was deleted.
+    pub twin: Option<StoredTwin>,
+}
+
+/// What [`TwinStore::load_all`] returns.
+#[derive(Debug, Default)]
+pub struct TwinSnapshot {
+    /// Every stored twin.
+    pub twins: Vec<(DeviceId, StoredTwin)>,
+    /// The store's position at the snapshot: a watch from here misses nothing.
+    pub revision: Revision,
+}
+
+/// Where twins are stored: a document per device with compare-and-set on its
+/// revision.
+#[async_trait]
 pub trait TwinStore: Send + Sync + 'static {
     /// Every stored twin.
-    fn load_all(&self) -> Result<Vec<(DeviceId, TwinDocument)>, StoreError>;
-    /// Writes a batch of twins in one durable transaction.
-    fn write_batch(&self, twins: &[(DeviceId, TwinDocument)]) -> Result<(), StoreError>;
+    async fn load_all(&self) -> Result<TwinSnapshot, StoreError>;
+    /// The stored twin of `id` (as of the newest accepted write), if any.
+    async fn get(&self, id: &DeviceId) -> Result<Option<StoredTwin>, StoreError>;
+    /// Stores `write` if the twin's stored revision is still `expected` (`0`: no
+    /// twin is stored), returning the new revision once the write is durable.
+    async fn put(
+        &self,
+        id: &DeviceId,
+        write: TwinWrite,
+        expected: Revision,
+    ) -> Result<Revision, PutError>;
+    /// `id` was created (its twin starts afresh). In cluster mode every hub hears
+    /// of every creation.
+    fn created(&self, id: &DeviceId);
+    /// `id` was deleted; its twin goes with it. `known` is the newest revision of
+    /// the twin this process knows (`0`: none): in cluster mode every hub hears of
+    /// every deletion, and a store deletes only that revision, so a late deletion
+    /// never removes the twin of a device created again under the id.
+    fn deleted(&self, id: &DeviceId, known: Revision);
+    /// The changes every writer makes after `after`, for a store shared by several
+    /// processes; `None` when this process is the store's only writer.
+    async fn watch(
+        &self,
+        after: Revision,
+    ) -> Result<Option<mpsc::Receiver<TwinChange>>, StoreError>;
 }
 
 /// Why a twin operation failed.
@@ -55,6 +142,9 @@ pub enum TwinError {
     /// If-Match does not match the twin's etag.
     #[error("etag mismatch: the twin was modified (current etag {0})")]
     EtagMismatch(String),
+    /// The change lost the race against other writers of the twin too many times.
+    #[error("the twin of {0} is being changed by too many writers at once; try again")]
+    Contended(DeviceId),
     /// The store failed to commit; nothing was changed.
     #[error("twin store: {0}")]
     Store(String),
@@ -75,20 +165,36 @@ pub struct TwinView {
     pub twin: TwinDocument,
 }
 
-/// The twin etag: changes with every twin change.
+/// The twin etag: changes with every twin change. It is made of the twin's version,
+/// which is part of the stored document, so every hub sharing a store computes the
+/// same etag for the same twin.
 pub fn etag(twin: &TwinDocument) -> String {
     STANDARD_NO_PAD.encode(twin.version.to_string())
 }
 
-struct Write {
-    device: DeviceId,
-    twin: TwinDocument,
-    done: oneshot::Sender<Result<(), String>>,
+/// A cached twin and the revision it was stored at.
+#[derive(Debug, Clone)]
+struct Cached {
+    twin: Arc<TwinDocument>,
+    revision: Revision,
+    /// Drawn anew whenever the device's entry appears: a change that started on an
+    /// earlier incarnation of the device (deleted and created again under the same
+    /// id) must not land on the new one.
+    epoch: u64,
+}
+
+/// A new device's twin, as the base of a change.
+fn fresh() -> (Arc<TwinDocument>, Revision) {
+    (Arc::new(TwinDocument::new()), 0)
 }
 
 struct Inner {
-    twins: Mutex<HashMap<DeviceId, Arc<TwinDocument>>>,
-    queue: mpsc::UnboundedSender<Write>,
+    twins: Mutex<HashMap<DeviceId, Cached>>,
+    epochs: std::sync::atomic::AtomicU64,
+    store: Arc<dyn TwinStore>,
+    /// Several processes write the store (cluster mode): reads go to the store, and
+    /// desired patches are pushed by the watch, not by the writer.
+    shared: bool,
     registry: Registry,
     connections: Connections,
     limits: TwinLimits,
@@ -108,60 +214,88 @@ impl std::fmt::Debug for Twins {
     }
 }
 
-/// Most twin changes committed in one transaction.
-const MAX_BATCH: usize = 1024;
+/// How often a change is applied again after losing a compare-and-set race before
+/// it gives up ([`TwinError::Contended`]).
+const MAX_CONFLICTS: usize = 64;
+
+/// A change applied to a twin: edits it at `now` and returns the desired patch it
+/// made, if any. Applied again from the newer twin when the first try lost a race.
+type Change<'a> =
+    dyn FnMut(&mut TwinDocument, &str) -> Result<Option<Value>, TwinError> + Send + 'a;
 
 impl Twins {
     /// Loads every twin from `store` (and a new one for every registered device that
-    /// never had a change) and starts the committer.
+    /// never had a change) and, when the store is shared, starts following it.
     pub async fn start(
         store: Arc<dyn TwinStore>,
         registry: Registry,
         connections: Connections,
         limits: TwinLimits,
     ) -> Result<Self, TwinError> {
-        let loader = Arc::clone(&store);
-        let stored = tokio::task::spawn_blocking(move || loader.load_all())
+        let stored = store
+            .load_all()
             .await
-            .map_err(|err| TwinError::Store(err.to_string()))?
             .map_err(|err| TwinError::Store(err.to_string()))?;
-        let mut twins: HashMap<DeviceId, Arc<TwinDocument>> = HashMap::new();
+        let watch = store
+            .watch(stored.revision)
+            .await
+            .map_err(|err| TwinError::Store(err.to_string()))?;
+        let shared = watch.is_some();
+        let mut twins: HashMap<DeviceId, (Arc<TwinDocument>, Revision)> = HashMap::new();
         let mut after = None;
         loop {
             let page = registry.list(after.as_ref(), 1000).await?;
             for device in &page.devices {
-                twins.insert(device.device_id.clone(), Arc::new(TwinDocument::new()));
+                twins.insert(device.device_id.clone(), fresh());
             }
             match page.next_after {
                 Some(next) => after = Some(next),
                 None => break,
             }
         }
-        // A stored twin of a device that no longer exists is dropped.
-        for (id, twin) in stored {
-            if let Some(slot) = twins.get_mut(&id) {
-                *slot = Arc::new(twin);
+        let mut desired_seen = HashMap::new();
+        for (id, stored) in stored.twins {
+            // A stored twin of a device that no longer exists is dropped. In a shared
+            // store the twins are the truth (the deleting node deletes the twin), so
+            // every stored twin is kept.
+            if shared || twins.contains_key(&id) {
+                desired_seen.insert(id.clone(), stored.twin.desired.version);
+                twins.insert(id, (Arc::new(stored.twin), stored.revision));
             }
         }
-        let (queue, rx) = mpsc::unbounded_channel();
+        let twins = twins
+            .into_iter()
+            .enumerate()
+            .map(|(epoch, (id, (twin, revision)))| {
+                let epoch = epoch as u64;
+                (
+                    id,
+                    Cached {
+                        twin,
+                        revision,
+                        epoch,
+                    },
+                )
+            })
+            .collect::<HashMap<_, _>>();
         let inner = Arc::new(Inner {
+            epochs: std::sync::atomic::AtomicU64::new(twins.len() as u64),
             twins: Mutex::new(twins),
-            queue,
+            store,
+            shared,
             registry: registry.clone(),
             connections,
             limits,
             query_slots: tokio::sync::Semaphore::new(CONCURRENT_QUERIES),
         });
-        let weak = Arc::downgrade(&inner);
-        std::thread::Builder::new()
-            .name("twin-committer".into())
-            .spawn(move || commit_loop(store, rx, weak))
-            .map_err(|err| TwinError::Store(format!("cannot start the twin committer: {err}")))?;
+        if let Some(changes) = watch {
+            tokio::spawn(follow(Arc::downgrade(&inner), changes, desired_seen));
+        }
         registry.observe(Arc::new(FollowRegistry(Arc::downgrade(&inner))));
         Ok(Self { inner })
     }
 
-    fn lock(&self) -> MutexGuard<'_, HashMap<DeviceId, Arc<TwinDocument>>> {
+    fn lock(&self) -> MutexGuard<'_, HashMap<DeviceId, Cached>> {
         self.inner.lock()
     }
 
@@ -170,25 +304,46 @@ impl Twins {
         let mut all: Vec<(DeviceId, Arc<TwinDocument>)> = self
             .lock()
             .iter()
-            .map(|(id, t)| (id.clone(), Arc::clone(t)))
+            .map(|(id, t)| (id.clone(), Arc::clone(&t.twin)))
             .collect();
         all.sort_unstable_by(|a, b| a.0.cmp(&b.0));
         all
     }
 
-    /// The twin of `id` (a new one if the device never had a change).
+    /// The cached twin of `id` (a new one if the device never had a change).
     pub fn twin_of(&self, id: &DeviceId) -> TwinDocument {
         self.lock()
             .get(id)
-            .map(|t| (**t).clone())
+            .map(|t| (*t.twin).clone())
             .unwrap_or_default()
+    }
+
+    /// The current twin of `id`: the cached one, or in cluster mode the stored one
+    /// (another hub may have changed it a moment ago). If the store does not answer,
+    /// the cached copy is the best answer there is.
+    pub async fn current(&self, id: &DeviceId) -> TwinDocument {
+        if !self.inner.shared {
+            return self.twin_of(id);
+        }
+        match self.inner.store.get(id).await {
+            Ok(Some(stored)) => {
+                let twin = stored.twin.clone();
+                self.inner.remember(id, stored.twin, stored.revision, None);
+                twin
+            }
+            Ok(None) => self.twin_of(id),
+            Err(err) => {
+                tracing::warn!(%id, error = %err, "twin read failed; answering from the cache");
+                self.twin_of(id)
+            }
+        }
     }
 
     /// The REST view of `id`'s twin.
     pub async fn get(&self, id: &DeviceId) -> Result<TwinView, TwinError> {
         let device = self.device(id).await?;
         Ok(TwinView {
-            twin: self.twin_of(id),
+            twin: self.current(id).await,
             device,
         })
     }
@@ -201,58 +356,85 @@ impl Twins {
         }
     }
 
-    /// Applies `change` to `id`'s twin in memory and commits it; the caller gets the
-    /// result once durable. `change` returns the desired patch to push, if any.
+    /// Applies `change` to `id`'s twin and stores the result if nobody changed the
+    /// twin meanwhile; otherwise reads the newer twin and applies `change` again. The
+    /// caller gets the result once it is durable.
     async fn change(
         &self,
         id: &DeviceId,
-        change: impl FnOnce(&mut TwinDocument, &str) -> Result<Option<Value>, TwinError>,
+        change: &mut Change<'_>,
     ) -> Result<TwinDocument, TwinError> {
         let now = OffsetDateTime::now_utc()
             .format(&time::format_description::well_known::Rfc3339)
             .unwrap_or_default();
-        let (done, committed) = oneshot::channel();
-        let (twin, push) = {
-            let mut twins = self.lock();
-            let mut twin = twins.get(id).map(|t| (**t).clone()).unwrap_or_default();
-            let push = change(&mut twin, &now)?;
-            twin.version += 1;
-            // Queued under the lock, so the committer sees changes in the order they
-            // were made.
-            self.inner
-                .queue
-                .send(Write {
-                    device: id.clone(),
-                    twin: twin.clone(),
-                    done,
-                })
-                .map_err(|_| TwinError::Store("twin committer stopped".into()))?;
-            twins.insert(id.clone(), Arc::new(twin.clone()));
-            (twin, push)
+        let (mut base, epoch) = match self.lock().get(id) {
+            Some(cached) => (
+                (Arc::clone(&cached.twin), cached.revision),
+                Some(cached.epoch),
+            ),
+            None => (fresh(), None),
         };
-        committed
-            .await
-            .map_err(|_| TwinError::Store("twin committer stopped".into()))?
-            .map_err(TwinError::Store)?;
-        if let Some(patch) = push {
-            self.push_desired(id, twin.desired.version, patch);
+        // The cached copy may be behind the store (another writer, or in embedded
+        // mode a change still being committed): a refusal based on it is checked
+        // again against the store before it is final.
+        let mut from_cache = true;
+        let mut conflicts = 0;
+        loop {
+            let mut twin = (*base.0).clone();
+            let push = match change(&mut twin, &now) {
+                Ok(push) => push,
+                Err(TwinError::EtagMismatch(_)) if from_cache => {
+                    base = self.stored(id).await?;
+                    from_cache = false;
+                    continue;
+                }
+                Err(err) => return Err(err),
+            };
+            twin.version += 1;
+            let write = TwinWrite {
+                twin: twin.clone(),
+                desired_patch: push.clone(),
+            };
+            match self.inner.store.put(id, write, base.1).await {
+                Ok(revision) => {
+                    self.inner.remember(id, twin.clone(), revision, epoch);
+                    if !self.inner.shared
+                        && let Some(patch) = push
+                    {
+                        self.inner.push_desired(id, twin.desired.version, patch);
+                    }
+                    return Ok(twin);
+                }
+                Err(PutError::Conflict) if conflicts < MAX_CONFLICTS => {
+                    // Deleted (and maybe created again) meanwhile: the change was for
+                    // a device that is gone.
+                    if epoch.is_some() && self.lock().get(id).map(|c| c.epoch) != epoch {
+                        return Err(TwinError::NotFound(id.clone()));
+                    }
+                    conflicts += 1;
+                    tracing::debug!(%id, conflicts, "twin changed by another writer; applying the change again");
+                    base = self.stored(id).await?;
+                    from_cache = false;
+                }
+                Err(PutError::Conflict) => return Err(TwinError::Contended(id.clone())),
+                Err(PutError::Store(err)) => return Err(TwinError::Store(err.to_string())),
+            }
         }
-        Ok(twin)
     }
 
-    fn push_desired(&self, id: &DeviceId, version: u64, mut patch: Value) {
-        if let Value::Object(map) = &mut patch {
-            map.insert("$version".into(), Value::from(version));
-        }
-        let message = Outbound {
-            topic: topic::desired_patch(version),
-            payload: Bytes::from(patch.to_string()),
-            qos: QoS::AtLeastOnce,
-            requires: Some(Subscription::DesiredPatches),
-            id: 0,
-        };
-        // Not connected or not subscribed: the device GETs the twin when it comes back.
-        let _ = self.inner.connections.deliver(id, message);
+    /// The stored twin of `id` as a base for a change (a fresh one if none is
+    /// stored).
+    async fn stored(&self, id: &DeviceId) -> Result<(Arc<TwinDocument>, Revision), TwinError> {
+        let stored = self
+            .inner
+            .store
+            .get(id)
+            .await
+            .map_err(|err| TwinError::Store(err.to_string()))?;
+        Ok(match stored {
+            Some(stored) => (Arc::new(stored.twin), stored.revision),
+            None => fresh(),
+        })
     }
 
     /// `PATCH /twins/{id}`: merge `tags` and `properties.desired`.
@@ -266,15 +448,15 @@ impl Twins {
         let (tags, desired) = service_sections(body)?;
         let limits = self.inner.limits;
         let twin = self
-            .change(id, |twin, now| {
+            .change(id, &mut |twin, now| {
                 check_etag(twin, if_match.as_ref())?;
                 if let Some(tags) = &tags {
                     twin.patch_tags(tags, limits)?;
                 }
-                match desired {
+                match &desired {
                     Some(desired) => {
-                        twin.desired.apply("desired", &desired, now, true, limits)?;
-                        Ok(Some(Value::Object(desired)))
+                        twin.desired.apply("desired", desired, now, true, limits)?;
+                        Ok(Some(Value::Object(desired.clone())))
                     }
                     None => Ok(None),
                 }
@@ -293,19 +475,19 @@ impl Twins {
         let device = self.device(id).await?;
         let (tags, desired) = service_sections(body)?;
         let limits = self.inner.limits;
+        let tags = tags.unwrap_or_default();
+        let desired = desired.unwrap_or_default();
         let twin = self
-            .change(id, |twin, now| {
+            .change(id, &mut |twin, now| {
                 check_etag(twin, if_match.as_ref())?;
-                let tags = tags.unwrap_or_default();
                 let mut replaced = TwinDocument {
                     tags: Map::new(),
                     ..twin.clone()
                 };
                 replaced.patch_tags(&tags, limits)?;
-                let desired = desired.unwrap_or_default();
                 replaced
                     .desired
-                    .replace("desired", desired, now, true, limits)?;
+                    .replace("desired", desired.clone(), now, true, limits)?;
                 *twin = replaced;
                 // A device sees the whole new desired section.
                 Ok(Some(Value::Object(twin.desired.properties.clone())))
@@ -325,13 +507,110 @@ impl Twins {
         };
         let limits = self.inner.limits;
         let twin = self
-            .change(id, |twin, now| {
+            .change(id, &mut |twin, now| {
                 twin.reported
                     .apply("reported", &patch, now, false, limits)?;
                 Ok(None)
             })
             .await?;
         Ok(twin.reported.version)
+    }
+}
+
+impl Inner {
+    fn lock(&self) -> MutexGuard<'_, HashMap<DeviceId, Cached>> {
+        self.twins.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    fn next_epoch(&self) -> u64 {
+        self.epochs
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed)
+    }
+
+    /// Puts `twin` at `revision` in the cache unless the cache already holds the same
+    /// or a newer revision (answers and watch events arrive in any order). A writer
+    /// passes the `epoch` of the entry its change started from: if the device was
+    /// deleted (and perhaps created again) since, its answer is not cached.
+    fn remember(&self, id: &DeviceId, twin: TwinDocument, revision: Revision, epoch: Option<u64>) {
+        let mut twins = self.lock();
+        match twins.get_mut(id) {
+            Some(cached) if epoch.is_some_and(|e| e != cached.epoch) => {}
+            Some(cached) if cached.revision >= revision => {}
+            Some(cached) => {
+                cached.twin = Arc::new(twin);
+                cached.revision = revision;
+            }
+            // Deleted meanwhile: a late answer must not bring the twin back. Only a
+            // shared store's twins appear without this node seeing the device created.
+            None if epoch.is_some() || !self.shared => {}
+            None => {
+                let epoch = self.next_epoch();
+                twins.insert(
+                    id.clone(),
+                    Cached {
+                        twin: Arc::new(twin),
+                        revision,
+                        epoch,
+                    },
+                );
+            }
+        }
+    }
+
+    fn push_desired(&self, id: &DeviceId, version: u64, mut patch: Value) {
+        if let Value::Object(map) = &mut patch {
+            map.insert("$version".into(), Value::from(version));
+        }
+        let message = Outbound {
+            topic: topic::desired_patch(version),
+            payload: Bytes::from(patch.to_string()),
+            qos: QoS::AtLeastOnce,
+            requires: Some(Subscription::DesiredPatches),
+            id: 0,
+        };
+        // Not connected or not subscribed: the device GETs the twin when it comes back.
+        let _ = self.connections.deliver(id, message);
+    }
+}
+
+/// Follows a shared store: every writer's change refreshes the cache, and a change
+/// of desired properties is pushed to the device if it is connected to this node.
+/// `desired_seen` holds the desired version each device last had here, so a change
+/// is pushed once, whoever made it.
+async fn follow(
+    inner: std::sync::Weak<Inner>,
+    mut changes: mpsc::Receiver<TwinChange>,
+    mut desired_seen: HashMap<DeviceId, u64>,
+) {
+    while let Some(change) = changes.recv().await {
+        let Some(inner) = inner.upgrade() else { return };
+        let Some(stored) = change.twin else {
+            let mut twins = inner.lock();
+            if twins
+                .get(&change.device)
+                .is_some_and(|cached| cached.revision < change.revision)
+            {
+                twins.remove(&change.device);
+            }
+            desired_seen.remove(&change.device);
+            continue;
+        };
+        let version = stored.twin.desired.version;
+        // A new twin starts at desired version 1, which no patch made.
+        let seen = desired_seen
+            .insert(change.device.clone(), version)
+            .unwrap_or(1);
+        if version > seen {
+            // The stored patch made this version. If this node missed a version in
+            // between (its watch was re-established), the whole desired section is
+            // the patch: as for a PUT, the device gets every current key.
+            let patch = match stored.desired_patch {
+                Some(patch) if version == seen + 1 => patch,
+                _ => Value::Object(stored.twin.desired.properties.clone()),
+            };
+            inner.push_desired(&change.device, version, patch);
+        }
+        inner.remember(&change.device, stored.twin, change.revision, None);
     }
 }
 
@@ -669,82 +948,6 @@ fn service_sections(body: Value) -> Result<Sections, TwinError> {
     Ok((tags, desired))
 }
 
-fn commit_loop(
-    store: Arc<dyn TwinStore>,
-    mut rx: mpsc::UnboundedReceiver<Write>,
-    inner: std::sync::Weak<Inner>,
-) {
-    let mut batch: Vec<Write> = Vec::new();
-    while let Some(first) = rx.blocking_recv() {
-        batch.push(first);
-        while batch.len() < MAX_BATCH {
-            match rx.try_recv() {
-                Ok(next) => batch.push(next),
-                Err(_) => break,
-            }
-        }
-        let rows = match inner.upgrade() {
-            Some(inner) => rows_to_write(&batch, &inner.lock()),
-            None => return,
-        };
-        match store.write_batch(&rows) {
-            Ok(()) => {
-                for write in batch.drain(..) {
-                    let _ = write.done.send(Ok(()));
-                }
-            }
-            Err(err) => {
-                tracing::error!(error = %err, "twin commit failed; refusing queued changes and reloading");
-                let message = err.to_string();
-                for write in batch.drain(..) {
-                    let _ = write.done.send(Err(message.clone()));
-                }
-                let Some(inner) = inner.upgrade() else { return };
-                // Under the twin lock nothing new is queued: refuse what is queued
-                // (it was built on the lost change), then reload the durable state.
-                let mut twins = inner.lock();
-                while let Ok(write) = rx.try_recv() {
-                    let _ = write.done.send(Err(message.clone()));
-                }
-                match store.load_all() {
-                    Ok(stored) => {
-                        let stored: HashMap<DeviceId, TwinDocument> = stored.into_iter().collect();
-                        for (id, twin) in twins.iter_mut() {
-                            *twin = Arc::new(stored.get(id).cloned().unwrap_or_default());
-                        }
-                    }
-                    Err(err) => {
-                        tracing::error!(error = %err, "cannot reload twins after a failed commit")
-                    }
-                }
-            }
-        }
-    }
-}
-
-/// The rows a batch writes: the last change of each device in the batch (it carries
-/// the earlier ones), unless the device was deleted meanwhile (no twin in memory) or
-/// deleted and created again (its twin in memory is older than the queued change):
-/// a late write must not bring back a deleted device's twin.
-fn rows_to_write(
-    batch: &[Write],
-    twins: &HashMap<DeviceId, Arc<TwinDocument>>,
-) -> Vec<(DeviceId, TwinDocument)> {
-    let mut latest: HashMap<&DeviceId, &TwinDocument> = HashMap::new();
-    for write in batch {
-        latest.insert(&write.device, &write.twin);
-    }
-    latest
-        .into_iter()
-        .filter(|(id, twin)| {
-            twins
-                .get(*id)
-                .is_some_and(|current| current.version >= twin.version)
-        })
-        .map(|(id, twin)| (id.clone(), twin.clone()))
-        .collect()
-}
-
 /// Keeps one twin per registered device: a new device gets a fresh twin, a deleted
 /// one loses its twin (so a device re-created under the id starts afresh).
 struct FollowRegistry(std::sync::Weak<Inner>);
@@ -752,23 +955,21 @@ struct FollowRegistry(std::sync::Weak<Inner>);
 impl RegistryObserver for FollowRegistry {
     fn created(&self, id: &DeviceId) {
         if let Some(inner) = self.0.upgrade() {
-            inner
-                .lock()
-                .entry(id.clone())
-                .or_insert_with(|| Arc::new(TwinDocument::new()));
+            let epoch = inner.next_epoch();
+            inner.lock().entry(id.clone()).or_insert_with(|| Cached {
+                twin: Arc::new(TwinDocument::new()),
+                revision: 0,
+                epoch,
+            });
+            inner.store.created(id);
         }
     }
 
     fn deleted(&self, id: &DeviceId) {
         if let Some(inner) = self.0.upgrade() {
-            inner.lock().remove(id);
+            let known = inner.lock().remove(id).map_or(0, |cached| cached.revision);
+            inner.store.deleted(id, known);
         }
-    }
-}
-
-impl Inner {
-    fn lock(&self) -> MutexGuard<'_, HashMap<DeviceId, Arc<TwinDocument>>> {
-        self.twins.lock().unwrap_or_else(PoisonError::into_inner)
     }
 }
 
@@ -778,7 +979,7 @@ impl TwinRequests for Twins {
         match op {
             TwinOp::Get => TwinReply {
                 status: 200,
-                body: Bytes::from(self.twin_of(device).device_view().to_string()),
+                body: Bytes::from(self.current(device).await.device_view().to_string()),
                 version: None,
             },
             TwinOp::PatchReported(patch) => match self.patch_reported(device, &patch).await {
@@ -811,31 +1012,6 @@ impl TwinRequests for Twins {
 mod tests {
     use super::*;
 
-    fn write(id: &str, version: u64) -> Write {
-        let (done, _) = oneshot::channel();
-        Write {
-            device: DeviceId::parse(id).unwrap(),
-            twin: TwinDocument {
-                version,
-                ..TwinDocument::new()
-            },
-            done,
-        }
-    }
-
-    fn cache(entries: &[(&str, u64)]) -> HashMap<DeviceId, Arc<TwinDocument>> {
-        entries
-            .iter()
-            .map(|(id, version)| {
-                let twin = TwinDocument {
-                    version: *version,
-                    ..TwinDocument::new()
-                };
-                (DeviceId::parse(id).unwrap(), Arc::new(twin))
-            })
-            .collect()
-    }
-
     #[test]
     fn a_scan_past_its_deadline_stops_instead_of_finishing() {
         let twins: Vec<(DeviceId, Arc<TwinDocument>)> = (0..10_000)
@@ -859,21 +1035,5 @@ mod tests {
             panic!("the count finishes in time")
         };
         assert_eq!(rows, vec![json!({"n": 10_000})]);
-    }
-
-    #[test]
-    fn a_batch_writes_each_twins_last_change_and_never_a_deleted_one() {
-        let batch = [
-            write("a", 2),
-            write("a", 3),
-            write("gone", 5),
-            write("reborn", 9),
-        ];
-        // "gone" was deleted; "reborn" was deleted and created again (fresh twin, v1).
-        let twins = cache(&[("a", 3), ("reborn", 1)]);
-        let rows = rows_to_write(&batch, &twins);
-        assert_eq!(rows.len(), 1);
-        assert_eq!(rows[0].0.as_str(), "a");
-        assert_eq!(rows[0].1.version, 3);
     }
 }

@@ -1,10 +1,10 @@
 //! The cluster-mode backend: the hub's state in NATS JetStream (DESIGN section 4).
 //! Telemetry is one replicated stream with a subject per partition ([`telemetry`]);
 //! consumer-group checkpoints are a replicated KV bucket ([`checkpoints`]); device
-//! identities ([`registry`]) and persistent MQTT sessions ([`sessions`]) are KV
-//! buckets with compare-and-set on the revision where writers may race; C2D queues
-//! are a stream with a subject per device, their feedback a work-queue stream
-//! ([`c2d`]). Every
+//! identities ([`registry`]), device twins ([`twins`]) and persistent MQTT sessions
+//! ([`sessions`]) are KV buckets with compare-and-set on the revision where writers
+//! may race; C2D queues are a stream with a subject per device, their feedback a
+//! work-queue stream ([`c2d`]). Every
 //! stream and bucket has the configured replica count (3 by default), so losing one
 //! NATS node loses nothing JetStream acknowledged.
 //!
@@ -19,6 +19,7 @@ pub mod registry;
 pub mod sessions;
 pub mod status;
 pub mod telemetry;
+pub mod twins;
 
 use std::future::Future;
 use std::sync::Arc;
