@@ -2,14 +2,17 @@
 //! on a real 3-node NATS JetStream cluster share one device registry (KV bucket
 //! `hub-registry`, etags = KV revisions) and one session store (`hub-sessions`).
 //! A device written through hub A is read, listed and guarded by its etag through
-//! hub B; of two concurrent updates with the same If-Match exactly one wins; disabling
-//! a device through B closes its connection on A within a second; a device created
-//! through A authenticates on B; a persistent MQTT session follows its device to
-//! another hub and outlives a hub restart.
+//! hub B; of two concurrent updates with the same If-Match exactly one wins;
+//! disabling a device (or rotating its key) through B closes its connection on A
+//! within a second; a device created through A authenticates on B; a persistent MQTT
+//! session follows its device to another hub and outlives a hub restart; the
+//! registry's change feed outlives the loss of the bucket's leader.
 
 use std::time::Duration;
 
 use anyhow::{Context, Result, bail, ensure};
+use base64::Engine;
+use base64::engine::general_purpose::STANDARD;
 use hub_tests::mqtt::{self, RawClient};
 use hub_tests::nats::NatsCluster;
 use hub_tests::{Hub, HubOptions};
@@ -297,6 +300,37 @@ async fn disabling_a_device_through_one_hub_closes_its_connection_on_another() -
                 "a disabled device was accepted: {ack:?}"
             );
         }
+
+        // Rotating the key a connection on A was made with, through B, closes it too.
+        let old_key = a.hub.create_device(&a.token, "fan").await?;
+        let (mut on_a, ack) = connect(&a.hub, "fan", &old_key, true).await?;
+        ensure!(ack.code == ConnectReturnCode::Success, "A refused: {ack:?}");
+        let new_key = STANDARD.encode([7u8; 32]);
+        let (status, body) = b
+            .update(
+                "fan",
+                "*",
+                json!({"authentication": {"symmetricKey": {"primaryKey": new_key}}}),
+            )
+            .await?;
+        ensure!(
+            status == StatusCode::OK,
+            "rotate through B: {status} {body}"
+        );
+        tokio::time::timeout(Duration::from_secs(1), on_a.expect_closed())
+            .await
+            .context("A kept a connection whose key was rotated away through B")??;
+        let (_, ack) = connect(&a.hub, "fan", &old_key, true).await?;
+        ensure!(
+            ack.code != ConnectReturnCode::Success,
+            "old key accepted: {ack:?}"
+        );
+        let (mut on_a, ack) = connect(&a.hub, "fan", &new_key, true).await?;
+        ensure!(
+            ack.code == ConnectReturnCode::Success,
+            "new key refused: {ack:?}"
+        );
+        on_a.ping().await?;
         Ok(())
     }
     .await;
