@@ -2,14 +2,17 @@
 //! on a real 3-node NATS JetStream cluster share one device registry (KV bucket
 //! `hub-registry`, etags = KV revisions) and one session store (`hub-sessions`).
 //! A device written through hub A is read, listed and guarded by its etag through
-//! hub B; of two concurrent updates with the same If-Match exactly one wins; disabling
-//! a device through B closes its connection on A within a second; a device created
-//! through A authenticates on B; a persistent MQTT session follows its device to
-//! another hub and outlives a hub restart.
+//! hub B; of two concurrent updates with the same If-Match exactly one wins;
+//! disabling a device (or rotating its key) through B closes its connection on A
+//! within a second; a device created through A authenticates on B; a persistent MQTT
+//! session follows its device to another hub and outlives a hub restart; the
+//! registry's change feed outlives the loss of the bucket's leader.
 
 use std::time::Duration;
 
 use anyhow::{Context, Result, bail, ensure};
+use base64::Engine;
+use base64::engine::general_purpose::STANDARD;
 use hub_tests::mqtt::{self, RawClient};
 use hub_tests::nats::NatsCluster;
 use hub_tests::{Hub, HubOptions};
@@ -73,14 +76,21 @@ impl Api {
         Ok((body, etag))
     }
 
-    /// `PUT /devices/{id}` with `If-Match: "etag"`: the status and the body.
+    /// `PUT /devices/{id}` with `If-Match: "etag"` (`*` bare): the status and the body.
     async fn update(&self, id: &str, etag: &str, body: Value) -> Result<(StatusCode, Value)> {
         let response = self
             .hub
             .http()
             .put(self.url(&format!("/devices/{id}")))
             .bearer_auth(&self.token)
-            .header("If-Match", format!("\"{etag}\""))
+            .header(
+                "If-Match",
+                if etag == "*" {
+                    etag.to_string()
+                } else {
+                    format!("\"{etag}\"")
+                },
+            )
             .json(&body)
             .send()
             .await?;
@@ -290,6 +300,37 @@ async fn disabling_a_device_through_one_hub_closes_its_connection_on_another() -
                 "a disabled device was accepted: {ack:?}"
             );
         }
+
+        // Rotating the key a connection on A was made with, through B, closes it too.
+        let old_key = a.hub.create_device(&a.token, "fan").await?;
+        let (mut on_a, ack) = connect(&a.hub, "fan", &old_key, true).await?;
+        ensure!(ack.code == ConnectReturnCode::Success, "A refused: {ack:?}");
+        let new_key = STANDARD.encode([7u8; 32]);
+        let (status, body) = b
+            .update(
+                "fan",
+                "*",
+                json!({"authentication": {"symmetricKey": {"primaryKey": new_key}}}),
+            )
+            .await?;
+        ensure!(
+            status == StatusCode::OK,
+            "rotate through B: {status} {body}"
+        );
+        tokio::time::timeout(Duration::from_secs(1), on_a.expect_closed())
+            .await
+            .context("A kept a connection whose key was rotated away through B")??;
+        let (_, ack) = connect(&a.hub, "fan", &old_key, true).await?;
+        ensure!(
+            ack.code != ConnectReturnCode::Success,
+            "old key accepted: {ack:?}"
+        );
+        let (mut on_a, ack) = connect(&a.hub, "fan", &new_key, true).await?;
+        ensure!(
+            ack.code == ConnectReturnCode::Success,
+            "new key refused: {ack:?}"
+        );
+        on_a.ping().await?;
         Ok(())
     }
     .await;
@@ -377,6 +418,58 @@ async fn a_persistent_session_follows_its_device_and_outlives_a_hub_restart() ->
         ensure!(
             ack.code == ConnectReturnCode::Success && !ack.session_present,
             "after a clean session: {ack:?}"
+        );
+        Ok(())
+    }
+    .await;
+    cluster.with_logs(result)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_registry_feed_outlives_the_loss_of_the_buckets_leader() -> Result<()> {
+    let mut cluster = NatsCluster::start(3).await?;
+    let result = async {
+        let (dir_a, dir_b) = (tempfile::tempdir()?, tempfile::tempdir()?);
+        let a = Api::start(dir_a.path(), &cluster).await?;
+        let b = Api::start(dir_b.path(), &cluster).await?;
+        let key = a.hub.create_device(&a.token, "valve").await?;
+        let (mut on_a, ack) = connect(&a.hub, "valve", &key, true).await?;
+        ensure!(ack.code == ConnectReturnCode::Success, "{ack:?}");
+
+        let leader = cluster.wait_stream_leader("KV_hub-registry").await?;
+        cluster.kill(leader).await?;
+        let killed = Instant::now();
+
+        // B's write retries through the election; A's feed (its consumer may have
+        // lived on the killed node) resumes and delivers it.
+        let (status, body) = b
+            .update("valve", "*", json!({"status": "disabled"}))
+            .await?;
+        ensure!(
+            status == StatusCode::OK,
+            "disable through B: {status} {body}"
+        );
+        // Each read waits a few seconds at most: read again until the deadline.
+        let deadline = killed + Duration::from_secs(15);
+        while on_a.expect_closed().await.is_err() {
+            ensure!(
+                Instant::now() < deadline,
+                "A kept the connection {:?} after the kill; A's log:\n{}",
+                killed.elapsed(),
+                a.hub.stderr()
+            );
+        }
+        eprintln!(
+            "closed on A {:?} after killing the registry's leader",
+            killed.elapsed()
+        );
+
+        // Later writes through B keep reaching A's listing.
+        b.hub.create_device(&b.token, "valve-2").await?;
+        let listed = a.list().await?;
+        ensure!(
+            listed.iter().any(|(id, _)| id == "valve-2"),
+            "listed through A: {listed:?}"
         );
         Ok(())
     }

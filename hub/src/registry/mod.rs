@@ -126,7 +126,8 @@ pub trait RegistryObserver: Send + Sync + 'static {
 /// How often an unconditional (`If-Match: *`) update retries a lost race.
 const UNCONDITIONAL_RETRIES: usize = 8;
 
-/// How long a listing waits for a mirrored registry to catch up with its store.
+/// How long a mirrored registry waits for its feed to make progress towards the
+/// store's latest write before a listing (or the start) fails.
 const MIRROR_CATCH_UP: Duration = Duration::from_secs(10);
 
 /// A change to the stored registry as a store's change feed delivers it, in the
@@ -481,12 +482,20 @@ impl Registry {
             return Ok(());
         };
         let mut fed = self.fed.subscribe();
-        match tokio::time::timeout(MIRROR_CATCH_UP, fed.wait_for(|&fed| fed >= head)).await {
-            Ok(Ok(_)) => Ok(()),
-            Ok(Err(_)) | Err(_) => Err(RegistryError::Store(StoreError::Backend(format!(
-                "the registry's change feed is at version {} of {head}",
-                self.feed_position()
-            )))),
+        let mut seen = self.feed_position();
+        loop {
+            match tokio::time::timeout(MIRROR_CATCH_UP, fed.wait_for(|&fed| fed >= head)).await {
+                Ok(Ok(_)) => return Ok(()),
+                // A large bucket replayed at start may take longer than one period:
+                // waiting goes on while the feed makes progress.
+                Err(_) if self.feed_position() > seen => seen = self.feed_position(),
+                Ok(Err(_)) | Err(_) => {
+                    return Err(RegistryError::Store(StoreError::Backend(format!(
+                        "the registry's change feed is stuck at version {} of {head}",
+                        self.feed_position()
+                    ))));
+                }
+            }
         }
     }
 
@@ -1133,6 +1142,70 @@ mod tests {
         );
         let page = registry.list(None, 10).await.unwrap();
         assert!(page.devices.is_empty());
+    }
+
+    /// The embedded store with a change feed position to catch up to.
+    struct WithHead(EmbeddedStore, u64);
+
+    #[async_trait::async_trait]
+    impl RegistryStore for WithHead {
+        async fn insert(&self, device: Device) -> Result<Device, RegistryStoreError> {
+            self.0.insert(device).await
+        }
+        async fn get(&self, id: &DeviceId) -> Result<Option<Device>, RegistryStoreError> {
+            self.0.get(id).await
+        }
+        async fn replace(&self, device: Device, v: u64) -> Result<Device, RegistryStoreError> {
+            self.0.replace(device, v).await
+        }
+        async fn remove(
+            &self,
+            id: &DeviceId,
+            v: Option<u64>,
+        ) -> Result<Removed, RegistryStoreError> {
+            self.0.remove(id, v).await
+        }
+        async fn list(
+            &self,
+            after: Option<&DeviceId>,
+            limit: usize,
+        ) -> Result<Vec<Device>, RegistryStoreError> {
+            self.0.list(after, limit).await
+        }
+        async fn head(&self) -> Result<Option<u64>, RegistryStoreError> {
+            Ok(Some(self.1))
+        }
+    }
+
+    #[tokio::test]
+    async fn a_mirrored_listing_waits_for_the_feed_to_reach_the_stores_last_write() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = EmbeddedStore::open(&dir.path().join("hub.redb")).unwrap();
+        let registry = Registry::mirrored(Arc::new(WithHead(store, 3)), Presence::default());
+        let listing = tokio::spawn({
+            let registry = registry.clone();
+            async move { registry.list(None, 10).await }
+        });
+        for (version, name) in [(1, "b"), (2, "a")] {
+            tokio::task::yield_now().await;
+            assert!(!listing.is_finished());
+            registry.apply_from_feed(StoredChange::Put(stored(
+                name,
+                version,
+                DeviceStatus::Enabled,
+            )));
+        }
+        registry.apply_from_feed(StoredChange::Deleted {
+            id: id("b"),
+            version: 3,
+        });
+        let page = listing.await.unwrap().unwrap();
+        let ids: Vec<_> = page
+            .devices
+            .iter()
+            .map(|d| d.device_id.to_string())
+            .collect();
+        assert_eq!(ids, ["a"]);
     }
 
     #[test]

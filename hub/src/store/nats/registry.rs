@@ -6,7 +6,7 @@
 //! `version` field is whatever the writer guessed and is overwritten on every read.
 
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use async_nats::jetstream::context::PublishErrorKind;
 use async_nats::jetstream::kv;
@@ -26,6 +26,10 @@ pub const BUCKET: &str = "hub-registry";
 /// The first and the longest pause before the change feed is opened again after it
 /// failed (a NATS node or the bucket's leader went away).
 const FEED_BACKOFF: (Duration, Duration) = (Duration::from_millis(100), Duration::from_secs(2));
+/// How often the feed compares its position with the bucket's last revision.
+const STALL_CHECK: Duration = Duration::from_secs(1);
+/// How long the feed may stay behind the bucket without progress before it reopens.
+const STALL_LIMIT: Duration = Duration::from_secs(2);
 
 /// The registry on JetStream KV.
 #[derive(Clone)]
@@ -66,8 +70,8 @@ impl NatsRegistry {
 
     /// Feeds `registry` every change of the bucket, in revision order, from its feed
     /// position on: the whole bucket at start, then every write through any hub. The
-    /// feed reopens itself (from where it stopped) after a failure; the task runs
-    /// until aborted.
+    /// feed reopens itself (from where it stopped) after a failure, or when it stalls
+    /// behind the bucket; the task runs until aborted.
     pub fn follow(&self, registry: Registry) -> tokio::task::JoinHandle<()> {
         let bucket = self.bucket.clone();
         tokio::spawn(async move {
@@ -75,18 +79,9 @@ impl NatsRegistry {
             loop {
                 let from = registry.feed_position() + 1;
                 match bucket.watch_all_from_revision(from).await {
-                    Ok(mut watch) => {
-                        while let Some(entry) = watch.next().await {
-                            match entry {
-                                Ok(entry) => {
-                                    pause = FEED_BACKOFF.0;
-                                    apply(&registry, entry);
-                                }
-                                Err(err) => {
-                                    tracing::warn!(error = %err, "registry change feed failed; reopening");
-                                    break;
-                                }
-                            }
+                    Ok(watch) => {
+                        if drain(&bucket, &registry, watch).await {
+                            pause = FEED_BACKOFF.0;
                         }
                     }
                     Err(err) => {
@@ -248,6 +243,58 @@ fn encode(device: &Device) -> Result<Bytes, StoreError> {
             key: device.device_id.to_string(),
             reason: err.to_string(),
         })
+}
+
+/// Applies `watch` to `registry` until it fails or stalls; whether it delivered
+/// anything.
+///
+/// The watch is an ordered consumer that lives on one NATS node; when that node dies
+/// the client notices only after two missed 5 s heartbeats. Meanwhile revocations
+/// through other hubs would not arrive, so the feed compares its position with the
+/// bucket's last revision every [`STALL_CHECK`] and reopens itself when it has been
+/// behind without progress for [`STALL_LIMIT`].
+async fn drain(bucket: &kv::Store, registry: &Registry, mut watch: kv::Watch) -> bool {
+    let mut delivered = false;
+    let mut checks = tokio::time::interval(STALL_CHECK);
+    checks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut behind_since: Option<Instant> = None;
+    loop {
+        tokio::select! {
+            // Cancel-safe: an entry not yet taken stays in the subscription.
+            entry = watch.next() => match entry {
+                Some(Ok(entry)) => {
+                    delivered = true;
+                    behind_since = None;
+                    apply(registry, entry);
+                }
+                Some(Err(err)) => {
+                    tracing::warn!(error = %err, "registry change feed failed; reopening");
+                    return delivered;
+                }
+                None => return delivered,
+            },
+            // Cancel-safe: a tick not taken is taken at the next poll.
+            _ = checks.tick() => {
+                let head = tokio::time::timeout(STALL_CHECK, bucket.stream.get_info()).await;
+                match head {
+                    Ok(Ok(info)) if info.state.last_sequence > registry.feed_position() => {
+                        let since = *behind_since.get_or_insert_with(Instant::now);
+                        if since.elapsed() >= STALL_LIMIT {
+                            tracing::warn!(
+                                position = registry.feed_position(),
+                                head = info.state.last_sequence,
+                                "registry change feed stalled; reopening"
+                            );
+                            return delivered;
+                        }
+                    }
+                    Ok(Ok(_)) => behind_since = None,
+                    // No answer (an election): judged at the next check.
+                    Ok(Err(_)) | Err(_) => {}
+                }
+            }
+        }
+    }
 }
 
 /// Hands one entry of the change feed to the registry.
