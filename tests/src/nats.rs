@@ -585,6 +585,22 @@ impl NatsCluster {
         result.map_err(|err| err.context(self.logs_tail(LOG_TAIL)))
     }
 
+    /// The `hub serve` arguments that put a hub with data dir `data_dir` on this
+    /// cluster: `--cluster` and a config file (written into the data dir) that keeps
+    /// the telemetry stream's retention small, because JetStream reserves a stream's
+    /// maximum size on every node's disk at creation (10 GiB by default).
+    pub fn hub_args(&self, data_dir: &Path) -> Result<Vec<String>> {
+        std::fs::create_dir_all(data_dir)?;
+        let config = data_dir.join("cluster-test.toml");
+        std::fs::write(&config, "[telemetry]\nretention_bytes = 268435456\n")?;
+        Ok(vec![
+            "--cluster".into(),
+            self.cluster_url(),
+            "--config".into(),
+            config.to_string_lossy().into_owned(),
+        ])
+    }
+
     /// SIGKILLs every node and waits for each, then removes the temp dir.
     pub async fn stop(mut self) -> Result<()> {
         for i in 0..self.nodes.len() {

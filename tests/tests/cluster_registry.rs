@@ -25,7 +25,7 @@ use tokio::time::Instant;
 
 async fn cluster_hub(dir: &std::path::Path, cluster: &NatsCluster) -> Result<Hub> {
     HubOptions::new(dir)
-        .args(["--cluster", cluster.cluster_url().as_str()])
+        .args(cluster.hub_args(dir)?)
         .start()
         .await
 }

@@ -24,7 +24,7 @@ const STREAM: &str = "telemetry";
 
 async fn cluster_hub(dir: &std::path::Path, cluster: &NatsCluster) -> Result<Hub> {
     HubOptions::new(dir)
-        .args(["--cluster", cluster.cluster_url().as_str()])
+        .args(cluster.hub_args(dir)?)
         .start()
         .await
 }
