@@ -312,10 +312,10 @@ impl Twins {
 
     /// The cached twin of `id` (a new one if the device never had a change).
     pub fn twin_of(&self, id: &DeviceId) -> TwinDocument {
-        self.lock()
-            .get(id)
-            .map(|t| (*t.twin).clone())
-            .unwrap_or_default()
+        // Only the Arc is taken under the lock; the document is copied after it is
+        // released, so a large twin never holds up other devices' twins.
+        let shared = self.lock().get(id).map(|t| Arc::clone(&t.twin));
+        shared.map(|t| (*t).clone()).unwrap_or_default()
     }
 
     /// The current twin of `id`: the cached one, or in cluster mode the stored one
