@@ -41,7 +41,6 @@ use crate::telemetry::{Telemetry, TelemetryError};
 use crate::twins::document::TwinLimits;
 use crate::twins::{TwinError, TwinStore, Twins};
 
-
 /// Why the hub could not start or stopped with an error.
 #[derive(Debug, thiserror::Error)]
 pub enum ServeError {

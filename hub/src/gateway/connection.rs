@@ -18,7 +18,7 @@ use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::time::Duration;
 
-use bytes::{Bytes, BytesMut};
+use bytes::BytesMut;
 use futures_util::FutureExt;
 use futures_util::stream::{FuturesOrdered, FuturesUnordered, StreamExt};
 use rumqttc::mqttbytes::QoS;
@@ -32,7 +32,9 @@ use tokio::time::Instant;
 use super::GatewayContext;
 use super::codec::{self, Decoded};
 use super::connections::{Connections, Mailbox, Registration};
-use super::services::{ConnectionEvents, IngestError, TelemetryMessage, TwinReply};
+use super::services::{
+    ConnectionEvents, IngestError, TelemetryMessage, TwinReply, twin_error_code,
+};
 use super::session::{
     Accepted, Action, CloseReason, ConnectRequest, DeliverError, Outbound, Session,
 };
@@ -379,13 +381,11 @@ impl<S: Transport> Connection<S> {
             Action::Twin { rid, op } => {
                 let Some(device) = &self.device else { return };
                 if self.twins.len() >= MAX_PENDING_TWIN {
-                    let reply = TwinReply {
-                        status: 429,
-                        body: Bytes::from_static(
-                            br#"{"message":"too many twin requests in flight"}"#,
-                        ),
-                        version: None,
-                    };
+                    let reply = TwinReply::error(
+                        429,
+                        twin_error_code::THROTTLED,
+                        "too many twin requests in flight",
+                    );
                     self.twin_reply(&rid, reply);
                     return;
                 }
