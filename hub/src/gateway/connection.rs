@@ -62,6 +62,8 @@ struct Authenticated {
     _registered: Registered,
     /// The subscriptions last reported to [`super::services::ConnectionEvents`].
     reported: Option<BTreeSet<Subscription>>,
+    /// The Plug and Play model id from the CONNECT username, stamped on telemetry.
+    model_id: Option<String>,
 }
 
 /// A registered connection's hold on the shared tables. Dropping it releases them:
@@ -353,6 +355,7 @@ impl<S: Transport> Connection<S> {
                     properties,
                     body: payload,
                     enqueued_at: OffsetDateTime::now_utc(),
+                    model_id: device.model_id.clone(),
                 };
                 let telemetry = Arc::clone(&self.ctx.services.telemetry);
                 if will {
@@ -509,6 +512,10 @@ impl<S: Transport> Connection<S> {
             registration,
             _registered: registered,
             reported: None,
+            model_id: request
+                .username
+                .as_deref()
+                .and_then(topic::connect_model_id),
         });
         Ok(Accepted {
             device_id: device,

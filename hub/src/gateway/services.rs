@@ -29,6 +29,9 @@ pub struct TelemetryMessage {
     pub body: Bytes,
     /// When the gateway received it.
     pub enqueued_at: OffsetDateTime,
+    /// The Plug and Play model id the device named in its CONNECT username
+    /// (`model-id=dtmi:…`), stamped on the message as `dt-dataschema`.
+    pub model_id: Option<String>,
 }
 
 /// Why telemetry was not stored; the message is not acknowledged.

@@ -192,6 +192,30 @@ pub fn parse_subscription(filter: &str, device_id: &str) -> Option<Subscription>
     }
 }
 
+/// The longest model id stamped on telemetry. DTDL caps a DTMI at 2048 characters;
+/// the bound also keeps the stamp inside the record overhead the telemetry size limit
+/// leaves for the hub's own properties.
+pub const MAX_MODEL_ID_LEN: usize = 2048;
+
+/// The Plug and Play model id in a CONNECT username's query
+/// (`<host>/<id>/?api-version=…&model-id=dtmi:com:example:Thermostat;1`; older SDKs
+/// omit the `?`). `None` when absent, or when it is not a DTMI (`dtmi:` followed by
+/// letters, digits, `_`, `:` and `;`, at most [`MAX_MODEL_ID_LEN`] characters): the
+/// connection is still accepted, as the model id is a description, not a credential.
+pub fn connect_model_id(username: &str) -> Option<String> {
+    // `<host>/<id>/<query>`: the query is everything after the second `/`.
+    let mut parts = username.splitn(3, '/');
+    let query = parts.nth(2)?;
+    let bag = PropertyBag::parse(query).ok()?;
+    let model_id = bag.get("model-id")?;
+    let is_dtmi = model_id.len() <= MAX_MODEL_ID_LEN
+        && model_id.starts_with("dtmi:")
+        && model_id
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'_' | b':' | b';'));
+    is_dtmi.then(|| model_id.to_string())
+}
+
 /// `devices/{id}/messages/devicebound/{bag}`.
 pub fn cloud_to_device(device_id: &str, bag: &PropertyBag) -> String {
     format!("devices/{device_id}/messages/devicebound/{}", bag.encode())
@@ -341,6 +365,33 @@ mod tests {
         ] {
             assert_eq!(parse_subscription(filter, "d1"), None, "{filter}");
         }
+    }
+
+    #[test]
+    fn model_ids_come_from_the_connect_usernames_query() {
+        assert_eq!(
+            connect_model_id(
+                "hub/d1/?api-version=2020-09-30&model-id=dtmi:com:example:Thermostat;1&DeviceClientType=x%2F1"
+            ),
+            Some("dtmi:com:example:Thermostat;1".into())
+        );
+        // Older SDKs omit the `?`; the Python SDK percent-encodes the value.
+        assert_eq!(
+            connect_model_id("hub/d1/api-version=2020-09-30&model-id=dtmi%3Acom%3Aa%3Bb;2"),
+            Some("dtmi:com:a;b;2".into())
+        );
+        for username in [
+            "hub/d1/?api-version=2020-09-30",
+            "hub/d1",
+            "d1",
+            "hub/d1/?model-id=not-a-dtmi",
+            "hub/d1/?model-id=dtmi:a%26b",
+            "hub/d1/?model-id=dtmi:%ff",
+        ] {
+            assert_eq!(connect_model_id(username), None, "{username}");
+        }
+        let long = format!("hub/d1/?model-id=dtmi:{}", "a".repeat(MAX_MODEL_ID_LEN));
+        assert_eq!(connect_model_id(&long), None);
     }
 
     #[test]
