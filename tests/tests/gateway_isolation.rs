@@ -172,6 +172,18 @@ async fn the_embedded_c_wildcard_subscription_brings_only_the_devices_own_c2d() 
         "{topic}"
     );
     assert_eq!(body, b"for alice");
+    // The bag as the Embedded C SDK parses it: system properties only by `%24.`, and no
+    // raw `/` after the topic's fixed part.
+    let bag = topic
+        .strip_prefix("devices/alice/messages/devicebound/")
+        .unwrap_or_default();
+    assert!(bag.starts_with("%24.mid="), "{bag}");
+    assert!(
+        bag.contains("&%24.to=%2Fdevices%2Falice%2Fmessages%2FdeviceBound&"),
+        "{bag}"
+    );
+    assert!(bag.contains("&%24.exp="), "{bag}");
+    assert!(!bag.contains('/') && !bag.contains('$'), "{bag}");
     // Nothing else is waiting for Alice: the next packet is the answer to her ping.
     alice.ping().await?;
     assert!(hub.stop().await?.success());
