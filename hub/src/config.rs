@@ -61,7 +61,21 @@ pub struct Config {
     pub cluster: ClusterConfig,
     /// Cloud-to-device messages and their feedback.
     pub commands: CommandsConfig,
+    /// Device twins.
+    pub twins: TwinsConfig,
 }
+
+/// The largest `commands.queue_depth`: queued messages are kept in the store, but a
+/// device's whole queue is scanned on connect, so it stays bounded.
+pub const MAX_C2D_QUEUE_DEPTH: usize = 10_000;
+/// The longest `commands.max_ttl_secs` (30 days).
+pub const MAX_C2D_TTL_SECS: u64 = 30 * 24 * 3600;
+/// The largest `twins.max_properties_bytes` (256 KiB): a twin document with both
+/// sections at the limit, their `$metadata` and the tags must still fit in one value
+/// of the store (a NATS KV value is at most 1 MiB by default).
+pub const MAX_TWIN_PROPERTIES_BYTES: usize = 256 * 1024;
+/// The largest `twins.max_tags_bytes` (64 KiB).
+pub const MAX_TWIN_TAGS_BYTES: usize = 64 * 1024;
 
 /// `[commands]`: cloud-to-device messages and their feedback.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -70,12 +84,44 @@ pub struct CommandsConfig {
     /// How long a received feedback batch stays locked before it is offered again
     /// unless acknowledged, seconds. Default 60 (Azure IoT Hub's lock time).
     pub feedback_lock_secs: u64,
+    /// Messages queued per device; a send to a full queue is refused (403004).
+    /// Default 50 (Azure IoT Hub's); at most 10000.
+    pub queue_depth: usize,
+    /// Time to live of a message whose sender gives none, seconds. Default 3600.
+    pub default_ttl_secs: u64,
+    /// Longest time to live a sender may ask for, seconds. Default 172800 (2 days,
+    /// Azure's); at most 30 days.
+    pub max_ttl_secs: u64,
 }
 
 impl Default for CommandsConfig {
     fn default() -> Self {
         Self {
             feedback_lock_secs: 60,
+            queue_depth: 50,
+            default_ttl_secs: 3600,
+            max_ttl_secs: 2 * 24 * 3600,
+        }
+    }
+}
+
+/// `[twins]`: device twin limits.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct TwinsConfig {
+    /// Largest desired and largest reported section (each), bytes of JSON. Default
+    /// 32768 (Azure's 32 KiB); from 1024 to 262144.
+    pub max_properties_bytes: usize,
+    /// Largest tags section, bytes of JSON. Default 8192 (Azure's 8 KiB); from 1024
+    /// to 65536.
+    pub max_tags_bytes: usize,
+}
+
+impl Default for TwinsConfig {
+    fn default() -> Self {
+        Self {
+            max_properties_bytes: 32 * 1024,
+            max_tags_bytes: 8 * 1024,
         }
     }
 }
@@ -225,6 +271,7 @@ impl Default for Config {
             telemetry: TelemetryConfig::default(),
             cluster: ClusterConfig::default(),
             commands: CommandsConfig::default(),
+            twins: TwinsConfig::default(),
         }
     }
 }
@@ -467,6 +514,33 @@ impl Config {
         if self.commands.feedback_lock_secs == 0 {
             return invalid("commands.feedback_lock_secs", "must be ≥ 1");
         }
+        if !(1..=MAX_C2D_QUEUE_DEPTH).contains(&self.commands.queue_depth) {
+            return invalid("commands.queue_depth", "must be from 1 to 10000");
+        }
+        if !(1..=MAX_C2D_TTL_SECS).contains(&self.commands.max_ttl_secs) {
+            return invalid(
+                "commands.max_ttl_secs",
+                "must be from 1 to 2592000 (30 days)",
+            );
+        }
+        if !(1..=self.commands.max_ttl_secs).contains(&self.commands.default_ttl_secs) {
+            return invalid(
+                "commands.default_ttl_secs",
+                "must be ≥ 1 and ≤ commands.max_ttl_secs",
+            );
+        }
+        if !(1024..=MAX_TWIN_PROPERTIES_BYTES).contains(&self.twins.max_properties_bytes) {
+            return invalid(
+                "twins.max_properties_bytes",
+                "must be from 1024 to 262144 (256 KiB)",
+            );
+        }
+        if !(1024..=MAX_TWIN_TAGS_BYTES).contains(&self.twins.max_tags_bytes) {
+            return invalid(
+                "twins.max_tags_bytes",
+                "must be from 1024 to 65536 (64 KiB)",
+            );
+        }
         if c.max_pending_publishes == 0 {
             return invalid("cluster.max_pending_publishes", "must be ≥ 1");
         }
@@ -602,6 +676,61 @@ mod tests {
         assert!(err.contains("max_packet_size"), "{err}");
         let err = Config::from_toml("[http]\nlistn = '127.0.0.1:1'\n").unwrap_err();
         assert!(err.contains("listn"), "{err}");
+    }
+
+    #[test]
+    fn c2d_and_twin_limits_are_configurable_and_validated_by_key() {
+        let config = Config::from_toml(
+            "[commands]\nqueue_depth = 500\ndefault_ttl_secs = 60\nmax_ttl_secs = 86400\n\
+             [twins]\nmax_properties_bytes = 65536\nmax_tags_bytes = 16384\n",
+        )
+        .unwrap();
+        config.validate().unwrap();
+        assert_eq!(config.commands.queue_depth, 500);
+        assert_eq!(config.twins.max_properties_bytes, 65536);
+        let printed = config.to_toml();
+        assert!(printed.contains("queue_depth = 500"), "{printed}");
+        assert!(printed.contains("max_tags_bytes = 16384"), "{printed}");
+
+        let defaults = Config::default();
+        assert_eq!(defaults.commands.queue_depth, 50);
+        assert_eq!(defaults.commands.default_ttl_secs, 3600);
+        assert_eq!(defaults.commands.max_ttl_secs, 172_800);
+        assert_eq!(defaults.twins.max_properties_bytes, 32 * 1024);
+        assert_eq!(defaults.twins.max_tags_bytes, 8 * 1024);
+
+        let check = |edit: fn(&mut Config)| {
+            let mut config = Config::default();
+            edit(&mut config);
+            config.validate().unwrap_err().to_string()
+        };
+        assert!(check(|c| c.commands.queue_depth = 0).starts_with("commands.queue_depth "));
+        assert!(check(|c| c.commands.queue_depth = 10_001).starts_with("commands.queue_depth "));
+        assert!(check(|c| c.commands.max_ttl_secs = 0).starts_with("commands.max_ttl_secs "));
+        assert!(
+            check(|c| c.commands.max_ttl_secs = MAX_C2D_TTL_SECS + 1)
+                .starts_with("commands.max_ttl_secs ")
+        );
+        assert!(
+            check(|c| c.commands.default_ttl_secs = c.commands.max_ttl_secs + 1)
+                .starts_with("commands.default_ttl_secs ")
+        );
+        assert!(
+            check(|c| c.commands.default_ttl_secs = 0).starts_with("commands.default_ttl_secs ")
+        );
+        assert!(
+            check(|c| c.twins.max_properties_bytes = 1023)
+                .starts_with("twins.max_properties_bytes ")
+        );
+        assert!(
+            check(|c| c.twins.max_properties_bytes = MAX_TWIN_PROPERTIES_BYTES + 1)
+                .starts_with("twins.max_properties_bytes ")
+        );
+        assert!(check(|c| c.twins.max_tags_bytes = 0).starts_with("twins.max_tags_bytes "));
+        assert!(
+            check(|c| c.twins.max_tags_bytes = MAX_TWIN_TAGS_BYTES + 1)
+                .starts_with("twins.max_tags_bytes ")
+        );
     }
 
     #[test]

@@ -175,11 +175,18 @@ impl Server {
             twin_store,
             registry.clone(),
             connections.clone(),
-            TwinLimits::default(),
+            TwinLimits {
+                max_properties_bytes: config.twins.max_properties_bytes,
+                max_tags_bytes: config.twins.max_tags_bytes,
+                ..TwinLimits::default()
+            },
         )
         .await?;
         let limits = CommandLimits {
             feedback_lock: Duration::from_secs(config.commands.feedback_lock_secs),
+            queue: config.commands.queue_depth,
+            default_ttl: Duration::from_secs(config.commands.default_ttl_secs),
+            max_ttl: Duration::from_secs(config.commands.max_ttl_secs),
             ..CommandLimits::default()
         };
         let command_store: Arc<dyn CommandStore> = match &nats {

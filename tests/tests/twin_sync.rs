@@ -199,7 +199,8 @@ async fn reported_patches_bump_versions_and_metadata() -> Result<()> {
     assert_ne!(twin["etag"], before["etag"]);
     assert_eq!(twin["connectionState"], "Connected");
 
-    // Bad reported patches get 400 on the response topic, with the rule named.
+    // Bad reported patches get 400 on the response topic, with Azure's errorCode (the
+    // Node SDK treats a body without it as success) and the rule named.
     let (topic, body) = twin_request(
         &mut device,
         "$iothub/twin/PATCH/properties/reported/?$rid=3",
@@ -208,6 +209,7 @@ async fn reported_patches_bump_versions_and_metadata() -> Result<()> {
     )
     .await?;
     assert_eq!(topic, "$iothub/twin/res/400/?$rid=3");
+    assert_eq!(body["errorCode"], 400004, "{body}");
     assert!(
         body["message"]
             .as_str()
@@ -223,13 +225,14 @@ async fn reported_patches_bump_versions_and_metadata() -> Result<()> {
     )
     .await?;
     assert_eq!(topic, "$iothub/twin/res/400/?$rid=4");
+    assert_eq!(body["errorCode"], 400004, "{body}");
     assert!(
         body["message"]
             .as_str()
             .is_some_and(|m| m.contains("exceeds the limit")),
         "{body}"
     );
-    let (topic, _) = twin_request(
+    let (topic, body) = twin_request(
         &mut device,
         "$iothub/twin/PATCH/properties/reported/?$rid=5",
         b"not json",
@@ -237,6 +240,7 @@ async fn reported_patches_bump_versions_and_metadata() -> Result<()> {
     )
     .await?;
     assert_eq!(topic, "$iothub/twin/res/400/?$rid=5");
+    assert_eq!(body["errorCode"], 400004, "{body}");
     assert_eq!(
         api.twin("meter").await?["properties"]["reported"]["$version"],
         3,

@@ -181,9 +181,17 @@ pub async fn invoke(
 ) -> Result<ApiJson<Value>, ApiError> {
     let id = parse_id(&id)?;
     let name = request.method_name.trim();
-    if name.is_empty() || name.len() > 256 || name.contains(['/', '#', '+']) {
+    // The name goes raw into the device's topic `$iothub/methods/POST/{name}/`
+    // (Azure's SDKs match it undecoded), so nothing that would change the topic's
+    // structure or make it an invalid MQTT topic (U+0000) is admitted.
+    if name.is_empty()
+        || name.len() > 256
+        || name.contains(['/', '#', '+'])
+        || name.chars().any(char::is_control)
+    {
         return Err(ApiError::InvalidArgument(
-            "methodName must be 1 to 256 characters without '/', '#' or '+'".into(),
+            "methodName must be 1 to 256 characters without '/', '#', '+' or control characters"
+                .into(),
         ));
     }
     let response_timeout = request.response_timeout_in_seconds.unwrap_or(30);

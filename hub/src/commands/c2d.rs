@@ -368,6 +368,12 @@ mod tests {
             "slashes are escaped: {}",
             bag.encode()
         );
+        // System properties as Azure writes them: the C SDKs know them only by `%24.`.
+        assert_eq!(
+            bag.encode(),
+            "%24.mid=m%2F1&%24.to=%2Fdevices%2Fd1%2Fmessages%2FdeviceBound&%24.cid=c1\
+             &%24.ct=application%2Fjson&%24.exp=1970-01-01T00%3A00%3A00Z&iothub-ack=full&k=v%2Fw"
+        );
     }
 
     #[test]

@@ -18,7 +18,7 @@ use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::time::Duration;
 
-use bytes::{Bytes, BytesMut};
+use bytes::BytesMut;
 use futures_util::FutureExt;
 use futures_util::stream::{FuturesOrdered, FuturesUnordered, StreamExt};
 use rumqttc::mqttbytes::QoS;
@@ -32,7 +32,9 @@ use tokio::time::Instant;
 use super::GatewayContext;
 use super::codec::{self, Decoded};
 use super::connections::{Connections, Mailbox, Registration};
-use super::services::{ConnectionEvents, IngestError, TelemetryMessage, TwinReply};
+use super::services::{
+    ConnectionEvents, IngestError, TelemetryMessage, TwinReply, twin_error_code,
+};
 use super::session::{
     Accepted, Action, CloseReason, ConnectRequest, DeliverError, Outbound, Session,
 };
@@ -60,6 +62,8 @@ struct Authenticated {
     _registered: Registered,
     /// The subscriptions last reported to [`super::services::ConnectionEvents`].
     reported: Option<BTreeSet<Subscription>>,
+    /// The Plug and Play model id from the CONNECT username, stamped on telemetry.
+    model_id: Option<String>,
 }
 
 /// A registered connection's hold on the shared tables. Dropping it releases them:
@@ -351,6 +355,7 @@ impl<S: Transport> Connection<S> {
                     properties,
                     body: payload,
                     enqueued_at: OffsetDateTime::now_utc(),
+                    model_id: device.model_id.clone(),
                 };
                 let telemetry = Arc::clone(&self.ctx.services.telemetry);
                 if will {
@@ -379,13 +384,11 @@ impl<S: Transport> Connection<S> {
             Action::Twin { rid, op } => {
                 let Some(device) = &self.device else { return };
                 if self.twins.len() >= MAX_PENDING_TWIN {
-                    let reply = TwinReply {
-                        status: 429,
-                        body: Bytes::from_static(
-                            br#"{"message":"too many twin requests in flight"}"#,
-                        ),
-                        version: None,
-                    };
+                    let reply = TwinReply::error(
+                        429,
+                        twin_error_code::THROTTLED,
+                        "too many twin requests in flight",
+                    );
                     self.twin_reply(&rid, reply);
                     return;
                 }
@@ -509,6 +512,10 @@ impl<S: Transport> Connection<S> {
             registration,
             _registered: registered,
             reported: None,
+            model_id: request
+                .username
+                .as_deref()
+                .and_then(topic::connect_model_id),
         });
         Ok(Accepted {
             device_id: device,

@@ -29,6 +29,9 @@ pub struct TelemetryMessage {
     pub body: Bytes,
     /// When the gateway received it.
     pub enqueued_at: OffsetDateTime,
+    /// The Plug and Play model id the device named in its CONNECT username
+    /// (`model-id=dtmi:…`), stamped on the message as `dt-dataschema`.
+    pub model_id: Option<String>,
 }
 
 /// Why telemetry was not stored; the message is not acknowledged.
@@ -72,6 +75,32 @@ pub struct TwinReply {
     pub body: Bytes,
     /// The new reported version after a PATCH.
     pub version: Option<u64>,
+}
+
+impl TwinReply {
+    /// A refusal as Azure IoT Hub answers it: `status` on the topic and the body
+    /// `{"errorCode": <Azure code>, "message": …}`. The Node SDK decides success or
+    /// failure by the `errorCode` in the body, not by the status in the topic, so
+    /// an error without it would reach the device as a success.
+    pub fn error(status: u16, error_code: u32, message: &str) -> Self {
+        Self {
+            status,
+            body: Bytes::from(
+                serde_json::json!({ "errorCode": error_code, "message": message }).to_string(),
+            ),
+            version: None,
+        }
+    }
+}
+
+/// Azure's error codes in twin refusals (the same numbers the REST API uses).
+pub mod twin_error_code {
+    /// 400: the patch is not JSON, too large, too deep, or has a bad key.
+    pub const INVALID: u32 = 400_004;
+    /// 429: too many requests; try again later.
+    pub const THROTTLED: u32 = 429_001;
+    /// 500: the hub failed; nothing was changed.
+    pub const INTERNAL: u32 = 500_001;
 }
 
 /// Serves twin requests from devices.
@@ -160,11 +189,11 @@ impl TelemetryIngest for NotYetAvailable {
 #[async_trait]
 impl TwinRequests for NotYetAvailable {
     async fn request(&self, _device: &DeviceId, _op: TwinOp) -> TwinReply {
-        TwinReply {
-            status: 500,
-            body: Bytes::from_static(br#"{"message":"twins are not available yet"}"#),
-            version: None,
-        }
+        TwinReply::error(
+            500,
+            twin_error_code::INTERNAL,
+            "twins are not available yet",
+        )
     }
 }
 
@@ -202,5 +231,22 @@ impl DeviceServices {
             deliveries: none.clone(),
             events: none,
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn twin_refusals_carry_azures_error_code() {
+        let reply = TwinReply::error(400, twin_error_code::INVALID, "key \"a.b\" is not allowed");
+        assert_eq!(reply.status, 400);
+        assert_eq!(reply.version, None);
+        let body: serde_json::Value = serde_json::from_slice(&reply.body).expect("JSON body");
+        assert_eq!(
+            body,
+            serde_json::json!({"errorCode": 400004, "message": "key \"a.b\" is not allowed"})
+        );
     }
 }

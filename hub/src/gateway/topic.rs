@@ -5,13 +5,16 @@
 use percent_encoding::{AsciiSet, NON_ALPHANUMERIC, percent_decode_str, utf8_percent_encode};
 
 /// Characters escaped in property bag keys and values: everything but unreserved
-/// URL characters (so `/` is always `%2F`).
+/// URL characters, as Azure IoT Hub writes them. So `/` is always `%2F` and `$` is
+/// always `%24`: system properties go out as `%24.mid`, `%24.to`, …, which is the
+/// only form Azure's C and Embedded C SDKs recognise as system properties (they land
+/// among the application properties otherwise); the SDKs that decode keys first
+/// (Python, Node) read them as `$.mid` either way.
 const BAG_ESCAPE: &AsciiSet = &NON_ALPHANUMERIC
     .remove(b'-')
     .remove(b'.')
     .remove(b'_')
-    .remove(b'~')
-    .remove(b'$');
+    .remove(b'~');
 
 /// An ordered list of (key, value) properties, decoded.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
@@ -171,16 +174,46 @@ pub enum Subscription {
 
 /// Parses a SUBSCRIBE filter from the connection of `device_id`; `None` for anything
 /// outside the contract (wildcards across devices, other devices' topics, …).
+///
+/// Azure's Embedded C SDK (and the FreeRTOS, ESP32 and NetX samples on it) subscribes
+/// `devices/+/messages/devicebound/#`. Azure grants it as the device's own C2D topic,
+/// and so does the hub: the subscription is the same [`Subscription::CloudToDevice`],
+/// and deliveries go only to the authenticated device's topic, never another's.
 pub fn parse_subscription(filter: &str, device_id: &str) -> Option<Subscription> {
     match filter {
         "$iothub/twin/res/#" => Some(Subscription::TwinResponses),
         "$iothub/twin/PATCH/properties/desired/#" => Some(Subscription::DesiredPatches),
         "$iothub/methods/POST/#" => Some(Subscription::Methods),
+        "devices/+/messages/devicebound/#" => Some(Subscription::CloudToDevice),
         _ => {
             let rest = filter.strip_prefix("devices/")?.strip_prefix(device_id)?;
             (rest == "/messages/devicebound/#").then_some(Subscription::CloudToDevice)
         }
     }
+}
+
+/// The longest model id stamped on telemetry. DTDL caps a DTMI at 2048 characters;
+/// the bound also keeps the stamp inside the record overhead the telemetry size limit
+/// leaves for the hub's own properties.
+pub const MAX_MODEL_ID_LEN: usize = 2048;
+
+/// The Plug and Play model id in a CONNECT username's query
+/// (`<host>/<id>/?api-version=…&model-id=dtmi:com:example:Thermostat;1`; older SDKs
+/// omit the `?`). `None` when absent, or when it is not a DTMI (`dtmi:` followed by
+/// letters, digits, `_`, `:` and `;`, at most [`MAX_MODEL_ID_LEN`] characters): the
+/// connection is still accepted, as the model id is a description, not a credential.
+pub fn connect_model_id(username: &str) -> Option<String> {
+    // `<host>/<id>/<query>`: the query is everything after the second `/`.
+    let mut parts = username.splitn(3, '/');
+    let query = parts.nth(2)?;
+    let bag = PropertyBag::parse(query).ok()?;
+    let model_id = bag.get("model-id")?;
+    let is_dtmi = model_id.len() <= MAX_MODEL_ID_LEN
+        && model_id.starts_with("dtmi:")
+        && model_id
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'_' | b':' | b';'));
+    is_dtmi.then(|| model_id.to_string())
 }
 
 /// `devices/{id}/messages/devicebound/{bag}`.
@@ -202,9 +235,12 @@ pub fn desired_patch(version: u64) -> String {
     format!("$iothub/twin/PATCH/properties/desired/?$version={version}")
 }
 
-/// `$iothub/methods/POST/{method}/?$rid={rid}`.
+/// `$iothub/methods/POST/{method}/?$rid={rid}`, the method name raw as Azure sends it:
+/// the Node, C and Embedded C SDKs match the topic segment against the name they
+/// registered without decoding, so a Plug and Play command `thermostat1*getMaxMinReport`
+/// must arrive as written. The REST API admits only names of 1–256 characters
+/// without `/`, `#` or `+`, so the raw name cannot break the topic's structure.
 pub fn method_request(method: &str, rid: &str) -> String {
-    let method = utf8_percent_encode(method, BAG_ESCAPE);
     format!("$iothub/methods/POST/{method}/?$rid={rid}")
 }
 
@@ -317,7 +353,10 @@ mod tests {
             "#",
             "+/#",
             "devices/#",
-            "devices/+/messages/devicebound/#",
+            "devices/+/messages/devicebound/+",
+            "devices/+/messages/#",
+            "devices/+/+/devicebound/#",
+            "devices/+/messages/events/",
             "devices/d2/messages/devicebound/#",
             "devices/d1/messages/events/",
             "devices/d1/#",
@@ -326,6 +365,47 @@ mod tests {
         ] {
             assert_eq!(parse_subscription(filter, "d1"), None, "{filter}");
         }
+    }
+
+    #[test]
+    fn model_ids_come_from_the_connect_usernames_query() {
+        assert_eq!(
+            connect_model_id(
+                "hub/d1/?api-version=2020-09-30&model-id=dtmi:com:example:Thermostat;1&DeviceClientType=x%2F1"
+            ),
+            Some("dtmi:com:example:Thermostat;1".into())
+        );
+        // Older SDKs omit the `?`; the Python SDK percent-encodes the value.
+        assert_eq!(
+            connect_model_id("hub/d1/api-version=2020-09-30&model-id=dtmi%3Acom%3Aa%3Bb;2"),
+            Some("dtmi:com:a;b;2".into())
+        );
+        for username in [
+            "hub/d1/?api-version=2020-09-30",
+            "hub/d1",
+            "d1",
+            "hub/d1/?model-id=not-a-dtmi",
+            "hub/d1/?model-id=dtmi:a%26b",
+            "hub/d1/?model-id=dtmi:%ff",
+        ] {
+            assert_eq!(connect_model_id(username), None, "{username}");
+        }
+        let long = format!("hub/d1/?model-id=dtmi:{}", "a".repeat(MAX_MODEL_ID_LEN));
+        assert_eq!(connect_model_id(&long), None);
+    }
+
+    #[test]
+    fn the_embedded_c_sdk_wildcard_means_the_devices_own_c2d() {
+        // Granted as the same subscription as the device's own topic; deliveries are
+        // formatted from the connection's id, so `+` never widens what it receives.
+        assert_eq!(
+            parse_subscription("devices/+/messages/devicebound/#", "d1"),
+            Some(Subscription::CloudToDevice)
+        );
+        assert_eq!(
+            parse_subscription("devices/+/messages/devicebound/#", "d2"),
+            Some(Subscription::CloudToDevice)
+        );
     }
 
     #[test]
@@ -340,6 +420,11 @@ mod tests {
             .strip_prefix("devices/d1/messages/devicebound/")
             .unwrap();
         assert!(!encoded.contains('/'), "{encoded}");
+        // Byte for byte as Azure writes it (the Embedded C SDK matches `%24.` keys).
+        assert_eq!(
+            encoded,
+            "%24.mid=m%2F1&%24.to=%2Fdevices%2Fd1%2Fmessages%2FdeviceBound&app%20key=a%26b%3Dc"
+        );
         assert_eq!(PropertyBag::parse(encoded).unwrap(), bag);
         assert_eq!(
             twin_response(204, "5", Some(9)),
@@ -352,6 +437,18 @@ mod tests {
         assert_eq!(
             method_request("reboot", "1"),
             "$iothub/methods/POST/reboot/?$rid=1"
+        );
+    }
+
+    #[test]
+    fn plug_and_play_component_commands_are_sent_raw() {
+        assert_eq!(
+            method_request("thermostat1*getMaxMinReport", "7"),
+            "$iothub/methods/POST/thermostat1*getMaxMinReport/?$rid=7"
+        );
+        assert_eq!(
+            method_request("set value:1", "8"),
+            "$iothub/methods/POST/set value:1/?$rid=8"
         );
     }
 }
@@ -378,7 +475,11 @@ mod fuzz {
                 prop_assert!(topic.starts_with("devices/dev-1/messages/events"));
             }
             if let Some(Subscription::CloudToDevice) = parse_subscription(&topic, "dev-1") {
-                prop_assert_eq!(topic, "devices/dev-1/messages/devicebound/#");
+                prop_assert!(
+                    topic == "devices/dev-1/messages/devicebound/#"
+                        || topic == "devices/+/messages/devicebound/#",
+                    "{}", topic
+                );
             }
         }
     }

@@ -12,15 +12,29 @@ use time::OffsetDateTime;
 
 use crate::gateway::services::TelemetryMessage;
 
-/// Device property-bag keys and the system property names they are stored under.
-const SYSTEM_PROPERTIES: [(&str, &str); 6] = [
+/// Device property-bag keys and the system property names they are stored under
+/// (Azure's names, as its routing and Event Hubs consumers see them).
+const SYSTEM_PROPERTIES: [(&str, &str); 8] = [
     ("$.mid", "message-id"),
     ("$.cid", "correlation-id"),
     ("$.uid", "user-id"),
     ("$.ct", "content-type"),
     ("$.ce", "content-encoding"),
     ("$.exp", "expiry-time-utc"),
+    ("$.ctime", "iothub-creation-time-utc"),
+    // The Plug and Play component the message belongs to.
+    ("$.sub", "dt-subject"),
 ];
+
+/// Azure system properties kept under their own bag names: the module output name,
+/// the interface id and the distributed-tracing diagnostics (`$.diagid`,
+/// `$.diagctx`, …). Other `$.` keys stay reserved for the hub and are dropped.
+fn kept_under_own_name(key: &str) -> bool {
+    matches!(key, "$.on" | "$.ifid") || key.starts_with("$.diag")
+}
+
+/// The system property the model id from the CONNECT username is stamped as.
+const DATA_SCHEMA: &str = "dt-dataschema";
 
 /// What is stored with each message besides its body.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -77,6 +91,9 @@ pub fn encode(message: &TelemetryMessage) -> Bytes {
             Some((_, name)) => {
                 system_properties.insert((*name).to_string(), value.clone());
             }
+            None if kept_under_own_name(key) => {
+                system_properties.insert(key.clone(), value.clone());
+            }
             // Unknown `$.` keys are reserved for the hub; they are not application
             // properties.
             None if key.starts_with("$.") => {}
@@ -98,6 +115,11 @@ pub fn encode(message: &TelemetryMessage) -> Bytes {
         message.auth_method.stamp().into(),
     );
     system_properties.insert("iothub-enqueuedtime".into(), enqueued);
+    // Stamped by the hub from the authenticated connection: no bag key maps to it, so
+    // a device cannot claim another model per message.
+    if let Some(model_id) = &message.model_id {
+        system_properties.insert(DATA_SCHEMA.into(), model_id.clone());
+    }
     let meta = Meta {
         device_id: message.device_id.to_string(),
         system_properties,
@@ -184,7 +206,42 @@ mod tests {
             ),
             body: Bytes::from_static(body),
             enqueued_at: OffsetDateTime::from_unix_timestamp(1_800_000_000).unwrap(),
+            model_id: None,
         }
+    }
+
+    #[test]
+    fn azures_other_system_properties_are_kept_and_the_model_id_is_stamped() {
+        let mut m = message(
+            &[
+                ("$.ctime", "2026-11-30T10:00:00Z"),
+                ("$.sub", "thermostat1"),
+                ("$.on", "out1"),
+                ("$.ifid", "urn:x"),
+                ("$.diagid", "d-1"),
+                ("$.diagctx", "creationtimeutc=1"),
+                ("$.nope", "dropped"),
+                ("app", "v"),
+            ],
+            b"{}",
+        );
+        m.model_id = Some("dtmi:com:example:Thermostat;1".into());
+        let stored = decode(0, 0, &encode(&m)).unwrap();
+        let system = &stored.system_properties;
+        assert_eq!(system["iothub-creation-time-utc"], "2026-11-30T10:00:00Z");
+        assert_eq!(system["dt-subject"], "thermostat1");
+        assert_eq!(system["$.on"], "out1");
+        assert_eq!(system["$.ifid"], "urn:x");
+        assert_eq!(system["$.diagid"], "d-1");
+        assert_eq!(system["$.diagctx"], "creationtimeutc=1");
+        assert_eq!(system["dt-dataschema"], "dtmi:com:example:Thermostat;1");
+        assert!(!system.contains_key("$.nope"));
+        assert_eq!(stored.properties.len(), 1);
+        assert_eq!(stored.properties["app"], "v");
+        // Without a model id on the connection nothing claims one.
+        m.model_id = None;
+        let stored = decode(0, 0, &encode(&m)).unwrap();
+        assert!(!stored.system_properties.contains_key("dt-dataschema"));
     }
 
     #[test]

@@ -326,6 +326,7 @@ mod tests {
             properties: PropertyBag(vec![("k".into(), "\u{1}".repeat(100))]),
             body: body.into(),
             enqueued_at: OffsetDateTime::from_unix_timestamp(1_800_000_000).unwrap(),
+            model_id: None,
         };
         // The body alone fits the record limit; with the metadata it does not.
         let refused = telemetry

@@ -31,7 +31,7 @@ use time::OffsetDateTime;
 use tokio::sync::mpsc;
 
 use crate::gateway::connections::Connections;
-use crate::gateway::services::{TwinReply, TwinRequests};
+use crate::gateway::services::{TwinReply, TwinRequests, twin_error_code};
 use crate::gateway::session::{Outbound, TwinOp};
 use crate::gateway::topic::{self, Subscription};
 use crate::registry::{Device, DeviceId, IfMatch, Registry, RegistryError, RegistryObserver};
@@ -988,20 +988,21 @@ impl TwinRequests for Twins {
                     body: Bytes::new(),
                     version: Some(version),
                 },
-                Err(err @ (TwinError::Invalid(_) | TwinError::BadRequest(_))) => TwinReply {
-                    status: 400,
-                    body: Bytes::from(json!({ "message": err.to_string() }).to_string()),
-                    version: None,
-                },
+                Err(err @ (TwinError::Invalid(_) | TwinError::BadRequest(_))) => {
+                    TwinReply::error(400, twin_error_code::INVALID, &err.to_string())
+                }
+                // Lost the race against other writers too often: the device may
+                // simply try again, which is what a 429 tells Azure's SDKs.
+                Err(err @ TwinError::Contended(_)) => {
+                    TwinReply::error(429, twin_error_code::THROTTLED, &err.to_string())
+                }
                 Err(err) => {
                     tracing::warn!(%device, error = %err, "reported patch failed");
-                    TwinReply {
-                        status: 500,
-                        body: Bytes::from(
-                            json!({ "message": "the twin could not be stored" }).to_string(),
-                        ),
-                        version: None,
-                    }
+                    TwinReply::error(
+                        500,
+                        twin_error_code::INTERNAL,
+                        "the twin could not be stored",
+                    )
                 }
             },
         }
