@@ -32,6 +32,7 @@ use crate::store::embedded_twins::EmbeddedTwins;
 use crate::store::nats::NatsStore;
 use crate::store::nats::c2d::NatsCommands;
 use crate::store::nats::checkpoints::NatsCheckpoints;
+use crate::store::nats::nodes::NodeRouter;
 use crate::store::nats::registry::NatsRegistry;
 use crate::store::nats::sessions::NatsSessions;
 use crate::store::nats::telemetry::JetStreamTelemetry;
@@ -40,7 +41,6 @@ use crate::store::{StoreError, StoreHealth};
 use crate::telemetry::{Telemetry, TelemetryError};
 use crate::twins::document::TwinLimits;
 use crate::twins::{TwinError, TwinStore, Twins};
-
 
 /// Why the hub could not start or stopped with an error.
 #[derive(Debug, thiserror::Error)]
@@ -102,6 +102,8 @@ pub struct Server {
     retention_interval: Duration,
     /// Cluster mode: the task feeding the registry mirror from the bucket's changes.
     registry_feed: Option<tokio::task::JoinHandle<()>>,
+    /// Cluster mode: presence, heartbeat and routing to the other hub nodes.
+    router: Option<NodeRouter>,
 }
 
 impl std::fmt::Debug for AppState {
@@ -191,6 +193,14 @@ impl Server {
             None => Arc::new(store.clone()),
         };
         let commands = Commands::new(command_store, registry.clone(), connections.clone(), limits);
+        let router = match &nats {
+            Some(nats) => {
+                let router = NodeRouter::open(nats, connections.clone()).await?;
+                commands.set_routing(Arc::new(router.clone()));
+                Some(router)
+            }
+            None => None,
+        };
         let services = services(DeviceServices {
             telemetry: telemetry.clone(),
             twins: Arc::new(twins.clone()),
@@ -253,6 +263,12 @@ impl Server {
             mqtts: Some(mqtts_addr),
             http: http.local_addr().map_err(bind_err)?,
         };
+        if let Some(router) = &router {
+            // Joins before the listeners accept: every connection is announced.
+            router
+                .start(commands.clone(), endpoints.http, mqtt_addr)
+                .await?;
+        }
         data_dir.write_endpoints(&endpoints)?;
 
         let state = AppState {
@@ -282,6 +298,7 @@ impl Server {
             },
             retention_interval: Duration::from_secs(config.telemetry.retention_interval_secs),
             registry_feed,
+            router,
         })
     }
 
@@ -331,6 +348,9 @@ impl Server {
                 source,
             });
         running.shutdown().await;
+        if let Some(router) = &self.router {
+            router.stop().await;
+        }
         retention.abort();
         expiry.abort();
         if let Some(feed) = &self.registry_feed {

@@ -15,6 +15,7 @@
 pub mod c2d;
 pub mod checkpoints;
 pub mod keys;
+pub mod nodes;
 pub mod registry;
 pub mod sessions;
 pub mod status;
@@ -183,9 +184,21 @@ impl NatsStore {
     /// The KV bucket `name` (keeping `history` revisions per key), created if
     /// missing, with the configured replicas and file storage.
     pub async fn bucket(&self, name: &str, history: i64) -> Result<kv::Store, StoreError> {
+        self.bucket_with_ttl(name, history, Duration::ZERO).await
+    }
+
+    /// Like [`NatsStore::bucket`], with entries expiring `ttl` after their last write
+    /// (zero: never).
+    pub async fn bucket_with_ttl(
+        &self,
+        name: &str,
+        history: i64,
+        ttl: Duration,
+    ) -> Result<kv::Store, StoreError> {
         let config = kv::Config {
             bucket: name.to_string(),
             history,
+            max_age: ttl,
             num_replicas: self.inner.replicas,
             storage: stream::StorageType::File,
             ..Default::default()
