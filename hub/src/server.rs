@@ -34,6 +34,7 @@ use crate::store::nats::c2d::NatsCommands;
 use crate::store::nats::checkpoints::NatsCheckpoints;
 use crate::store::nats::nodes::NodeRouter;
 use crate::store::nats::registry::NatsRegistry;
+use crate::store::nats::secrets;
 use crate::store::nats::sessions::NatsSessions;
 use crate::store::nats::telemetry::JetStreamTelemetry;
 use crate::store::nats::twins::NatsTwins;
@@ -130,6 +131,15 @@ impl Server {
             tracing::debug!(limit, "open-file limit");
         }
         let data_dir = DataDir::open(&config.data_dir)?;
+        let nats = match config.cluster.enabled() {
+            true => {
+                let nats = NatsStore::connect(&config.cluster).await?;
+                // Every node signs and checks with the same owner key and CA.
+                secrets::adopt(&nats, &data_dir).await?;
+                Some(nats)
+            }
+            false => None,
+        };
         let ca = data_dir.ensure_ca()?;
         let names = SubjectAltNames::for_hub(
             &config.hostname,
@@ -153,8 +163,8 @@ impl Server {
             sessions,
             twin_store,
             nats,
-        } = if config.cluster.enabled() {
-            Backends::cluster(&config, &presence).await?
+        } = if let Some(nats) = nats {
+            Backends::cluster(&config, &presence, nats).await?
         } else {
             let telemetry = Telemetry::open(
                 &data_dir.root().join("telemetry"),
@@ -387,8 +397,11 @@ struct Backends {
 impl Backends {
     /// Cluster mode: telemetry, checkpoints, the registry, twins and sessions on NATS
     /// JetStream (C2D queues are opened beside).
-    async fn cluster(config: &Config, presence: &Presence) -> Result<Self, ServeError> {
-        let nats = NatsStore::connect(&config.cluster).await?;
+    async fn cluster(
+        config: &Config,
+        presence: &Presence,
+        nats: NatsStore,
+    ) -> Result<Self, ServeError> {
         nats.claim_partition_count(config.telemetry.partitions)
             .await?;
         let log = JetStreamTelemetry::open(

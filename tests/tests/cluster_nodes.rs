@@ -8,6 +8,7 @@
 
 use std::collections::BTreeSet;
 use std::net::SocketAddr;
+use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
@@ -335,6 +336,54 @@ async fn methods_c2d_and_desired_patches_reach_a_device_on_another_node() -> Res
             );
             tokio::time::sleep(Duration::from_millis(200)).await;
         }
+        // The nodes share the owner key and the CA: A's token works on B, and both
+        // data directories hold the same CA (its key private).
+        let with_a_token = b
+            .hub
+            .http()
+            .get(b.url("/cluster"))
+            .bearer_auth(&a.token)
+            .send()
+            .await?;
+        ensure!(
+            with_a_token.status() == StatusCode::OK,
+            "A's token on B: {}",
+            with_a_token.status()
+        );
+        let ca = |node: &Node| std::fs::read_to_string(node.hub.data_dir().join("certs/ca.pem"));
+        ensure!(ca(&a)? == ca(&b)?, "the nodes have different CAs");
+        for node in [&a, &b] {
+            for file in ["service.key", "certs/ca.key"] {
+                let mode = std::fs::metadata(node.hub.data_dir().join(file))?
+                    .permissions()
+                    .mode()
+                    & 0o777;
+                ensure!(mode == 0o600, "{file} has mode {mode:o}");
+            }
+        }
+
+        // A call made on B before the device connects (to A) waits for it within the
+        // connect timeout.
+        let late = "late-1";
+        let late_key = a.hub.create_device(&a.token, late).await?;
+        b.knows(late).await?;
+        let call = {
+            let b = Arc::clone(&b);
+            tokio::spawn(async move { b.invoke(late, "wake", 10).await })
+        };
+        // Not a synchronisation: the call must be under way (and find no device)
+        // before the device connects, or the scenario would not be tested.
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        ensure!(
+            !call.is_finished(),
+            "the call ended before the device connected"
+        );
+        let (mut late_device, _) = connect(a.mqtt()?, late, &late_key, true).await?;
+        subscribe_all(&mut late_device, late).await?;
+        ensure!(answer_method(&mut late_device).await? == "wake");
+        let body = call.await??;
+        ensure!(body["status"] == 200, "{body}");
+
         let table = b.hub.cli(&["cluster", "status"]).await?;
         ensure!(
             table.stdout.contains(&a.mqtt()?.to_string())

@@ -17,6 +17,7 @@ pub mod checkpoints;
 pub mod keys;
 pub mod nodes;
 pub mod registry;
+pub mod secrets;
 pub mod sessions;
 pub mod status;
 pub mod telemetry;
