@@ -4,7 +4,9 @@
 //! identities ([`registry`]), device twins ([`twins`]) and persistent MQTT sessions
 //! ([`sessions`]) are KV buckets with compare-and-set on the revision where writers
 //! may race; C2D queues are a stream with a subject per device, their feedback a
-//! work-queue stream ([`c2d`]). Every
+//! work-queue stream ([`c2d`]). Several hub nodes share one cluster: [`nodes`] keeps
+//! their heartbeats and device presence and routes methods and C2D notices to the node
+//! holding a device; [`secrets`] shares the owner key and the development CA. Every
 //! stream and bucket has the configured replica count (3 by default), so losing one
 //! NATS node loses nothing JetStream acknowledged.
 //!
