@@ -11,19 +11,21 @@
 //!   ([`auth::service`]) and calls a capability service.
 //! - [`registry`] owns device identities (ids, credentials, status, etags) and live
 //!   presence; it talks to storage only through its [`registry::RegistryStore`] trait.
-//! - [`store`] holds the backends implementing the capability traits: today the
-//!   embedded redb store.
+//! - [`store`] holds the backends implementing the capability traits: the embedded
+//!   redb store (and segment files for telemetry), and in cluster mode
+//!   (`--cluster nats://…`) NATS JetStream streams and KV buckets (`store::nats`),
+//!   which also carry presence, node heartbeats and the routing of methods and C2D
+//!   between hub nodes.
 //! - [`config`] is the configuration tree, its defaults and validation.
 //!
-//! - [`telemetry`] owns the durable partitioned streams: group commit into segment
-//!   files, reads by offset, consumer-group checkpoints, retention.
+//! - [`telemetry`] owns the durable partitioned streams behind a log seam (segment
+//!   files with group commit, or a JetStream stream): reads by offset,
+//!   consumer-group checkpoints, retention.
 //!
 //! - [`twins`] owns the device twins: documents, merge patch with versions and
-//!   metadata, the query language, write-behind group commit.
+//!   metadata, the query language, compare-and-set writes to their store.
 //!
 //! - [`commands`] owns cloud-to-device queues with feedback and direct methods.
-//!
-//! Still to come: cluster mode.
 
 pub mod api;
 pub mod auth;

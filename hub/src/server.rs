@@ -32,7 +32,9 @@ use crate::store::embedded_twins::EmbeddedTwins;
 use crate::store::nats::NatsStore;
 use crate::store::nats::c2d::NatsCommands;
 use crate::store::nats::checkpoints::NatsCheckpoints;
+use crate::store::nats::nodes::NodeRouter;
 use crate::store::nats::registry::NatsRegistry;
+use crate::store::nats::secrets;
 use crate::store::nats::sessions::NatsSessions;
 use crate::store::nats::telemetry::JetStreamTelemetry;
 use crate::store::nats::twins::NatsTwins;
@@ -101,6 +103,8 @@ pub struct Server {
     retention_interval: Duration,
     /// Cluster mode: the task feeding the registry mirror from the bucket's changes.
     registry_feed: Option<tokio::task::JoinHandle<()>>,
+    /// Cluster mode: presence, heartbeat and routing to the other hub nodes.
+    router: Option<NodeRouter>,
 }
 
 impl std::fmt::Debug for AppState {
@@ -127,6 +131,15 @@ impl Server {
             tracing::debug!(limit, "open-file limit");
         }
         let data_dir = DataDir::open(&config.data_dir)?;
+        let nats = match config.cluster.enabled() {
+            true => {
+                let nats = NatsStore::connect(&config.cluster).await?;
+                // Every node signs and checks with the same owner key and CA.
+                secrets::adopt(&nats, &data_dir).await?;
+                Some(nats)
+            }
+            false => None,
+        };
         let ca = data_dir.ensure_ca()?;
         let names = SubjectAltNames::for_hub(
             &config.hostname,
@@ -150,8 +163,8 @@ impl Server {
             sessions,
             twin_store,
             nats,
-        } = if config.cluster.enabled() {
-            Backends::cluster(&config, &presence).await?
+        } = if let Some(nats) = nats {
+            Backends::cluster(&config, &presence, nats).await?
         } else {
             let telemetry = Telemetry::open(
                 &data_dir.root().join("telemetry"),
@@ -197,6 +210,14 @@ impl Server {
             None => Arc::new(store.clone()),
         };
         let commands = Commands::new(command_store, registry.clone(), connections.clone(), limits);
+        let router = match &nats {
+            Some(nats) => {
+                let router = NodeRouter::open(nats, connections.clone()).await?;
+                commands.set_routing(Arc::new(router.clone()));
+                Some(router)
+            }
+            None => None,
+        };
         let services = services(DeviceServices {
             telemetry: telemetry.clone(),
             twins: Arc::new(twins.clone()),
@@ -259,6 +280,12 @@ impl Server {
             mqtts: Some(mqtts_addr),
             http: http.local_addr().map_err(bind_err)?,
         };
+        if let Some(router) = &router {
+            // Joins before the listeners accept: every connection is announced.
+            router
+                .start(commands.clone(), endpoints.http, mqtt_addr)
+                .await?;
+        }
         data_dir.write_endpoints(&endpoints)?;
 
         let state = AppState {
@@ -288,6 +315,7 @@ impl Server {
             },
             retention_interval: Duration::from_secs(config.telemetry.retention_interval_secs),
             registry_feed,
+            router,
         })
     }
 
@@ -337,6 +365,9 @@ impl Server {
                 source,
             });
         running.shutdown().await;
+        if let Some(router) = &self.router {
+            router.stop().await;
+        }
         retention.abort();
         expiry.abort();
         if let Some(feed) = &self.registry_feed {
@@ -373,8 +404,11 @@ struct Backends {
 impl Backends {
     /// Cluster mode: telemetry, checkpoints, the registry, twins and sessions on NATS
     /// JetStream (C2D queues are opened beside).
-    async fn cluster(config: &Config, presence: &Presence) -> Result<Self, ServeError> {
-        let nats = NatsStore::connect(&config.cluster).await?;
+    async fn cluster(
+        config: &Config,
+        presence: &Presence,
+        nats: NatsStore,
+    ) -> Result<Self, ServeError> {
         nats.claim_partition_count(config.telemetry.partitions)
             .await?;
         let log = JetStreamTelemetry::open(

@@ -9,6 +9,7 @@
 //! services, [`mqtt`] is a raw MQTT test client, and [`nats`] starts a real NATS
 //! JetStream cluster (loopback, free ports, temp dirs) for the cluster-mode tests.
 
+pub mod haproxy;
 pub mod inproc;
 pub mod mqtt;
 pub mod nats;

@@ -1,4 +1,4 @@
-//! `hub cluster status`: the NATS nodes and, per stream and bucket, the leader and
+//! `hub cluster status`: the live hub nodes with their device counts, the NATS nodes and, per stream and bucket, the leader and
 //! each replica's state, as the hub reports them (`GET /cluster`).
 
 use anyhow::{Context, Result};
@@ -13,7 +13,7 @@ use super::client::ApiClient;
 /// Cluster commands.
 #[derive(Subcommand, Debug)]
 pub enum ClusterCommand {
-    /// NATS nodes, stream and bucket leaders and replicas, lag.
+    /// Hub nodes and their devices, NATS nodes, stream and bucket leaders and replicas, lag.
     Status {
         /// Print the hub's JSON answer instead of a table.
         #[arg(long)]
@@ -69,6 +69,24 @@ fn render(status: &Value) -> Result<String> {
     )?;
     writeln!(out, "NATS nodes    {}", nodes.join(", "))?;
     writeln!(out)?;
+    let hubs = status["hub_nodes"].as_array().cloned().unwrap_or_default();
+    writeln!(
+        out,
+        "{:<24} {:>8}  {:<22} {:<22} started",
+        "hub node", "devices", "http", "mqtt"
+    )?;
+    for hub in &hubs {
+        writeln!(
+            out,
+            "{:<24} {:>8}  {:<22} {:<22} {}",
+            hub["node"].as_str().unwrap_or("?"),
+            hub["devices"],
+            hub["http"].as_str().unwrap_or("?"),
+            hub["mqtt"].as_str().unwrap_or("?"),
+            hub["started"].as_str().unwrap_or("?"),
+        )?;
+    }
+    writeln!(out)?;
     writeln!(
         out,
         "{:<22} {:>10} {:>12}  {:<10} replicas (lag)",
@@ -114,6 +132,8 @@ mod tests {
         let status = json!({
             "mode": "cluster", "hub_node": "h1", "connected_to": "n0 (2.15.1)",
             "nats_nodes": ["n0", "n1", "n2"],
+            "hub_nodes": [{"node": "h1", "devices": 12, "http": "127.0.0.1:8080",
+                "mqtt": "127.0.0.1:1883", "started": "2026-01-01T00:00:00Z"}],
             "streams": [{"name": "telemetry", "messages": 5, "bytes": 900, "replicas": 3,
                 "leader": "n1", "peers": [
                     {"node": "n1", "leader": true, "current": true, "offline": false, "lag": 0},
@@ -122,6 +142,12 @@ mod tests {
         });
         let table = render(&status).expect("renders");
         assert!(table.contains("NATS nodes    n0, n1, n2"), "{table}");
+        assert!(
+            table
+                .lines()
+                .any(|l| l.starts_with("h1") && l.contains(" 12 ") && l.contains("127.0.0.1:1883")),
+            "{table}"
+        );
         assert!(
             table.contains("telemetry") && table.contains("n1 current, n0 behind 7, n2 offline"),
             "{table}"

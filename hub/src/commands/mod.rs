@@ -12,13 +12,19 @@
 //! and subscribed to `$iothub/methods/POST/#`, publishes the request with a fresh
 //! `$rid`, and waits (up to its response timeout) for the device's answer on
 //! `$iothub/methods/res/{status}/?$rid=…`.
+//!
+//! Cluster mode adds a [`Routing`]: a call or a C2D message for a device connected to
+//! another hub node travels there (the node answers from its local connection), and
+//! this node's connections are announced to the other nodes.
 
 pub mod c2d;
 
 use std::collections::{BTreeSet, HashMap};
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
+use std::sync::{Arc, Mutex, MutexGuard, OnceLock, PoisonError};
 use std::time::Duration;
+
+use async_trait::async_trait;
 
 use bytes::Bytes;
 use rumqttc::mqttbytes::QoS;
@@ -143,6 +149,48 @@ pub struct FeedbackBatch {
     pub records: Vec<FeedbackRecord>,
 }
 
+/// Why a method call routed to another hub node got no answer from the device.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum RemoteCallError {
+    /// The node does not (or no longer) hold a connection subscribed to methods.
+    #[error("the device is not connected to that node")]
+    Offline,
+    /// The device did not answer within the response timeout.
+    #[error("the device did not answer in time")]
+    Timeout,
+    /// The node could not be asked (NATS failed).
+    #[error("{0}")]
+    Failed(String),
+}
+
+/// How calls and C2D messages reach devices connected to other hub nodes (cluster
+/// mode). The service tells it about this node's connections; it answers which other
+/// node holds a device and carries requests there.
+#[async_trait]
+pub trait Routing: Send + Sync + 'static {
+    /// A connection of `device` on this node reported for the first time.
+    fn connected(&self, device: &DeviceId, connection: u64);
+    /// That connection ended.
+    fn disconnected(&self, device: &DeviceId, connection: u64);
+    /// The live node, other than this one, holding `device`'s connection.
+    async fn owner(&self, device: &DeviceId) -> Option<String>;
+    /// Calls method `name` on `device` through `node`.
+    async fn invoke(
+        &self,
+        node: &str,
+        device: &DeviceId,
+        name: &str,
+        payload: Bytes,
+        response_timeout: Duration,
+    ) -> Result<(i32, Bytes), RemoteCallError>;
+    /// Tells `node` that `device` has new C2D messages.
+    async fn notify_c2d(&self, node: &str, device: &DeviceId);
+}
+
+/// How often a call waiting for its device looks for it on the other nodes (their
+/// connections are seen through the presence bucket, without a local wake-up).
+const PRESENCE_POLL: Duration = Duration::from_millis(200);
+
 type MethodKey = (DeviceId, String);
 
 struct Inner {
@@ -160,6 +208,8 @@ struct Inner {
     methods: Mutex<HashMap<MethodKey, oneshot::Sender<(i32, Bytes)>>>,
     next_rid: AtomicU64,
     feedback_added: Notify,
+    /// Cluster mode: the way to the other hub nodes.
+    routing: OnceLock<Arc<dyn Routing>>,
 }
 
 fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -205,8 +255,21 @@ impl Commands {
                 methods: Mutex::default(),
                 next_rid: AtomicU64::new(1),
                 feedback_added: Notify::new(),
+                routing: OnceLock::new(),
             }),
         }
+    }
+
+    /// Cluster mode: routes calls and C2D notices to the other hub nodes (set once,
+    /// before devices connect).
+    pub fn set_routing(&self, routing: Arc<dyn Routing>) {
+        if self.inner.routing.set(routing).is_err() {
+            tracing::warn!("routing was already set; keeping the first");
+        }
+    }
+
+    fn routing(&self) -> Option<&Arc<dyn Routing>> {
+        self.inner.routing.get()
     }
 
     async fn check_device(&self, id: &DeviceId) -> Result<(), CommandError> {
@@ -274,6 +337,7 @@ impl Commands {
                 EnqueueError::Store(err) => CommandError::Store(err),
             })?;
         self.deliver_pending(device).await;
+        self.notify_owner(device).await;
         Ok(queued.message_id)
     }
 
@@ -293,9 +357,26 @@ impl Commands {
         Ok(self.inner.store.counts(devices).await?)
     }
 
+    /// Cluster mode: when the device is connected to another node, tells that node to
+    /// deliver (it would otherwise wait for the device's next subscribe).
+    async fn notify_owner(&self, device: &DeviceId) {
+        let Some(routing) = self.routing() else {
+            return;
+        };
+        if self
+            .subscribed_connection(device, Subscription::CloudToDevice)
+            .is_some()
+        {
+            return;
+        }
+        if let Some(node) = routing.owner(device).await {
+            routing.notify_c2d(&node, device).await;
+        }
+    }
+
     /// Sends the queued messages the device's current connection has not had, if it
-    /// is subscribed to cloud-to-device messages.
-    async fn deliver_pending(&self, device: &DeviceId) {
+    /// is subscribed to cloud-to-device messages (on this node).
+    pub async fn deliver_pending(&self, device: &DeviceId) {
         let Some(connection) = self.subscribed_connection(device, Subscription::CloudToDevice)
         else {
             return;
@@ -470,7 +551,7 @@ impl Commands {
         }
     }
 
-    /// Invokes direct method `name` on `device`.
+    /// Invokes direct method `name` on `device`, wherever it is connected.
     pub async fn invoke(
         &self,
         device: &DeviceId,
@@ -478,6 +559,46 @@ impl Commands {
         payload: Bytes,
         response_timeout: Duration,
         connect_timeout: Duration,
+    ) -> Result<(i32, Bytes), CommandError> {
+        self.invoke_with(
+            device,
+            name,
+            payload,
+            response_timeout,
+            connect_timeout,
+            true,
+        )
+        .await
+    }
+
+    /// Invokes method `name` on `device`'s connection to this node only, without
+    /// waiting for one (another node asked: it keeps looking itself).
+    pub async fn invoke_local(
+        &self,
+        device: &DeviceId,
+        name: &str,
+        payload: Bytes,
+        response_timeout: Duration,
+    ) -> Result<(i32, Bytes), CommandError> {
+        self.invoke_with(
+            device,
+            name,
+            payload,
+            response_timeout,
+            Duration::ZERO,
+            false,
+        )
+        .await
+    }
+
+    async fn invoke_with(
+        &self,
+        device: &DeviceId,
+        name: &str,
+        payload: Bytes,
+        response_timeout: Duration,
+        connect_timeout: Duration,
+        route: bool,
     ) -> Result<(i32, Bytes), CommandError> {
         self.check_device(device).await?;
         if payload.len() > self.inner.limits.max_method_bytes {
@@ -487,14 +608,16 @@ impl Commands {
                 self.inner.limits.max_method_bytes
             )));
         }
+        let routing = self.routing().filter(|_| route);
         // Request ids count up and are never reused while the hub runs.
         let rid = format!("{:x}", self.inner.next_rid.fetch_add(1, Ordering::Relaxed));
         let (answer, answered) = oneshot::channel();
         let key = (device.clone(), rid.clone());
         lock(&self.inner.methods).insert(key.clone(), answer);
         // Wait (up to the connect timeout) for the device to be connected and
-        // subscribed to methods. A connection that ended between that check and the
-        // delivery is waited out the same way: the device may be reconnecting.
+        // subscribed to methods, here or (cluster mode) on another node. A connection
+        // that ended between that check and the delivery is waited out the same way:
+        // the device may be reconnecting, possibly to another node.
         let online_by = Instant::now() + connect_timeout;
         loop {
             let changed = self.inner.online_changed.notified();
@@ -512,8 +635,38 @@ impl Commands {
                 if self.inner.connections.deliver(device, request).is_ok() {
                     break;
                 }
+            } else if let Some(routing) = routing
+                && let Some(node) = routing.owner(device).await
+            {
+                match routing
+                    .invoke(&node, device, name, payload.clone(), response_timeout)
+                    .await
+                {
+                    Ok(answer) => {
+                        lock(&self.inner.methods).remove(&key);
+                        return Ok(answer);
+                    }
+                    Err(RemoteCallError::Timeout) => {
+                        lock(&self.inner.methods).remove(&key);
+                        return Err(CommandError::Timeout(
+                            device.clone(),
+                            response_timeout.as_secs(),
+                        ));
+                    }
+                    // Gone from that node (or the node is gone): keep looking until
+                    // the connect timeout, as for a local reconnect.
+                    Err(RemoteCallError::Offline) => {}
+                    Err(RemoteCallError::Failed(reason)) => {
+                        tracing::warn!(%device, node, %reason, "cannot route a method call");
+                    }
+                }
             }
-            if tokio::time::timeout_at(online_by, changed).await.is_err() {
+            let wake = match routing {
+                Some(_) => online_by.min(Instant::now() + PRESENCE_POLL),
+                None => online_by,
+            };
+            let woken = tokio::time::timeout_at(wake, changed).await;
+            if woken.is_err() && Instant::now() >= online_by {
                 lock(&self.inner.methods).remove(&key);
                 return Err(CommandError::Offline(device.clone()));
             }
@@ -564,8 +717,14 @@ impl ConnectionEvents for Commands {
         connection: u64,
         subscriptions: &BTreeSet<Subscription>,
     ) {
-        lock(&self.inner.online).insert(device.clone(), (connection, subscriptions.clone()));
+        let previous =
+            lock(&self.inner.online).insert(device.clone(), (connection, subscriptions.clone()));
         self.inner.online_changed.notify_waiters();
+        if previous.is_none_or(|(c, _)| c != connection)
+            && let Some(routing) = self.routing()
+        {
+            routing.connected(device, connection);
+        }
         if subscriptions.contains(&Subscription::CloudToDevice) {
             let commands = self.clone();
             let device = device.clone();
@@ -576,11 +735,16 @@ impl ConnectionEvents for Commands {
     fn disconnected(&self, device: &DeviceId, connection: u64) {
         // Only this connection's entries: a newer connection of the device may already
         // have reported its own.
-        {
+        let ended = {
             let mut online = lock(&self.inner.online);
-            if online.get(device).is_some_and(|(c, _)| *c == connection) {
+            let ended = online.get(device).is_some_and(|(c, _)| *c == connection);
+            if ended {
                 online.remove(device);
             }
+            ended
+        };
+        if ended && let Some(routing) = self.routing() {
+            routing.disconnected(device, connection);
         }
         let mut sent = lock(&self.inner.sent);
         if sent.get(device).is_some_and(|(c, _)| *c == connection) {

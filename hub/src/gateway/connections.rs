@@ -207,6 +207,23 @@ impl Connections {
         }
     }
 
+    /// Closes `device`'s live connection with `reason` if it is still `connection`
+    /// (a newer connection of the device is left alone); returns whether it did.
+    pub fn close_connection(
+        &self,
+        device: &DeviceId,
+        connection: u64,
+        reason: CloseReason,
+    ) -> bool {
+        match self.lock().get(device) {
+            Some(entry) if entry.connection == connection => {
+                entry.mailbox.close(reason);
+                true
+            }
+            _ => false,
+        }
+    }
+
     /// Whether `device` has a live connection.
     pub fn is_connected(&self, device: &DeviceId) -> bool {
         self.lock().contains_key(device)

@@ -4,7 +4,9 @@
 //! identities ([`registry`]), device twins ([`twins`]) and persistent MQTT sessions
 //! ([`sessions`]) are KV buckets with compare-and-set on the revision where writers
 //! may race; C2D queues are a stream with a subject per device, their feedback a
-//! work-queue stream ([`c2d`]). Every
+//! work-queue stream ([`c2d`]). Several hub nodes share one cluster: [`nodes`] keeps
+//! their heartbeats and device presence and routes methods and C2D notices to the node
+//! holding a device; [`secrets`] shares the owner key and the development CA. Every
 //! stream and bucket has the configured replica count (3 by default), so losing one
 //! NATS node loses nothing JetStream acknowledged.
 //!
@@ -15,7 +17,9 @@
 pub mod c2d;
 pub mod checkpoints;
 pub mod keys;
+pub mod nodes;
 pub mod registry;
+pub mod secrets;
 pub mod sessions;
 pub mod status;
 pub mod telemetry;
@@ -183,9 +187,21 @@ impl NatsStore {
     /// The KV bucket `name` (keeping `history` revisions per key), created if
     /// missing, with the configured replicas and file storage.
     pub async fn bucket(&self, name: &str, history: i64) -> Result<kv::Store, StoreError> {
+        self.bucket_with_ttl(name, history, Duration::ZERO).await
+    }
+
+    /// Like [`NatsStore::bucket`], with entries expiring `ttl` after their last write
+    /// (zero: never).
+    pub async fn bucket_with_ttl(
+        &self,
+        name: &str,
+        history: i64,
+        ttl: Duration,
+    ) -> Result<kv::Store, StoreError> {
         let config = kv::Config {
             bucket: name.to_string(),
             history,
+            max_age: ttl,
             num_replicas: self.inner.replicas,
             storage: stream::StorageType::File,
             ..Default::default()

@@ -1,4 +1,4 @@
-//! What `hub cluster status` shows: the NATS nodes the hub's streams and buckets live
+//! What `hub cluster status` shows: the live hub nodes and their device counts, the NATS nodes the hub's streams and buckets live
 //! on, and for each stream (telemetry, and each KV bucket's stream) its leader, its
 //! replicas (current or not, how far behind, offline) and its size.
 
@@ -50,6 +50,8 @@ pub struct ClusterStatus {
     pub mode: &'static str,
     /// This hub process's id.
     pub hub_node: String,
+    /// The live hub nodes (heartbeats in `hub-nodes`) and their device counts.
+    pub hub_nodes: Vec<super::nodes::NodeInfo>,
     /// The NATS server this hub is connected to.
     pub connected_to: String,
     /// Every NATS node that holds a replica of some stream, sorted.
@@ -104,10 +106,12 @@ pub async fn cluster_status(store: &NatsStore) -> Result<ClusterStatus, StoreErr
             }
         })
         .collect();
+    let hub_nodes = super::nodes::list_nodes(store).await?;
     let server = store.client().server_info();
     Ok(ClusterStatus {
         mode: "cluster",
         hub_node: store.node_id().to_string(),
+        hub_nodes,
         connected_to: format!("{} ({})", server.server_name, server.version),
         nats_nodes: nodes.into_iter().collect(),
         streams,
