@@ -45,6 +45,7 @@ fn message(n: usize, expiry: OffsetDateTime) -> C2dMessage {
         expiry,
         ack: AckMode::Full,
         delivery_count: 0,
+        generation_id: String::new(),
     }
 }
 

@@ -46,6 +46,7 @@ fn message(id: &str, ttl: time::Duration, ack: AckMode) -> C2dMessage {
         expiry: now + ttl,
         ack,
         delivery_count: 0,
+        generation_id: String::new(),
     }
 }
 

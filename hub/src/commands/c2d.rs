@@ -86,6 +86,12 @@ pub struct C2dMessage {
     pub ack: AckMode,
     /// Times sent to the device without completion.
     pub delivery_count: u32,
+    /// The `generationId` of the device it was sent to: a device deleted and created
+    /// again under the id has another one, and never receives the earlier device's
+    /// messages (a send racing the delete may still land in the queue). Empty in
+    /// records written before it existed.
+    #[serde(default)]
+    pub generation_id: String,
 }
 
 mod body_base64 {
@@ -350,6 +356,7 @@ mod tests {
             expiry: OffsetDateTime::UNIX_EPOCH,
             ack,
             delivery_count: 0,
+            generation_id: String::new(),
         }
     }
 

@@ -272,9 +272,10 @@ impl Commands {
         self.inner.routing.get()
     }
 
-    async fn check_device(&self, id: &DeviceId) -> Result<(), CommandError> {
+    /// The device's `generationId`, or NotFound.
+    async fn check_device(&self, id: &DeviceId) -> Result<String, CommandError> {
         match self.inner.registry.get(id).await {
-            Ok(_) => Ok(()),
+            Ok(device) => Ok(device.generation_id),
             Err(RegistryError::NotFound(_)) => Err(CommandError::NotFound(id.clone())),
             Err(err) => Err(CommandError::Registry(err)),
         }
@@ -286,7 +287,7 @@ impl Commands {
         device: &DeviceId,
         request: SendRequest,
     ) -> Result<String, CommandError> {
-        self.check_device(device).await?;
+        let generation_id = self.check_device(device).await?;
         let limits = self.inner.limits;
         let ttl = request.ttl.unwrap_or(limits.default_ttl);
         if ttl.is_zero() || ttl > limits.max_ttl {
@@ -308,6 +309,7 @@ impl Commands {
             expiry: now + ttl,
             ack: request.ack,
             delivery_count: 0,
+            generation_id,
         };
         // Measured on the message as it would be queued (with a generated id), before
         // anything is stored: a refused message leaves no trace.
@@ -393,10 +395,21 @@ impl Commands {
                 return;
             }
         };
+        // Messages sent to an earlier device under this id (deleted and created again,
+        // with a send racing the delete) are not this device's.
+        let generation = match self.inner.registry.get(device).await {
+            Ok(current) => current.generation_id,
+            Err(_) => return,
+        };
         let now = OffsetDateTime::now_utc();
         for message in pending {
             if message.expiry <= now {
                 continue; // The expiry sweep reports it.
+            }
+            if !message.generation_id.is_empty() && message.generation_id != generation {
+                self.finish(device, vec![message.seq], FeedbackStatus::Purged)
+                    .await;
+                continue;
             }
             {
                 // Claim the message for this connection: concurrent calls (a send and
@@ -816,6 +829,51 @@ mod tests {
         );
         commands.disconnected(&id, 3);
         assert!(lock(&commands.inner.online).is_empty());
+    }
+
+    #[tokio::test]
+    async fn a_device_created_again_never_gets_the_earlier_devices_messages() {
+        let dir = tempfile::tempdir().unwrap();
+        let (commands, connections, id) = commands(&dir).await;
+        let earlier = commands.inner.registry.get(&id).await.unwrap();
+        commands.send(&id, SendRequest::default()).await.unwrap();
+        let queued = commands.inner.store.pending(&id, 0, 10).await.unwrap();
+        let late = queued.into_iter().next().expect("queued");
+        assert_eq!(late.generation_id, earlier.generation_id);
+
+        // The device is deleted and created again; a send that raced the delete lands
+        // in the new device's queue afterwards.
+        commands.inner.registry.delete(&id, None).await.unwrap();
+        commands
+            .inner
+            .registry
+            .create(id.clone(), DeviceSpec::default())
+            .await
+            .unwrap();
+        commands
+            .inner
+            .store
+            .enqueue(&id, late, 50)
+            .await
+            .unwrap();
+        assert_eq!(commands.queue_length(&id).await.unwrap(), 1);
+
+        let connection = register(&connections, &id);
+        commands.subscriptions(
+            &id,
+            connection.connection,
+            &BTreeSet::from([Subscription::CloudToDevice]),
+        );
+        commands.deliver_pending(&id).await;
+        let (delivered, _) = connection.mailbox.drain();
+        assert!(delivered.is_empty(), "the earlier device's message was delivered");
+        assert_eq!(commands.queue_length(&id).await.unwrap(), 0, "and it is dropped");
+
+        // A message sent to the new device is delivered.
+        commands.send(&id, SendRequest::default()).await.unwrap();
+        commands.deliver_pending(&id).await;
+        let (delivered, _) = connection.mailbox.drain();
+        assert_eq!(delivered.len(), 1);
     }
 
     #[tokio::test(start_paused = true)]

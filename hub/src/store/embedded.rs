@@ -1025,6 +1025,7 @@ mod tests {
             expiry,
             ack: AckMode::Negative,
             delivery_count: 0,
+            generation_id: String::new(),
         }
     }
 
