@@ -850,12 +850,7 @@ mod tests {
             .create(id.clone(), DeviceSpec::default())
             .await
             .unwrap();
-        commands
-            .inner
-            .store
-            .enqueue(&id, late, 50)
-            .await
-            .unwrap();
+        commands.inner.store.enqueue(&id, late, 50).await.unwrap();
         assert_eq!(commands.queue_length(&id).await.unwrap(), 1);
 
         let connection = register(&connections, &id);
@@ -866,8 +861,15 @@ mod tests {
         );
         commands.deliver_pending(&id).await;
         let (delivered, _) = connection.mailbox.drain();
-        assert!(delivered.is_empty(), "the earlier device's message was delivered");
-        assert_eq!(commands.queue_length(&id).await.unwrap(), 0, "and it is dropped");
+        assert!(
+            delivered.is_empty(),
+            "the earlier device's message was delivered"
+        );
+        assert_eq!(
+            commands.queue_length(&id).await.unwrap(),
+            0,
+            "and it is dropped"
+        );
 
         // A message sent to the new device is delivered.
         commands.send(&id, SendRequest::default()).await.unwrap();

@@ -33,7 +33,7 @@ use super::GatewayContext;
 use super::codec::{self, Decoded};
 use super::connections::{Connections, Mailbox, Registration};
 use super::services::{
-    ConnectionEvents, IngestError, TelemetryMessage, TwinReply, twin_error_code,
+    ConnectionEvents, IngestError, StoredSession, TelemetryMessage, TwinReply, twin_error_code,
 };
 use super::session::{
     Accepted, Action, CloseReason, ConnectRequest, DeliverError, Outbound, Session,
@@ -64,6 +64,8 @@ struct Authenticated {
     reported: Option<BTreeSet<Subscription>>,
     /// The Plug and Play model id from the CONNECT username, stamped on telemetry.
     model_id: Option<String>,
+    /// The device's `generationId`: its persisted session is stored with it.
+    generation_id: String,
 }
 
 /// A registered connection's hold on the shared tables. Dropping it releases them:
@@ -418,7 +420,17 @@ impl<S: Transport> Connection<S> {
             }
             Action::SaveSubscriptions(subscriptions) => {
                 if let Some(device) = &self.device
-                    && let Err(err) = self.ctx.sessions.save(&device.device, &subscriptions).await
+                    && let Err(err) = self
+                        .ctx
+                        .sessions
+                        .save(
+                            &device.device,
+                            &StoredSession {
+                                generation_id: device.generation_id.clone(),
+                                subscriptions,
+                            },
+                        )
+                        .await
                 {
                     tracing::warn!(device = %device.device, error = %err, "cannot persist subscriptions");
                 }
@@ -450,6 +462,7 @@ impl<S: Transport> Connection<S> {
             }
         };
         let device = authenticated.device.device_id.clone();
+        let generation_id = authenticated.device.generation_id.clone();
         let sessions = &self.ctx.sessions;
         let restored = if request.clean_session {
             sessions.remove(&device).await.map(|()| None)
@@ -457,16 +470,25 @@ impl<S: Transport> Connection<S> {
             sessions.load(&device).await
         };
         let (session_present, subscriptions) = match restored {
-            Ok(Some(subscriptions)) => (true, subscriptions),
-            Ok(None) => (false, BTreeSet::new()),
+            Ok(Some(session)) if session.belongs_to(&generation_id) => {
+                (true, session.subscriptions)
+            }
+            // A session left by an earlier device under this id (deleted, then created
+            // again) is not this device's: it starts afresh, and the save below
+            // replaces the stale record.
+            Ok(Some(_)) | Ok(None) => (false, BTreeSet::new()),
             Err(err) => {
                 tracing::warn!(%device, error = %err, "cannot load session");
                 return Err(ConnectReturnCode::ServiceUnavailable);
             }
         };
+        let fresh = StoredSession {
+            generation_id: generation_id.clone(),
+            subscriptions: BTreeSet::new(),
+        };
         if !request.clean_session
             && !session_present
-            && let Err(err) = sessions.save(&device, &subscriptions).await
+            && let Err(err) = sessions.save(&device, &fresh).await
         {
             tracing::warn!(%device, error = %err, "cannot create session");
             return Err(ConnectReturnCode::ServiceUnavailable);
@@ -512,6 +534,7 @@ impl<S: Transport> Connection<S> {
             registration,
             _registered: registered,
             reported: None,
+            generation_id,
             model_id: request
                 .username
                 .as_deref()

@@ -234,8 +234,6 @@ mod tests {
     //! connection's registration, made deterministic: the session store, which the
     //! connection reads exactly in that window, makes the change.
 
-    use std::collections::BTreeSet;
-
     use async_trait::async_trait;
     use base64::Engine;
     use base64::engine::general_purpose::STANDARD;
@@ -247,12 +245,12 @@ mod tests {
     use super::*;
     use crate::auth::jwt::JwtPolicy;
     use crate::auth::x509::DeviceCa;
+    use crate::gateway::services::StoredSession;
     use crate::registry::{
         AuthenticationSpec, DeviceSpec, DeviceStatus, IfMatch, SymmetricKeySpec,
     };
     use crate::store::StoreError;
     use crate::store::embedded::EmbeddedStore;
-    use topic::Subscription;
 
     #[derive(Clone, Copy, Debug)]
     enum Change {
@@ -260,6 +258,9 @@ mod tests {
         Delete,
         RotatePrimaryKey,
         RotateSecondaryKey,
+        /// No registry change; the store holds a session an earlier device of the same
+        /// id left behind (deleted, created again, and a CONNECT racing the delete).
+        StaleSession,
     }
 
     /// A session store whose `load` applies `change` to the registry first.
@@ -270,10 +271,7 @@ mod tests {
 
     #[async_trait]
     impl SessionStore for ChangingSessions {
-        async fn load(
-            &self,
-            device: &DeviceId,
-        ) -> Result<Option<BTreeSet<Subscription>>, StoreError> {
+        async fn load(&self, device: &DeviceId) -> Result<Option<StoredSession>, StoreError> {
             let key = |primary: bool| SymmetricKeySpec {
                 primary_key: primary.then(|| STANDARD.encode([9u8; 32])),
                 secondary_key: (!primary).then(|| STANDARD.encode([9u8; 32])),
@@ -296,6 +294,12 @@ mod tests {
                         .await
                 }
                 Change::Delete => self.registry.delete(device, None).await,
+                Change::StaleSession => {
+                    return Ok(Some(StoredSession {
+                        generation_id: "an earlier device".into(),
+                        subscriptions: [topic::Subscription::Methods].into(),
+                    }));
+                }
                 Change::RotatePrimaryKey => {
                     self.registry
                         .update(device.clone(), rotate(true), IfMatch::Any)
@@ -314,7 +318,7 @@ mod tests {
         async fn save(
             &self,
             _device: &DeviceId,
-            _subscriptions: &BTreeSet<Subscription>,
+            _session: &StoredSession,
         ) -> Result<(), StoreError> {
             Ok(())
         }
@@ -326,7 +330,7 @@ mod tests {
 
     /// Connects a SAS device (primary key) while `change` lands in the window; returns
     /// the CONNACK code, whether the hub then closed the connection, and the gateway.
-    async fn connect_while(change: Change) -> (ConnectReturnCode, bool, Arc<GatewayContext>) {
+    async fn connect_while(change: Change) -> (ConnectReturnCode, bool, Arc<GatewayContext>, bool) {
         let dir = tempfile::tempdir().unwrap();
         let store = EmbeddedStore::open(&dir.path().join("hub.redb")).unwrap();
         let presence = Presence::default();
@@ -423,20 +427,20 @@ mod tests {
                 Err(_) => panic!("no answer from the hub"),
             }
         }
-        let code = match packets.first() {
-            Some(Packet::ConnAck(ack)) => ack.code,
+        let (code, session_present) = match packets.first() {
+            Some(Packet::ConnAck(ack)) => (ack.code, ack.session_present),
             other => panic!("expected a CONNACK, got {other:?}"),
         };
         if closed {
             server.await.unwrap();
         }
-        (code, closed, ctx)
+        (code, closed, ctx, session_present)
     }
 
     #[tokio::test]
     async fn a_change_between_the_registry_read_and_the_registration_is_not_missed() {
         for change in [Change::Disable, Change::Delete, Change::RotatePrimaryKey] {
-            let (code, closed, ctx) = connect_while(change).await;
+            let (code, closed, ctx, _) = connect_while(change).await;
             assert_eq!(code, ConnectReturnCode::NotAuthorized, "{change:?}");
             assert!(closed, "{change:?}");
             let id = DeviceId::parse("racer").unwrap();
@@ -447,8 +451,19 @@ mod tests {
             );
         }
         // A change that leaves the connection's own key registered does not refuse it.
-        let (code, closed, _ctx) = connect_while(Change::RotateSecondaryKey).await;
+        let (code, closed, _ctx, _) = connect_while(Change::RotateSecondaryKey).await;
         assert_eq!(code, ConnectReturnCode::Success);
         assert!(!closed);
+    }
+
+    #[tokio::test]
+    async fn a_session_left_by_an_earlier_device_of_the_same_id_is_not_restored() {
+        let (code, closed, _ctx, session_present) = connect_while(Change::StaleSession).await;
+        assert_eq!(code, ConnectReturnCode::Success);
+        assert!(!closed);
+        assert!(
+            !session_present,
+            "the earlier device's session was restored"
+        );
     }
 }

@@ -137,17 +137,52 @@ pub trait ConnectionEvents: Send + Sync + 'static {
     fn disconnected(&self, device: &DeviceId, connection: u64);
 }
 
+/// A persisted MQTT session: the subscriptions, and the `generationId` of the
+/// device that made them. A device deleted and created again under the id has
+/// another generation: a session written for the earlier one (a CONNECT racing the
+/// delete) is not its session.
+#[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct StoredSession {
+    /// The generation of the device the session belongs to (empty in records written
+    /// before generations were kept).
+    #[serde(default)]
+    pub generation_id: String,
+    /// The subscriptions.
+    pub subscriptions: BTreeSet<Subscription>,
+}
+
+impl StoredSession {
+    /// Decodes a stored session, including the bare subscription lists that earlier
+    /// versions stored.
+    pub fn decode(bytes: &[u8]) -> Result<Self, serde_json::Error> {
+        #[derive(serde::Deserialize)]
+        #[serde(untagged)]
+        enum Stored {
+            Current(StoredSession),
+            Bare(BTreeSet<Subscription>),
+        }
+        Ok(match serde_json::from_slice(bytes)? {
+            Stored::Current(session) => session,
+            Stored::Bare(subscriptions) => StoredSession {
+                generation_id: String::new(),
+                subscriptions,
+            },
+        })
+    }
+
+    /// Whether the session belongs to the device of `generation_id`.
+    pub fn belongs_to(&self, generation_id: &str) -> bool {
+        self.generation_id.is_empty() || self.generation_id == generation_id
+    }
+}
+
 /// Persisted MQTT sessions of CleanSession=0 devices.
 #[async_trait]
 pub trait SessionStore: Send + Sync + 'static {
-    /// The stored subscriptions, if a session exists.
-    async fn load(&self, device: &DeviceId) -> Result<Option<BTreeSet<Subscription>>, StoreError>;
-    /// Stores the subscriptions (creating the session).
-    async fn save(
-        &self,
-        device: &DeviceId,
-        subscriptions: &BTreeSet<Subscription>,
-    ) -> Result<(), StoreError>;
+    /// The stored session, if one exists.
+    async fn load(&self, device: &DeviceId) -> Result<Option<StoredSession>, StoreError>;
+    /// Stores the session (creating it).
+    async fn save(&self, device: &DeviceId, session: &StoredSession) -> Result<(), StoreError>;
     /// Forgets the session (CleanSession=1).
     async fn remove(&self, device: &DeviceId) -> Result<(), StoreError>;
 }

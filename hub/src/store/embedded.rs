@@ -5,7 +5,7 @@
 //! redb calls block (a commit is an fsync), so every operation runs on tokio's
 //! blocking pool.
 
-use std::collections::{BTreeSet, HashMap, HashSet};
+use std::collections::{HashMap, HashSet};
 use std::ops::Bound;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, PoisonError};
@@ -20,8 +20,7 @@ use super::{StoreError, StoreHealth};
 use crate::commands::c2d::{
     C2dMessage, CommandStore, EnqueueError, FeedbackLock, FeedbackRecord, FeedbackStatus, Removed,
 };
-use crate::gateway::services::SessionStore;
-use crate::gateway::topic::Subscription;
+use crate::gateway::services::{SessionStore, StoredSession};
 use crate::registry::{Device, DeviceId, RegistryStore, RegistryStoreError};
 use crate::telemetry::CheckpointStore;
 use crate::twins::document::TwinDocument;
@@ -311,7 +310,7 @@ impl RegistryStore for EmbeddedStore {
 
 #[async_trait]
 impl SessionStore for EmbeddedStore {
-    async fn load(&self, device: &DeviceId) -> Result<Option<BTreeSet<Subscription>>, StoreError> {
+    async fn load(&self, device: &DeviceId) -> Result<Option<StoredSession>, StoreError> {
         // A point read of a small record from redb's page cache: cheaper inline than a
         // hop to the blocking pool on every CONNECT.
         let txn = self.db.begin_read()?;
@@ -319,7 +318,7 @@ impl SessionStore for EmbeddedStore {
         let Some(bytes) = table.get(device.as_str())? else {
             return Ok(None);
         };
-        serde_json::from_slice(bytes.value())
+        StoredSession::decode(bytes.value())
             .map(Some)
             .map_err(|err| StoreError::Corrupt {
                 table: "sessions",
@@ -328,13 +327,9 @@ impl SessionStore for EmbeddedStore {
             })
     }
 
-    async fn save(
-        &self,
-        device: &DeviceId,
-        subscriptions: &BTreeSet<Subscription>,
-    ) -> Result<(), StoreError> {
+    async fn save(&self, device: &DeviceId, session: &StoredSession) -> Result<(), StoreError> {
         let id = device.clone();
-        let bytes = serde_json::to_vec(subscriptions).map_err(|err| StoreError::Corrupt {
+        let bytes = serde_json::to_vec(session).map_err(|err| StoreError::Corrupt {
             table: "sessions",
             key: id.to_string(),
             reason: err.to_string(),
@@ -946,6 +941,7 @@ impl EmbeddedStore {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::gateway::topic::Subscription;
 
     #[test]
     fn a_file_that_is_not_a_database_is_a_clear_open_error() {
@@ -980,8 +976,10 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("hub.redb");
         let id = DeviceId::parse("d1").unwrap();
-        let subs: BTreeSet<Subscription> =
-            [Subscription::Methods, Subscription::CloudToDevice].into();
+        let subs = StoredSession {
+            generation_id: "g".into(),
+            subscriptions: [Subscription::Methods, Subscription::CloudToDevice].into(),
+        };
         {
             let store = EmbeddedStore::open(&path).unwrap();
             assert_eq!(store.load(&id).await.unwrap(), None);
@@ -991,6 +989,17 @@ mod tests {
         assert_eq!(store.load(&id).await.unwrap(), Some(subs.clone()));
         SessionStore::remove(&store, &id).await.unwrap();
         assert_eq!(store.load(&id).await.unwrap(), None);
+        // A record of an earlier version (a bare subscription list) still loads.
+        {
+            let txn = store.db.begin_write().unwrap();
+            txn.open_table(SESSIONS)
+                .unwrap()
+                .insert("d1", br#"["Methods"]"#.as_slice())
+                .unwrap();
+            txn.commit().unwrap();
+        }
+        let legacy = store.load(&id).await.unwrap().expect("a legacy session");
+        assert!(legacy.belongs_to("any generation"));
         // Deleting a device deletes its session.
         store.save(&id, &subs).await.unwrap();
         let device: Device = serde_json::from_value(serde_json::json!({

@@ -3,15 +3,12 @@
 //! subscriptions' JSON), so a session survives a hub restart and follows its device
 //! to whichever hub it reconnects to.
 
-use std::collections::BTreeSet;
-
 use async_nats::jetstream::kv;
 use async_trait::async_trait;
 use bytes::Bytes;
 
 use super::{NatsStore, keys};
-use crate::gateway::services::SessionStore;
-use crate::gateway::topic::Subscription;
+use crate::gateway::services::{SessionStore, StoredSession};
 use crate::registry::DeviceId;
 use crate::store::StoreError;
 
@@ -43,7 +40,7 @@ impl NatsSessions {
 
 #[async_trait]
 impl SessionStore for NatsSessions {
-    async fn load(&self, device: &DeviceId) -> Result<Option<BTreeSet<Subscription>>, StoreError> {
+    async fn load(&self, device: &DeviceId) -> Result<Option<StoredSession>, StoreError> {
         let key = keys::encode(device.as_str());
         let value = self
             .store
@@ -51,7 +48,7 @@ impl SessionStore for NatsSessions {
             .await?;
         value
             .map(|bytes| {
-                serde_json::from_slice(&bytes).map_err(|err| StoreError::Corrupt {
+                StoredSession::decode(&bytes).map_err(|err| StoreError::Corrupt {
                     table: BUCKET,
                     key: device.to_string(),
                     reason: err.to_string(),
@@ -60,15 +57,11 @@ impl SessionStore for NatsSessions {
             .transpose()
     }
 
-    async fn save(
-        &self,
-        device: &DeviceId,
-        subscriptions: &BTreeSet<Subscription>,
-    ) -> Result<(), StoreError> {
+    async fn save(&self, device: &DeviceId, session: &StoredSession) -> Result<(), StoreError> {
         let key = keys::encode(device.as_str());
         let value =
             Bytes::from(
-                serde_json::to_vec(subscriptions).map_err(|err| StoreError::Corrupt {
+                serde_json::to_vec(session).map_err(|err| StoreError::Corrupt {
                     table: BUCKET,
                     key: device.to_string(),
                     reason: err.to_string(),
