@@ -177,7 +177,7 @@ async fn start_hub(
         Some(host) => vec![host.to_string()],
         None => {
             let base = 2 + (std::process::id() % 200);
-            let third = if websockets { 120 } else { 100 };
+            let third = if websockets { 140 } else { 100 };
             (0..10)
                 .map(|i| format!("127.0.{}.{}", third + i, base))
                 .collect()
