@@ -244,7 +244,8 @@ pub struct HttpConfig {
     pub listen: SocketAddr,
     /// HTTPS listen address: the same service API over TLS with the server
     /// certificate, plus MQTT over WebSocket at `/$iothub/websocket` (Azure serves
-    /// both on 443). Off unless set; port 0 picks a free port.
+    /// both on 443). Off unless set (so `hub print-config` shows it only when set);
+    /// port 0 picks a free port.
     pub https_listen: Option<SocketAddr>,
     /// Largest request body accepted, in bytes (larger gets 413). Default 1 MiB.
     pub max_body_bytes: usize,

@@ -17,9 +17,11 @@ use tokio_rustls::TlsConnector;
 use tokio_tungstenite::tungstenite::Message;
 use tokio_tungstenite::tungstenite::client::IntoClientRequest;
 
+/// HTTPS on another loopback address than the other listeners (127.0.0.1), so a
+/// handshake that checks the address proves the certificate names the HTTPS one.
 async fn start_hub(dir: &std::path::Path) -> Result<Hub> {
     HubOptions::new(dir)
-        .args(["--https", "127.0.0.1:0"])
+        .args(["--https", "127.0.0.3:0"])
         .start()
         .await
 }
