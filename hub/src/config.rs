@@ -242,6 +242,11 @@ pub struct MqttConfig {
 pub struct HttpConfig {
     /// Listen address. Default `127.0.0.1:8080`; port 0 picks a free port.
     pub listen: SocketAddr,
+    /// HTTPS listen address: the same service API over TLS with the server
+    /// certificate, plus MQTT over WebSocket at `/$iothub/websocket` (Azure serves
+    /// both on 443). Off unless set (so `hub print-config` shows it only when set);
+    /// port 0 picks a free port.
+    pub https_listen: Option<SocketAddr>,
     /// Largest request body accepted, in bytes (larger gets 413). Default 1 MiB.
     pub max_body_bytes: usize,
     /// Most short requests (everything but the long ones below and the health
@@ -296,6 +301,7 @@ impl Default for HttpConfig {
     fn default() -> Self {
         Self {
             listen: SocketAddr::from(([127, 0, 0, 1], 8080)),
+            https_listen: None,
             max_body_bytes: 1024 * 1024,
             max_concurrent_requests: 1024,
             max_long_requests: 512,
@@ -319,6 +325,8 @@ pub struct Overrides {
     pub mqtts: Option<SocketAddr>,
     /// `--http` / `HUB_HTTP`.
     pub http: Option<SocketAddr>,
+    /// `--https` / `HUB_HTTPS`.
+    pub https: Option<SocketAddr>,
     /// `--cluster` / `HUB_CLUSTER`: comma-separated NATS URLs.
     pub cluster: Option<Vec<String>>,
 }
@@ -378,6 +386,9 @@ impl Config {
         }
         if let Some(addr) = overrides.http {
             self.http.listen = addr;
+        }
+        if let Some(addr) = overrides.https {
+            self.http.https_listen = Some(addr);
         }
         if let Some(urls) = &overrides.cluster {
             self.cluster.nats.clone_from(urls);
@@ -612,6 +623,20 @@ mod tests {
             ..Overrides::default()
         });
         assert_eq!(config.http.listen.to_string(), "127.0.0.1:0");
+        assert_eq!(config.http.https_listen, None, "HTTPS is off by default");
+        let mut config = Config::from_toml("[http]\nhttps_listen = '127.0.0.1:9443'\n").unwrap();
+        assert_eq!(
+            config.http.https_listen,
+            Some("127.0.0.1:9443".parse().unwrap())
+        );
+        config.apply(&Overrides {
+            https: Some("127.0.0.1:0".parse().unwrap()),
+            ..Overrides::default()
+        });
+        assert_eq!(
+            config.http.https_listen,
+            Some("127.0.0.1:0".parse().unwrap())
+        );
     }
 
     #[test]

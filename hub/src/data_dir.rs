@@ -210,6 +210,9 @@ pub struct Endpoints {
     pub mqtts: Option<SocketAddr>,
     /// The service REST API.
     pub http: SocketAddr,
+    /// The service REST API over TLS and MQTT over WebSocket, when bound.
+    #[serde(skip_serializing_if = "Option::is_none", default)]
+    pub https: Option<SocketAddr>,
 }
 
 impl Endpoints {
@@ -223,6 +226,9 @@ impl Endpoints {
             line.push_str(&format!(" mqtts={addr}"));
         }
         line.push_str(&format!(" http={}", self.http));
+        if let Some(addr) = self.https {
+            line.push_str(&format!(" https={addr}"));
+        }
         line
     }
 
@@ -411,12 +417,23 @@ mod tests {
             mqtt: Some("127.0.0.1:1883".parse().unwrap()),
             mqtts: None,
             http: "[::1]:8080".parse().unwrap(),
+            https: None,
         };
         data.write_endpoints(&endpoints).unwrap();
         assert_eq!(Endpoints::read(dir.path()).unwrap(), endpoints);
         assert_eq!(
             endpoints.ready_line(),
             "hub ready mqtt=127.0.0.1:1883 http=[::1]:8080"
+        );
+        let endpoints = Endpoints {
+            https: Some("127.0.0.1:443".parse().unwrap()),
+            ..endpoints
+        };
+        data.write_endpoints(&endpoints).unwrap();
+        assert_eq!(Endpoints::read(dir.path()).unwrap(), endpoints);
+        assert_eq!(
+            endpoints.ready_line(),
+            "hub ready mqtt=127.0.0.1:1883 http=[::1]:8080 https=127.0.0.1:443"
         );
     }
 }

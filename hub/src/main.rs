@@ -74,6 +74,10 @@ struct ConfigArgs {
     /// REST API listen address (default 127.0.0.1:8080).
     #[arg(long, env = "HUB_HTTP")]
     http: Option<std::net::SocketAddr>,
+    /// HTTPS listen address: service API over TLS and MQTT over WebSocket at
+    /// /$iothub/websocket (off unless given; 443 in production).
+    #[arg(long, env = "HUB_HTTPS")]
+    https: Option<std::net::SocketAddr>,
     /// Cluster mode: NATS JetStream servers, comma-separated
     /// (nats://a:4222,nats://b:4222,nats://c:4222).
     #[arg(long, env = "HUB_CLUSTER", value_delimiter = ',')]
@@ -88,6 +92,7 @@ impl ConfigArgs {
             mqtt: self.mqtt,
             mqtts: self.mqtts,
             http: self.http,
+            https: self.https,
             cluster: self.cluster.clone(),
         };
         Config::load(self.config.as_deref(), &overrides)

@@ -9,6 +9,8 @@ use std::time::Duration;
 
 use certs::SubjectAltNames;
 use tokio::net::TcpListener;
+use tokio::sync::watch;
+use tokio_rustls::TlsAcceptor;
 
 use crate::api::serve::ConnectionLimits;
 use crate::api::{self, AppState, HttpLimits};
@@ -96,6 +98,8 @@ pub struct Server {
     data_dir: DataDir,
     endpoints: Endpoints,
     http: TcpListener,
+    /// The HTTPS listener (service API + MQTT over WebSocket) and its TLS, when set.
+    https: Option<(TcpListener, Arc<rustls::ServerConfig>)>,
     gateway: Gateway,
     state: AppState,
     limits: HttpLimits,
@@ -143,14 +147,20 @@ impl Server {
         let ca = data_dir.ensure_ca()?;
         let names = SubjectAltNames::for_hub(
             &config.hostname,
-            data_dir::listener_ips([
-                config.mqtt.tcp_listen,
-                config.mqtt.tls_listen,
-                config.http.listen,
-            ]),
+            data_dir::listener_ips(
+                [
+                    config.mqtt.tcp_listen,
+                    config.mqtt.tls_listen,
+                    config.http.listen,
+                ]
+                .into_iter()
+                .chain(config.http.https_listen),
+            ),
         );
         let server_cert = data_dir.ensure_server_cert(&ca, &names)?;
         let tls_config = tls::server_config(&server_cert.cert_pem, &server_cert.key_pem)?;
+        // The HTTPS listener presents the same server certificate as MQTT/TLS.
+        let https_tls = Arc::clone(&tls_config);
         let device_ca = DeviceCa::from_pem(ca.cert_pem())?;
         let service_key = ServiceKey::load_or_create(&data_dir.service_key_path())?;
         let store = EmbeddedStore::open(&data_dir.prepare_store_file()?)?;
@@ -275,10 +285,24 @@ impl Server {
         let http = TcpListener::bind(config.http.listen)
             .await
             .map_err(bind_err)?;
+        let https = match config.http.https_listen {
+            Some(addr) => {
+                let bind_err = |source| ServeError::Bind {
+                    listener: "https",
+                    addr,
+                    source,
+                };
+                let listener = listener::bind(addr).map_err(bind_err)?;
+                let local = listener.local_addr().map_err(bind_err)?;
+                Some((listener, https_tls, local))
+            }
+            None => None,
+        };
         let endpoints = Endpoints {
             mqtt: Some(mqtt_addr),
             mqtts: Some(mqtts_addr),
             http: http.local_addr().map_err(bind_err)?,
+            https: https.as_ref().map(|(_, _, addr)| *addr),
         };
         if let Some(router) = &router {
             // Joins before the listeners accept: every connection is announced.
@@ -302,6 +326,7 @@ impl Server {
             data_dir,
             endpoints,
             http,
+            https: https.map(|(listener, acceptor, _)| (listener, acceptor)),
             gateway,
             state,
             limits: HttpLimits {
@@ -358,12 +383,52 @@ impl Server {
                 .run_expiry(Duration::from_secs(1)),
         );
         let router = api::router(self.state, self.limits);
-        let result = api::serve::serve(self.http, router, self.connection_limits, shutdown)
-            .await
-            .map_err(|source| ServeError::Serve {
-                listener: "http",
-                source,
-            });
+        // Both listeners stop on the one shutdown signal.
+        let (stop, stopped) = watch::channel(false);
+        let https = self.https.map(|(listener, tls)| {
+            let router = router.clone().merge(running.websocket().router());
+            let mut stopped = stopped.clone();
+            tokio::spawn(api::serve::serve(
+                listener,
+                router,
+                self.connection_limits,
+                Some(TlsAcceptor::from(tls)),
+                async move {
+                    let _ = stopped.wait_for(|stop| *stop).await;
+                },
+            ))
+        });
+        let mut http_stopped = stopped;
+        let result = api::serve::serve(
+            self.http,
+            router,
+            self.connection_limits,
+            None,
+            async move {
+                shutdown.await;
+                let _ = stop.send(true);
+                let _ = http_stopped.wait_for(|stop| *stop).await;
+            },
+        )
+        .await
+        .map_err(|source| ServeError::Serve {
+            listener: "http",
+            source,
+        });
+        let result = match https {
+            Some(task) => match task.await {
+                Ok(Ok(())) => result,
+                Ok(Err(source)) => result.and(Err(ServeError::Serve {
+                    listener: "https",
+                    source,
+                })),
+                Err(err) => result.and(Err(ServeError::Serve {
+                    listener: "https",
+                    source: std::io::Error::other(err),
+                })),
+            },
+            None => result,
+        };
         running.shutdown().await;
         if let Some(router) = &self.router {
             router.stop().await;

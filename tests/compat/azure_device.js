@@ -1,9 +1,10 @@
 // A device built on Azure's own Node.js device SDK (azure-iot-device 1.18 with
 // azure-iot-device-mqtt), unmodified, driven by tests/tests/azure_node_sdk_compat.rs.
 //
-// Usage: node azure_device.js <connection string> <CA PEM path> <model id>
+// Usage: node azure_device.js <connection string> <CA PEM path> <model id> [MqttWs]
 //
-// It connects over MQTT (TLS, port 8883) with the hub's CA and a Plug and Play model
+// It connects over MQTT (TLS, port 8883) — or with `MqttWs`, over MQTT over WebSocket
+// (port 443) — with the hub's CA and a Plug and Play model
 // id, then reports what happens as one JSON object per line on stdout, and takes
 // commands as JSON objects, one per line, on stdin:
 //
@@ -21,7 +22,7 @@
 const fs = require('fs');
 const readline = require('readline');
 const { Client, Message } = require('azure-iot-device');
-const { Mqtt } = require('azure-iot-device-mqtt');
+const { Mqtt, MqttWs } = require('azure-iot-device-mqtt');
 
 function emit(event, fields) {
   process.stdout.write(JSON.stringify(Object.assign({ event }, fields || {})) + '\n');
@@ -32,8 +33,8 @@ function fail(command, err) {
 }
 
 async function main() {
-  const [connectionString, caPath, modelId] = process.argv.slice(2);
-  const client = Client.fromConnectionString(connectionString, Mqtt);
+  const [connectionString, caPath, modelId, transport] = process.argv.slice(2);
+  const client = Client.fromConnectionString(connectionString, transport === 'MqttWs' ? MqttWs : Mqtt);
   await client.setOptions({ ca: fs.readFileSync(caPath, 'utf8'), modelId, keepalive: 30 });
 
   client.on('error', (err) => fail('client', err));

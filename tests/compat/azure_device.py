@@ -1,7 +1,8 @@
 """A device built on Azure's own Python device SDK (azure-iot-device 2.x), unmodified,
 driven by tests/tests/azure_sdk_compat.rs.
 
-It connects with a connection string and the hub's CA, then reports what happens as
+It connects with a connection string and the hub's CA (with a third argument
+`websockets`, over MQTT over WebSocket on port 443), then reports what happens as
 one JSON object per line on stdout, and takes commands as lines on stdin:
 
   send <message-id>    send one telemetry message (JSON body, content type JSON)
@@ -28,10 +29,14 @@ def emit(event, **fields):
 
 def main():
     connection_string, ca_path = sys.argv[1], sys.argv[2]
+    websockets = sys.argv[3:] == ["websockets"]
     with open(ca_path) as f:
         ca = f.read()
     client = IoTHubDeviceClient.create_from_connection_string(
-        connection_string, server_verification_cert=ca, keep_alive=30
+        connection_string,
+        server_verification_cert=ca,
+        keep_alive=30,
+        websockets=websockets,
     )
 
     def on_desired(patch):

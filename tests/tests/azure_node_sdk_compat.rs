@@ -159,19 +159,22 @@ impl Service {
     }
 }
 
-/// Binds the hub's TLS listener on 127.0.0.N:8883 (the port the SDK always dials),
-/// trying a few N in case one is taken (other tests bind 127.0.100+.N).
-async fn start_hub(dir: &std::path::Path) -> Result<(Hub, String)> {
+/// Binds the hub's TLS listener on 127.0.0.N:8883 (the port the SDK always dials)
+/// and, for `MqttWs`, its HTTPS listener on 127.0.0.N:443 (where `MqttWs` dials),
+/// trying a few N in case one is taken (other tests bind 127.0.100+.N and 140+.N).
+async fn start_hub(dir: &std::path::Path, websockets: bool) -> Result<(Hub, String)> {
     let base = 2 + (std::process::id() % 200);
+    let third = if websockets { 160 } else { 120 };
     let mut last = None;
     for i in 0..10 {
-        let host = format!("127.0.{}.{}", 120 + i, base);
-        match HubOptions::new(dir)
+        let host = format!("127.0.{}.{}", third + i, base);
+        let mut options = HubOptions::new(dir)
             .mqtts(&format!("{host}:8883"))
-            .args(["--hostname", host.as_str()])
-            .start()
-            .await
-        {
+            .args(["--hostname", host.as_str()]);
+        if websockets {
+            options = options.args(["--https", &format!("{host}:443")]);
+        }
+        match options.start().await {
             Ok(hub) => return Ok((hub, host)),
             Err(err) => last = Some(err),
         }
@@ -183,9 +186,19 @@ const MODEL_ID: &str = "dtmi:com:example:Thermostat;1";
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_azure_node_device_sdk_works_unmodified_over_mqtt() -> Result<()> {
+    node_sdk_scenario(false).await
+}
+
+/// The same scenario over `MqttWs`: MQTT over WebSocket on the HTTPS listener.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_azure_node_device_sdk_works_unmodified_over_mqtt_ws() -> Result<()> {
+    node_sdk_scenario(true).await
+}
+
+async fn node_sdk_scenario(websockets: bool) -> Result<()> {
     let modules = azure_node_modules().await?;
     let dir = tempfile::tempdir()?;
-    let (hub, host) = start_hub(dir.path()).await?;
+    let (hub, host) = start_hub(dir.path(), websockets).await?;
     let service = Service {
         http: reqwest::Client::new(),
         url: hub.url(),
@@ -209,6 +222,7 @@ async fn the_azure_node_device_sdk_works_unmodified_over_mqtt() -> Result<()> {
         .arg(&connection_string)
         .arg(dir.path().join("certs/ca.pem"))
         .arg(MODEL_ID)
+        .args(websockets.then_some("MqttWs"))
         .env("NODE_PATH", &modules)
         .stdin(Stdio::piped())
         .stdout(Stdio::piped())

@@ -164,26 +164,34 @@ impl Service {
     }
 }
 
-/// Binds the hub's TLS listener on 127.0.0.N:8883 (the port the SDK always dials),
-/// trying a few N in case one is taken.
-async fn start_hub(dir: &std::path::Path, previous: Option<&str>) -> Result<(Hub, String)> {
+/// Binds the hub's TLS listener on 127.0.0.N:8883 (the port the SDK always dials)
+/// and, with `websockets`, its HTTPS listener on 127.0.0.N:443 (where the SDK dials
+/// MQTT over WebSocket), trying a few N in case one is taken. The two variants try
+/// different N so that they can run at once.
+async fn start_hub(
+    dir: &std::path::Path,
+    previous: Option<&str>,
+    websockets: bool,
+) -> Result<(Hub, String)> {
     let candidates: Vec<String> = match previous {
         Some(host) => vec![host.to_string()],
         None => {
             let base = 2 + (std::process::id() % 200);
+            let third = if websockets { 140 } else { 100 };
             (0..10)
-                .map(|i| format!("127.0.{}.{}", 100 + i, base))
+                .map(|i| format!("127.0.{}.{}", third + i, base))
                 .collect()
         }
     };
     let mut last = None;
     for host in candidates {
-        match HubOptions::new(dir)
+        let mut options = HubOptions::new(dir)
             .mqtts(&format!("{host}:8883"))
-            .args(["--hostname", host.as_str()])
-            .start()
-            .await
-        {
+            .args(["--hostname", host.as_str()]);
+        if websockets {
+            options = options.args(["--https", &format!("{host}:443")]);
+        }
+        match options.start().await {
             Ok(hub) => return Ok((hub, host)),
             Err(err) => last = Some(err),
         }
@@ -193,9 +201,20 @@ async fn start_hub(dir: &std::path::Path, previous: Option<&str>) -> Result<(Hub
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_azure_python_device_sdk_works_unmodified() -> Result<()> {
+    python_sdk_scenario(false).await
+}
+
+/// The same scenario with `websockets=True`: MQTT over WebSocket on the HTTPS
+/// listener, as devices behind firewalls that only pass 443 connect to Azure.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_azure_python_device_sdk_works_unmodified_over_websockets() -> Result<()> {
+    python_sdk_scenario(true).await
+}
+
+async fn python_sdk_scenario(websockets: bool) -> Result<()> {
     let python = azure_python().await?;
     let dir = tempfile::tempdir()?;
-    let (hub, host) = start_hub(dir.path(), None).await?;
+    let (hub, host) = start_hub(dir.path(), None, websockets).await?;
     let token = hub.owner_token().await?;
     let service = Service {
         http: reqwest::Client::new(),
@@ -215,6 +234,7 @@ async fn the_azure_python_device_sdk_works_unmodified() -> Result<()> {
         .arg(workspace().join("tests/compat/azure_device.py"))
         .arg(&connection_string)
         .arg(dir.path().join("certs/ca.pem"))
+        .args(websockets.then_some("websockets"))
         .stdin(Stdio::piped())
         .stdout(Stdio::piped())
         .stderr(Stdio::inherit())
@@ -336,7 +356,7 @@ async fn the_azure_python_device_sdk_works_unmodified() -> Result<()> {
 
     // The hub restarts; the SDK reconnects by itself and does not resubscribe.
     assert!(hub.stop().await?.success());
-    let (hub, _) = start_hub(dir.path(), Some(&host)).await?;
+    let (hub, _) = start_hub(dir.path(), Some(&host), websockets).await?;
     let service = Service {
         url: hub.url(),
         ..service

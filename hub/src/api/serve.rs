@@ -9,6 +9,11 @@
 //! loop stops accepting, so the next connection waits in the kernel's listen backlog
 //! until one closes (stalled clients go within the header timeout). A request body
 //! that stalls for as long is cut off too.
+//!
+//! The HTTPS listener is the same loop with a TLS acceptor: the handshake runs in the
+//! connection's task within the header timeout, and the client certificates it saw
+//! travel with every request as [`PeerCertificates`] (MQTT over WebSocket
+//! authenticates X.509 devices with them).
 
 use std::future::Future;
 use std::io;
@@ -21,9 +26,12 @@ use axum::extract::Request;
 use hyper::body::Incoming;
 use hyper_util::rt::{TokioIo, TokioTimer};
 use hyper_util::service::TowerToHyperService;
+use rustls::pki_types::CertificateDer;
+use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore, watch};
 use tokio::task::JoinSet;
+use tokio_rustls::TlsAcceptor;
 use tower::ServiceExt;
 use tower_http::timeout::TimeoutBody;
 
@@ -44,13 +52,19 @@ pub struct ConnectionLimits {
 #[derive(Debug, Clone)]
 pub struct ConnectionSlot(#[allow(dead_code)] Arc<OwnedSemaphorePermit>);
 
+/// The certificate chain the client presented in the TLS handshake (empty over plain
+/// HTTP or when it sent none), carried by every request of the connection.
+#[derive(Debug, Clone, Default)]
+pub struct PeerCertificates(pub Arc<Vec<CertificateDer<'static>>>);
+
 /// Serves `router` on `listener` until `shutdown` completes; then stops accepting,
 /// lets every connection finish its request in flight (idle ones close at once) and
-/// returns when all have closed.
+/// returns when all have closed. With `tls`, every connection is a TLS one.
 pub async fn serve(
     listener: TcpListener,
     router: Router,
     limits: ConnectionLimits,
+    tls: Option<TlsAcceptor>,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> io::Result<()> {
     let slots = Arc::new(Semaphore::new(limits.max_connections));
@@ -83,8 +97,9 @@ pub async fn serve(
         // Finished connections leave the set here, so it holds only open ones.
         while connections.try_join_next().is_some() {}
         tracing::trace!(%peer, "http connection");
-        connections.spawn(serve_connection(
+        connections.spawn(accept_connection(
             stream,
+            tls.clone(),
             router.clone(),
             ConnectionSlot(Arc::new(slot)),
             limits.header_timeout,
@@ -115,19 +130,55 @@ async fn accept_error(err: io::Error) {
     tokio::time::sleep(Duration::from_millis(100)).await;
 }
 
-async fn serve_connection(
+/// Runs the TLS handshake when the listener has one, then serves the connection.
+async fn accept_connection(
     stream: TcpStream,
+    tls: Option<TlsAcceptor>,
+    router: Router,
+    slot: ConnectionSlot,
+    header_timeout: Duration,
+    stopping: watch::Receiver<bool>,
+) {
+    let Some(acceptor) = tls else {
+        let peer = PeerCertificates::default();
+        serve_connection(stream, peer, router, slot, header_timeout, stopping).await;
+        return;
+    };
+    // The handshake shares the header's budget: a client that stalls in it goes as
+    // soon as one that stalls in its header would.
+    match tokio::time::timeout(header_timeout, acceptor.accept(stream)).await {
+        Ok(Ok(stream)) => {
+            let chain = stream
+                .get_ref()
+                .1
+                .peer_certificates()
+                .map(|chain| chain.iter().map(|c| c.clone().into_owned()).collect())
+                .unwrap_or_default();
+            let peer = PeerCertificates(Arc::new(chain));
+            serve_connection(stream, peer, router, slot, header_timeout, stopping).await;
+        }
+        Ok(Err(err)) => tracing::debug!(error = %err, "https: TLS handshake failed"),
+        Err(_) => tracing::debug!("https: TLS handshake timed out"),
+    }
+}
+
+async fn serve_connection<S>(
+    stream: S,
+    peer: PeerCertificates,
     router: Router,
     slot: ConnectionSlot,
     header_timeout: Duration,
     mut stopping: watch::Receiver<bool>,
-) {
+) where
+    S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+{
     let request_slot = slot.clone();
     let service = router.map_request(move |request: Request<Incoming>| {
         // A body that stops arriving for as long as a header may take fails the
         // request (400) instead of holding its request slot forever.
         let mut request = request.map(|body| Body::new(TimeoutBody::new(header_timeout, body)));
         request.extensions_mut().insert(request_slot.clone());
+        request.extensions_mut().insert(peer.clone());
         request
     });
     let mut builder = hyper::server::conn::http1::Builder::new();

@@ -15,6 +15,7 @@ pub mod services;
 pub mod session;
 pub mod tls;
 pub mod topic;
+pub mod websocket;
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -79,6 +80,7 @@ impl std::fmt::Debug for Gateway {
 /// A running gateway.
 #[derive(Debug)]
 pub struct RunningGateway {
+    ctx: Arc<GatewayContext>,
     shutdown: watch::Sender<bool>,
     tasks: Vec<JoinHandle<()>>,
     slots: Arc<Semaphore>,
@@ -146,6 +148,7 @@ impl Gateway {
             )),
         ];
         RunningGateway {
+            ctx: self.ctx,
             shutdown,
             tasks,
             slots,
@@ -155,6 +158,16 @@ impl Gateway {
 }
 
 impl RunningGateway {
+    /// MQTT over WebSocket for the HTTPS listener: sessions that share this
+    /// gateway's connection slots and shutdown.
+    pub fn websocket(&self) -> websocket::WebSocketGateway {
+        websocket::WebSocketGateway {
+            ctx: Arc::clone(&self.ctx),
+            slots: Arc::clone(&self.slots),
+            shutdown: self.shutdown.subscribe(),
+        }
+    }
+
     /// Stops accepting, closes every connection and waits (bounded) for them to end.
     pub async fn shutdown(self) {
         let _ = self.shutdown.send(true);
