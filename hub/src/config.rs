@@ -63,6 +63,26 @@ pub struct Config {
     pub commands: CommandsConfig,
     /// Device twins.
     pub twins: TwinsConfig,
+    /// Operator-supplied certificates (unset: the development CA in the data dir).
+    pub tls: TlsConfig,
+}
+
+/// `[tls]`: the operator's certificates, reloaded on SIGHUP and when the files change.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct TlsConfig {
+    /// PEM server certificate chain (leaf first) for the MQTT/TLS and HTTPS
+    /// listeners, instead of the development server certificate. Set with `server_key`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub server_cert: Option<PathBuf>,
+    /// PEM private key of `server_cert`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub server_key: Option<PathBuf>,
+    /// PEM bundle of trusted device CA certificates (certificates only: a file with a
+    /// private key is refused) for X.509 CA-signed devices. When set it replaces the
+    /// development device CA.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub device_ca_bundle: Option<PathBuf>,
 }
 
 /// The largest `commands.queue_depth`: queued messages are kept in the store, but a
@@ -277,6 +297,7 @@ impl Default for Config {
             cluster: ClusterConfig::default(),
             commands: CommandsConfig::default(),
             twins: TwinsConfig::default(),
+            tls: TlsConfig::default(),
         }
     }
 }
@@ -405,6 +426,26 @@ impl Config {
         };
         if self.data_dir.as_os_str().is_empty() {
             return invalid("data_dir", "must not be empty");
+        }
+        match (&self.tls.server_cert, &self.tls.server_key) {
+            (Some(_), None) => {
+                return invalid("tls.server_key", "must be set with tls.server_cert");
+            }
+            (None, Some(_)) => {
+                return invalid("tls.server_cert", "must be set with tls.server_key");
+            }
+            _ => {}
+        }
+        let empty =
+            |path: &Option<PathBuf>| path.as_ref().is_some_and(|p| p.as_os_str().is_empty());
+        if empty(&self.tls.server_cert) {
+            return invalid("tls.server_cert", "must not be empty");
+        }
+        if empty(&self.tls.server_key) {
+            return invalid("tls.server_key", "must not be empty");
+        }
+        if empty(&self.tls.device_ca_bundle) {
+            return invalid("tls.device_ca_bundle", "must not be empty");
         }
         if !is_valid_hostname(&self.hostname) {
             return invalid(
@@ -762,5 +803,47 @@ mod tests {
     fn print_config_output_parses_back_to_the_same_tree() {
         let config = Config::default();
         assert_eq!(Config::from_toml(&config.to_toml()).unwrap(), config);
+    }
+
+    #[test]
+    fn operator_certificates_are_configured_in_pairs_and_printed() {
+        let config = Config::from_toml(
+            "[tls]\nserver_cert = '/etc/hub/server.pem'\nserver_key = '/etc/hub/server.key'\n\
+             device_ca_bundle = '/etc/hub/device-cas.pem'\n",
+        )
+        .unwrap();
+        config.validate().unwrap();
+        let printed = config.to_toml();
+        assert!(printed.contains("device_ca_bundle = \"/etc/hub/device-cas.pem\""));
+        assert_eq!(Config::from_toml(&printed).unwrap(), config);
+        let mut half = config.clone();
+        half.tls.server_key = None;
+        assert!(
+            half.validate()
+                .unwrap_err()
+                .to_string()
+                .starts_with("tls.server_key ")
+        );
+        let mut half = config.clone();
+        half.tls.server_cert = None;
+        assert!(
+            half.validate()
+                .unwrap_err()
+                .to_string()
+                .starts_with("tls.server_cert ")
+        );
+        let mut empty = config;
+        empty.tls.device_ca_bundle = Some(PathBuf::new());
+        assert!(
+            empty
+                .validate()
+                .unwrap_err()
+                .to_string()
+                .starts_with("tls.device_ca_bundle ")
+        );
+        assert!(
+            !Config::default().to_toml().contains("server_cert"),
+            "unset stays unset"
+        );
     }
 }

@@ -12,6 +12,10 @@ use tokio::net::TcpListener;
 use tokio::sync::watch;
 use tokio_rustls::TlsAcceptor;
 
+mod certificates;
+
+pub use certificates::{CertificateError, Reloader};
+
 use crate::api::serve::ConnectionLimits;
 use crate::api::{self, AppState, HttpLimits};
 use crate::auth::device::DeviceAuthenticator;
@@ -63,6 +67,9 @@ pub enum ServeError {
     /// The device CA could not be loaded.
     #[error(transparent)]
     DeviceCa(#[from] X509Error),
+    /// The operator's certificate files (`[tls]`) could not be loaded.
+    #[error(transparent)]
+    Certificates(#[from] CertificateError),
     /// The registry could not be read.
     #[error("registry: {0}")]
     Registry(#[from] RegistryError),
@@ -109,6 +116,8 @@ pub struct Server {
     registry_feed: Option<tokio::task::JoinHandle<()>>,
     /// Cluster mode: presence, heartbeat and routing to the other hub nodes.
     router: Option<NodeRouter>,
+    /// Reloads the operator's certificates (`[tls]`) into the live TLS and device CA.
+    cert_reloader: Reloader,
 }
 
 impl std::fmt::Debug for AppState {
@@ -157,11 +166,25 @@ impl Server {
                 .chain(config.http.https_listen),
             ),
         );
-        let server_cert = data_dir.ensure_server_cert(&ca, &names)?;
-        let tls_config = tls::server_config(&server_cert.cert_pem, &server_cert.key_pem)?;
+        // The operator's certificates when configured, else the development ones.
+        let operator_cert = certificates::load_server_cert(&config.tls)?;
+        let server_cert = match &operator_cert {
+            Some(cert) => cert.clone(),
+            None => {
+                let dev = data_dir.ensure_server_cert(&ca, &names)?;
+                tls::ServerCert::from_pem(&dev.cert_pem, &dev.key_pem)?
+            }
+        };
+        let tls_config = tls::server_config_with(&server_cert)?;
         // The HTTPS listener presents the same server certificate as MQTT/TLS.
         let https_tls = Arc::clone(&tls_config);
-        let device_ca = DeviceCa::from_pem(ca.cert_pem())?;
+        let operator_ca = certificates::load_device_ca(&config.tls)?;
+        let device_ca = match &operator_ca {
+            Some(bundle) => bundle.clone(),
+            None => DeviceCa::from_pem(ca.cert_pem())?,
+        };
+        let cert_reloader =
+            certificates::Reloader::new(config.tls.clone(), operator_cert, operator_ca);
         let service_key = ServiceKey::load_or_create(&data_dir.service_key_path())?;
         let store = EmbeddedStore::open(&data_dir.prepare_store_file()?)?;
         let presence = Presence::default();
@@ -341,6 +364,7 @@ impl Server {
             retention_interval: Duration::from_secs(config.telemetry.retention_interval_secs),
             registry_feed,
             router,
+            cert_reloader,
         })
     }
 
@@ -382,6 +406,12 @@ impl Server {
                 .clone()
                 .run_expiry(Duration::from_secs(1)),
         );
+        // Registered before anything else is served, so a SIGHUP never finds the
+        // default (terminating) disposition once operator certificates are in use.
+        let reloader = self
+            .cert_reloader
+            .is_active()
+            .then(|| self.cert_reloader.clone().spawn());
         let router = api::router(self.state, self.limits);
         // Both listeners stop on the one shutdown signal.
         let (stop, stopped) = watch::channel(false);
@@ -435,6 +465,9 @@ impl Server {
         }
         retention.abort();
         expiry.abort();
+        if let Some(reloader) = &reloader {
+            reloader.abort();
+        }
         if let Some(feed) = &self.registry_feed {
             feed.abort();
         }

@@ -3,7 +3,7 @@
 //! the device. The TLS layer only proves the client holds the certificate's key;
 //! which device it may be is decided here, at CONNECT.
 
-use std::sync::Arc;
+use std::sync::{Arc, RwLock};
 
 use rustls::RootCertStore;
 use rustls::pki_types::{CertificateDer, UnixTime};
@@ -30,12 +30,17 @@ pub enum X509Error {
     /// The device CA could not be loaded.
     #[error("device CA unusable: {0}")]
     Ca(String),
+    /// The device CA bundle holds a private key: only CA certificates belong there.
+    #[error("device CA bundle contains a private key; it must hold certificates only")]
+    PrivateKeyInBundle,
 }
 
-/// Checks certificate chains against the hub's device CA.
+/// Checks certificate chains against the hub's device CA. Clones share one handle, so
+/// [`DeviceCa::replace`] (a reload) reaches every holder: checks after it use the new
+/// CAs, and connections already authenticated are untouched.
 #[derive(Clone)]
 pub struct DeviceCa {
-    verifier: Arc<dyn ClientCertVerifier>,
+    verifier: Arc<RwLock<Arc<dyn ClientCertVerifier>>>,
 }
 
 impl std::fmt::Debug for DeviceCa {
@@ -47,6 +52,38 @@ impl std::fmt::Debug for DeviceCa {
 impl DeviceCa {
     /// Builds the checker from the CA certificate (PEM).
     pub fn from_pem(ca_pem: &str) -> Result<Self, X509Error> {
+        Ok(Self {
+            verifier: Arc::new(RwLock::new(Self::verifier(ca_pem)?)),
+        })
+    }
+
+    /// Builds the checker from an operator's bundle of CA certificates (PEM), refusing
+    /// a bundle with a private key in it (a CA key has no business on the hub) or
+    /// without any certificate.
+    pub fn from_bundle_pem(bundle_pem: &str) -> Result<Self, X509Error> {
+        let has_key = bundle_pem.lines().any(|line| {
+            let line = line.trim();
+            line.starts_with("-----BEGIN ") && line.ends_with("PRIVATE KEY-----")
+        });
+        if has_key {
+            return Err(X509Error::PrivateKeyInBundle);
+        }
+        Self::from_pem(bundle_pem)
+    }
+
+    /// Makes every clone check against `other`'s CAs from now on.
+    pub fn replace(&self, other: &DeviceCa) {
+        let next = match other.verifier.read() {
+            Ok(guard) => Arc::clone(&guard),
+            Err(poisoned) => Arc::clone(&poisoned.into_inner()),
+        };
+        match self.verifier.write() {
+            Ok(mut guard) => *guard = next,
+            Err(poisoned) => *poisoned.into_inner() = next,
+        }
+    }
+
+    fn verifier(ca_pem: &str) -> Result<Arc<dyn ClientCertVerifier>, X509Error> {
         use rustls::pki_types::pem::PemObject;
         let mut roots = RootCertStore::empty();
         for cert in CertificateDer::pem_slice_iter(ca_pem.as_bytes()) {
@@ -59,7 +96,7 @@ impl DeviceCa {
         let verifier = WebPkiClientVerifier::builder_with_provider(Arc::new(roots), provider)
             .build()
             .map_err(|err| X509Error::Ca(err.to_string()))?;
-        Ok(Self { verifier })
+        Ok(verifier)
     }
 
     /// Whether `chain` (end entity first) chains to the CA and is valid now.
@@ -67,7 +104,12 @@ impl DeviceCa {
         let Some((end_entity, intermediates)) = chain.split_first() else {
             return false;
         };
-        self.verifier
+        // A poisoned lock still holds a complete verifier (writers only swap an Arc).
+        let verifier = match self.verifier.read() {
+            Ok(guard) => Arc::clone(&guard),
+            Err(poisoned) => Arc::clone(&poisoned.into_inner()),
+        };
+        verifier
             .verify_client_cert(end_entity, intermediates, UnixTime::now())
             .is_ok()
     }
