@@ -1,8 +1,10 @@
 //! The operator's own certificates (`[tls]`) against the real binary: MQTT/TLS presents
 //! the operator's server certificate, a device certificate from a CA in the operator's
 //! device CA bundle authenticates (and one from the development CA no longer does),
-//! and replacing the files plus SIGHUP changes what new handshakes see while a
-//! connection made before the reload stays up; a bad file keeps the old material.
+//! and replacing the files plus SIGHUP (or, for the bundle, the file change alone)
+//! changes what new handshakes and checks see while a connection made before the
+//! reload stays up; a bad file keeps the old material. HTTPS presents the same
+//! certificate as MQTT/TLS.
 
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::path::Path;
@@ -65,8 +67,15 @@ async fn device(
     connect(addr, server_ca_pem, "cam-op", cert).await
 }
 
-/// Polls until a device trusting only `server_ca_pem` connects (a reload is applied
-/// asynchronously after the signal).
+/// Whether a TLS handshake with `addr` succeeds trusting only `ca_pem`.
+async fn handshake(addr: SocketAddr, ca_pem: &str) -> Result<bool> {
+    Ok(mqtt::tls(addr, mqtt::tls_config(ca_pem, None)?)
+        .await
+        .is_ok())
+}
+
+/// Polls until a device trusting only `server_ca_pem` connects with `cert` (a reload
+/// is applied asynchronously after the signal or file change).
 async fn wait_for_trust(
     addr: SocketAddr,
     server_ca_pem: &str,
@@ -118,9 +127,11 @@ async fn operator_certificates_authenticate_and_reload_without_dropping_connecti
     )?;
     let hub = HubOptions::new(&data)
         .env("HUB_CONFIG", &config.display().to_string())
+        .args(["--https", "127.0.0.1:0"])
         .start()
         .await?;
     let mqtts = hub.endpoint("mqtts").context("no mqtts endpoint")?;
+    let https = hub.endpoint("https").context("no https endpoint")?;
     let token = hub.owner_token().await?;
     for id in ["cam-op", "cam-live"] {
         let created = hub
@@ -143,6 +154,7 @@ async fn operator_certificates_authenticate_and_reload_without_dropping_connecti
         .await?
         .ping()
         .await?;
+    assert!(handshake(https, first_ca.cert_pem()).await?, "HTTPS too");
     let dev_ca = Ca::read(&data.join("certs"), "ca")?.context("development CA")?;
     assert!(
         device(mqtts, dev_ca.cert_pem(), &cam).await.is_err(),
@@ -165,7 +177,22 @@ async fn operator_certificates_authenticate_and_reload_without_dropping_connecti
         device(mqtts, first_ca.cert_pem(), &cam).await.is_err(),
         "new handshakes no longer present the first certificate"
     );
+    assert!(handshake(https, second_ca.cert_pem()).await?);
+    assert!(!handshake(https, first_ca.cert_pem()).await?);
     // The connection made before the reload is still alive.
+    live.ping().await?;
+
+    // A new device CA bundle, picked up from the file change alone (no signal): devices
+    // of the new CA authenticate, those of the removed one no longer do, and the
+    // device connected under the removed CA stays connected.
+    let next_device_ca = Ca::generate("operator device CA 2")?;
+    write(&bundle_path, next_device_ca.cert_pem())?;
+    let next_cam = next_device_ca.issue_device("cam-op")?;
+    wait_for_trust(mqtts, second_ca.cert_pem(), &next_cam)
+        .await?
+        .ping()
+        .await?;
+    assert!(device(mqtts, second_ca.cert_pem(), &cam).await.is_err());
     live.ping().await?;
 
     // A bad file is refused and the current certificate stays.
@@ -178,7 +205,7 @@ async fn operator_certificates_authenticate_and_reload_without_dropping_connecti
         }
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
-    device(mqtts, second_ca.cert_pem(), &cam)
+    device(mqtts, second_ca.cert_pem(), &next_cam)
         .await?
         .ping()
         .await?;
