@@ -585,6 +585,60 @@ impl NatsCluster {
         result.map_err(|err| err.context(self.logs_tail(LOG_TAIL)))
     }
 
+    /// Starts a hub with data dir `data_dir` on this cluster (see [`Self::hub_args`]).
+    pub async fn start_hub(&self, data_dir: &Path) -> Result<crate::Hub> {
+        crate::HubOptions::new(data_dir)
+            .args(self.hub_args(data_dir)?)
+            .start()
+            .await
+    }
+
+    /// The failure scenario of the cluster tests, while writers keep recording the
+    /// instants of their acknowledgements (`acks` reads them): SIGKILL a node that does
+    /// not lead `stream` for 3 s and restart it, then SIGKILL the stream's leader and
+    /// wait (up to 30 s) until acknowledgements resume, plus 2 s. The leader stays
+    /// down; [`Stalls::leader`] names it.
+    pub async fn kill_follower_then_leader(
+        &mut self,
+        stream: &str,
+        acks: impl Fn() -> Vec<Instant>,
+    ) -> Result<Stalls> {
+        let leader = self.wait_stream_leader(stream).await?;
+        let follower = (0..self.len())
+            .find(|&i| i != leader)
+            .context("no follower in the cluster")?;
+        let killed_follower = Instant::now();
+        self.kill(follower).await?;
+        tokio::time::sleep(Duration::from_secs(3)).await;
+        let follower_pause = longest_gap(&acks(), killed_follower, Instant::now());
+        self.restart(follower).await?;
+
+        let leader = self.wait_stream_leader(stream).await?;
+        let killed_leader = Instant::now();
+        self.kill(leader).await?;
+        let first_ack = loop {
+            tokio::time::sleep(Duration::from_millis(100)).await;
+            if let Some(t) = acks()
+                .into_iter()
+                .filter(|t| *t > killed_leader + Duration::from_millis(200))
+                .min()
+            {
+                break t - killed_leader;
+            }
+            if killed_leader.elapsed() > Duration::from_secs(30) {
+                bail!("writes did not resume within 30 s of killing the leader of {stream}");
+            }
+        };
+        tokio::time::sleep(Duration::from_secs(2)).await;
+        let leader_pause = longest_gap(&acks(), killed_leader, Instant::now());
+        Ok(Stalls {
+            follower_pause,
+            leader_pause,
+            first_ack_after_leader_kill: first_ack,
+            leader,
+        })
+    }
+
     /// The `hub serve` arguments that put a hub with data dir `data_dir` on this
     /// cluster: `--cluster` and a config file (written into the data dir) that keeps
     /// the telemetry stream's retention small, because JetStream reserves a stream's
@@ -638,4 +692,33 @@ mod tests {
         assert_eq!(parse_version("garbage"), None);
         assert!(parse_version("nats-server: v2.9.25").is_some_and(|v| v < (2, 10)));
     }
+}
+
+/// What [`NatsCluster::kill_follower_then_leader`] measured.
+#[derive(Debug, Clone, Copy)]
+pub struct Stalls {
+    /// The longest pause between acknowledgements after a follower's kill.
+    pub follower_pause: Duration,
+    /// The longest pause between acknowledgements after the leader's kill.
+    pub leader_pause: Duration,
+    /// From the leader's kill to the first acknowledgement after it.
+    pub first_ack_after_leader_kill: Duration,
+    /// The killed leader (still down).
+    pub leader: usize,
+}
+
+/// The longest pause between two consecutive instants of `times` within
+/// `from..=until` (counting from `from` to the first one).
+pub fn longest_gap(times: &[Instant], from: Instant, until: Instant) -> Duration {
+    let mut window: Vec<Instant> = times
+        .iter()
+        .copied()
+        .filter(|t| *t >= from && *t <= until)
+        .collect();
+    window.sort();
+    let mut gap = window.first().map_or(until - from, |first| *first - from);
+    for pair in window.windows(2) {
+        gap = gap.max(pair[1] - pair[0]);
+    }
+    gap
 }

@@ -13,9 +13,9 @@ use std::time::Duration;
 use anyhow::{Context, Result, bail, ensure};
 use base64::Engine;
 use base64::engine::general_purpose::STANDARD;
+use hub_tests::Hub;
 use hub_tests::mqtt::{self, RawClient};
 use hub_tests::nats::NatsCluster;
-use hub_tests::{Hub, HubOptions};
 use reqwest::StatusCode;
 use rumqttc::mqttbytes::QoS;
 use rumqttc::mqttbytes::v4::{ConnAck, ConnectReturnCode, Packet, PubAck};
@@ -24,10 +24,7 @@ use tokio::net::TcpStream;
 use tokio::time::Instant;
 
 async fn cluster_hub(dir: &std::path::Path, cluster: &NatsCluster) -> Result<Hub> {
-    HubOptions::new(dir)
-        .args(cluster.hub_args(dir)?)
-        .start()
-        .await
+    cluster.start_hub(dir).await
 }
 
 /// A hub with its owner token.

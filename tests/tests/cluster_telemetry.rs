@@ -13,8 +13,8 @@ use std::time::Duration;
 use anyhow::{Context, Result, bail, ensure};
 use base64::Engine;
 use base64::engine::general_purpose::STANDARD;
+use hub_tests::Hub;
 use hub_tests::nats::NatsCluster;
-use hub_tests::{Hub, HubOptions};
 use rumqttc::mqttbytes::v4::Packet;
 use serde_json::{Value, json};
 use tokio::time::Instant;
@@ -23,10 +23,7 @@ use tokio::time::Instant;
 const STREAM: &str = "telemetry";
 
 async fn cluster_hub(dir: &std::path::Path, cluster: &NatsCluster) -> Result<Hub> {
-    HubOptions::new(dir)
-        .args(cluster.hub_args(dir)?)
-        .start()
-        .await
+    cluster.start_hub(dir).await
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -225,21 +222,6 @@ fn tracing_note(id: &str, err: &anyhow::Error) {
     eprintln!("{id}: still waiting for a PUBACK ({err})");
 }
 
-/// The longest pause between two consecutive PUBACKs (of any device) after `from`.
-fn longest_gap(times: &[Instant], from: Instant, until: Instant) -> Duration {
-    let mut window: Vec<Instant> = times
-        .iter()
-        .copied()
-        .filter(|t| *t >= from && *t <= until)
-        .collect();
-    window.sort();
-    let mut gap = window.first().map_or(until - from, |first| *first - from);
-    for pair in window.windows(2) {
-        gap = gap.max(pair[1] - pair[0]);
-    }
-    gap
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn losing_a_nats_node_loses_no_acknowledged_telemetry() -> Result<()> {
     let mut cluster = NatsCluster::start(3).await?;
@@ -264,56 +246,25 @@ async fn losing_a_node(cluster: &mut NatsCluster) -> Result<()> {
     }
     tokio::time::sleep(Duration::from_secs(1)).await;
 
-    // A node that leads nothing the hub writes to: publishing barely pauses.
-    let leader = cluster.wait_stream_leader(STREAM).await?;
-    let follower = (0..cluster.len())
-        .find(|&i| i != leader)
-        .context("a follower")?;
-    let killed_follower = Instant::now();
-    eprintln!(
-        "killing follower {} at {:?}",
-        cluster.name(follower),
-        std::time::SystemTime::now()
-    );
-    cluster.kill(follower).await?;
-    tokio::time::sleep(Duration::from_secs(3)).await;
-    let follower_gap = {
-        let published = published.lock().map_err(|_| anyhow::anyhow!("poisoned"))?;
-        longest_gap(&published.ack_times, killed_follower, Instant::now())
-    };
-    cluster.restart(follower).await?;
-
-    // The telemetry stream's leader: publishing stalls until a new one is elected.
-    let leader = cluster.wait_stream_leader(STREAM).await?;
-    let killed_leader = Instant::now();
-    cluster.kill(leader).await?;
-    let resumed = loop {
-        tokio::time::sleep(Duration::from_millis(100)).await;
-        let published = published.lock().map_err(|_| anyhow::anyhow!("poisoned"))?;
-        if let Some(t) = published
-            .ack_times
-            .iter()
-            .rev()
-            .find(|t| **t > killed_leader + Duration::from_millis(200))
-        {
-            break *t;
-        }
-        if killed_leader.elapsed() > Duration::from_secs(30) {
-            bail!("publishing did not resume within 30 s of killing the stream leader");
-        }
-    };
-    tokio::time::sleep(Duration::from_secs(2)).await;
-    let leader_gap = {
-        let published = published.lock().map_err(|_| anyhow::anyhow!("poisoned"))?;
-        longest_gap(&published.ack_times, killed_leader, Instant::now())
-    };
+    // A follower: publishing barely pauses. The telemetry stream's leader: publishing
+    // stalls until a new one is elected.
+    let stalls = cluster
+        .kill_follower_then_leader(STREAM, || {
+            published
+                .lock()
+                .map(|p| p.ack_times.clone())
+                .unwrap_or_default()
+        })
+        .await?;
+    let (follower_gap, leader_gap, leader) =
+        (stalls.follower_pause, stalls.leader_pause, stalls.leader);
     stop.store(true, Ordering::Relaxed);
     for device in devices {
         device.await??;
     }
     eprintln!(
         "stall after killing a follower: {follower_gap:?}; after killing the telemetry stream's leader: {leader_gap:?} (first PUBACK {:?} after the kill)",
-        resumed - killed_leader
+        stalls.first_ack_after_leader_kill
     );
 
     // Nothing acknowledged is lost.

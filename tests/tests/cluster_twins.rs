@@ -12,9 +12,9 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use anyhow::{Context, Result, bail, ensure};
+use hub_tests::Hub;
 use hub_tests::mqtt::RawClient;
 use hub_tests::nats::NatsCluster;
-use hub_tests::{Hub, HubOptions};
 use reqwest::StatusCode;
 use rumqttc::mqttbytes::QoS;
 use rumqttc::mqttbytes::v4::{Packet, PubAck, Publish};
@@ -26,10 +26,7 @@ use tokio::time::Instant;
 const STREAM: &str = "KV_hub-twins";
 
 async fn cluster_hub(dir: &std::path::Path, cluster: &NatsCluster) -> Result<Hub> {
-    HubOptions::new(dir)
-        .args(cluster.hub_args(dir)?)
-        .start()
-        .await
+    cluster.start_hub(dir).await
 }
 
 /// A hub and its owner token.
@@ -363,21 +360,6 @@ async fn patch_until(
     Ok(())
 }
 
-/// The longest pause between two consecutive acknowledgements after `from`.
-fn longest_gap(times: &[Instant], from: Instant, until: Instant) -> Duration {
-    let mut window: Vec<Instant> = times
-        .iter()
-        .copied()
-        .filter(|t| *t >= from && *t <= until)
-        .collect();
-    window.sort();
-    let mut gap = window.first().map_or(until - from, |first| *first - from);
-    for pair in window.windows(2) {
-        gap = gap.max(pair[1] - pair[0]);
-    }
-    gap
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn losing_a_nats_node_loses_no_acknowledged_twin_patch() -> Result<()> {
     let mut cluster = NatsCluster::start(3).await?;
@@ -401,43 +383,15 @@ async fn losing_a_node(cluster: &mut NatsCluster) -> Result<()> {
     tokio::time::sleep(Duration::from_secs(1)).await;
 
     // A node that does not lead the bucket: writes barely pause.
-    let leader = cluster.wait_stream_leader(STREAM).await?;
-    let follower = (0..cluster.len())
-        .find(|&i| i != leader)
-        .context("a follower")?;
-    let killed_follower = Instant::now();
-    cluster.kill(follower).await?;
-    tokio::time::sleep(Duration::from_secs(3)).await;
-    let follower_gap = {
-        let written = written.lock().map_err(|_| anyhow::anyhow!("poisoned"))?;
-        longest_gap(&written.ack_times, killed_follower, Instant::now())
-    };
-    cluster.restart(follower).await?;
-
-    // The bucket's leader: writes stall until a new one is elected.
-    let leader = cluster.wait_stream_leader(STREAM).await?;
-    let killed_leader = Instant::now();
-    cluster.kill(leader).await?;
-    let resumed = loop {
-        tokio::time::sleep(Duration::from_millis(100)).await;
-        let written = written.lock().map_err(|_| anyhow::anyhow!("poisoned"))?;
-        if let Some(t) = written
-            .ack_times
-            .iter()
-            .rev()
-            .find(|t| **t > killed_leader + Duration::from_millis(200))
-        {
-            break *t;
-        }
-        if killed_leader.elapsed() > Duration::from_secs(30) {
-            bail!("twin writes did not resume within 30 s of killing the bucket's leader");
-        }
-    };
-    tokio::time::sleep(Duration::from_secs(2)).await;
-    let leader_gap = {
-        let written = written.lock().map_err(|_| anyhow::anyhow!("poisoned"))?;
-        longest_gap(&written.ack_times, killed_leader, Instant::now())
-    };
+    let stalls = cluster
+        .kill_follower_then_leader(STREAM, || {
+            written
+                .lock()
+                .map(|w| w.ack_times.clone())
+                .unwrap_or_default()
+        })
+        .await?;
+    let (follower_gap, leader_gap) = (stalls.follower_pause, stalls.leader_pause);
     stop.store(true, Ordering::Relaxed);
     for writer in writers {
         writer.await??;
@@ -450,7 +404,7 @@ async fn losing_a_node(cluster: &mut NatsCluster) -> Result<()> {
     eprintln!(
         "twin writes: {} acknowledged; stall after killing a follower: {follower_gap:?}; after killing the bucket's leader: {leader_gap:?} (first answer {:?} after the kill)",
         acked.len(),
-        resumed - killed_leader
+        stalls.first_ack_after_leader_kill
     );
 
     // Every acknowledged patch is in its twin; a restarted hub reads them from NATS.
