@@ -56,6 +56,9 @@ struct Inner {
     retry: Duration,
     /// Unique per process: telemetry message ids start with it.
     node_id: String,
+    /// Counts the client's reconnections: whatever was in flight on the old connection
+    /// will not be acknowledged there.
+    reconnects: tokio::sync::watch::Receiver<u64>,
 }
 
 impl std::fmt::Debug for NatsStore {
@@ -81,13 +84,21 @@ impl NatsStore {
                 path: urls.clone().into(),
                 reason: format!("invalid NATS server address: {err}"),
             })?;
+        let (reconnected, reconnects) = tokio::sync::watch::channel(0u64);
+        let reconnected = Arc::new(reconnected);
         let client = async_nats::ConnectOptions::new()
             .name("hub")
             .connection_timeout(REQUEST_TIMEOUT)
             // Unlimited reconnects: the hub outlives any one NATS node.
             .max_reconnects(None)
-            .event_callback(|event| async move {
-                tracing::info!(%event, "NATS connection event");
+            .event_callback(move |event| {
+                let reconnected = reconnected.clone();
+                async move {
+                    tracing::info!(%event, "NATS connection event");
+                    if matches!(event, async_nats::Event::Connected) {
+                        reconnected.send_modify(|n| *n += 1);
+                    }
+                }
             })
             .connect(servers)
             .await
@@ -115,6 +126,7 @@ impl NatsStore {
                 replicas: config.replicas,
                 retry: Duration::from_secs(config.retry_secs),
                 node_id,
+                reconnects,
             }),
         })
     }
@@ -137,6 +149,11 @@ impl NatsStore {
     /// How long writes retry through a leader change.
     pub fn retry_window(&self) -> Duration {
         self.inner.retry
+    }
+
+    /// Ticks each time the client has connected again after losing its server.
+    pub fn reconnects(&self) -> tokio::sync::watch::Receiver<u64> {
+        self.inner.reconnects.clone()
     }
 
     /// This process's id among the hub nodes.

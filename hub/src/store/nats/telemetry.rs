@@ -418,6 +418,8 @@ async fn publish_loop(
     stats: Arc<PublishStats>,
 ) {
     let jetstream = store.jetstream().clone();
+    let mut reconnects = store.reconnects();
+    reconnects.borrow_and_update();
     let mut in_flight: VecDeque<(Pending, AckFuture)> = VecDeque::new();
     // Messages to publish (again) before any new one.
     let mut again: VecDeque<Pending> = VecDeque::new();
@@ -443,8 +445,23 @@ async fn publish_loop(
             // Acks are awaited oldest first: results go out in submission order.
             result = front_ack => Event::Acked(result),
             next = queue.recv(), if can_take => Event::Queued(next),
+            // The acks of what was sent on the lost connection will not come: go back
+            // at once instead of waiting out the ack timeout.
+            Ok(()) = reconnects.changed() => Event::Reconnected,
         };
         match event {
+            Event::Reconnected => {
+                if !in_flight.is_empty() {
+                    let mut retry: VecDeque<Pending> =
+                        in_flight.drain(..).map(|(p, _)| p).collect();
+                    tracing::debug!(%subject, queued = retry.len(), "NATS reconnected; publishing the unacknowledged telemetry again");
+                    stats
+                        .retried
+                        .fetch_add(retry.len() as u64, Ordering::Relaxed);
+                    retry.append(&mut again);
+                    again = retry;
+                }
+            }
             Event::Queued(Some(pending)) => {
                 in_flight.push_back(publish(&jetstream, &subject, pending).await);
             }
@@ -505,6 +522,8 @@ enum Event {
     Acked(Result<(), PublishError>),
     /// A new message arrived (`None`: the queue closed).
     Queued(Option<Pending>),
+    /// The client connected again after losing its server.
+    Reconnected,
 }
 
 /// Sends one publish; a send that fails at once becomes an ack that fails, so the
