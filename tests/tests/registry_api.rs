@@ -46,6 +46,13 @@ impl Api {
             .bearer_auth(&self.token)
     }
 
+    fn patch(&self, path: &str) -> reqwest::RequestBuilder {
+        self.hub
+            .http()
+            .patch(format!("{}{path}", self.hub.url()))
+            .bearer_auth(&self.token)
+    }
+
     async fn create(&self, id: &str) -> Result<Value> {
         let response = self
             .put(&format!("/devices/{id}"))
@@ -146,6 +153,25 @@ async fn create_read_update_disable_and_delete_a_device() -> Result<()> {
     assert_eq!(forced.status(), StatusCode::OK);
     let forced: Value = forced.json().await?;
     assert_eq!(forced["status"], "enabled");
+
+    // Azure's service SDKs send the wildcard quoted by default: it forces too, for
+    // devices and twins.
+    let quoted = api
+        .put("/devices/sensor-1")
+        .header("If-Match", "\"*\"")
+        .json(&json!({"status": "enabled", "statusReason": "quoted wildcard"}))
+        .send()
+        .await?;
+    assert_eq!(quoted.status(), StatusCode::OK);
+    let forced: Value = quoted.json().await?;
+    assert_eq!(forced["statusReason"], "quoted wildcard");
+    let twin = api
+        .patch("/twins/sensor-1")
+        .header("If-Match", "\"*\"")
+        .json(&json!({"tags": {"site": "oslo"}}))
+        .send()
+        .await?;
+    assert_eq!(twin.status(), StatusCode::OK);
 
     let stale_delete = api
         .delete("/devices/sensor-1")

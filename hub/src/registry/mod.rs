@@ -80,6 +80,10 @@ impl IfMatch {
             .strip_prefix('"')
             .and_then(|r| r.strip_suffix('"'))
             .unwrap_or(raw);
+        // Azure's service SDKs send the wildcard quoted (`If-Match: "*"`) by default.
+        if raw == "*" {
+            return IfMatch::Any;
+        }
         IfMatch::Etag(raw.to_string())
     }
 
@@ -807,6 +811,14 @@ fn build_authentication(
 mod tests {
     use super::*;
     use crate::store::embedded::EmbeddedStore;
+
+    #[test]
+    fn if_match_takes_the_wildcard_quoted_or_not() {
+        for raw in ["*", "\"*\"", " \"*\" ", "W/\"*\""] {
+            assert_eq!(IfMatch::parse(raw), IfMatch::Any, "{raw}");
+        }
+        assert_eq!(IfMatch::parse("\"AAAAAQ\""), IfMatch::Etag("AAAAAQ".into()));
+    }
 
     fn registry() -> (tempfile::TempDir, Registry) {
         let dir = tempfile::tempdir().unwrap();
