@@ -40,7 +40,7 @@ use async_nats::jetstream::stream::{
 };
 use async_trait::async_trait;
 use bytes::Bytes;
-use futures_util::{StreamExt, TryStreamExt};
+use futures_util::TryStreamExt;
 use serde::{Deserialize, Serialize};
 use time::OffsetDateTime;
 use tokio::time::Instant;
@@ -626,22 +626,13 @@ impl CommandStore for NatsCommands {
     async fn expire(&self, _now: OffsetDateTime, limit: usize) -> Result<Removed, StoreError> {
         // JetStream's scheduler decides what is due (at the message's expiry, by the
         // server's clock): take what it produced, without waiting for more.
-        let mut batch = self
+        let due = self
             .store
-            .retrying("read due C2D expiries", || {
-                self.sweeper.fetch().max_messages(limit).messages()
-            })
+            .fetch_now(&self.sweeper, limit, "read due C2D expiries")
             .await?;
         let mut removed = Removed::default();
         let mut markers = Vec::new();
-        while let Some(next) = batch.next().await {
-            let marker = match next {
-                Ok(marker) => marker,
-                Err(err) => {
-                    tracing::debug!(error = %err, "reading due C2D expiries");
-                    break;
-                }
-            };
+        for marker in due {
             let info = marker.info().map(|i| i.stream_sequence).ok();
             match parse_due(marker.subject.as_str()) {
                 Some((device, seq)) => {
@@ -720,22 +711,13 @@ impl CommandStore for NatsCommands {
             retry: Some(Instant::now() + FEEDBACK_POLL),
         };
         let until_ms = unix_ms() + lock.as_millis();
-        let mut batch = self
+        let batch = self
             .store
-            .retrying("lock C2D feedback", || {
-                self.receiver.fetch().max_messages(max).messages()
-            })
+            .fetch_now(&self.receiver, max, "lock C2D feedback")
             .await?;
         let mut records = Vec::new();
         let mut acks = Vec::new();
-        while let Some(next) = batch.next().await {
-            let message = match next {
-                Ok(message) => message,
-                Err(err) => {
-                    tracing::debug!(error = %err, "reading C2D feedback");
-                    break;
-                }
-            };
+        for message in batch {
             let Some(reply) = message.reply.clone() else {
                 continue;
             };

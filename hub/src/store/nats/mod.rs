@@ -187,6 +187,32 @@ impl NatsStore {
         }
     }
 
+    /// Up to `max` messages `consumer` has now, without waiting for more. A message
+    /// that fails to arrive ends the batch (what was not taken is offered again);
+    /// `what` names the read in logs and errors.
+    pub async fn fetch_now(
+        &self,
+        consumer: &jetstream::consumer::PullConsumer,
+        max: usize,
+        what: &str,
+    ) -> Result<Vec<jetstream::Message>, StoreError> {
+        use futures_util::StreamExt;
+        let mut batch = self
+            .retrying(what, || consumer.fetch().max_messages(max).messages())
+            .await?;
+        let mut messages = Vec::new();
+        while let Some(next) = batch.next().await {
+            match next {
+                Ok(message) => messages.push(message),
+                Err(err) => {
+                    tracing::debug!(error = %err, what, "batch ended early");
+                    break;
+                }
+            }
+        }
+        Ok(messages)
+    }
+
     /// The stream `config` describes, created if missing and updated if its limits
     /// changed.
     pub async fn stream(&self, config: stream::Config) -> Result<stream::Stream, StoreError> {
