@@ -45,6 +45,8 @@ pub struct AppState {
     pub registry: Registry,
     /// Verifies bearer tokens.
     pub service_key: Arc<ServiceKey>,
+    /// Verifies shared access signatures of Azure-style policies.
+    pub policies: Arc<crate::auth::policy::Policies>,
     /// Answers readiness checks.
     pub store: Arc<dyn StoreHealth>,
     /// Gateway counters for `/metrics`.
