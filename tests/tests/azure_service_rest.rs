@@ -239,7 +239,8 @@ async fn bulk_operations_follow_azures_modes_bounds_and_result_shape() -> Result
     // The matching etag applies.
     let (status, body) = api
         .bulk(json!([
-            {"id": "b001", "importMode": "updateIfMatchETag", "eTag": b001["etag"], "status": "disabled"},
+            // `etag` as the Node SDK's updateDevices passes it, for Azure's `eTag`.
+            {"id": "b001", "importMode": "updateIfMatchETag", "etag": b001["etag"], "status": "disabled"},
         ]))
         .await?;
     assert_eq!(status, StatusCode::OK, "{body}");

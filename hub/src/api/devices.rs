@@ -236,7 +236,9 @@ pub async fn list(
 struct BulkEntry {
     id: String,
     import_mode: String,
-    #[serde(rename = "eTag")]
+    /// Azure's field is `eTag`; the Node SDK's `updateDevices` passes its devices'
+    /// `etag` through as is.
+    #[serde(rename = "eTag", alias = "etag")]
     e_tag: Option<String>,
     tags: Option<Value>,
     properties: Option<Value>,
