@@ -336,9 +336,16 @@ async fn publish(
     let mut last_write = Instant::now();
     let mut drain_deadline: Option<TokioInstant> = None;
     let max_rate = ticker.is_none();
-    let encode =
+    // The device's generated-field state, made once: rendering then allocates only
+    // the body.
+    let mut fields = plan.template.fields(id);
+    let mut encode =
         |out: &mut BytesMut, inflight: &mut Inflight, seq: &mut u64, delivered: &mut Vec<bool>| {
-            let payload = Bytes::from(plan.template.render(&plan.run, id, *seq, unix_ns()));
+            let payload =
+                Bytes::from(
+                    plan.template
+                        .render_with(&mut fields, &plan.run, id, *seq, unix_ns()),
+                );
             let mut publish = Publish::from_bytes(identity.topic.clone(), qos, payload);
             if qos == QoS::AtLeastOnce {
                 publish.pkid = inflight.start(Instant::now(), *seq);
