@@ -108,6 +108,10 @@ pub struct Args {
     /// each device the same values (default: random, shown in the report).
     #[arg(long)]
     pub seed: Option<u64>,
+    /// Connect over MQTT/TLS (the `mqtts` address in endpoints.json), trusting the
+    /// hub's CA from DATA_DIR/certs. Implies the device-sdk path.
+    #[arg(long)]
+    pub tls: bool,
     /// Lifetime of the SAS tokens (and device JWTs) of device-sdk devices, which
     /// reconnect with a fresh one at 80 % of it. Implies the device-sdk path.
     #[arg(long, value_name = "DURATION", value_parser = parse_duration)]
@@ -133,6 +137,10 @@ pub enum Auth {
     Sas,
     /// Device JWTs (HS256) signed with the device's primary key.
     Jwt,
+    /// TLS client certificates signed by the hub's development CA (DATA_DIR/certs),
+    /// CN = device id; devices are provisioned as `certificateAuthority`. Implies
+    /// `--tls` and the device-sdk path.
+    X509,
 }
 
 impl Args {
@@ -153,6 +161,10 @@ impl Args {
         if self.prefix.is_empty() {
             return Err("--prefix must not be empty".into());
         }
+        let x509 = self.groups().iter().any(|g| g.auth == Auth::X509);
+        if (self.tls || x509) && self.data_dir.is_none() {
+            return Err("--tls and --auth x509 need --data-dir DIR: the hub's CA (DIR/certs) and its mqtts address".into());
+        }
         // Per group: with no scenario, the one group made of the flags.
         crate::scenario::validate_groups(self, &self.groups())
     }
@@ -168,8 +180,13 @@ impl Args {
 
     /// Whether devices authenticating with `auth` need device-sdk whatever their
     /// behaviour (the lean path speaks plain TCP with a token only).
-    pub fn implies_sdk(&self, _auth: Auth) -> bool {
-        self.sas_ttl.is_some()
+    pub fn implies_sdk(&self, auth: Auth) -> bool {
+        self.sas_ttl.is_some() || self.uses_tls(auth)
+    }
+
+    /// Whether devices authenticating with `auth` connect over TLS.
+    pub fn uses_tls(&self, auth: Auth) -> bool {
+        self.tls || auth == Auth::X509
     }
 
     /// Device `i`'s id.

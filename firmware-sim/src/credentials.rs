@@ -72,6 +72,8 @@ pub fn password(
                 .map_err(|err| CredentialError::Sign(device.to_string(), err.to_string()))
         }
         Auth::Jwt => device_jwt(hostname, device, key_b64, now, LEAN_TOKEN_TTL),
+        // The certificate is the credential; the password stays empty.
+        Auth::X509 => Ok(String::new()),
     }
 }
 
@@ -85,7 +87,7 @@ pub fn sdk_credentials(
 ) -> device_sdk::Credentials {
     let ttl = ttl.unwrap_or(SDK_TOKEN_TTL);
     match auth {
-        Auth::Sas => device_sdk::Credentials::Sas { key: key_b64, ttl },
+        Auth::Sas | Auth::X509 => device_sdk::Credentials::Sas { key: key_b64, ttl },
         Auth::Jwt => {
             let hostname = hostname.to_string();
             device_sdk::Credentials::Jwt {

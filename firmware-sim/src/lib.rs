@@ -14,6 +14,7 @@
 //!   each with its own rate, payload and behaviour; the report counts per group.
 //! - [`template`]: payloads rendered per message and parsed back, with generated
 //!   fields from [`generators`] (random walk, sine, counter, timestamp).
+//! - [`tls`]: the hub's CA and MQTT-over-TLS address, device certificates for x509.
 //! - [`verify`]: counting lost and duplicated messages in the stream.
 //! - [`report`]: counters, histograms, CPU from /proc, the text and JSON report.
 
@@ -27,4 +28,5 @@ pub mod run;
 pub mod scenario;
 pub mod sdk;
 pub mod template;
+pub mod tls;
 pub mod verify;

@@ -47,6 +47,8 @@ struct Fleet {
     target: &'static str,
     mqtt: SocketAddr,
     identities: Vec<Identity>,
+    /// TLS setup, when a group connects over TLS.
+    tls: Option<Arc<crate::tls::Tls>>,
     /// Device keys (hub targets), for the device-sdk path.
     keys: Vec<String>,
     api: Option<Api>,
@@ -76,6 +78,7 @@ async fn fleet(args: &Args, groups: &[Group]) -> Result<Fleet, RunError> {
             mqtt: addr,
             identities,
             keys: Vec::new(),
+            tls: None,
             api: None,
         });
     }
@@ -110,7 +113,21 @@ async fn fleet(args: &Args, groups: &[Group]) -> Result<Fleet, RunError> {
         (None, None) => return Err(RunError::Config("no --token and no --data-dir".into())),
     };
     let api = Api::new(&base, token);
-    let credentials = api.provision(ids).await?;
+    let credentials = api
+        .provision_as(
+            ids.into_iter()
+                .zip(&auths)
+                .map(|(id, &auth)| (id, auth == crate::cli::Auth::X509))
+                .collect(),
+        )
+        .await?;
+    let tls = match (&args.data_dir, groups.iter().any(|g| args.uses_tls(g.auth))) {
+        (Some(dir), true) => Some(
+            crate::tls::Tls::load(dir, endpoints.and_then(|e| e.mqtts))
+                .map_err(|err| RunError::Config(err.to_string()))?,
+        ),
+        _ => None,
+    };
     let mut identities = Vec::with_capacity(credentials.len());
     let mut keys = Vec::with_capacity(credentials.len());
     for (device, auth) in credentials.into_iter().zip(auths) {
@@ -133,6 +150,7 @@ async fn fleet(args: &Args, groups: &[Group]) -> Result<Fleet, RunError> {
         mqtt,
         identities,
         keys,
+        tls,
         api: Some(api),
     })
 }
@@ -204,7 +222,13 @@ pub async fn run(
         let keys = fleet.keys.clone();
         let behaviours: Vec<sdk::Behaviour> = groups
             .iter()
-            .map(|g| sdk::Behaviour::for_group(&args, g))
+            .map(|g| {
+                let mut behaviour = sdk::Behaviour::for_group(&args, g);
+                if args.uses_tls(g.auth) {
+                    behaviour.tls.clone_from(&fleet.tls);
+                }
+                behaviour
+            })
             .collect();
         let use_sdk: Vec<bool> = groups.iter().map(|g| g.sdk).collect();
         let owners = owners.clone();

@@ -37,6 +37,8 @@ pub struct Behaviour {
     pub method_fail_rate: f64,
     /// Token lifetime (`--sas-ttl`), default [`crate::credentials::SDK_TOKEN_TTL`].
     pub token_ttl: Option<Duration>,
+    /// With `--tls` or x509: the hub's TLS address, CA, and device certificates.
+    pub tls: Option<Arc<crate::tls::Tls>>,
 }
 
 impl Behaviour {
@@ -49,6 +51,7 @@ impl Behaviour {
             method_delay: Duration::from_millis(args.method_delay_ms),
             method_fail_rate: args.method_fail_rate,
             token_ttl: args.sas_ttl,
+            tls: None,
         }
     }
 
@@ -61,6 +64,7 @@ impl Behaviour {
             method_delay: group.method_delay,
             method_fail_rate: group.method_fail_rate,
             token_ttl: args.sas_ttl,
+            tls: None,
         }
     }
 }
@@ -83,18 +87,33 @@ pub async fn run_device(
         delivered: Vec::new(),
     };
     let id = identity.client_id.clone();
-    let options = device_sdk::ClientOptions::new(
-        &behaviour.hostname,
-        &id,
-        crate::credentials::sdk_credentials(
+    let credentials = match (&behaviour.tls, behaviour.auth) {
+        // Issued here, in the device's own task, so a large fleet's key generation
+        // spreads over the connect ramp instead of delaying the start.
+        (Some(tls), crate::cli::Auth::X509) => match tls.device_credentials(&id) {
+            Ok(credentials) => credentials,
+            Err(err) => {
+                Counters::bump(&counters.connect_failed);
+                let _ = connected.send(Err(DeviceError::Sdk(id, err)));
+                return outcome;
+            }
+        },
+        _ => crate::credentials::sdk_credentials(
             behaviour.auth,
             &behaviour.hostname,
             key,
             behaviour.token_ttl,
         ),
-    )
-    .with_endpoint(&plan.addr.ip().to_string(), plan.addr.port())
-    .without_tls();
+    };
+    let options = device_sdk::ClientOptions::new(&behaviour.hostname, &id, credentials);
+    let options = match &behaviour.tls {
+        Some(tls) => options
+            .with_endpoint(&tls.mqtts.ip().to_string(), tls.mqtts.port())
+            .with_ca(&tls.ca_pem),
+        None => options
+            .with_endpoint(&plan.addr.ip().to_string(), plan.addr.port())
+            .without_tls(),
+    };
     let (client, mut events) = match device_sdk::DeviceClient::start(options) {
         Ok(started) => started,
         Err(err) => {

@@ -75,3 +75,20 @@ fn scenario_files_with_unknown_keys_or_clashing_groups_are_refused() {
     assert_eq!(out.status.code(), Some(2));
     assert!(String::from_utf8_lossy(&out.stderr).contains("/no/such/file.toml"));
 }
+
+#[test]
+fn tls_and_x509_need_the_data_dir_and_the_hub() {
+    let out = sim(&[
+        "--hub",
+        "http://127.0.0.1:1",
+        "--token",
+        "t",
+        "--auth",
+        "x509",
+    ]);
+    assert_eq!(out.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("--data-dir"));
+    let out = sim(&["--target", "mqtt://127.0.0.1:1", "--tls"]);
+    assert_eq!(out.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("plain MQTT --target"));
+}

@@ -633,3 +633,54 @@ async fn a_desired_patch_is_acknowledged_in_the_reported_properties() -> Result<
     assert!(n(&report, "desired_acks") >= 1, "{report:#}");
     Ok(())
 }
+
+#[tokio::test]
+async fn x509_devices_over_tls_get_every_message_acked() -> Result<()> {
+    let dir = tempfile::tempdir()?;
+    let _hub = Hub::start(dir.path()).await?;
+    let data_dir = dir.path().to_string_lossy().into_owned();
+    // Certificates from the hub's development CA, CN = device id.
+    let x509 = report(&[
+        "--data-dir",
+        &data_dir,
+        "--devices",
+        "4",
+        "--prefix",
+        "cert-",
+        "--auth",
+        "x509",
+        "--duration",
+        "2s",
+        "--rate",
+        "10",
+        "--verify",
+    ])
+    .await?;
+    assert_eq!(x509["path"], "sdk", "{x509:#}");
+    assert_eq!(n(&x509, "connected"), 4, "{x509:#}");
+    let sent = n(&x509, "sent");
+    assert!(sent > 0 && n(&x509, "acked") == sent, "{x509:#}");
+    assert_eq!(n(&x509, "failed"), 0, "{x509:#}");
+    assert_eq!(x509["verify"]["lost"].as_u64(), Some(0), "{x509:#}");
+    // SAS devices over TLS, trusting the hub's CA, with tokens renewed by reconnecting.
+    let sas = report(&[
+        "--data-dir",
+        &data_dir,
+        "--devices",
+        "3",
+        "--prefix",
+        "tls-",
+        "--tls",
+        "--sas-ttl",
+        "1h",
+        "--duration",
+        "2s",
+        "--rate",
+        "10",
+    ])
+    .await?;
+    assert_eq!(n(&sas, "connected"), 3, "{sas:#}");
+    let sent = n(&sas, "sent");
+    assert!(sent > 0 && n(&sas, "acked") == sent, "{sas:#}");
+    Ok(())
+}
