@@ -260,13 +260,22 @@ pub async fn run(
     let handles = spawn_all.await.unwrap_or_default();
     let mut latencies = histogram();
     let mut delivered = Vec::with_capacity(handles.len());
+    // QoS 0 on the lean path: the rate runs until the last device's fence (see
+    // `lean::Outcome::fenced_at`); without every fence, until everything ended.
+    let mut last_fence: Option<Instant> = None;
+    let mut unfenced = false;
     for handle in handles {
         match handle.await {
             Ok(Outcome {
                 latencies: h,
                 delivered: d,
+                fenced_at,
             }) => {
                 let _ = latencies.add(&h);
+                match fenced_at {
+                    Some(at) => last_fence = last_fence.max(Some(at)),
+                    None => unfenced |= !d.is_empty(),
+                }
                 delivered.push(d);
             }
             // A panicked device task delivered nothing we can vouch for.
@@ -275,6 +284,11 @@ pub async fn run(
     }
     let elapsed = started.elapsed().as_secs_f64().max(1e-9);
     let drain_secs = (elapsed - window).max(0.0);
+    let window = match (args.qos, use_sdk, last_fence, unfenced) {
+        (0, false, Some(fence), false) => (fence - started).as_secs_f64().max(1e-9),
+        (0, false, _, _) => elapsed,
+        _ => window,
+    };
     let cpu = sim_cpu_start.and_then(|start| {
         let sim_secs = own_cpu_secs()? - start;
         let hub_secs = match (args.hub_pid, hub_cpu_start) {
