@@ -321,15 +321,24 @@ pub async fn run(
     let mut latencies = histogram();
     let mut group_latencies: Vec<_> = groups.iter().map(|_| histogram()).collect();
     let mut delivered = Vec::with_capacity(handles.len());
+    // QoS 0 on the lean path: the rate runs until the last device's fence (see
+    // `lean::Outcome::fenced_at`); without every fence, until everything ended.
+    let mut last_fence: Option<Instant> = None;
+    let mut unfenced = false;
     for (i, handle) in handles.into_iter().enumerate() {
         match handle.await {
             Ok(Outcome {
                 latencies: h,
                 delivered: d,
+                fenced_at,
             }) => {
                 let _ = latencies.add(&h);
                 if let Some(group) = owners.get(i).and_then(|&g| group_latencies.get_mut(g)) {
                     let _ = group.add(&h);
+                }
+                match fenced_at {
+                    Some(at) => last_fence = last_fence.max(Some(at)),
+                    None => unfenced |= !d.is_empty(),
                 }
                 delivered.push(d);
             }
@@ -339,6 +348,13 @@ pub async fn run(
     }
     let elapsed = started.elapsed().as_secs_f64().max(1e-9);
     let drain_secs = (elapsed - window).max(0.0);
+    // Only a fleet that is all lean QoS 0 is timed by its fences.
+    let fenced = groups.iter().all(|g| g.qos == 0 && !g.sdk);
+    let window = match (fenced, last_fence, unfenced) {
+        (true, Some(fence), false) => (fence - started).as_secs_f64().max(1e-9),
+        (true, _, _) => elapsed,
+        (false, _, _) => window,
+    };
     let cpu = sim_cpu_start.and_then(|start| {
         let sim_secs = own_cpu_secs()? - start;
         let hub_secs = match (args.hub_pid, hub_cpu_start) {

@@ -85,6 +85,7 @@ pub async fn run_device(
     let mut outcome = Outcome {
         latencies: histogram(),
         delivered: Vec::new(),
+        fenced_at: None,
     };
     let id = identity.client_id.clone();
     let credentials = match (&behaviour.tls, behaviour.auth) {

@@ -130,6 +130,35 @@ async fn a_small_fleet_gets_every_message_acked_and_read_back_once() -> Result<(
         Some(0),
         "{second:#}"
     );
+
+    // QoS 0: nothing is acknowledged, every message written is read back, and the
+    // closing QoS 1 fence each device sends (to time the run up to where the hub had
+    // taken everything in) is neither counted nor taken for one of the run's.
+    let third = report(&[
+        "--data-dir",
+        &data_dir,
+        "--devices",
+        "10",
+        "--duration",
+        "1s",
+        "--rate",
+        "max",
+        "--qos",
+        "0",
+        "--verify",
+    ])
+    .await?;
+    let sent = n(&third, "sent");
+    assert!(sent > 0, "{third:#}");
+    assert_eq!(n(&third, "acked"), 0, "{third:#}");
+    assert_eq!(n(&third, "failed"), 0, "{third:#}");
+    assert_eq!(third["verify"]["read"].as_u64(), Some(sent), "{third:#}");
+    assert_eq!(third["verify"]["lost"].as_u64(), Some(0), "{third:#}");
+    assert_eq!(third["verify"]["unexpected"].as_u64(), Some(0), "{third:#}");
+    assert!(
+        third["elapsed_secs"].as_f64().is_some_and(|s| s >= 1.0),
+        "the rate window runs at least the sending second: {third:#}"
+    );
     Ok(())
 }
 
