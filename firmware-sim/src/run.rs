@@ -13,7 +13,10 @@ use tokio::sync::{Semaphore, mpsc, watch};
 use crate::api::{self, Api, ApiError};
 use crate::cli::Args;
 use crate::lean::{self, Identity, Outcome, Phase, Plan};
-use crate::report::{Counters, Cpu, Latency, Report, cpu_secs, histogram, own_cpu_secs};
+use crate::report::{
+    Counters, Cpu, GroupReport, Latency, Report, cpu_secs, histogram, own_cpu_secs,
+};
+use crate::scenario::Group;
 use crate::sdk;
 use crate::verify;
 
@@ -44,13 +47,23 @@ struct Fleet {
     target: &'static str,
     mqtt: SocketAddr,
     identities: Vec<Identity>,
+    /// TLS setup, when a group connects over TLS.
+    tls: Option<Arc<crate::tls::Tls>>,
     /// Device keys (hub targets), for the device-sdk path.
     keys: Vec<String>,
     api: Option<Api>,
 }
 
-async fn fleet(args: &Args) -> Result<Fleet, RunError> {
-    let ids: Vec<String> = (0..args.devices).map(|i| args.device_id(i)).collect();
+async fn fleet(args: &Args, groups: &[Group]) -> Result<Fleet, RunError> {
+    let ids: Vec<String> = groups
+        .iter()
+        .flat_map(|g| (0..g.devices).map(|i| g.device_id(i)))
+        .collect();
+    // Each device's group, in fleet order.
+    let auths: Vec<_> = groups
+        .iter()
+        .flat_map(|g| std::iter::repeat_n(g.auth, g.devices as usize))
+        .collect();
     if let Some(addr) = args.target {
         let identities = ids
             .into_iter()
@@ -65,6 +78,7 @@ async fn fleet(args: &Args) -> Result<Fleet, RunError> {
             mqtt: addr,
             identities,
             keys: Vec::new(),
+            tls: None,
             api: None,
         });
     }
@@ -99,12 +113,25 @@ async fn fleet(args: &Args) -> Result<Fleet, RunError> {
         (None, None) => return Err(RunError::Config("no --token and no --data-dir".into())),
     };
     let api = Api::new(&base, token);
-    let credentials = api.provision(ids).await?;
+    let credentials = api
+        .provision_as(
+            ids.into_iter()
+                .zip(&auths)
+                .map(|(id, &auth)| (id, auth == crate::cli::Auth::X509))
+                .collect(),
+        )
+        .await?;
+    let tls = match (&args.data_dir, groups.iter().any(|g| args.uses_tls(g.auth))) {
+        (Some(dir), true) => Some(
+            crate::tls::Tls::load(dir, endpoints.and_then(|e| e.mqtts))
+                .map_err(|err| RunError::Config(err.to_string()))?,
+        ),
+        _ => None,
+    };
     let mut identities = Vec::with_capacity(credentials.len());
     let mut keys = Vec::with_capacity(credentials.len());
-    for device in credentials {
-        let password =
-            crate::credentials::password(args.auth, &args.hostname, &device.id, &device.key)?;
+    for (device, auth) in credentials.into_iter().zip(auths) {
+        let password = crate::credentials::password(auth, &args.hostname, &device.id, &device.key)?;
         identities.push(Identity {
             login: Some((
                 format!(
@@ -123,6 +150,7 @@ async fn fleet(args: &Args) -> Result<Fleet, RunError> {
         mqtt,
         identities,
         keys,
+        tls,
         api: Some(api),
     })
 }
@@ -140,8 +168,10 @@ pub async fn run(
 ) -> Result<Report, RunError> {
     let mut interrupt = std::pin::pin!(interrupt);
     let mut interrupted = false;
+    let groups = args.groups();
+    let seed = args.seed.unwrap_or_else(rand::random);
     let fleet = tokio::select! {
-        fleet = fleet(&args) => fleet?,
+        fleet = fleet(&args, &groups) => fleet?,
         () = &mut interrupt => return Err(RunError::Config("interrupted while provisioning".into())),
     };
     let start_offsets = match (&fleet.api, args.verify) {
@@ -149,34 +179,59 @@ pub async fn run(
         _ => None,
     };
     let run = run_id();
-    let counters = Arc::new(Counters::default());
+    // Each group counts for itself; the totals are their sums.
+    let counters: Vec<Arc<Counters>> = groups
+        .iter()
+        .map(|_| Arc::new(Counters::default()))
+        .collect();
     let (phase_tx, phase_rx) = watch::channel(Phase::Connecting);
     let (connected_tx, mut connected_rx) = mpsc::unbounded_channel();
-    let plan = Arc::new(Plan {
-        addr: fleet.mqtt,
-        qos: args.qos,
-        rate: args.rate,
-        inflight: args.inflight,
-        template: Arc::new(args.payload.clone()),
-        run: run.clone().into(),
-        drain: args.drain,
-    });
-    let progress = Progress::start(Arc::clone(&counters), u64::from(args.devices));
-    let use_sdk = args.uses_sdk();
+    let run_arc: Arc<str> = run.clone().into();
+    let plans: Vec<Arc<Plan>> = groups
+        .iter()
+        .map(|g| {
+            Arc::new(Plan {
+                addr: fleet.mqtt,
+                qos: g.qos,
+                rate: g.rate,
+                inflight: g.inflight,
+                template: Arc::new(g.payload.clone().with_seed(seed)),
+                run: Arc::clone(&run_arc),
+                drain: args.drain,
+            })
+        })
+        .collect();
+    let owners: Vec<usize> = groups
+        .iter()
+        .enumerate()
+        .flat_map(|(i, g)| std::iter::repeat_n(i, g.devices as usize))
+        .collect();
+    let progress = Progress::start(counters.clone(), u64::from(args.devices));
 
     // Connect phase: at most CONNECTING_AT_ONCE handshakes, paced by --ramp.
     let connect_started = Instant::now();
     let slots = Arc::new(Semaphore::new(CONNECTING_AT_ONCE));
     let spawn_all = {
-        let (plan, counters, phase_rx, slots) = (
-            Arc::clone(&plan),
-            Arc::clone(&counters),
+        let (plans, counters, phase_rx, slots) = (
+            plans.clone(),
+            counters.clone(),
             phase_rx.clone(),
             Arc::clone(&slots),
         );
         let identities = fleet.identities.clone();
         let keys = fleet.keys.clone();
-        let behaviour = sdk::Behaviour::from_args(&args);
+        let behaviours: Vec<sdk::Behaviour> = groups
+            .iter()
+            .map(|g| {
+                let mut behaviour = sdk::Behaviour::for_group(&args, g);
+                if args.uses_tls(g.auth) {
+                    behaviour.tls.clone_from(&fleet.tls);
+                }
+                behaviour
+            })
+            .collect();
+        let use_sdk: Vec<bool> = groups.iter().map(|g| g.sdk).collect();
+        let owners = owners.clone();
         let ramp = args
             .ramp
             .map(|per_sec| Duration::from_secs_f64(1.0 / per_sec));
@@ -189,15 +244,16 @@ pub async fn run(
                     next += period;
                 }
                 let permit = Arc::clone(&slots).acquire_owned().await.ok();
+                let g = owners.get(i).copied().unwrap_or(0);
                 let (plan, counters, phase, connected) = (
-                    Arc::clone(&plan),
-                    Arc::clone(&counters),
+                    Arc::clone(&plans[g]),
+                    Arc::clone(&counters[g]),
                     phase_rx.clone(),
                     connected_tx.clone(),
                 );
-                let handle = if use_sdk {
+                let handle = if use_sdk[g] {
                     let key = keys.get(i).cloned().unwrap_or_default();
-                    let behaviour = behaviour.clone();
+                    let behaviour = behaviours[g].clone();
                     tokio::spawn(async move {
                         sdk::run_device(
                             plan, identity, key, behaviour, counters, phase, connected, permit,
@@ -233,7 +289,11 @@ pub async fn run(
         }
     }
     let connect_secs = connect_started.elapsed().as_secs_f64();
-    let connected = Counters::get(&counters.connected);
+    let connected_per_group: Vec<u64> = counters
+        .iter()
+        .map(|c| Counters::get(&c.connected))
+        .collect();
+    let connected: u64 = connected_per_group.iter().sum();
     if connected == 0 && !interrupted {
         let _ = phase_tx.send(Phase::Stopping);
         progress.finish();
@@ -259,14 +319,27 @@ pub async fn run(
     let window = started.elapsed().as_secs_f64().max(1e-9);
     let handles = spawn_all.await.unwrap_or_default();
     let mut latencies = histogram();
+    let mut group_latencies: Vec<_> = groups.iter().map(|_| histogram()).collect();
     let mut delivered = Vec::with_capacity(handles.len());
-    for handle in handles {
+    // QoS 0 on the lean path: the rate runs until the last device's fence (see
+    // `lean::Outcome::fenced_at`); without every fence, until everything ended.
+    let mut last_fence: Option<Instant> = None;
+    let mut unfenced = false;
+    for (i, handle) in handles.into_iter().enumerate() {
         match handle.await {
             Ok(Outcome {
                 latencies: h,
                 delivered: d,
+                fenced_at,
             }) => {
                 let _ = latencies.add(&h);
+                if let Some(group) = owners.get(i).and_then(|&g| group_latencies.get_mut(g)) {
+                    let _ = group.add(&h);
+                }
+                match fenced_at {
+                    Some(at) => last_fence = last_fence.max(Some(at)),
+                    None => unfenced |= !d.is_empty(),
+                }
                 delivered.push(d);
             }
             // A panicked device task delivered nothing we can vouch for.
@@ -275,6 +348,13 @@ pub async fn run(
     }
     let elapsed = started.elapsed().as_secs_f64().max(1e-9);
     let drain_secs = (elapsed - window).max(0.0);
+    // Only a fleet that is all lean QoS 0 is timed by its fences.
+    let fenced = groups.iter().all(|g| g.qos == 0 && !g.sdk);
+    let window = match (fenced, last_fence, unfenced) {
+        (true, Some(fence), false) => (fence - started).as_secs_f64().max(1e-9),
+        (true, _, _) => elapsed,
+        (false, _, _) => window,
+    };
     let cpu = sim_cpu_start.and_then(|start| {
         let sim_secs = own_cpu_secs()? - start;
         let hub_secs = match (args.hub_pid, hub_cpu_start) {
@@ -290,32 +370,76 @@ pub async fn run(
     });
     progress.finish();
 
+    let group_reports: Vec<GroupReport> = if args.scenario_groups.is_empty() {
+        Vec::new()
+    } else {
+        groups
+            .iter()
+            .zip(&counters)
+            .zip(&group_latencies)
+            .zip(&connected_per_group)
+            .map(|(((g, c), h), &connected)| GroupReport {
+                name: g.name.clone(),
+                path: if g.sdk { "sdk" } else { "lean" }.to_string(),
+                devices: u64::from(g.devices),
+                connected,
+                qos: g.qos,
+                msgs_per_sec: if g.qos == 0 {
+                    Counters::get(&c.sent)
+                } else {
+                    Counters::get(&c.acked)
+                } as f64
+                    / window,
+                counts: c.snapshot(),
+                puback_ms: Latency::from_histogram(h),
+            })
+            .collect()
+    };
+    // QoS 0 groups count what they wrote, QoS 1 groups what was acknowledged.
+    let rate_count: u64 = groups
+        .iter()
+        .zip(&counters)
+        .map(|(g, c)| Counters::get(if g.qos == 0 { &c.sent } else { &c.acked }))
+        .sum();
+    let counters = Counters::sum(&counters);
+    let use_sdk = groups.iter().any(|g| g.sdk);
     let sent = Counters::get(&counters.sent);
     let acked = Counters::get(&counters.acked);
+    let qos = groups.iter().map(|g| g.qos).max().unwrap_or(args.qos);
     let mut report = Report {
         target: fleet.target.to_string(),
-        path: if use_sdk { "sdk" } else { "lean" }.to_string(),
+        path: match (use_sdk, groups.iter().all(|g| g.sdk)) {
+            (true, true) => "sdk",
+            (true, false) => "mixed",
+            _ => "lean",
+        }
+        .to_string(),
         run: run.clone(),
         devices: u64::from(args.devices),
         connected,
         connect_failed: Counters::get(&counters.connect_failed),
         connect_secs,
         connect_rate: connected as f64 / connect_secs.max(1e-9),
-        qos: args.qos,
+        qos,
         sent,
         acked,
         failed: Counters::get(&counters.failed),
         disconnects: Counters::get(&counters.disconnects),
         elapsed_secs: window,
         drain_secs,
-        msgs_per_sec: if args.qos == 0 { sent } else { acked } as f64 / window,
+        msgs_per_sec: rate_count as f64 / window,
         puback_ms: Latency::from_histogram(&latencies),
         cpu,
         methods: Counters::get(&counters.methods),
         twin_reports: Counters::get(&counters.twin_reports),
         c2d: Counters::get(&counters.c2d),
+        c2d_received: Counters::get(&counters.c2d_received),
+        desired: Counters::get(&counters.desired),
+        desired_acks: Counters::get(&counters.desired_acks),
         interrupted,
         verify: None,
+        seed,
+        groups: group_reports,
     };
     if let (Some(api), Some(from)) = (&fleet.api, start_offsets) {
         let devices: HashMap<String, usize> = fleet
@@ -324,7 +448,9 @@ pub async fn run(
             .enumerate()
             .map(|(i, identity)| (identity.client_id.clone(), i))
             .collect();
-        let tally = verify::read_back(api, from, &args.payload, &run, &devices, &delivered).await?;
+        let templates: Vec<&crate::template::Template> =
+            plans.iter().map(|p| &*p.template).collect();
+        let tally = verify::read_back(api, from, &templates, &run, &devices, &delivered).await?;
         report.verify = Some(tally.verdict(&delivered));
     }
     Ok(report)
@@ -338,7 +464,7 @@ struct Progress {
 }
 
 impl Progress {
-    fn start(counters: Arc<Counters>, devices: u64) -> Self {
+    fn start(groups: Vec<Arc<Counters>>, devices: u64) -> Self {
         let (stop, mut stopped) = watch::channel(false);
         let task = tokio::spawn(async move {
             let bar = std::io::stderr().is_terminal().then(|| {
@@ -355,6 +481,7 @@ impl Progress {
                     _ = tick.tick() => {}
                     _ = stopped.changed() => break,
                 }
+                let counters = Counters::sum(&groups);
                 let done = Counters::get(&counters.acked).max(Counters::get(&counters.sent));
                 let rate = (done - last.0) as f64 / last.1.elapsed().as_secs_f64().max(1e-9);
                 last = (done, Instant::now());
