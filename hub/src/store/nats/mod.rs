@@ -27,7 +27,7 @@ pub mod twins;
 
 use std::future::Future;
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use async_nats::jetstream::{self, kv, stream};
 use async_trait::async_trait;
@@ -163,28 +163,14 @@ impl NatsStore {
 
     /// Runs `op` until it succeeds or `cluster.retry_secs` have passed since the first
     /// failure, pausing with exponential backoff between tries; `what` names the
-    /// operation in logs and in the final error.
-    pub async fn retrying<T, E, F, Fut>(&self, what: &str, mut op: F) -> Result<T, StoreError>
+    /// operation in logs and in the final error. See [`retry`].
+    pub async fn retrying<T, E, F, Fut>(&self, what: &str, op: F) -> Result<T, StoreError>
     where
         E: std::fmt::Display,
         F: FnMut() -> Fut,
         Fut: Future<Output = Result<T, E>>,
     {
-        let deadline = Instant::now() + self.inner.retry;
-        let mut pause = BACKOFF.0;
-        loop {
-            match op().await {
-                Ok(value) => return Ok(value),
-                Err(err) if Instant::now() + pause < deadline => {
-                    tracing::debug!(%err, what, "JetStream request failed; retrying");
-                    tokio::time::sleep(pause).await;
-                    pause = (pause * 2).min(BACKOFF.1);
-                }
-                Err(err) => {
-                    return Err(StoreError::Backend(format!("{what}: {err}")));
-                }
-            }
-        }
+        retry(what, self.inner.retry, self.reconnects(), op).await
     }
 
     /// Up to `max` messages `consumer` has now, without waiting for more. A message
@@ -309,5 +295,115 @@ impl StoreHealth for NatsStore {
             .map_err(|_| StoreError::Backend("JetStream did not answer in time".into()))?
             .map(drop)
             .map_err(|err| StoreError::Backend(format!("JetStream: {err}")))
+    }
+}
+
+/// Runs `op` until it succeeds or `window` has passed, pausing with exponential
+/// backoff between failures. An attempt in flight when the NATS client reconnects
+/// (`reconnects` changes) is abandoned and made again at once: the reply to a request
+/// sent on the connection that was replaced never comes, and waiting out the
+/// request's timeout (seconds) is what stalled writes when the NATS node a hub was
+/// connected to died. The retry is what the timeout would have led to, only sooner,
+/// so no operation becomes less safe to repeat.
+async fn retry<T, E, F, Fut>(
+    what: &str,
+    window: Duration,
+    mut reconnects: tokio::sync::watch::Receiver<u64>,
+    mut op: F,
+) -> Result<T, StoreError>
+where
+    E: std::fmt::Display,
+    F: FnMut() -> Fut,
+    Fut: Future<Output = Result<T, E>>,
+{
+    let deadline = tokio::time::Instant::now() + window;
+    let mut pause = BACKOFF.0;
+    reconnects.borrow_and_update();
+    loop {
+        let attempt = tokio::select! {
+            result = op() => Some(result),
+            Ok(()) = reconnects.changed() => None,
+        };
+        let Some(result) = attempt else {
+            if tokio::time::Instant::now() >= deadline {
+                return Err(StoreError::Backend(format!(
+                    "{what}: the NATS connection was replaced while waiting for the answer"
+                )));
+            }
+            tracing::debug!(
+                what,
+                "NATS connection replaced mid-request; retrying at once"
+            );
+            continue;
+        };
+        match result {
+            Ok(value) => return Ok(value),
+            Err(err) if tokio::time::Instant::now() + pause < deadline => {
+                tracing::debug!(%err, what, "JetStream request failed; retrying");
+                tokio::time::sleep(pause).await;
+                pause = (pause * 2).min(BACKOFF.1);
+            }
+            Err(err) => {
+                return Err(StoreError::Backend(format!("{what}: {err}")));
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod retry_tests {
+    use std::sync::atomic::{AtomicUsize, Ordering};
+
+    use super::*;
+
+    #[tokio::test(start_paused = true)]
+    async fn a_request_lost_with_its_connection_is_made_again_at_once() {
+        let (reconnected, reconnects) = tokio::sync::watch::channel(0u64);
+        let attempts = AtomicUsize::new(0);
+        let started = tokio::time::Instant::now();
+        let op = || {
+            let first = attempts.fetch_add(1, Ordering::SeqCst) == 0;
+            async move {
+                if first {
+                    // Sent on the connection that dies: no answer, ever.
+                    std::future::pending::<()>().await;
+                }
+                Ok::<_, String>(7)
+            }
+        };
+        let call = retry("twin write", Duration::from_secs(30), reconnects, op);
+        let reconnect = async {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+            let _ = reconnected.send(1);
+            std::future::pending::<()>().await
+        };
+        let answer = tokio::select! {
+            answer = call => answer,
+            () = reconnect => unreachable!("the reconnect task never ends"),
+            () = tokio::time::sleep(Duration::from_secs(5)) => panic!("still waiting for the lost reply"),
+        };
+        assert_eq!(answer.unwrap(), 7);
+        assert_eq!(attempts.load(Ordering::SeqCst), 2);
+        assert!(started.elapsed() < Duration::from_millis(100));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn failures_are_retried_with_backoff_until_the_window_closes() {
+        let (_reconnected, reconnects) = tokio::sync::watch::channel(0u64);
+        let attempts = AtomicUsize::new(0);
+        let op = || {
+            attempts.fetch_add(1, Ordering::SeqCst);
+            async { Err::<(), _>("no responders") }
+        };
+        let err = retry("twin write", Duration::from_secs(2), reconnects, op)
+            .await
+            .unwrap_err();
+        assert!(
+            err.to_string().contains("twin write: no responders"),
+            "{err}"
+        );
+        // 50, 100, 200, 400 ms, then 1 s pauses: a handful of tries in 2 s.
+        let tries = attempts.load(Ordering::SeqCst);
+        assert!((4..=8).contains(&tries), "{tries} tries");
     }
 }
