@@ -13,13 +13,24 @@
 //! - [`template`]: payloads rendered per message and parsed back.
 //! - [`verify`]: counting lost and duplicated messages in the stream.
 //! - [`report`]: counters, histograms, CPU from /proc, the text and JSON report.
+//! - [`scenarios`]: connections held, connect rate, method and twin round trips, the
+//!   connect storm; [`flap`]: telemetry while devices drop and reconnect.
+//! - [`workers`]: `--workers K` child processes and the merge of their reports.
+//! - [`wire`]: one MQTT connection on the packet codec, for the scenarios; [`net`]:
+//!   source addresses and bind-before-connect; [`probe`]: RSS and machine CPU.
 
 pub mod api;
 pub mod cli;
 pub mod credentials;
+pub mod flap;
 pub mod lean;
+pub mod net;
+pub mod probe;
 pub mod report;
 pub mod run;
+pub mod scenarios;
 pub mod sdk;
 pub mod template;
 pub mod verify;
+pub mod wire;
+pub mod workers;

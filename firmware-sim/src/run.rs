@@ -40,17 +40,37 @@ pub enum RunError {
 }
 
 /// Where devices go and how they authenticate.
-struct Fleet {
-    target: &'static str,
-    mqtt: SocketAddr,
-    identities: Vec<Identity>,
+pub struct Fleet {
+    /// `hub` or `mqtt`.
+    pub target: &'static str,
+    /// Where devices connect.
+    pub mqtt: SocketAddr,
+    /// Every device's client id, login, topic and source address.
+    pub identities: Vec<Identity>,
     /// Device keys (hub targets), for the device-sdk path.
-    keys: Vec<String>,
-    api: Option<Api>,
+    pub keys: Vec<String>,
+    /// The service API (hub targets).
+    pub api: Option<Api>,
 }
 
-async fn fleet(args: &Args) -> Result<Fleet, RunError> {
-    let ids: Vec<String> = (0..args.devices).map(|i| args.device_id(i)).collect();
+/// The fleet, each device given its source address (`--source-addrs`, or automatic).
+pub async fn fleet(args: &Args) -> Result<Fleet, RunError> {
+    let mut fleet = provisioned_fleet(args).await?;
+    let connections = match args.scenario {
+        crate::cli::Scenario::ConnectRate => args.total.unwrap_or(u64::from(args.devices)),
+        _ => u64::from(args.devices),
+    };
+    let explicit = args.source_addrs.as_ref().map(|s| s.0.as_slice());
+    if let Some(sources) = crate::net::sources(explicit, fleet.mqtt, connections) {
+        for (i, identity) in fleet.identities.iter_mut().enumerate() {
+            identity.bind = sources.get(i % sources.len()).copied();
+        }
+    }
+    Ok(fleet)
+}
+
+async fn provisioned_fleet(args: &Args) -> Result<Fleet, RunError> {
+    let ids = args.device_ids();
     if let Some(addr) = args.target {
         let identities = ids
             .into_iter()
@@ -58,6 +78,7 @@ async fn fleet(args: &Args) -> Result<Fleet, RunError> {
                 topic: format!("devices/{id}/messages/events/"),
                 client_id: id,
                 login: None,
+                bind: None,
             })
             .collect();
         return Ok(Fleet {
@@ -115,6 +136,7 @@ async fn fleet(args: &Args) -> Result<Fleet, RunError> {
             )),
             topic: format!("devices/{}/messages/events/", device.id),
             client_id: device.id,
+            bind: None,
         });
         keys.push(device.key);
     }
@@ -129,7 +151,7 @@ async fn fleet(args: &Args) -> Result<Fleet, RunError> {
 
 /// A short id for this run, stamped into every payload so `--verify` reads only
 /// this run's messages even when devices are reused.
-fn run_id() -> String {
+pub(crate) fn run_id() -> String {
     format!("{:08x}", rand::random::<u32>())
 }
 
@@ -138,12 +160,18 @@ pub async fn run(
     args: Args,
     interrupt: impl std::future::Future<Output = ()>,
 ) -> Result<Report, RunError> {
+    if let Some(workers) = args.workers.filter(|k| *k > 1) {
+        return crate::workers::run(args, workers, interrupt).await;
+    }
     let mut interrupt = std::pin::pin!(interrupt);
     let mut interrupted = false;
     let fleet = tokio::select! {
         fleet = fleet(&args) => fleet?,
         () = &mut interrupt => return Err(RunError::Config("interrupted while provisioning".into())),
     };
+    if args.scenario != crate::cli::Scenario::Telemetry || args.flap.is_some() {
+        return crate::scenarios::run(args, fleet, interrupt).await;
+    }
     let start_offsets = match (&fleet.api, args.verify) {
         (Some(api), true) => Some(verify::start_offsets(&api.partitions().await?)),
         _ => None,
@@ -242,9 +270,28 @@ pub async fn run(
         ));
     }
 
-    // Publish phase.
+    // Publish phase: the warm-up (sent, not measured), then the measured window.
+    let mut before_window = (0, 0);
+    if !interrupted && !args.warmup.is_zero() {
+        counters
+            .warming
+            .store(true, std::sync::atomic::Ordering::Relaxed);
+        let _ = phase_tx.send(Phase::Running);
+        tokio::select! {
+            () = tokio::time::sleep(args.warmup) => {}
+            () = &mut interrupt => interrupted = true,
+        }
+        counters
+            .warming
+            .store(false, std::sync::atomic::Ordering::Relaxed);
+        before_window = (
+            Counters::get(&counters.sent),
+            Counters::get(&counters.acked),
+        );
+    }
     let sim_cpu_start = own_cpu_secs();
     let hub_cpu_start = args.hub_pid.and_then(cpu_secs);
+    let machine_start = crate::probe::machine_busy_secs();
     let started = Instant::now();
     if !interrupted {
         let _ = phase_tx.send(Phase::Running);
@@ -281,11 +328,15 @@ pub async fn run(
             (Some(pid), Some(start)) => cpu_secs(pid).map(|end| end - start),
             _ => None,
         };
+        let machine_secs =
+            machine_start.and_then(|start| Some(crate::probe::machine_busy_secs()? - start));
         Some(Cpu {
             sim_secs,
             sim_cores: sim_secs / elapsed,
             hub_secs,
             hub_cores: hub_secs.map(|s| s / elapsed),
+            machine_secs,
+            other_secs: machine_secs.map(|m| (m - sim_secs - hub_secs.unwrap_or(0.0)).max(0.0)),
         })
     });
     progress.finish();
@@ -308,7 +359,12 @@ pub async fn run(
         disconnects: Counters::get(&counters.disconnects),
         elapsed_secs: window,
         drain_secs,
-        msgs_per_sec: if args.qos == 0 { sent } else { acked } as f64 / window,
+        msgs_per_sec: if args.qos == 0 {
+            sent - before_window.0
+        } else {
+            acked - before_window.1
+        } as f64
+            / window,
         puback_ms: Latency::from_histogram(&latencies),
         cpu,
         methods: Counters::get(&counters.methods),
@@ -316,6 +372,11 @@ pub async fn run(
         c2d: Counters::get(&counters.c2d),
         interrupted,
         verify: None,
+        warmup_secs: args.warmup.as_secs_f64(),
+        puback_hdr: crate::report::encode_histogram(&latencies),
+        scenario: None,
+        flap: None,
+        workers: None,
     };
     if let (Some(api), Some(from)) = (&fleet.api, start_offsets) {
         let devices: HashMap<String, usize> = fleet
@@ -332,13 +393,13 @@ pub async fn run(
 
 /// The live progress: an indicatif spinner on a terminal, else one line per second
 /// on stderr.
-struct Progress {
+pub(crate) struct Progress {
     stop: watch::Sender<bool>,
     task: tokio::task::JoinHandle<()>,
 }
 
 impl Progress {
-    fn start(counters: Arc<Counters>, devices: u64) -> Self {
+    pub(crate) fn start(counters: Arc<Counters>, devices: u64) -> Self {
         let (stop, mut stopped) = watch::channel(false);
         let task = tokio::spawn(async move {
             let bar = std::io::stderr().is_terminal().then(|| {
@@ -380,7 +441,7 @@ impl Progress {
         Self { stop, task }
     }
 
-    fn finish(self) {
+    pub(crate) fn finish(self) {
         let _ = self.stop.send(true);
         // The task ends at once; not waiting keeps `finish` synchronous.
         drop(self.task);

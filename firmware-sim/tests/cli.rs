@@ -38,3 +38,35 @@ fn refusals_exit_2_with_a_reason() {
     assert_eq!(out.status.code(), Some(2));
     assert!(String::from_utf8_lossy(&out.stderr).contains("--rate"));
 }
+
+#[test]
+fn scenario_combinations_that_make_no_sense_are_refused() {
+    let target = ["--target", "mqtt://127.0.0.1:1"];
+    let cases: &[(&[&str], &str)] = &[
+        (&["--scenario", "methods"], "methods"),
+        (&["--scenario", "twin"], "twin"),
+        (&["--scenario", "twin", "--flap", "0.1"], "--flap"),
+        (&["--flap", "1.5"], "fraction"),
+        (&["--total", "5"], "--total"),
+        (&["--storm", "restart"], "--scenario storm"),
+        (&["--workers", "5", "--devices", "2"], "--workers"),
+        (&["--workers", "0"], "--workers"),
+        (&["--source-addrs", "127.0.0.9-127.0.0.2"], "backwards"),
+        (&["--scenario", "connections", "--sdk"], "--sdk"),
+        (&["--scenario", "nonsense"], "connect-rate"),
+        (&["--hub-pid", "1", "--hub-pid-file", "/tmp/x"], "--hub-pid"),
+    ];
+    for (args, needle) in cases {
+        let all: Vec<&str> = target.iter().chain(args.iter()).copied().collect();
+        let out = sim(&all);
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(2), "{all:?}: {stderr}");
+        assert!(
+            stderr.contains(needle),
+            "{all:?}: no {needle:?} in {stderr}"
+        );
+    }
+    let out = sim(&["--data-dir", "/nonexistent", "--workers", "2", "--verify"]);
+    assert_eq!(out.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("--workers"));
+}

@@ -450,3 +450,295 @@ async fn sdk_devices_report_twins_answer_methods_and_complete_c2d() -> Result<()
     );
     Ok(())
 }
+
+fn f(value: &Value) -> f64 {
+    value.as_f64().unwrap_or(f64::NAN)
+}
+
+#[tokio::test]
+async fn connections_are_held_and_handshakes_counted() -> Result<()> {
+    let dir = tempfile::tempdir()?;
+    let hub = Hub::start(dir.path()).await?;
+    let data_dir = dir.path().to_string_lossy().into_owned();
+    let pid = hub.pid().context("hub pid")?.to_string();
+    let held = report(&[
+        "--data-dir",
+        &data_dir,
+        "--scenario",
+        "connections",
+        "--devices",
+        "30",
+        "--hold",
+        "1s",
+        "--hub-pid",
+        &pid,
+    ])
+    .await?;
+    let s = &held["scenario"];
+    assert_eq!(s["name"], "connections", "{held:#}");
+    assert_eq!(s["held"]["held"].as_u64(), Some(30), "{held:#}");
+    assert_eq!(s["held"]["open_after_hold"].as_u64(), Some(30), "{held:#}");
+    assert_eq!(s["handshakes"]["ok"].as_u64(), Some(30), "{held:#}");
+    assert_eq!(s["handshakes"]["failed"].as_u64(), Some(0), "{held:#}");
+    assert_eq!(s["handshakes"]["latency_ms"]["count"].as_u64(), Some(30));
+    let rss = |key: &str| s["held"][key].as_u64().unwrap_or(0);
+    assert!(rss("hub_rss_before_kib") > 0, "{held:#}");
+    assert!(
+        rss("hub_rss_end_kib") > 0 && rss("hub_rss_held_kib") > 0,
+        "{held:#}"
+    );
+    assert!(f(&s["held"]["hold_secs"]) >= 1.0, "{held:#}");
+
+    let rate = report(&[
+        "--data-dir",
+        &data_dir,
+        "--scenario",
+        "connect-rate",
+        "--devices",
+        "30",
+        "--total",
+        "200",
+        "--connect-inflight",
+        "20",
+        "--hub-pid",
+        &pid,
+    ])
+    .await?;
+    let h = &rate["scenario"]["handshakes"];
+    assert_eq!(h["attempted"].as_u64(), Some(200), "{rate:#}");
+    assert_eq!(h["ok"].as_u64(), Some(200), "{rate:#}");
+    assert_eq!(h["failed"].as_u64(), Some(0), "{rate:#}");
+    assert_eq!(h["in_flight"].as_u64(), Some(20), "{rate:#}");
+    assert_eq!(h["latency_ms"]["count"].as_u64(), Some(200), "{rate:#}");
+    assert!(f(&h["per_sec"]) > 0.0, "{rate:#}");
+    assert!(h["hdr"].is_string(), "{rate:#}");
+    let cpu = &rate["scenario"]["cpu"];
+    assert!(f(&cpu["hub_secs"]) > 0.0, "{rate:#}");
+    assert!(f(&cpu["machine_secs"]) >= f(&cpu["hub_secs"]), "{rate:#}");
+    Ok(())
+}
+
+#[tokio::test]
+async fn method_round_trips_are_all_answered() -> Result<()> {
+    let dir = tempfile::tempdir()?;
+    let _hub = Hub::start(dir.path()).await?;
+    let data_dir = dir.path().to_string_lossy().into_owned();
+    let methods = report(&[
+        "--data-dir",
+        &data_dir,
+        "--scenario",
+        "methods",
+        "--devices",
+        "5",
+        "--inflight",
+        "2",
+        "--warmup",
+        "500ms",
+        "--duration",
+        "1s",
+    ])
+    .await?;
+    let r = &methods["scenario"]["round_trips"];
+    let sent = r["sent"].as_u64().unwrap_or(0);
+    assert!(sent > 10, "{methods:#}");
+    assert_eq!(r["answered"].as_u64(), Some(sent), "{methods:#}");
+    assert_eq!(r["failed"].as_u64(), Some(0), "{methods:#}");
+    // Every call reached a device, which answered it, and no device answered more.
+    assert_eq!(r["device_answered"].as_u64(), Some(sent), "{methods:#}");
+    let measured = r["measured"].as_u64().unwrap_or(0);
+    assert!(
+        measured > 0 && measured < sent,
+        "warm-up calls are not measured: {methods:#}"
+    );
+    assert_eq!(
+        r["latency_ms"]["count"].as_u64(),
+        Some(measured),
+        "{methods:#}"
+    );
+    assert_eq!(n(&methods, "connected"), 5, "{methods:#}");
+    Ok(())
+}
+
+#[tokio::test]
+async fn twin_reported_patches_round_trip() -> Result<()> {
+    let dir = tempfile::tempdir()?;
+    let hub = Hub::start(dir.path()).await?;
+    let token = hub.owner_token().await?;
+    let data_dir = dir.path().to_string_lossy().into_owned();
+    let twin = report(&[
+        "--data-dir",
+        &data_dir,
+        "--scenario",
+        "twin",
+        "--prefix",
+        "tw-",
+        "--devices",
+        "4",
+        "--inflight",
+        "2",
+        "--duration",
+        "1s",
+    ])
+    .await?;
+    let r = &twin["scenario"]["round_trips"];
+    let sent = r["sent"].as_u64().unwrap_or(0);
+    assert!(sent > 10, "{twin:#}");
+    assert_eq!(r["answered"].as_u64(), Some(sent), "{twin:#}");
+    assert_eq!(r["failed"].as_u64(), Some(0), "{twin:#}");
+    // Answers within the window are the samples; those to the last patches, after
+    // it, are counted but not measured.
+    let measured = r["measured"].as_u64().unwrap_or(0);
+    assert!(measured > 0 && measured <= sent, "{twin:#}");
+    assert_eq!(
+        r["latency_ms"]["count"].as_u64(),
+        Some(measured),
+        "{twin:#}"
+    );
+    // The last patch a device sent is its reported state.
+    let stored: Value = hub
+        .http()
+        .get(format!("{}/twins/tw-3", hub.url()))
+        .bearer_auth(&token)
+        .send()
+        .await?
+        .json()
+        .await?;
+    assert!(
+        stored["properties"]["reported"]["simulator"]["patch"]
+            .as_u64()
+            .is_some_and(|p| p >= 1),
+        "{stored:#}"
+    );
+    Ok(())
+}
+
+#[tokio::test]
+async fn a_connect_storm_gets_every_device_back() -> Result<()> {
+    let dir = tempfile::tempdir()?;
+    let hub = Hub::start(dir.path()).await?;
+    let data_dir = dir.path().to_string_lossy().into_owned();
+    let pid = hub.pid().context("hub pid")?.to_string();
+    let storm = report(&[
+        "--data-dir",
+        &data_dir,
+        "--scenario",
+        "storm",
+        "--devices",
+        "40",
+        "--duration",
+        "30s",
+        "--hub-pid",
+        &pid,
+    ])
+    .await?;
+    let s = &storm["scenario"]["storm"];
+    assert_eq!(s["connected_before"].as_u64(), Some(40), "{storm:#}");
+    assert_eq!(s["back"].as_u64(), Some(40), "{storm:#}");
+    let secs = f(&s["secs_to_all_back"]);
+    assert!(secs > 0.0 && secs < 30.0, "{storm:#}");
+    let attempts = s["reconnect_attempts"].as_u64().unwrap_or(0);
+    assert_eq!(
+        attempts,
+        40 + s["reconnect_failed"].as_u64().unwrap_or(u64::MAX),
+        "one successful attempt per device: {storm:#}"
+    );
+    assert!(
+        s["hub"]["samples"].as_u64().is_some_and(|n| n >= 1),
+        "{storm:#}"
+    );
+    assert!(
+        s["hub"]["rss_peak_kib"].as_u64().is_some_and(|k| k > 0),
+        "{storm:#}"
+    );
+    Ok(())
+}
+
+#[tokio::test]
+async fn flapping_devices_reconnect_and_keep_their_counts() -> Result<()> {
+    let dir = tempfile::tempdir()?;
+    let _hub = Hub::start(dir.path()).await?;
+    let data_dir = dir.path().to_string_lossy().into_owned();
+    let flap = report(&[
+        "--data-dir",
+        &data_dir,
+        "--flap",
+        "0.5",
+        "--devices",
+        "10",
+        "--rate",
+        "20",
+        "--duration",
+        "3s",
+    ])
+    .await?;
+    let sent = n(&flap, "sent");
+    assert!(sent > 100, "{flap:#}");
+    assert_eq!(n(&flap, "acked") + n(&flap, "failed"), sent, "{flap:#}");
+    assert_eq!(flap["puback_ms"]["count"].as_u64(), Some(n(&flap, "acked")));
+    let drops = flap["flap"]["drops"].as_u64().unwrap_or(0);
+    // 10 devices × ~3 tosses at P = 0.5: no drop at all has odds below 1 in 10^9.
+    assert!(drops > 0, "{flap:#}");
+    assert_eq!(flap["flap"]["reconnects"].as_u64(), Some(drops), "{flap:#}");
+    assert_eq!(flap["flap"]["not_back"].as_u64(), Some(0), "{flap:#}");
+    assert_eq!(n(&flap, "disconnects"), 0, "{flap:#}");
+    Ok(())
+}
+
+#[tokio::test]
+async fn workers_split_the_fleet_and_merge_their_reports() -> Result<()> {
+    let dir = tempfile::tempdir()?;
+    let _hub = Hub::start(dir.path()).await?;
+    let data_dir = dir.path().to_string_lossy().into_owned();
+    let merged = report(&[
+        "--data-dir",
+        &data_dir,
+        "--workers",
+        "2",
+        "--source-addrs",
+        "127.0.0.2-127.0.0.3",
+        "--devices",
+        "20",
+        "--rate",
+        "20",
+        "--duration",
+        "2s",
+    ])
+    .await?;
+    assert_eq!(merged["workers"].as_u64(), Some(2), "{merged:#}");
+    assert_eq!(n(&merged, "devices"), 20, "{merged:#}");
+    assert_eq!(n(&merged, "connected"), 20, "{merged:#}");
+    let sent = n(&merged, "sent");
+    assert!(sent > 200, "{merged:#}");
+    assert_eq!(n(&merged, "acked"), sent, "{merged:#}");
+    assert_eq!(n(&merged, "failed"), 0, "{merged:#}");
+    // The merged histogram holds every child's samples, not an average of percentiles.
+    assert_eq!(
+        merged["puback_ms"]["count"].as_u64(),
+        Some(sent),
+        "{merged:#}"
+    );
+    assert_eq!(
+        merged["run"].as_str().map(|r| r.split('+').count()),
+        Some(2)
+    );
+
+    // The same 20 devices (the children provisioned disjoint halves) in a
+    // connect-rate run over two workers: the handshakes are shared out and add up.
+    let rate = report(&[
+        "--data-dir",
+        &data_dir,
+        "--workers",
+        "2",
+        "--scenario",
+        "connect-rate",
+        "--devices",
+        "20",
+        "--total",
+        "100",
+    ])
+    .await?;
+    let h = &rate["scenario"]["handshakes"];
+    assert_eq!(h["ok"].as_u64(), Some(100), "{rate:#}");
+    assert_eq!(h["latency_ms"]["count"].as_u64(), Some(100), "{rate:#}");
+    Ok(())
+}
