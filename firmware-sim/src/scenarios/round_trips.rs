@@ -417,9 +417,11 @@ async fn patch_reported(
                         let Some(sent) = pending.remove(&rid) else { continue };
                         match twin_status(&answer.topic) {
                             Some(204) => shared.answered(sent.elapsed(), &mut local),
-                            _ => {
+                            // 429: the hub's per-device twin limits (fewer in flight helps).
+                            status => {
                                 Counters::bump(&shared.counters.failed);
-                                shared.errors.lock().await.add(&format!("{id}: twin answered {}", answer.topic));
+                                let status = status.map_or_else(|| answer.topic.to_string(), |s| s.to_string());
+                                shared.errors.lock().await.add(&format!("{id}: twin answered status {status}"));
                             }
                         }
                     }
