@@ -160,6 +160,10 @@ pub async fn run(
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
             .stderr(Stdio::inherit())
+            // Their own process group: a terminal's Ctrl-C reaches the parent alone,
+            // which passes exactly one SIGINT on (a second one would make a child
+            // quit at once, without its report).
+            .process_group(0)
             .kill_on_drop(true);
         if let (Scenario::ConnectRate, Some(_)) = (args.scenario, args.total) {
             // The handshakes are shared out like the devices.
@@ -187,8 +191,7 @@ pub async fn run(
     let outputs = tokio::select! {
         outputs = &mut outputs => outputs,
         () = &mut interrupt => {
-            // A terminal's Ctrl-C reaches the children too; a signal to the parent
-            // alone is passed on, so every child ends with its partial report.
+            // Every child ends with its partial report.
             for pid in pids.iter().flatten() {
                 if let Ok(pid) = i32::try_from(*pid) {
                     let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), nix::sys::signal::Signal::SIGINT);

@@ -70,3 +70,17 @@ fn scenario_combinations_that_make_no_sense_are_refused() {
     assert_eq!(out.status.code(), Some(2));
     assert!(String::from_utf8_lossy(&out.stderr).contains("--workers"));
 }
+
+#[test]
+fn ramp_belongs_to_the_telemetry_scenario() {
+    let out = sim(&[
+        "--target",
+        "mqtt://127.0.0.1:1",
+        "--scenario",
+        "storm",
+        "--ramp",
+        "10",
+    ]);
+    assert_eq!(out.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("--connect-inflight"));
+}

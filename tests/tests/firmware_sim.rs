@@ -826,3 +826,67 @@ async fn a_storm_after_a_hub_restart_gets_every_device_back() -> Result<()> {
     drop(second);
     Ok(())
 }
+
+#[tokio::test]
+async fn ctrl_c_ends_every_worker_with_a_merged_partial_report() -> Result<()> {
+    let dir = tempfile::tempdir()?;
+    let _hub = Hub::start(dir.path()).await?;
+    let data_dir = dir.path().to_string_lossy().into_owned();
+    let mut child = sim()?
+        .args([
+            "--data-dir",
+            &data_dir,
+            "--workers",
+            "2",
+            "--devices",
+            "4",
+            "--duration",
+            "120s",
+            "--rate",
+            "max",
+            "--inflight",
+            "2",
+            "--json",
+        ])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()?;
+    // The children's progress lines come through the parent's stderr.
+    let stderr = child.stderr.take().context("stderr")?;
+    let mut lines = BufReader::new(stderr).lines();
+    let flowing = tokio::time::timeout(Duration::from_secs(60), async {
+        while let Some(line) = lines.next_line().await? {
+            if line.contains("connected 2/2") && !line.contains(" acked 0 ") {
+                return Ok::<_, std::io::Error>(true);
+            }
+        }
+        Ok(false)
+    })
+    .await
+    .context("no progress line showed acknowledged messages")??;
+    ensure!(flowing, "firmware-sim ended before sending");
+    tokio::spawn(async move { while let Ok(Some(_)) = lines.next_line().await {} });
+    let pid = i32::try_from(child.id().context("pid")?)?;
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(pid),
+        nix::sys::signal::Signal::SIGINT,
+    )?;
+    let output = tokio::time::timeout(Duration::from_secs(60), child.wait_with_output())
+        .await
+        .context("firmware-sim did not end after SIGINT")??;
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    assert!(output.status.success(), "{:?}: {stdout}", output.status);
+    let report: Value = serde_json::from_str(&stdout)
+        .with_context(|| format!("the partial report is not JSON:\n{stdout}"))?;
+    assert_eq!(report["interrupted"], true, "{report:#}");
+    assert_eq!(report["workers"].as_u64(), Some(2), "{report:#}");
+    let sent = n(&report, "sent");
+    assert!(sent > 0, "{report:#}");
+    assert_eq!(
+        n(&report, "acked") + n(&report, "failed"),
+        sent,
+        "{report:#}"
+    );
+    assert!(f(&report["elapsed_secs"]) < 60.0, "{report:#}");
+    Ok(())
+}

@@ -85,6 +85,9 @@ pub fn validate(args: &Args) -> Result<(), String> {
             }
         ));
     }
+    if args.ramp.is_some() && (!telemetry || args.flap.is_some()) {
+        return Err("--ramp paces the telemetry scenario's connects; the other scenarios connect --connect-inflight at a time".into());
+    }
     if args.total.is_some() && args.scenario != Scenario::ConnectRate {
         return Err("--total is the connect-rate scenario's number of handshakes".into());
     }
