@@ -10,7 +10,11 @@
 # Needs: a release build (`cargo build --release -p hub -p firmware-sim`; BIN names
 # another build dir, e.g. target/debug for a smoke test), nats-server in
 # target/nats-venv (the test harness or .ci/run creates it), mosquitto on PATH.
-# Everything listens on 127.0.0.1 and is stopped at the end.
+# Everything listens on 127.0.0.1 and is stopped at the end; ports: NATS client ports
+# NATS_PORT..+2 (default 14220), their cluster ports NATS_ROUTE_PORT..+2 (16220),
+# Mosquitto MOSQ_PORT (11884). A smoke test with a debug build:
+#   BIN=target/debug NATS_PORT=24220 NATS_ROUTE_PORT=26220 MOSQ_PORT=21884 \
+#       bench/cluster_telemetry.sh 4 2 1
 set -euo pipefail
 cd "$(dirname "$0")/.."
 ROOT=$(pwd)
@@ -20,6 +24,9 @@ NATS=$ROOT/target/nats-venv/bin/nats-server
 DEVICES=${1:-100}
 IN_FLIGHT=${2:-10}
 SECS=${3:-10}
+NATS_PORT=${NATS_PORT:-14220}
+NATS_ROUTE_PORT=${NATS_ROUTE_PORT:-16220}
+MOSQ_PORT=${MOSQ_PORT:-11884}
 WORK=$(mktemp -d)
 PIDS=()
 cleanup() {
@@ -63,20 +70,20 @@ bench_hub embedded
 # JetStream reserves a stream's max bytes on every node's disk: keep it modest.
 printf '[telemetry]\nretention_bytes = 1073741824\n' > "$WORK/cluster.toml"
 NATS_PIDS=()
-ROUTES=nats://127.0.0.1:16220,nats://127.0.0.1:16221,nats://127.0.0.1:16222
+ROUTES=nats://127.0.0.1:$NATS_ROUTE_PORT,nats://127.0.0.1:$((NATS_ROUTE_PORT + 1)),nats://127.0.0.1:$((NATS_ROUTE_PORT + 2))
+CLUSTER=nats://127.0.0.1:$NATS_PORT,nats://127.0.0.1:$((NATS_PORT + 1)),nats://127.0.0.1:$((NATS_PORT + 2))
 for i in 0 1 2; do
-    "$NATS" -a 127.0.0.1 -js -n "n$i" -p "1422$i" -sd "$WORK/nats$i" --cluster_name bench \
-        -cluster "nats://127.0.0.1:1622$i" -routes "$ROUTES" > "$WORK/nats$i.log" 2>&1 &
+    "$NATS" -a 127.0.0.1 -js -n "n$i" -p "$((NATS_PORT + i))" -sd "$WORK/nats$i" --cluster_name bench \
+        -cluster "nats://127.0.0.1:$((NATS_ROUTE_PORT + i))" -routes "$ROUTES" > "$WORK/nats$i.log" 2>&1 &
     PIDS+=("$!")
     NATS_PIDS+=("$!")
 done
 sleep 3
 bench_hub cluster --config "$WORK/cluster.toml" \
-    --cluster nats://127.0.0.1:14220,nats://127.0.0.1:14221,nats://127.0.0.1:14222
+    --cluster "$CLUSTER"
 echo "nats-server CPU seconds so far (3 nodes): $(ps -o times= -p "${NATS_PIDS[@]}" | tr '\n' ' ')"
 
 # Two hub nodes on the same cluster, half the devices on each, both loaded at once.
-CLUSTER=nats://127.0.0.1:14220,nats://127.0.0.1:14221,nats://127.0.0.1:14222
 HALF=$((DEVICES / 2))
 start_hub node-a --config "$WORK/cluster.toml" --cluster "$CLUSTER"
 A=($HUB_PID "$HUB_DIR")
@@ -92,7 +99,7 @@ kill "${A[0]}" "${B[0]}"; wait "${A[0]}" "${B[0]}" 2>/dev/null || true
 echo "nats-server CPU seconds over both cluster runs (3 nodes): $(ps -o times= -p "${NATS_PIDS[@]}" | tr '\n' ' ')"
 
 cat > "$WORK/mosq.conf" <<CONF
-listener 11884 127.0.0.1
+listener $MOSQ_PORT 127.0.0.1
 allow_anonymous true
 persistence false
 CONF
@@ -101,5 +108,5 @@ M=$!
 PIDS+=("$M")
 sleep 0.5
 echo "== mosquitto"
-"$BIN/firmware-sim" --target mqtt://127.0.0.1:11884 --devices "$DEVICES" --inflight "$IN_FLIGHT" \
+"$BIN/firmware-sim" --target "mqtt://127.0.0.1:$MOSQ_PORT" --devices "$DEVICES" --inflight "$IN_FLIGHT" \
     --rate max --payload 256 --duration "${SECS}s" --warmup 2s --hub-pid "$M" 2> /dev/null
