@@ -64,6 +64,9 @@ pub struct Endpoints {
     /// MQTT over TCP, when the hub bound it.
     #[serde(default)]
     pub mqtt: Option<SocketAddr>,
+    /// MQTT over TLS, when the hub bound it.
+    #[serde(default)]
+    pub mqtts: Option<SocketAddr>,
 }
 
 /// Reads `DIR/endpoints.json`.
@@ -185,10 +188,25 @@ impl Api {
 
     /// Creates the device, or reads it when it exists; returns its primary key.
     pub async fn ensure_device(&self, id: &str) -> Result<DeviceCredentials, ApiError> {
+        self.ensure_device_as(id, false).await
+    }
+
+    /// [`Api::ensure_device`]; with `x509` the device authenticates with a certificate
+    /// from the hub's CA (`certificateAuthority`) and the key returned is empty.
+    pub async fn ensure_device_as(
+        &self,
+        id: &str,
+        x509: bool,
+    ) -> Result<DeviceCredentials, ApiError> {
         let url = format!("{}/devices/{id}", self.base);
         let what = format!("PUT /devices/{id}");
+        let create = if x509 {
+            json!({"authentication": {"type": "certificateAuthority"}})
+        } else {
+            json!({})
+        };
         let (status, body) = self
-            .request(what.clone(), self.http.put(&url).json(&json!({})))
+            .request(what.clone(), self.http.put(&url).json(&create))
             .await?;
         let (what, body) = match status {
             200..=299 => (what, body),
@@ -212,6 +230,18 @@ impl Api {
                 });
             }
         };
+        if x509 {
+            return match body["authentication"]["type"].as_str() {
+                Some("certificateAuthority") => Ok(DeviceCredentials {
+                    id: id.to_string(),
+                    key: String::new(),
+                }),
+                _ => Err(ApiError::Shape {
+                    what: format!("{what} (an existing device that is not certificateAuthority?)"),
+                    body: body.to_string(),
+                }),
+            };
+        }
         match body["authentication"]["symmetricKey"]["primaryKey"].as_str() {
             Some(key) => Ok(DeviceCredentials {
                 id: id.to_string(),
@@ -226,8 +256,17 @@ impl Api {
 
     /// Provisions every id (a few requests at a time), in order.
     pub async fn provision(&self, ids: Vec<String>) -> Result<Vec<DeviceCredentials>, ApiError> {
+        self.provision_as(ids.into_iter().map(|id| (id, false)).collect())
+            .await
+    }
+
+    /// Provisions every `(id, x509)` (see [`Api::ensure_device_as`]), in order.
+    pub async fn provision_as(
+        &self,
+        ids: Vec<(String, bool)>,
+    ) -> Result<Vec<DeviceCredentials>, ApiError> {
         futures_util::stream::iter(ids)
-            .map(|id| async move { self.ensure_device(&id).await })
+            .map(|(id, x509)| async move { self.ensure_device_as(&id, x509).await })
             .buffered(PROVISION_CONCURRENCY)
             .collect::<Vec<_>>()
             .await

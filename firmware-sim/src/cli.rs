@@ -8,6 +8,7 @@ use std::time::Duration;
 
 use clap::Parser;
 
+use crate::scenario_file::Group;
 use crate::template::Template;
 
 /// Simulates a fleet of devices against the hub (or a plain MQTT broker) and reports
@@ -145,6 +146,27 @@ pub struct Args {
     /// (For --workers children.) The index of this process's first device.
     #[arg(long, hide = true, default_value_t = 0)]
     pub first_device: u32,
+    /// Device groups from a TOML file (see firmware-sim/scenarios/); flags given here
+    /// override the file's globals (duration, ramp, drain, seed) and are the defaults
+    /// of keys a group leaves out.
+    /// Telemetry only (`--scenario telemetry`), in one process.
+    #[arg(long, value_name = "FILE")]
+    pub scenario_file: Option<PathBuf>,
+    /// Seed of the generated payload fields ({walk:…}, {sine:…}): the same seed gives
+    /// each device the same values (default: random, shown in the report).
+    #[arg(long)]
+    pub seed: Option<u64>,
+    /// Connect over MQTT/TLS (the `mqtts` address in endpoints.json), trusting the
+    /// hub's CA from DATA_DIR/certs. Implies the device-sdk path.
+    #[arg(long)]
+    pub tls: bool,
+    /// Lifetime of the SAS tokens (and device JWTs) of device-sdk devices, which
+    /// reconnect with a fresh one at 80 % of it. Implies the device-sdk path.
+    #[arg(long, value_name = "DURATION", value_parser = parse_duration)]
+    pub sas_ttl: Option<Duration>,
+    /// The scenario's groups, once read (`scenario_file::apply`).
+    #[arg(skip)]
+    pub scenario_groups: Vec<Group>,
 }
 
 /// Source addresses, as `--source-addrs` lists them.
@@ -173,6 +195,10 @@ pub enum Auth {
     Sas,
     /// Device JWTs (HS256) signed with the device's primary key.
     Jwt,
+    /// TLS client certificates signed by the hub's development CA (DATA_DIR/certs),
+    /// CN = device id; devices are provisioned as `certificateAuthority`. Implies
+    /// `--tls` and the device-sdk path.
+    X509,
 }
 
 impl Args {
@@ -190,15 +216,23 @@ impl Args {
         if self.target.is_none() && self.token.is_none() && self.data_dir.is_none() {
             return Err("the service API needs a token: --token TOKEN, or --data-dir DIR to mint one with `hub token`".into());
         }
-        if self.verify && !self.payload.identifies_messages() {
-            return Err("--verify needs a payload that names its message: a size, or a template with {run}, {device} and {seq}".into());
-        }
-        if self.uses_sdk() && self.qos == 0 {
-            return Err("the device-sdk path sends telemetry at QoS 1 only; drop --qos 0 or the device-sdk flags".into());
-        }
         if self.prefix.is_empty() {
             return Err("--prefix must not be empty".into());
         }
+        let x509 = self.groups().iter().any(|g| g.auth == Auth::X509);
+        if (self.tls || x509) && self.data_dir.is_none() {
+            return Err("--tls and --auth x509 need --data-dir DIR: the hub's CA (DIR/certs) and its mqtts address".into());
+        }
+        if self.scenario_file.is_some() {
+            if self.scenario != Scenario::Telemetry || self.flap.is_some() {
+                return Err("--scenario-file describes telemetry device groups; it does not combine with another --scenario or --flap".into());
+            }
+            if self.workers.is_some_and(|k| k > 1) {
+                return Err("--scenario-file runs in one process; drop --workers".into());
+            }
+        }
+        // Per group: with no scenario file, the one group made of the flags.
+        crate::scenario_file::validate_groups(self, &self.groups())?;
         crate::scenarios::validate(self)
     }
 
@@ -208,6 +242,18 @@ impl Args {
             || self.twin_every.is_some()
             || self.method_delay_ms > 0
             || self.method_fail_rate > 0.0
+            || self.implies_sdk(self.auth)
+    }
+
+    /// Whether devices authenticating with `auth` need device-sdk whatever their
+    /// behaviour (the lean path speaks plain TCP with a token only).
+    pub fn implies_sdk(&self, auth: Auth) -> bool {
+        self.sas_ttl.is_some() || self.uses_tls(auth)
+    }
+
+    /// Whether devices authenticating with `auth` connect over TLS.
+    pub fn uses_tls(&self, auth: Auth) -> bool {
+        self.tls || auth == Auth::X509
     }
 
     /// Device `i`'s id.

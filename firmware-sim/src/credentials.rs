@@ -72,24 +72,29 @@ pub fn password(
                 .map_err(|err| CredentialError::Sign(device.to_string(), err.to_string()))
         }
         Auth::Jwt => device_jwt(hostname, device, key_b64, now, LEAN_TOKEN_TTL),
+        // The certificate is the credential; the password stays empty.
+        Auth::X509 => Ok(String::new()),
     }
 }
 
 /// device-sdk credentials for `device`.
-pub fn sdk_credentials(auth: Auth, hostname: &str, key_b64: String) -> device_sdk::Credentials {
+/// Tokens live `ttl` (default [`SDK_TOKEN_TTL`]); device-sdk renews them at 80 %.
+pub fn sdk_credentials(
+    auth: Auth,
+    hostname: &str,
+    key_b64: String,
+    ttl: Option<Duration>,
+) -> device_sdk::Credentials {
+    let ttl = ttl.unwrap_or(SDK_TOKEN_TTL);
     match auth {
-        Auth::Sas => device_sdk::Credentials::Sas {
-            key: key_b64,
-            ttl: SDK_TOKEN_TTL,
-        },
+        Auth::Sas | Auth::X509 => device_sdk::Credentials::Sas { key: key_b64, ttl },
         Auth::Jwt => {
             let hostname = hostname.to_string();
             device_sdk::Credentials::Jwt {
                 signer: Arc::new(move |device: &str, now: SystemTime| {
-                    device_jwt(&hostname, device, &key_b64, now, SDK_TOKEN_TTL)
-                        .map_err(|err| err.to_string())
+                    device_jwt(&hostname, device, &key_b64, now, ttl).map_err(|err| err.to_string())
                 }),
-                ttl: SDK_TOKEN_TTL,
+                ttl,
             }
         }
     }

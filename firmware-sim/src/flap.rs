@@ -81,7 +81,7 @@ pub async fn run(
 ) -> Result<Report, RunError> {
     let mut interrupt = std::pin::pin!(interrupt);
     let counters = Arc::new(Counters::default());
-    let progress = Progress::start(Arc::clone(&counters), u64::from(args.devices));
+    let progress = Progress::start(vec![Arc::clone(&counters)], u64::from(args.devices));
     let connect_started = Instant::now();
     let (conns, _, errors, mut interrupted) = open_all(
         fleet.mqtt,

@@ -22,6 +22,8 @@ use crate::cli::Rate;
 use crate::report::{Counters, histogram};
 use crate::template::Template;
 
+/// The body of a QoS 0 device's closing QoS 1 message (see [`Outcome::fenced_at`]).
+pub const FENCE_BODY: &[u8] = b"{\"firmware-sim\":\"fence\"}";
 /// Largest packet accepted from the broker.
 const MAX_INCOMING: usize = 1 << 20;
 /// How long a CONNACK may take.
@@ -136,7 +138,7 @@ impl Inflight {
         self.sent_at.remove(&pkid)
     }
 
-    /// Messages awaiting a PUBACK.
+    /// Messages awaiting their PUBACK.
     pub fn outstanding(&self) -> usize {
         self.sent_at.len()
     }
@@ -231,6 +233,9 @@ pub struct Outcome {
     /// Per sequence number: acknowledged (QoS 1) or written (QoS 0). What `--verify`
     /// expects to read back.
     pub delivered: Vec<bool>,
+    /// QoS 0 runs: when the broker acknowledged the device's closing QoS 1 message
+    /// (the fence), i.e. had taken in everything the device sent before it.
+    pub fenced_at: Option<Instant>,
 }
 
 /// One device: connects, reports the outcome on `connected`, sends while the phase is
@@ -246,6 +251,7 @@ pub async fn run_device(
     let mut outcome = Outcome {
         latencies: histogram(),
         delivered: Vec::new(),
+        fenced_at: None,
     };
     let mut buf = BytesMut::with_capacity(4096);
     let connecting = connect(&plan, &identity, &mut phase, &mut buf).await;
@@ -302,6 +308,7 @@ async fn publish(
     let Outcome {
         latencies,
         delivered,
+        fenced_at,
     } = outcome;
     let id = &identity.client_id;
     let io = |err| DeviceError::Io(id.clone(), err);
@@ -339,9 +346,21 @@ async fn publish(
     let mut last_write = Instant::now();
     let mut drain_deadline: Option<TokioInstant> = None;
     let max_rate = ticker.is_none();
-    let encode =
+    // The device's generated-field state, made once: rendering then allocates only
+    // the body.
+    let mut fields = plan.template.fields(id);
+    // QoS 0 messages have no acknowledgement, and written is not received: bytes wait
+    // in socket buffers. A QoS 0 device therefore ends with one QoS 1 message, the
+    // fence; brokers handle a connection's packets in order, so its PUBACK says
+    // everything before it was taken in, and the run's rate counts up to there.
+    let mut fence: Option<u16> = None;
+    let mut encode =
         |out: &mut BytesMut, inflight: &mut Inflight, seq: &mut u64, delivered: &mut Vec<bool>| {
-            let payload = Bytes::from(plan.template.render(&plan.run, id, *seq, unix_ns()));
+            let payload =
+                Bytes::from(
+                    plan.template
+                        .render_with(&mut fields, &plan.run, id, *seq, unix_ns()),
+                );
             let mut publish = Publish::from_bytes(identity.topic.clone(), qos, payload);
             if qos == QoS::AtLeastOnce {
                 publish.pkid = inflight.start(Instant::now(), *seq);
@@ -385,6 +404,20 @@ async fn publish(
             changed = phase.changed(), if !stopping => {
                 if changed.is_err() || *phase.borrow() == Phase::Stopping {
                     drain_deadline = Some(TokioInstant::now() + plan.drain);
+                    if qos == QoS::AtMostOnce {
+                        // Not a message of the run: no sequence number, not counted as
+                        // sent, a body `--verify` does not take for one of the run's.
+                        let mut publish = Publish::from_bytes(identity.topic.clone(), QoS::AtLeastOnce, Bytes::from_static(FENCE_BODY));
+                        let pkid = inflight.start(Instant::now(), u64::MAX);
+                        publish.pkid = pkid;
+                        fence = Some(pkid);
+                        if let Err(err) = Packet::Publish(publish).write(&mut out, usize::MAX) {
+                            break 'session Err(DeviceError::Protocol(id.clone(), err.to_string()));
+                        }
+                        if let Err(err) = flush(&mut stream, &mut out, counters, 0, QoS::AtLeastOnce).await {
+                            break Err(io(err));
+                        }
+                    }
                 }
             }
             read = stream.read_buf(&mut buf) => {
@@ -400,10 +433,14 @@ async fn publish(
                                 if let Some(slot) = delivered.get_mut(seq as usize) {
                                     *slot = true;
                                 }
-                                if !counters.warming.load(std::sync::atomic::Ordering::Relaxed) {
-                                    let _ = latencies.record((at.elapsed().as_micros() as u64).max(1));
+                                if fence == Some(ack.pkid) {
+                                    *fenced_at = Some(Instant::now());
+                                } else {
+                                    if !counters.warming.load(std::sync::atomic::Ordering::Relaxed) {
+                                        let _ = latencies.record((at.elapsed().as_micros() as u64).max(1));
+                                    }
+                                    Counters::bump(&counters.acked);
                                 }
-                                Counters::bump(&counters.acked);
                             }
                         }
                         Ok(_) => {}

@@ -3,12 +3,20 @@
 
 use std::process::ExitCode;
 
-use clap::Parser;
+use clap::{CommandFactory, FromArgMatches};
 use firmware_sim::cli::Args;
 
 #[tokio::main]
 async fn main() -> ExitCode {
-    let args = Args::parse();
+    // Parsed in two steps so a scenario file can tell flags given here from defaults.
+    let matches = Args::command().get_matches();
+    let mut args = Args::from_arg_matches(&matches).unwrap_or_else(|err| err.exit());
+    if let Some(path) = args.scenario_file.clone()
+        && let Err(err) = firmware_sim::scenario_file::apply(&path, &mut args, &matches)
+    {
+        eprintln!("firmware-sim: error: {err}");
+        return ExitCode::from(2);
+    }
     if let Err(message) = args.validate() {
         eprintln!("firmware-sim: error: {message}");
         return ExitCode::from(2);

@@ -29,6 +29,12 @@ pub struct Counters {
     pub c2d: AtomicU64,
     /// Set during `--warmup`: latencies are not recorded.
     pub warming: std::sync::atomic::AtomicBool,
+    /// C2D messages received (device-sdk path).
+    pub c2d_received: AtomicU64,
+    /// Desired-property patches received (device-sdk path).
+    pub desired: AtomicU64,
+    /// Writable-property acknowledgements reported (device-sdk path).
+    pub desired_acks: AtomicU64,
 }
 
 impl Counters {
@@ -41,6 +47,99 @@ impl Counters {
     pub fn get(counter: &AtomicU64) -> u64 {
         counter.load(Ordering::Relaxed)
     }
+
+    /// The counts now, as plain numbers.
+    pub fn snapshot(&self) -> Counts {
+        let get = Self::get;
+        Counts {
+            connect_failed: get(&self.connect_failed),
+            sent: get(&self.sent),
+            acked: get(&self.acked),
+            failed: get(&self.failed),
+            disconnects: get(&self.disconnects),
+            methods: get(&self.methods),
+            twin_reports: get(&self.twin_reports),
+            c2d: get(&self.c2d),
+            c2d_received: get(&self.c2d_received),
+            desired: get(&self.desired),
+            desired_acks: get(&self.desired_acks),
+        }
+    }
+
+    /// Counters holding the sums of `groups`' (a moment's totals for the progress
+    /// line and the report).
+    pub fn sum(groups: &[std::sync::Arc<Counters>]) -> Counters {
+        let total = Counters::default();
+        for g in groups {
+            for (into, from) in [
+                (&total.connected, &g.connected),
+                (&total.connect_failed, &g.connect_failed),
+                (&total.sent, &g.sent),
+                (&total.acked, &g.acked),
+                (&total.failed, &g.failed),
+                (&total.disconnects, &g.disconnects),
+                (&total.methods, &g.methods),
+                (&total.twin_reports, &g.twin_reports),
+                (&total.c2d, &g.c2d),
+                (&total.c2d_received, &g.c2d_received),
+                (&total.desired, &g.desired),
+                (&total.desired_acks, &g.desired_acks),
+            ] {
+                into.fetch_add(Self::get(from), Ordering::Relaxed);
+            }
+        }
+        total
+    }
+}
+
+/// A group's counts at the end of the run (see [`Counters`] for each).
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq, Eq)]
+pub struct Counts {
+    /// Connection attempts that failed.
+    pub connect_failed: u64,
+    /// Messages sent.
+    pub sent: u64,
+    /// Messages acknowledged (QoS 1).
+    pub acked: u64,
+    /// Messages never acknowledged (QoS 1).
+    pub failed: u64,
+    /// Connections lost during the run.
+    pub disconnects: u64,
+    /// Direct methods answered.
+    pub methods: u64,
+    /// Twin reported patches acknowledged.
+    pub twin_reports: u64,
+    /// C2D messages completed.
+    pub c2d: u64,
+    /// C2D messages received.
+    pub c2d_received: u64,
+    /// Desired-property patches received.
+    pub desired: u64,
+    /// Writable-property acknowledgements reported.
+    pub desired_acks: u64,
+}
+
+/// One scenario group's part of the run.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct GroupReport {
+    /// The group's name.
+    pub name: String,
+    /// `lean` or `sdk`.
+    pub path: String,
+    /// Its devices.
+    pub devices: u64,
+    /// Those that connected.
+    pub connected: u64,
+    /// Its telemetry QoS.
+    pub qos: u8,
+    /// Acknowledged (QoS 1) or sent (QoS 0) messages per second.
+    pub msgs_per_sec: f64,
+    /// Its counts.
+    #[serde(flatten)]
+    pub counts: Counts,
+    /// Its publish → PUBACK latency.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub puback_ms: Option<Latency>,
 }
 
 /// A latency histogram in microseconds, 1 µs to 10 minutes, 3 significant digits.
@@ -242,6 +341,15 @@ pub struct Report {
     pub twin_reports: u64,
     /// C2D messages completed (device-sdk path).
     pub c2d: u64,
+    /// C2D messages received (device-sdk path).
+    #[serde(default)]
+    pub c2d_received: u64,
+    /// Desired-property patches received (device-sdk path).
+    #[serde(default)]
+    pub desired: u64,
+    /// Writable-property acknowledgements reported (`{"value", "ac", "av"}`).
+    #[serde(default)]
+    pub desired_acks: u64,
     /// Ended early by Ctrl-C.
     pub interrupted: bool,
     /// `--verify` results.
@@ -264,6 +372,12 @@ pub struct Report {
     /// How many processes the report merges (`--workers`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub workers: Option<u32>,
+    /// The seed of the generated payload fields (`--seed` repeats them).
+    #[serde(default)]
+    pub seed: u64,
+    /// Per group, with `--scenario-file` (the totals above are their sums).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub groups: Vec<GroupReport>,
 }
 
 fn is_zero(value: &f64) -> bool {
@@ -324,10 +438,33 @@ impl Report {
         if let Some(flap) = &self.flap {
             line(flap.text());
         }
-        if self.path == "sdk" {
+        if self.path != "lean" {
             line(format!(
-                "behaviour  {} methods answered, {} twin reports, {} C2D completed",
-                self.methods, self.twin_reports, self.c2d
+                "behaviour  {} methods answered, {} twin reports, {} of {} C2D completed, {} desired patches, {} acknowledged",
+                self.methods,
+                self.twin_reports,
+                self.c2d,
+                self.c2d_received,
+                self.desired,
+                self.desired_acks
+            ));
+        }
+        for g in &self.groups {
+            let c = &g.counts;
+            line(format!(
+                "group {}  {} path, {} connected of {}; sent {}  acked {}  failed {}  (QoS {}): {:.0} msgs/s; {} methods, {} twin reports, {} C2D",
+                g.name,
+                g.path,
+                g.connected,
+                g.devices,
+                c.sent,
+                c.acked,
+                c.failed,
+                g.qos,
+                g.msgs_per_sec,
+                c.methods,
+                c.twin_reports,
+                c.c2d
             ));
         }
         if let Some(v) = &self.verify {

@@ -13,7 +13,10 @@ use tokio::sync::{Semaphore, mpsc, watch};
 use crate::api::{self, Api, ApiError};
 use crate::cli::Args;
 use crate::lean::{self, Identity, Outcome, Phase, Plan};
-use crate::report::{Counters, Cpu, Latency, Report, cpu_secs, histogram, own_cpu_secs};
+use crate::report::{
+    Counters, Cpu, GroupReport, Latency, Report, cpu_secs, histogram, own_cpu_secs,
+};
+use crate::scenario_file::Group;
 use crate::sdk;
 use crate::verify;
 
@@ -47,6 +50,8 @@ pub struct Fleet {
     pub mqtt: SocketAddr,
     /// Every device's client id, login, topic and source address.
     pub identities: Vec<Identity>,
+    /// TLS setup, when a group connects over TLS.
+    pub tls: Option<Arc<crate::tls::Tls>>,
     /// Device keys (hub targets), for the device-sdk path.
     pub keys: Vec<String>,
     /// The service API (hub targets).
@@ -54,8 +59,8 @@ pub struct Fleet {
 }
 
 /// The fleet, each device given its source address (`--source-addrs`, or automatic).
-pub async fn fleet(args: &Args) -> Result<Fleet, RunError> {
-    let mut fleet = provisioned_fleet(args).await?;
+pub async fn fleet(args: &Args, groups: &[Group]) -> Result<Fleet, RunError> {
+    let mut fleet = provisioned_fleet(args, groups).await?;
     let connections = match args.scenario {
         crate::cli::Scenario::ConnectRate => args.total.unwrap_or(u64::from(args.devices)),
         _ => u64::from(args.devices),
@@ -69,8 +74,16 @@ pub async fn fleet(args: &Args) -> Result<Fleet, RunError> {
     Ok(fleet)
 }
 
-async fn provisioned_fleet(args: &Args) -> Result<Fleet, RunError> {
-    let ids = args.device_ids();
+async fn provisioned_fleet(args: &Args, groups: &[Group]) -> Result<Fleet, RunError> {
+    let ids: Vec<String> = groups
+        .iter()
+        .flat_map(|g| (0..g.devices).map(|i| g.device_id(i)))
+        .collect();
+    // Each device's group, in fleet order.
+    let auths: Vec<_> = groups
+        .iter()
+        .flat_map(|g| std::iter::repeat_n(g.auth, g.devices as usize))
+        .collect();
     if let Some(addr) = args.target {
         let identities = ids
             .into_iter()
@@ -86,6 +99,7 @@ async fn provisioned_fleet(args: &Args) -> Result<Fleet, RunError> {
             mqtt: addr,
             identities,
             keys: Vec::new(),
+            tls: None,
             api: None,
         });
     }
@@ -120,12 +134,25 @@ async fn provisioned_fleet(args: &Args) -> Result<Fleet, RunError> {
         (None, None) => return Err(RunError::Config("no --token and no --data-dir".into())),
     };
     let api = Api::new(&base, token);
-    let credentials = api.provision(ids).await?;
+    let credentials = api
+        .provision_as(
+            ids.into_iter()
+                .zip(&auths)
+                .map(|(id, &auth)| (id, auth == crate::cli::Auth::X509))
+                .collect(),
+        )
+        .await?;
+    let tls = match (&args.data_dir, groups.iter().any(|g| args.uses_tls(g.auth))) {
+        (Some(dir), true) => Some(
+            crate::tls::Tls::load(dir, endpoints.and_then(|e| e.mqtts))
+                .map_err(|err| RunError::Config(err.to_string()))?,
+        ),
+        _ => None,
+    };
     let mut identities = Vec::with_capacity(credentials.len());
     let mut keys = Vec::with_capacity(credentials.len());
-    for device in credentials {
-        let password =
-            crate::credentials::password(args.auth, &args.hostname, &device.id, &device.key)?;
+    for (device, auth) in credentials.into_iter().zip(auths) {
+        let password = crate::credentials::password(auth, &args.hostname, &device.id, &device.key)?;
         identities.push(Identity {
             login: Some((
                 format!(
@@ -145,6 +172,7 @@ async fn provisioned_fleet(args: &Args) -> Result<Fleet, RunError> {
         mqtt,
         identities,
         keys,
+        tls,
         api: Some(api),
     })
 }
@@ -165,8 +193,10 @@ pub async fn run(
     }
     let mut interrupt = std::pin::pin!(interrupt);
     let mut interrupted = false;
+    let groups = args.groups();
+    let seed = args.seed.unwrap_or_else(rand::random);
     let fleet = tokio::select! {
-        fleet = fleet(&args) => fleet?,
+        fleet = fleet(&args, &groups) => fleet?,
         () = &mut interrupt => return Err(RunError::Config("interrupted while provisioning".into())),
     };
     if args.scenario != crate::cli::Scenario::Telemetry || args.flap.is_some() {
@@ -177,34 +207,59 @@ pub async fn run(
         _ => None,
     };
     let run = run_id();
-    let counters = Arc::new(Counters::default());
+    // Each group counts for itself; the totals are their sums.
+    let counters: Vec<Arc<Counters>> = groups
+        .iter()
+        .map(|_| Arc::new(Counters::default()))
+        .collect();
     let (phase_tx, phase_rx) = watch::channel(Phase::Connecting);
     let (connected_tx, mut connected_rx) = mpsc::unbounded_channel();
-    let plan = Arc::new(Plan {
-        addr: fleet.mqtt,
-        qos: args.qos,
-        rate: args.rate,
-        inflight: args.inflight,
-        template: Arc::new(args.payload.clone()),
-        run: run.clone().into(),
-        drain: args.drain,
-    });
-    let progress = Progress::start(Arc::clone(&counters), u64::from(args.devices));
-    let use_sdk = args.uses_sdk();
+    let run_arc: Arc<str> = run.clone().into();
+    let plans: Vec<Arc<Plan>> = groups
+        .iter()
+        .map(|g| {
+            Arc::new(Plan {
+                addr: fleet.mqtt,
+                qos: g.qos,
+                rate: g.rate,
+                inflight: g.inflight,
+                template: Arc::new(g.payload.clone().with_seed(seed)),
+                run: Arc::clone(&run_arc),
+                drain: args.drain,
+            })
+        })
+        .collect();
+    let owners: Vec<usize> = groups
+        .iter()
+        .enumerate()
+        .flat_map(|(i, g)| std::iter::repeat_n(i, g.devices as usize))
+        .collect();
+    let progress = Progress::start(counters.clone(), u64::from(args.devices));
 
     // Connect phase: at most CONNECTING_AT_ONCE handshakes, paced by --ramp.
     let connect_started = Instant::now();
     let slots = Arc::new(Semaphore::new(CONNECTING_AT_ONCE));
     let spawn_all = {
-        let (plan, counters, phase_rx, slots) = (
-            Arc::clone(&plan),
-            Arc::clone(&counters),
+        let (plans, counters, phase_rx, slots) = (
+            plans.clone(),
+            counters.clone(),
             phase_rx.clone(),
             Arc::clone(&slots),
         );
         let identities = fleet.identities.clone();
         let keys = fleet.keys.clone();
-        let behaviour = sdk::Behaviour::from_args(&args);
+        let behaviours: Vec<sdk::Behaviour> = groups
+            .iter()
+            .map(|g| {
+                let mut behaviour = sdk::Behaviour::for_group(&args, g);
+                if args.uses_tls(g.auth) {
+                    behaviour.tls.clone_from(&fleet.tls);
+                }
+                behaviour
+            })
+            .collect();
+        let use_sdk: Vec<bool> = groups.iter().map(|g| g.sdk).collect();
+        let owners = owners.clone();
         let ramp = args
             .ramp
             .map(|per_sec| Duration::from_secs_f64(1.0 / per_sec));
@@ -217,15 +272,16 @@ pub async fn run(
                     next += period;
                 }
                 let permit = Arc::clone(&slots).acquire_owned().await.ok();
+                let g = owners.get(i).copied().unwrap_or(0);
                 let (plan, counters, phase, connected) = (
-                    Arc::clone(&plan),
-                    Arc::clone(&counters),
+                    Arc::clone(&plans[g]),
+                    Arc::clone(&counters[g]),
                     phase_rx.clone(),
                     connected_tx.clone(),
                 );
-                let handle = if use_sdk {
+                let handle = if use_sdk[g] {
                     let key = keys.get(i).cloned().unwrap_or_default();
-                    let behaviour = behaviour.clone();
+                    let behaviour = behaviours[g].clone();
                     tokio::spawn(async move {
                         sdk::run_device(
                             plan, identity, key, behaviour, counters, phase, connected, permit,
@@ -261,7 +317,11 @@ pub async fn run(
         }
     }
     let connect_secs = connect_started.elapsed().as_secs_f64();
-    let connected = Counters::get(&counters.connected);
+    let connected_per_group: Vec<u64> = counters
+        .iter()
+        .map(|c| Counters::get(&c.connected))
+        .collect();
+    let connected: u64 = connected_per_group.iter().sum();
     if connected == 0 && !interrupted {
         let _ = phase_tx.send(Phase::Stopping);
         progress.finish();
@@ -271,28 +331,34 @@ pub async fn run(
     }
 
     // Publish phase: the warm-up (sent, not measured), then the measured window.
-    let mut before_window = (0, 0);
+    // QoS 0 groups count what they wrote, QoS 1 groups what was acknowledged.
+    let rate_counts = || -> Vec<u64> {
+        groups
+            .iter()
+            .zip(&counters)
+            .map(|(g, c)| Counters::get(if g.qos == 0 { &c.sent } else { &c.acked }))
+            .collect()
+    };
+    let mut before_window = vec![0; groups.len()];
     if !interrupted && !args.warmup.is_zero() {
-        counters
-            .warming
-            .store(true, std::sync::atomic::Ordering::Relaxed);
+        let warming = |on: bool| {
+            for c in &counters {
+                c.warming.store(on, std::sync::atomic::Ordering::Relaxed);
+            }
+        };
+        warming(true);
         let _ = phase_tx.send(Phase::Running);
         tokio::select! {
             () = tokio::time::sleep(args.warmup) => {}
             () = &mut interrupt => interrupted = true,
         }
-        counters
-            .warming
-            .store(false, std::sync::atomic::Ordering::Relaxed);
-        before_window = (
-            Counters::get(&counters.sent),
-            Counters::get(&counters.acked),
-        );
+        warming(false);
+        before_window = rate_counts();
     }
     let sim_cpu_start = own_cpu_secs();
     let hub_cpu_start = args.hub_pid.and_then(cpu_secs);
-    let machine_start = crate::probe::machine_busy_secs();
     let started = Instant::now();
+    let machine_start = crate::probe::machine_busy_secs();
     if !interrupted {
         let _ = phase_tx.send(Phase::Running);
         tokio::select! {
@@ -306,14 +372,27 @@ pub async fn run(
     let window = started.elapsed().as_secs_f64().max(1e-9);
     let handles = spawn_all.await.unwrap_or_default();
     let mut latencies = histogram();
+    let mut group_latencies: Vec<_> = groups.iter().map(|_| histogram()).collect();
     let mut delivered = Vec::with_capacity(handles.len());
-    for handle in handles {
+    // QoS 0 on the lean path: the rate runs until the last device's fence (see
+    // `lean::Outcome::fenced_at`); without every fence, until everything ended.
+    let mut last_fence: Option<Instant> = None;
+    let mut unfenced = false;
+    for (i, handle) in handles.into_iter().enumerate() {
         match handle.await {
             Ok(Outcome {
                 latencies: h,
                 delivered: d,
+                fenced_at,
             }) => {
                 let _ = latencies.add(&h);
+                if let Some(group) = owners.get(i).and_then(|&g| group_latencies.get_mut(g)) {
+                    let _ = group.add(&h);
+                }
+                match fenced_at {
+                    Some(at) => last_fence = last_fence.max(Some(at)),
+                    None => unfenced |= !d.is_empty(),
+                }
                 delivered.push(d);
             }
             // A panicked device task delivered nothing we can vouch for.
@@ -322,6 +401,13 @@ pub async fn run(
     }
     let elapsed = started.elapsed().as_secs_f64().max(1e-9);
     let drain_secs = (elapsed - window).max(0.0);
+    // Only a fleet that is all lean QoS 0 is timed by its fences.
+    let fenced = groups.iter().all(|g| g.qos == 0 && !g.sdk);
+    let window = match (fenced, last_fence, unfenced) {
+        (true, Some(fence), false) => (fence - started).as_secs_f64().max(1e-9),
+        (true, _, _) => elapsed,
+        (false, _, _) => window,
+    };
     let cpu = sim_cpu_start.and_then(|start| {
         let sim_secs = own_cpu_secs()? - start;
         let hub_secs = match (args.hub_pid, hub_cpu_start) {
@@ -331,47 +417,83 @@ pub async fn run(
         let machine_secs =
             machine_start.and_then(|start| Some(crate::probe::machine_busy_secs()? - start));
         Some(Cpu {
+            machine_secs,
+            other_secs: machine_secs.map(|m| (m - sim_secs - hub_secs.unwrap_or(0.0)).max(0.0)),
             sim_secs,
             sim_cores: sim_secs / elapsed,
             hub_secs,
             hub_cores: hub_secs.map(|s| s / elapsed),
-            machine_secs,
-            other_secs: machine_secs.map(|m| (m - sim_secs - hub_secs.unwrap_or(0.0)).max(0.0)),
         })
     });
     progress.finish();
 
+    // Each group's messages counted in the measured window.
+    let measured: Vec<u64> = rate_counts()
+        .iter()
+        .zip(&before_window)
+        .map(|(all, warm_up)| all - warm_up)
+        .collect();
+    let rate_count: u64 = measured.iter().sum();
+    let group_reports: Vec<GroupReport> = if args.scenario_groups.is_empty() {
+        Vec::new()
+    } else {
+        groups
+            .iter()
+            .zip(&counters)
+            .zip(&group_latencies)
+            .zip(&connected_per_group)
+            .zip(&measured)
+            .map(|((((g, c), h), &connected), &measured)| GroupReport {
+                name: g.name.clone(),
+                path: if g.sdk { "sdk" } else { "lean" }.to_string(),
+                devices: u64::from(g.devices),
+                connected,
+                qos: g.qos,
+                msgs_per_sec: measured as f64 / window,
+                counts: c.snapshot(),
+                puback_ms: Latency::from_histogram(h),
+            })
+            .collect()
+    };
+    let counters = Counters::sum(&counters);
+    let use_sdk = groups.iter().any(|g| g.sdk);
     let sent = Counters::get(&counters.sent);
     let acked = Counters::get(&counters.acked);
+    let qos = groups.iter().map(|g| g.qos).max().unwrap_or(args.qos);
     let mut report = Report {
         target: fleet.target.to_string(),
-        path: if use_sdk { "sdk" } else { "lean" }.to_string(),
+        path: match (use_sdk, groups.iter().all(|g| g.sdk)) {
+            (true, true) => "sdk",
+            (true, false) => "mixed",
+            _ => "lean",
+        }
+        .to_string(),
         run: run.clone(),
         devices: u64::from(args.devices),
         connected,
         connect_failed: Counters::get(&counters.connect_failed),
         connect_secs,
         connect_rate: connected as f64 / connect_secs.max(1e-9),
-        qos: args.qos,
+        qos,
         sent,
         acked,
         failed: Counters::get(&counters.failed),
         disconnects: Counters::get(&counters.disconnects),
         elapsed_secs: window,
         drain_secs,
-        msgs_per_sec: if args.qos == 0 {
-            sent - before_window.0
-        } else {
-            acked - before_window.1
-        } as f64
-            / window,
+        msgs_per_sec: rate_count as f64 / window,
         puback_ms: Latency::from_histogram(&latencies),
         cpu,
         methods: Counters::get(&counters.methods),
         twin_reports: Counters::get(&counters.twin_reports),
         c2d: Counters::get(&counters.c2d),
+        c2d_received: Counters::get(&counters.c2d_received),
+        desired: Counters::get(&counters.desired),
+        desired_acks: Counters::get(&counters.desired_acks),
         interrupted,
         verify: None,
+        seed,
+        groups: group_reports,
         warmup_secs: args.warmup.as_secs_f64(),
         puback_hdr: crate::report::encode_histogram(&latencies),
         scenario: None,
@@ -385,7 +507,9 @@ pub async fn run(
             .enumerate()
             .map(|(i, identity)| (identity.client_id.clone(), i))
             .collect();
-        let tally = verify::read_back(api, from, &args.payload, &run, &devices, &delivered).await?;
+        let templates: Vec<&crate::template::Template> =
+            plans.iter().map(|p| &*p.template).collect();
+        let tally = verify::read_back(api, from, &templates, &run, &devices, &delivered).await?;
         report.verify = Some(tally.verdict(&delivered));
     }
     Ok(report)
@@ -399,7 +523,7 @@ pub(crate) struct Progress {
 }
 
 impl Progress {
-    pub(crate) fn start(counters: Arc<Counters>, devices: u64) -> Self {
+    pub(crate) fn start(groups: Vec<Arc<Counters>>, devices: u64) -> Self {
         let (stop, mut stopped) = watch::channel(false);
         let task = tokio::spawn(async move {
             let bar = std::io::stderr().is_terminal().then(|| {
@@ -416,6 +540,7 @@ impl Progress {
                     _ = tick.tick() => {}
                     _ = stopped.changed() => break,
                 }
+                let counters = Counters::sum(&groups);
                 let done = Counters::get(&counters.acked).max(Counters::get(&counters.sent));
                 let rate = (done - last.0) as f64 / last.1.elapsed().as_secs_f64().max(1e-9);
                 last = (done, Instant::now());

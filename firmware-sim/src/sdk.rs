@@ -35,6 +35,10 @@ pub struct Behaviour {
     pub method_delay: Duration,
     /// Fraction of methods answered with 500.
     pub method_fail_rate: f64,
+    /// Token lifetime (`--sas-ttl`), default [`crate::credentials::SDK_TOKEN_TTL`].
+    pub token_ttl: Option<Duration>,
+    /// With `--tls` or x509: the hub's TLS address, CA, and device certificates.
+    pub tls: Option<Arc<crate::tls::Tls>>,
 }
 
 impl Behaviour {
@@ -46,6 +50,21 @@ impl Behaviour {
             twin_every: args.twin_every,
             method_delay: Duration::from_millis(args.method_delay_ms),
             method_fail_rate: args.method_fail_rate,
+            token_ttl: args.sas_ttl,
+            tls: None,
+        }
+    }
+
+    /// The behaviour of a scenario group's devices.
+    pub fn for_group(args: &Args, group: &crate::scenario_file::Group) -> Self {
+        Self {
+            hostname: args.hostname.clone(),
+            auth: group.auth,
+            twin_every: group.twin_every,
+            method_delay: group.method_delay,
+            method_fail_rate: group.method_fail_rate,
+            token_ttl: args.sas_ttl,
+            tls: None,
         }
     }
 }
@@ -66,15 +85,36 @@ pub async fn run_device(
     let mut outcome = Outcome {
         latencies: histogram(),
         delivered: Vec::new(),
+        fenced_at: None,
     };
     let id = identity.client_id.clone();
-    let options = device_sdk::ClientOptions::new(
-        &behaviour.hostname,
-        &id,
-        crate::credentials::sdk_credentials(behaviour.auth, &behaviour.hostname, key),
-    )
-    .with_endpoint(&plan.addr.ip().to_string(), plan.addr.port())
-    .without_tls();
+    let credentials = match (&behaviour.tls, behaviour.auth) {
+        // Issued here, in the device's own task, so a large fleet's key generation
+        // spreads over the connect ramp instead of delaying the start.
+        (Some(tls), crate::cli::Auth::X509) => match tls.device_credentials(&id) {
+            Ok(credentials) => credentials,
+            Err(err) => {
+                Counters::bump(&counters.connect_failed);
+                let _ = connected.send(Err(DeviceError::Sdk(id, err)));
+                return outcome;
+            }
+        },
+        _ => crate::credentials::sdk_credentials(
+            behaviour.auth,
+            &behaviour.hostname,
+            key,
+            behaviour.token_ttl,
+        ),
+    };
+    let options = device_sdk::ClientOptions::new(&behaviour.hostname, &id, credentials);
+    let options = match &behaviour.tls {
+        Some(tls) => options
+            .with_endpoint(&tls.mqtts.ip().to_string(), tls.mqtts.port())
+            .with_ca(&tls.ca_pem),
+        None => options
+            .with_endpoint(&plan.addr.ip().to_string(), plan.addr.port())
+            .without_tls(),
+    };
     let (client, mut events) = match device_sdk::DeviceClient::start(options) {
         Ok(started) => started,
         Err(err) => {
@@ -139,8 +179,11 @@ async fn behave(
     let limit = usize::from(plan.inflight);
     let mut sends = FuturesUnordered::new();
     let mut seq: u64 = 0;
-    let send = |seq: u64| {
-        let body = plan.template.render(&plan.run, id, seq, unix_ns());
+    let mut fields = plan.template.fields(id);
+    let mut send = |seq: u64| {
+        let body = plan
+            .template
+            .render_with(&mut fields, &plan.run, id, seq, unix_ns());
         let client = client.clone();
         async move {
             let at = Instant::now();
@@ -237,19 +280,77 @@ async fn behave(
                 });
             }
             Some(message) = events.messages.recv() => {
+                Counters::bump(&counters.c2d_received);
                 if message.complete().await.is_ok() {
                     Counters::bump(&counters.c2d);
                 }
             }
-            // Desired patches are taken so the channel never fills; the simulator has
-            // no settings to apply.
-            Some(_) = events.desired.recv() => {}
+            Some(update) = events.desired.recv() => {
+                let desired = match update {
+                    device_sdk::DesiredUpdate::Patch(patch) => {
+                        Counters::bump(&counters.desired);
+                        patch
+                    }
+                    // After a (re)connect: what may have changed while offline.
+                    device_sdk::DesiredUpdate::Full(desired) => desired,
+                };
+                if let Some(ack) = writable_ack(&desired) {
+                    // In the background, like the periodic reports.
+                    let (client, counters) = (client.clone(), Arc::clone(counters));
+                    tokio::spawn(async move {
+                        if client.patch_reported(&ack).await.is_ok() {
+                            Counters::bump(&counters.desired_acks);
+                        }
+                    });
+                }
+            }
         }
     }
+}
+
+/// The reported patch that accepts every property of a desired patch (or the whole
+/// desired section), as Azure IoT Plug and Play devices acknowledge writable
+/// properties: `{"prop": {"value": v, "ac": 200, "ad": …, "av": <desired $version>}}`.
+/// `None` when there is nothing to acknowledge (only `$` metadata).
+pub fn writable_ack(desired: &serde_json::Value) -> Option<serde_json::Value> {
+    let properties = desired.as_object()?;
+    let version = desired
+        .get("$version")
+        .cloned()
+        .unwrap_or(serde_json::Value::Null);
+    let ack: serde_json::Map<String, serde_json::Value> = properties
+        .iter()
+        .filter(|(key, _)| !key.starts_with('$'))
+        .map(|(key, value)| {
+            (
+                key.clone(),
+                json!({"value": value, "ac": 200, "ad": "applied by firmware-sim", "av": version}),
+            )
+        })
+        .collect();
+    (!ack.is_empty()).then_some(serde_json::Value::Object(ack))
 }
 
 /// Resolves once the run is stopping (or its controller is gone).
 async fn stopped(phase: &mut watch::Receiver<Phase>) {
     // The guard `wait_for` returns is dropped here, before any later await.
     let _ = phase.wait_for(|p| *p == Phase::Stopping).await;
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn desired_patches_are_acknowledged_with_value_status_and_version() {
+        let ack =
+            writable_ack(&json!({"interval": 30, "mode": {"eco": true}, "$version": 7})).unwrap();
+        assert_eq!(ack["interval"]["value"], 30);
+        assert_eq!(ack["interval"]["ac"], 200);
+        assert_eq!(ack["interval"]["av"], 7);
+        assert_eq!(ack["mode"]["value"]["eco"], true);
+        assert!(ack.get("$version").is_none());
+        assert!(writable_ack(&json!({"$version": 3})).is_none());
+        assert!(writable_ack(&json!(null)).is_none());
+    }
 }

@@ -192,7 +192,7 @@ pub fn parse_rfc3339_ns(text: &str) -> Option<u128> {
 pub async fn read_back(
     api: &Api,
     mut from: HashMap<u64, u64>,
-    template: &Template,
+    templates: &[&Template],
     run: &str,
     devices: &HashMap<String, usize>,
     delivered: &[Vec<bool>],
@@ -215,7 +215,12 @@ pub async fn read_back(
                     break;
                 }
                 for message in &messages {
-                    if let Some(body) = body_text(message) {
+                    // Scenario groups may each have their own template: the first
+                    // that reads the body is its group's (a few groups at most).
+                    if let Some(body) = body_text(message)
+                        && let Some(template) =
+                            templates.iter().find(|t| t.parse_body(&body).is_some())
+                    {
                         tally.record(template, run, devices, &body, enqueued_ns(message));
                     }
                 }

@@ -292,8 +292,14 @@ pub fn merge(reports: Vec<Report>) -> Result<Report, String> {
         methods: sum(|r| r.methods),
         twin_reports: sum(|r| r.twin_reports),
         c2d: sum(|r| r.c2d),
+        c2d_received: sum(|r| r.c2d_received),
+        desired: sum(|r| r.desired),
+        desired_acks: sum(|r| r.desired_acks),
         interrupted: reports.iter().any(|r| r.interrupted),
         verify: None,
+        seed: first.seed,
+        // A scenario file runs in one process (`Args::validate`): no groups to merge.
+        groups: Vec::new(),
         warmup_secs: first.warmup_secs,
         puback_hdr: puback.1,
         scenario: if scenarios.is_empty() {

@@ -84,3 +84,57 @@ fn ramp_belongs_to_the_telemetry_scenario() {
     assert_eq!(out.status.code(), Some(2));
     assert!(String::from_utf8_lossy(&out.stderr).contains("--connect-inflight"));
 }
+
+#[test]
+fn scenario_files_with_unknown_keys_or_clashing_groups_are_refused() {
+    let dir = tempfile::tempdir().expect("a temp dir");
+    let write = |name: &str, text: &str| {
+        let path = dir.path().join(name);
+        std::fs::write(&path, text).expect("the scenario is written");
+        path.to_string_lossy().into_owned()
+    };
+    let target = ["--target", "mqtt://127.0.0.1:1"];
+    let unknown = write(
+        "unknown.toml",
+        "[[group]]\nname = \"a\"\ndevices = 1\nrtae = 5\n",
+    );
+    let out = sim(&[&target[..], &["--scenario-file", &unknown]].concat());
+    assert_eq!(out.status.code(), Some(2));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("rtae"), "{stderr}");
+    let clash = write(
+        "clash.toml",
+        "[[group]]\nname = \"a\"\ndevices = 1\nprefix = \"d\"\n[[group]]\nname = \"b\"\ndevices = 1\nprefix = \"d\"\n",
+    );
+    let out = sim(&[&target[..], &["--scenario-file", &clash]].concat());
+    assert_eq!(out.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("share device ids"));
+    // A plain broker has no twin: a group that reports one is refused by name.
+    let twin = write(
+        "twin.toml",
+        "[[group]]\nname = \"gw\"\ndevices = 1\ntwin_every = \"1s\"\n",
+    );
+    let out = sim(&[&target[..], &["--scenario-file", &twin]].concat());
+    assert_eq!(out.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("group gw"));
+    let out = sim(&[&target[..], &["--scenario-file", "/no/such/file.toml"]].concat());
+    assert_eq!(out.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("/no/such/file.toml"));
+}
+
+#[test]
+fn tls_and_x509_need_the_data_dir_and_the_hub() {
+    let out = sim(&[
+        "--hub",
+        "http://127.0.0.1:1",
+        "--token",
+        "t",
+        "--auth",
+        "x509",
+    ]);
+    assert_eq!(out.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("--data-dir"));
+    let out = sim(&["--target", "mqtt://127.0.0.1:1", "--tls"]);
+    assert_eq!(out.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("plain MQTT --target"));
+}

@@ -5,6 +5,7 @@
 //! DIR/hub.lock         held (flock) while a hub runs on DIR
 //! DIR/hub.redb         the embedded store
 //! DIR/service.key      owner key for service tokens (Ed25519, PKCS#8 PEM, 0600)
+//! DIR/policies.json    shared access policies and their keys (0600)
 //! DIR/certs/ca.pem     development CA (+ ca.key)
 //! DIR/certs/server.pem server certificate (+ server.key, + server.sans: its names)
 //! DIR/endpoints.json   bound addresses, written atomically once ready
@@ -133,6 +134,11 @@ impl DataDir {
         service_key_path(&self.root)
     }
 
+    /// The shared access policies' file.
+    pub fn policies_path(&self) -> PathBuf {
+        policies_path(&self.root)
+    }
+
     /// The certificates directory.
     pub fn certs_dir(&self) -> PathBuf {
         self.root.join("certs")
@@ -192,6 +198,11 @@ impl DataDir {
 /// `DIR/service.key` for a data dir that need not be open (the CLI reads it).
 pub fn service_key_path(root: &Path) -> PathBuf {
     root.join("service.key")
+}
+
+/// `DIR/policies.json` for a data dir that need not be open (the CLI reads it).
+pub fn policies_path(root: &Path) -> PathBuf {
+    root.join("policies.json")
 }
 
 /// `DIR/endpoints.json` for a data dir that need not be open (the CLI reads it).

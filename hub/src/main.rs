@@ -1,6 +1,7 @@
 //! `hub`: the server (`hub serve`) and its admin CLI (`print-config`, `token`,
-//! `device …`, `twin …`, `c2d …`, `invoke`, `tail`, `cert device`). Start-up
-//! failures print one clear line; a bad configuration exits with code 2.
+//! `device …`, `twin …`, `c2d …`, `invoke`, `tail`, `cert device`, `connection-string`,
+//! `policy …`). Start-up failures print one clear line; a bad configuration exits with
+//! code 2.
 
 mod cli;
 
@@ -48,6 +49,12 @@ enum Command {
     Cluster(cli::ClusterCommand),
     /// Print telemetry as it arrives, one JSON line per message.
     Tail(cli::TailArgs),
+    /// Print a shared access policy's connection string (for Azure's service SDKs);
+    /// prints only the string.
+    ConnectionString(cli::ConnectionStringArgs),
+    /// Shared access policies: list, rotate a key.
+    #[command(subcommand)]
+    Policy(cli::PolicyCommand),
     /// Issue certificates from the data dir's development CA.
     #[command(subcommand)]
     Cert(cli::CertCommand),
@@ -154,6 +161,8 @@ fn main() -> ExitCode {
         Command::Invoke(args) => report(runtime.block_on(cli::invoke(args))),
         Command::Cluster(command) => report(runtime.block_on(cli::cluster(command))),
         Command::Cert(command) => report(cli::cert(command)),
+        Command::ConnectionString(args) => report(cli::connection_string(&args)),
+        Command::Policy(command) => report(cli::policy(command)),
     }
 }
 

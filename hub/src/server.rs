@@ -20,6 +20,7 @@ use crate::api::serve::ConnectionLimits;
 use crate::api::{self, AppState, HttpLimits};
 use crate::auth::device::DeviceAuthenticator;
 use crate::auth::jwt::JwtPolicy;
+use crate::auth::policy::{Policies, PolicyFileError, PolicySet};
 use crate::auth::service::{ServiceKey, ServiceKeyError};
 use crate::auth::x509::{DeviceCa, X509Error};
 use crate::commands::c2d::CommandStore;
@@ -58,6 +59,9 @@ pub enum ServeError {
     /// The owner key.
     #[error("service key: {0}")]
     ServiceKey(#[from] ServiceKeyError),
+    /// The shared access policies.
+    #[error("shared access policies: {0}")]
+    Policies(#[from] PolicyFileError),
     /// The store.
     #[error(transparent)]
     Store(#[from] StoreError),
@@ -144,15 +148,23 @@ impl Server {
             tracing::debug!(limit, "open-file limit");
         }
         let data_dir = DataDir::open(&config.data_dir)?;
+        let mut cluster_policies = None;
         let nats = match config.cluster.enabled() {
             true => {
                 let nats = NatsStore::connect(&config.cluster).await?;
-                // Every node signs and checks with the same owner key and CA.
+                // Every node signs and checks with the same owner key, CA and
+                // shared access policies.
                 secrets::adopt(&nats, &data_dir).await?;
+                cluster_policies = Some(secrets::adopt_policies(&nats, &data_dir).await?);
                 Some(nats)
             }
             false => None,
         };
+        let policies = match cluster_policies {
+            Some(set) => set,
+            None => PolicySet::load_or_create(&data_dir.policies_path())?,
+        };
+        let policies = Arc::new(Policies::new(&config.hostname, policies));
         let ca = data_dir.ensure_ca()?;
         let names = SubjectAltNames::for_hub(
             &config.hostname,
@@ -338,6 +350,7 @@ impl Server {
         let state = AppState {
             registry,
             service_key: Arc::new(service_key),
+            policies,
             store: health,
             metrics,
             telemetry,
@@ -412,6 +425,7 @@ impl Server {
             .cert_reloader
             .is_active()
             .then(|| self.cert_reloader.clone().spawn());
+        let policy_tasks = watch_policies(&self.data_dir, &self.state);
         let router = api::router(self.state, self.limits);
         // Both listeners stop on the one shutdown signal.
         let (stop, stopped) = watch::channel(false);
@@ -465,6 +479,9 @@ impl Server {
         }
         retention.abort();
         expiry.abort();
+        for task in &policy_tasks {
+            task.abort();
+        }
         if let Some(reloader) = &reloader {
             reloader.abort();
         }
@@ -484,6 +501,34 @@ impl Server {
         result
     }
 }
+
+/// Keeps the live policies current: the file in the data dir is polled (a `hub
+/// policy rotate` while the hub runs takes effect within a second); in cluster
+/// mode a change of the file is also published to the other nodes, and the
+/// cluster's value is watched.
+fn watch_policies(data_dir: &DataDir, state: &AppState) -> Vec<tokio::task::JoinHandle<()>> {
+    let path = data_dir.policies_path();
+    let policies = &state.policies;
+    match &state.nats {
+        None => vec![policies.spawn_file_watch(path, POLICY_POLL, |_| {})],
+        Some(nats) => {
+            let publisher = nats.clone();
+            let file = policies.spawn_file_watch(path.clone(), POLICY_POLL, move |set| {
+                let nats = publisher.clone();
+                tokio::spawn(async move {
+                    if let Err(err) = secrets::publish_policies(&nats, set).await {
+                        tracing::error!(%err, "cannot publish rotated policies to the cluster");
+                    }
+                });
+            });
+            let cluster = secrets::spawn_policy_watch(nats, Arc::clone(policies), path);
+            vec![file, cluster]
+        }
+    }
+}
+
+/// How often the policies file is checked for a rotation.
+const POLICY_POLL: Duration = Duration::from_secs(1);
 
 /// The capabilities whose backend depends on the mode (embedded or cluster).
 struct Backends {

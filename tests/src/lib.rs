@@ -8,7 +8,9 @@
 //! [`inproc`] runs the hub through the library instead, with recording capability
 //! services, [`mqtt`] is a raw MQTT test client, and [`nats`] starts a real NATS
 //! JetStream cluster (loopback, free ports, temp dirs) for the cluster-mode tests.
+//! [`azure`] holds what the tests running Azure's Node.js SDKs share.
 
+pub mod azure;
 pub mod haproxy;
 pub mod inproc;
 pub mod mqtt;

@@ -9,69 +9,18 @@
 //!
 //! Needs node and npm, and the SDK in `target/azure-node` (`$HUB_AZURE_NODE_MODULES`
 //! points elsewhere), which `.ci/run` installs and this test installs from the npm
-//! registry, pinned, when it is missing. If that fails the test fails and says how.
+//! registry, pinned, when it is missing (`hub_tests::azure`). If that fails the test
+//! fails and says how.
 
-use std::path::PathBuf;
 use std::process::Stdio;
 use std::time::Duration;
 
 use anyhow::{Context, Result, bail};
-use hub_tests::{Hub, HubOptions};
+use hub_tests::Hub;
+use hub_tests::azure::{azure_node_modules, start_hub_on_loopback, workspace};
 use serde_json::{Value, json};
 use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader, Lines};
 use tokio::process::{Child, ChildStdout, Command};
-
-fn workspace() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
-        .parent()
-        .map(PathBuf::from)
-        .unwrap_or_default()
-}
-
-/// The SDK packages the test pins (the same list `.ci/run` installs).
-const SDK_PACKAGES: [&str; 2] = ["azure-iot-device@1.18.4", "azure-iot-device-mqtt@1.16.4"];
-
-/// The `node_modules` holding the SDK: `$HUB_AZURE_NODE_MODULES`, or
-/// `target/azure-node/node_modules`, installed here when missing.
-async fn azure_node_modules() -> Result<PathBuf> {
-    if let Some(modules) = std::env::var_os("HUB_AZURE_NODE_MODULES") {
-        return Ok(PathBuf::from(modules));
-    }
-    let prefix = workspace().join("target/azure-node");
-    let modules = prefix.join("node_modules");
-    let install_hint = || {
-        format!(
-            "the Azure Node SDK compatibility test needs node, npm and Azure's device SDK; \
-             install it with\n  npm install --prefix target/azure-node --no-audit --no-fund {} {}\n\
-             (.ci/run does this), or point HUB_AZURE_NODE_MODULES at such a node_modules",
-            SDK_PACKAGES[0], SDK_PACKAGES[1]
-        )
-    };
-    let installed = |modules: &PathBuf| {
-        SDK_PACKAGES.iter().all(|package| {
-            let (name, version) = package.rsplit_once('@').unwrap_or((package, ""));
-            std::fs::read_to_string(modules.join(name).join("package.json"))
-                .ok()
-                .and_then(|text| serde_json::from_str::<Value>(&text).ok())
-                .is_some_and(|manifest| manifest["version"] == version)
-        })
-    };
-    if !installed(&modules) {
-        std::fs::create_dir_all(&prefix)?;
-        let status = Command::new("npm")
-            .arg("install")
-            .arg("--prefix")
-            .arg(&prefix)
-            .args(["--no-audit", "--no-fund", "--save-exact"])
-            .args(SDK_PACKAGES)
-            .status()
-            .await;
-        if !matches!(status, Ok(status) if status.success()) || !installed(&modules) {
-            bail!("{}", install_hint());
-        }
-    }
-    Ok(modules)
-}
 
 struct SdkDevice {
     child: Child,
@@ -159,27 +108,10 @@ impl Service {
     }
 }
 
-/// Binds the hub's TLS listener on 127.0.0.N:8883 (the port the SDK always dials)
-/// and, for `MqttWs`, its HTTPS listener on 127.0.0.N:443 (where `MqttWs` dials),
-/// trying a few N in case one is taken (other tests bind 127.0.100+.N and 140+.N).
+/// The device SDK on 8883 (120+) or over `MqttWs` on 443 (160+); other tests bind
+/// 127.0.100+.N, 140+.N and 180+.N.
 async fn start_hub(dir: &std::path::Path, websockets: bool) -> Result<(Hub, String)> {
-    let base = 2 + (std::process::id() % 200);
-    let third = if websockets { 160 } else { 120 };
-    let mut last = None;
-    for i in 0..10 {
-        let host = format!("127.0.{}.{}", third + i, base);
-        let mut options = HubOptions::new(dir)
-            .mqtts(&format!("{host}:8883"))
-            .args(["--hostname", host.as_str()]);
-        if websockets {
-            options = options.args(["--https", &format!("{host}:443")]);
-        }
-        match options.start().await {
-            Ok(hub) => return Ok((hub, host)),
-            Err(err) => last = Some(err),
-        }
-    }
-    Err(last.unwrap_or_else(|| anyhow::anyhow!("no address to try")))
+    start_hub_on_loopback(dir, if websockets { 160 } else { 120 }, websockets).await
 }
 
 const MODEL_ID: &str = "dtmi:com:example:Thermostat;1";

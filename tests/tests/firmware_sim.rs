@@ -134,6 +134,35 @@ async fn a_small_fleet_gets_every_message_acked_and_read_back_once() -> Result<(
         Some(0),
         "{second:#}"
     );
+
+    // QoS 0: nothing is acknowledged, every message written is read back, and the
+    // closing QoS 1 fence each device sends (to time the run up to where the hub had
+    // taken everything in) is neither counted nor taken for one of the run's.
+    let third = report(&[
+        "--data-dir",
+        &data_dir,
+        "--devices",
+        "10",
+        "--duration",
+        "1s",
+        "--rate",
+        "max",
+        "--qos",
+        "0",
+        "--verify",
+    ])
+    .await?;
+    let sent = n(&third, "sent");
+    assert!(sent > 0, "{third:#}");
+    assert_eq!(n(&third, "acked"), 0, "{third:#}");
+    assert_eq!(n(&third, "failed"), 0, "{third:#}");
+    assert_eq!(third["verify"]["read"].as_u64(), Some(sent), "{third:#}");
+    assert_eq!(third["verify"]["lost"].as_u64(), Some(0), "{third:#}");
+    assert_eq!(third["verify"]["unexpected"].as_u64(), Some(0), "{third:#}");
+    assert!(
+        third["elapsed_secs"].as_f64().is_some_and(|s| s >= 1.0),
+        "the rate window runs at least the sending second: {third:#}"
+    );
     Ok(())
 }
 
@@ -892,5 +921,239 @@ async fn ctrl_c_ends_every_worker_with_a_merged_partial_report() -> Result<()> {
         "{report:#}"
     );
     assert!(f(&report["elapsed_secs"]) < 60.0, "{report:#}");
+    Ok(())
+}
+
+#[tokio::test]
+async fn a_scenario_with_two_groups_reports_per_group_counts_that_add_up() -> Result<()> {
+    let dir = tempfile::tempdir()?;
+    let _hub = Hub::start(dir.path()).await?;
+    let data_dir = dir.path().to_string_lossy().into_owned();
+    let scenario = dir.path().join("two-groups.toml");
+    std::fs::write(
+        &scenario,
+        r#"
+duration = "60s"   # overridden by --duration below
+seed = 3
+
+[[group]]
+name = "sensors"
+devices = 6
+prefix = "sc-sensor-"
+rate = 20
+payload = '{{"r":"{run}","d":"{device}","n":{seq}}}'
+
+[[group]]
+name = "gateways"
+devices = 3
+prefix = "sc-gw-"
+rate = 5
+twin_every = "500ms"
+"#,
+    )?;
+    let scenario = scenario.to_string_lossy().into_owned();
+    let report = report(&[
+        "--data-dir",
+        &data_dir,
+        "--scenario-file",
+        &scenario,
+        "--duration",
+        "3s",
+        "--verify",
+    ])
+    .await?;
+    assert!(
+        report["elapsed_secs"].as_f64().is_some_and(|s| s < 10.0),
+        "--duration overrides the file: {report:#}"
+    );
+    assert_eq!(report["seed"], 3, "{report:#}");
+    assert_eq!(report["path"], "mixed", "{report:#}");
+    let groups = report["groups"].as_array().context("groups")?;
+    assert_eq!(groups.len(), 2, "{report:#}");
+    let (sensors, gateways) = (&groups[0], &groups[1]);
+    assert_eq!(sensors["name"], "sensors");
+    assert_eq!(sensors["path"], "lean");
+    assert_eq!(gateways["name"], "gateways");
+    assert_eq!(gateways["path"], "sdk");
+    assert_eq!(n(sensors, "connected"), 6, "{report:#}");
+    assert_eq!(n(gateways, "connected"), 3, "{report:#}");
+    for key in ["connected", "sent", "acked", "failed", "twin_reports"] {
+        assert_eq!(
+            n(sensors, key) + n(gateways, key),
+            n(&report, key),
+            "{key} does not add up: {report:#}"
+        );
+    }
+    for group in groups {
+        let sent = n(group, "sent");
+        assert!(sent > 0 && n(group, "acked") == sent, "{report:#}");
+    }
+    // 20/s against 5/s: the sensors send several times the gateways' share.
+    assert!(
+        n(sensors, "sent") > 3 * n(gateways, "sent"),
+        "rates are per group: {report:#}"
+    );
+    assert!(n(gateways, "twin_reports") >= 3, "{report:#}");
+    assert_eq!(n(sensors, "twin_reports"), 0, "{report:#}");
+    // Each group's template reads its own bodies back.
+    assert_eq!(report["verify"]["lost"].as_u64(), Some(0), "{report:#}");
+    assert_eq!(
+        report["verify"]["read"].as_u64(),
+        Some(n(&report, "sent")),
+        "{report:#}"
+    );
+    Ok(())
+}
+
+/// Reads `line`s of the simulator's progress on stderr until one contains `needle`.
+async fn wait_for_progress(child: &mut Child, needle: &str) -> Result<()> {
+    let stderr = child.stderr.take().context("stderr")?;
+    let mut lines = BufReader::new(stderr).lines();
+    let found = tokio::time::timeout(Duration::from_secs(30), async {
+        while let Some(line) = lines.next_line().await? {
+            if line.contains(needle) {
+                return Ok::<_, std::io::Error>(true);
+            }
+        }
+        Ok(false)
+    })
+    .await
+    .with_context(|| format!("no progress line with {needle:?}"))??;
+    ensure!(found, "firmware-sim ended before {needle:?}");
+    tokio::spawn(async move { while let Ok(Some(_)) = lines.next_line().await {} });
+    Ok(())
+}
+
+#[tokio::test]
+async fn a_desired_patch_is_acknowledged_in_the_reported_properties() -> Result<()> {
+    let dir = tempfile::tempdir()?;
+    let hub = Hub::start(dir.path()).await?;
+    let token = hub.owner_token().await?;
+    let data_dir = dir.path().to_string_lossy().into_owned();
+    let mut child = sim()?
+        .args([
+            "--data-dir",
+            &data_dir,
+            "--devices",
+            "2",
+            "--prefix",
+            "pnp-",
+            "--duration",
+            "5s",
+            "--rate",
+            "2",
+            "--sdk",
+            "--json",
+        ])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()?;
+    wait_for_progress(&mut child, "connected 2/2").await?;
+    let patched = hub
+        .http()
+        .patch(format!("{}/twins/pnp-1", hub.url()))
+        .bearer_auth(&token)
+        .json(&serde_json::json!({"properties": {"desired": {"interval": 30, "mode": "eco"}}}))
+        .send()
+        .await?;
+    ensure!(patched.status().is_success(), "PATCH: {}", patched.status());
+    let twin: Value = patched.json().await?;
+    let version = twin["properties"]["desired"]["$version"]
+        .as_u64()
+        .context("desired $version")?;
+    // The device answers in the background: poll the twin with a deadline.
+    let deadline = Instant::now() + Duration::from_secs(15);
+    let reported = loop {
+        let twin: Value = hub
+            .http()
+            .get(format!("{}/twins/pnp-1", hub.url()))
+            .bearer_auth(&token)
+            .send()
+            .await?
+            .json()
+            .await?;
+        let reported = twin["properties"]["reported"].clone();
+        if reported["interval"]["av"].as_u64() == Some(version) {
+            break reported;
+        }
+        ensure!(
+            Instant::now() < deadline,
+            "no acknowledgement of desired version {version}: {twin:#}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    assert_eq!(reported["interval"]["value"], 30, "{reported:#}");
+    assert_eq!(reported["interval"]["ac"], 200, "{reported:#}");
+    assert_eq!(reported["mode"]["value"], "eco", "{reported:#}");
+    assert_eq!(
+        reported["mode"]["av"].as_u64(),
+        Some(version),
+        "{reported:#}"
+    );
+
+    let output = tokio::time::timeout(RUN_SLACK, child.wait_with_output())
+        .await
+        .context("firmware-sim did not finish")??;
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    ensure!(output.status.success(), "firmware-sim failed:\n{stdout}");
+    let report: Value = serde_json::from_str(&stdout)
+        .with_context(|| format!("the report is not JSON:\n{stdout}"))?;
+    assert_eq!(
+        n(&report, "desired"),
+        1,
+        "one patch, to one device: {report:#}"
+    );
+    assert!(n(&report, "desired_acks") >= 1, "{report:#}");
+    Ok(())
+}
+
+#[tokio::test]
+async fn x509_devices_over_tls_get_every_message_acked() -> Result<()> {
+    let dir = tempfile::tempdir()?;
+    let _hub = Hub::start(dir.path()).await?;
+    let data_dir = dir.path().to_string_lossy().into_owned();
+    // Certificates from the hub's development CA, CN = device id.
+    let x509 = report(&[
+        "--data-dir",
+        &data_dir,
+        "--devices",
+        "4",
+        "--prefix",
+        "cert-",
+        "--auth",
+        "x509",
+        "--duration",
+        "2s",
+        "--rate",
+        "10",
+        "--verify",
+    ])
+    .await?;
+    assert_eq!(x509["path"], "sdk", "{x509:#}");
+    assert_eq!(n(&x509, "connected"), 4, "{x509:#}");
+    let sent = n(&x509, "sent");
+    assert!(sent > 0 && n(&x509, "acked") == sent, "{x509:#}");
+    assert_eq!(n(&x509, "failed"), 0, "{x509:#}");
+    assert_eq!(x509["verify"]["lost"].as_u64(), Some(0), "{x509:#}");
+    // SAS devices over TLS, trusting the hub's CA, with tokens renewed by reconnecting.
+    let sas = report(&[
+        "--data-dir",
+        &data_dir,
+        "--devices",
+        "3",
+        "--prefix",
+        "tls-",
+        "--tls",
+        "--sas-ttl",
+        "1h",
+        "--duration",
+        "2s",
+        "--rate",
+        "10",
+    ])
+    .await?;
+    assert_eq!(n(&sas, "connected"), 3, "{sas:#}");
+    let sent = n(&sas, "sent");
+    assert!(sent > 0 && n(&sas, "acked") == sent, "{sas:#}");
     Ok(())
 }

@@ -96,7 +96,7 @@ pub async fn held(
 ) -> Result<crate::report::Report, RunError> {
     let mut interrupt = std::pin::pin!(interrupt);
     let counters = Arc::new(Counters::default());
-    let progress = Progress::start(Arc::clone(&counters), u64::from(args.devices));
+    let progress = Progress::start(vec![Arc::clone(&counters)], u64::from(args.devices));
     let hub = args.hub_pid;
     let sample = |pid: Option<u32>| pid.and_then(|p| Some((rss_kib(p)?, cpu_secs(p)?)));
     let before = sample(hub);
@@ -189,7 +189,7 @@ pub async fn rate(
 ) -> Result<crate::report::Report, RunError> {
     let total = args.total.unwrap_or(u64::from(args.devices));
     let counters = Arc::new(Counters::default());
-    let progress = Progress::start(Arc::clone(&counters), total);
+    let progress = Progress::start(vec![Arc::clone(&counters)], total);
     let next = Arc::new(AtomicU64::new(0));
     let latencies = Arc::new(Mutex::new(histogram()));
     let errors = Arc::new(Mutex::new(Errors::default()));

@@ -209,7 +209,7 @@ pub async fn methods(
         .clone()
         .ok_or_else(|| RunError::Config("the methods scenario needs the service API".into()))?;
     let counters = Arc::new(Counters::default());
-    let progress = Progress::start(Arc::clone(&counters), u64::from(args.devices));
+    let progress = Progress::start(vec![Arc::clone(&counters)], u64::from(args.devices));
     let devices = connect_and_subscribe(&args, &fleet, &counters, "$iothub/methods/POST/#").await;
     let devices = match devices {
         Ok(devices) => devices,
@@ -338,7 +338,7 @@ pub async fn twin(
     interrupt: impl std::future::Future<Output = ()>,
 ) -> Result<Report, RunError> {
     let counters = Arc::new(Counters::default());
-    let progress = Progress::start(Arc::clone(&counters), u64::from(args.devices));
+    let progress = Progress::start(vec![Arc::clone(&counters)], u64::from(args.devices));
     let devices = connect_and_subscribe(&args, &fleet, &counters, "$iothub/twin/res/#").await;
     let devices = match devices {
         Ok(devices) => devices,

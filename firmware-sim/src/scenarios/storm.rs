@@ -70,7 +70,7 @@ pub async fn run(
 ) -> Result<Report, RunError> {
     let mut interrupt = std::pin::pin!(interrupt);
     let counters = Arc::new(Counters::default());
-    let progress = Progress::start(Arc::clone(&counters), u64::from(args.devices));
+    let progress = Progress::start(vec![Arc::clone(&counters)], u64::from(args.devices));
     let (conns, _, errors, interrupted) = open_all(
         fleet.mqtt,
         &fleet.identities,

@@ -161,6 +161,17 @@ pub async fn acknowledge(
     Ok(StatusCode::NO_CONTENT)
 }
 
+/// `POST /messages/serviceBound/feedback/{lockToken}/abandon` → 204: the batch is
+/// offered again at once (Azure's abandon), instead of after its lock.
+pub async fn abandon(
+    _auth: Authorized<ServiceConnect>,
+    State(state): State<AppState>,
+    ApiPath(token): ApiPath<String>,
+) -> Result<StatusCode, ApiError> {
+    state.commands.abandon_feedback(&token).await?;
+    Ok(StatusCode::NO_CONTENT)
+}
+
 /// Body of a method call.
 #[derive(Debug, Deserialize)]
 #[serde(rename_all = "camelCase")]

@@ -1,15 +1,18 @@
 //! Registry routes: `PUT/GET/DELETE /devices/{id}` and `GET /devices` (paged with
-//! `x-ms-max-item-count` and `x-ms-continuation`), with etags and `If-Match`.
+//! `x-ms-max-item-count` and `x-ms-continuation`, or up to `?top=N` in one answer),
+//! with etags and `If-Match`; Azure's bulk registry operation `POST /devices`; and
+//! `GET /statistics/devices`.
 
 use axum::extract::State;
 use axum::http::{HeaderMap, HeaderName, HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use base64::Engine;
 use base64::engine::general_purpose::URL_SAFE_NO_PAD;
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
+use serde_json::{Value, json};
 use time::OffsetDateTime;
 
-use super::extract::{ApiJson, ApiPath, Authorized, RegistryRead, RegistryWrite};
+use super::extract::{ApiJson, ApiPath, ApiQuery, Authorized, RegistryRead, RegistryWrite};
 use super::{ApiError, AppState};
 use crate::registry::{
     Authentication, Device, DeviceId, DeviceSpec, DeviceStatus, IfMatch, Presence,
@@ -22,6 +25,8 @@ pub const CONTINUATION: HeaderName = HeaderName::from_static("x-ms-continuation"
 
 const DEFAULT_PAGE: usize = 100;
 const MAX_PAGE: usize = 1000;
+/// The most devices one `POST /devices` may carry (Azure's limit).
+pub const MAX_BULK: usize = 100;
 
 /// A device as the API shows it: the stored identity plus live connection state.
 #[derive(Debug, Serialize)]
@@ -155,23 +160,51 @@ pub async fn delete(
     Ok(StatusCode::NO_CONTENT)
 }
 
+/// Query parameters of `GET /devices`.
+#[derive(Debug, Deserialize)]
+pub struct ListParams {
+    /// Azure's `top`: how many devices, 1–1000.
+    top: Option<String>,
+}
+
 /// `GET /devices`: a JSON array, at most `x-ms-max-item-count` long; a
-/// `x-ms-continuation` response header means more follow.
+/// `x-ms-continuation` response header means more follow. Without either paging header
+/// the answer holds up to `top` devices (default and maximum 1000) in one array:
+/// Azure's service SDKs (`registry.list()`) never follow a continuation.
 pub async fn list(
     _auth: Authorized<RegistryRead>,
     State(state): State<AppState>,
     headers: HeaderMap,
+    ApiQuery(params): ApiQuery<ListParams>,
 ) -> Result<Response, ApiError> {
-    let limit = match header_str(&headers, &MAX_ITEM_COUNT)? {
-        None => DEFAULT_PAGE,
+    let page_size = match header_str(&headers, &MAX_ITEM_COUNT)? {
+        None => None,
         Some(raw) => match raw.trim().parse::<usize>() {
-            Ok(n) if (1..=MAX_PAGE).contains(&n) => n,
+            Ok(n) if (1..=MAX_PAGE).contains(&n) => Some(n),
             _ => {
                 return Err(ApiError::InvalidArgument(format!(
                     "{MAX_ITEM_COUNT} must be an integer from 1 to {MAX_PAGE}"
                 )));
             }
         },
+    };
+    let top = match params.top.as_deref() {
+        None => None,
+        Some(raw) => match raw.trim().parse::<usize>() {
+            Ok(n) if (1..=MAX_PAGE).contains(&n) => Some(n),
+            _ => {
+                return Err(ApiError::InvalidArgument(format!(
+                    "top must be an integer from 1 to {MAX_PAGE}"
+                )));
+            }
+        },
+    };
+    let paging = page_size.is_some() || headers.contains_key(&CONTINUATION);
+    let limit = match (page_size, top) {
+        (Some(size), _) => size,
+        (None, Some(top)) => top,
+        (None, None) if paging => DEFAULT_PAGE,
+        (None, None) => MAX_PAGE,
     };
     let after = header_str(&headers, &CONTINUATION)?
         .map(decode_continuation)
@@ -195,6 +228,212 @@ pub async fn list(
         }
     }
     Ok(response)
+}
+
+/// One entry of `POST /devices`: Azure's `ExportImportDevice`.
+#[derive(Debug, Deserialize)]
+#[serde(rename_all = "camelCase")]
+struct BulkEntry {
+    id: String,
+    import_mode: String,
+    /// Azure's field is `eTag`; the Node SDK's `updateDevices` passes its devices'
+    /// `etag` through as is.
+    #[serde(rename = "eTag", alias = "etag")]
+    e_tag: Option<String>,
+    tags: Option<Value>,
+    properties: Option<Value>,
+}
+
+/// What one entry asks for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum ImportMode {
+    Create,
+    Update,
+    UpdateIfMatchEtag,
+    Delete,
+    DeleteIfMatchEtag,
+}
+
+impl ImportMode {
+    /// Azure's names, compared case-insensitively (the Node SDK sends `create`,
+    /// `Update`, `UpdateIfMatchETag`, `Delete`, `DeleteIfMatchETag`).
+    fn parse(raw: &str) -> Option<Self> {
+        [
+            ("create", ImportMode::Create),
+            ("update", ImportMode::Update),
+            ("updateIfMatchETag", ImportMode::UpdateIfMatchEtag),
+            ("delete", ImportMode::Delete),
+            ("deleteIfMatchETag", ImportMode::DeleteIfMatchEtag),
+        ]
+        .into_iter()
+        .find(|(name, _)| name.eq_ignore_ascii_case(raw))
+        .map(|(_, mode)| mode)
+    }
+}
+
+/// A failed entry, in Azure's `DeviceRegistryOperationError` shape.
+fn bulk_error(device_id: &str, operation: &str, err: &ApiError) -> Value {
+    let (_, code) = err.status_and_code();
+    json!({
+        "deviceId": device_id,
+        "errorCode": super::error::azure_error_name(code),
+        "errorStatus": err.to_string(),
+        "operation": operation,
+    })
+}
+
+/// `POST /devices`: Azure's bulk registry operation. At most 100 entries, each
+/// `{id, importMode, eTag?, status?, authentication?, tags?, properties?}`, applied one
+/// by one (not as a transaction, like Azure): the answer is `{isSuccessful, errors,
+/// warnings}`, 200 when every entry succeeded, else 400 with an error per failed
+/// entry.
+pub async fn bulk(
+    _auth: Authorized<RegistryWrite>,
+    State(state): State<AppState>,
+    ApiJson(entries): ApiJson<Vec<Value>>,
+) -> Result<Response, ApiError> {
+    if entries.is_empty() || entries.len() > MAX_BULK {
+        return Err(ApiError::InvalidArgument(format!(
+            "a bulk operation takes 1 to {MAX_BULK} devices, not {}",
+            entries.len()
+        )));
+    }
+    let mut errors = Vec::new();
+    for raw in entries {
+        let entry: BulkEntry = match serde_json::from_value(raw.clone()) {
+            Ok(entry) => entry,
+            Err(err) => {
+                let id = raw["id"].as_str().unwrap_or_default().to_string();
+                errors.push(bulk_error(
+                    &id,
+                    "",
+                    &ApiError::InvalidArgument(format!("invalid entry: {err}")),
+                ));
+                continue;
+            }
+        };
+        let operation = entry.import_mode.clone();
+        if let Err(err) = bulk_entry(&state, entry, raw).await {
+            let id = err.0;
+            errors.push(bulk_error(&id, &operation, &err.1));
+        }
+    }
+    let status = if errors.is_empty() {
+        StatusCode::OK
+    } else {
+        StatusCode::BAD_REQUEST
+    };
+    let body = json!({
+        "isSuccessful": errors.is_empty(),
+        "errors": errors,
+        "warnings": [],
+    });
+    Ok((status, ApiJson(body)).into_response())
+}
+
+/// Applies one bulk entry; on failure, the entry's id and why.
+async fn bulk_entry(
+    state: &AppState,
+    entry: BulkEntry,
+    raw: Value,
+) -> Result<(), (String, ApiError)> {
+    let fail = |err: ApiError| (entry.id.clone(), err);
+    let id = parse_id(&entry.id).map_err(fail)?;
+    let mode = ImportMode::parse(&entry.import_mode).ok_or_else(|| {
+        fail(ApiError::InvalidArgument(format!(
+            "importMode {:?} is not supported (create, update, updateIfMatchETag, delete, deleteIfMatchETag)",
+            entry.import_mode
+        )))
+    })?;
+    let etag = || match &entry.e_tag {
+        Some(etag) => Ok(IfMatch::parse(etag)),
+        None => Err(fail(ApiError::InvalidArgument(
+            "this importMode needs the entry's eTag".into(),
+        ))),
+    };
+    let spec = || {
+        let mut spec: DeviceSpec = serde_json::from_value(raw.clone())
+            .map_err(|err| fail(ApiError::InvalidArgument(format!("invalid entry: {err}"))))?;
+        // The entry names the device by `id`; a `deviceId` beside it must agree.
+        spec.device_id.get_or_insert_with(|| entry.id.clone());
+        Ok::<_, (String, ApiError)>(spec)
+    };
+    match mode {
+        ImportMode::Create => {
+            state
+                .registry
+                .create(id.clone(), spec()?)
+                .await
+                .map_err(|err| fail(err.into()))?;
+        }
+        ImportMode::Update | ImportMode::UpdateIfMatchEtag => {
+            let if_match = match mode {
+                ImportMode::Update => IfMatch::Any,
+                _ => etag()?,
+            };
+            state
+                .registry
+                .update(id.clone(), spec()?, if_match)
+                .await
+                .map_err(|err| fail(err.into()))?;
+        }
+        ImportMode::Delete | ImportMode::DeleteIfMatchEtag => {
+            let if_match = match mode {
+                ImportMode::Delete => IfMatch::Any,
+                _ => etag()?,
+            };
+            state
+                .registry
+                .delete(&id, Some(if_match))
+                .await
+                .map_err(|err| fail(err.into()))?;
+            state.commands.forget(&id).await;
+            return Ok(());
+        }
+    }
+    // Tags and desired properties given with a create or update go to the twin.
+    if entry.tags.is_some() || entry.properties.is_some() {
+        let mut patch = serde_json::Map::new();
+        if let Some(tags) = entry.tags {
+            patch.insert("tags".into(), tags);
+        }
+        if let Some(desired) = entry.properties.and_then(|p| p.get("desired").cloned()) {
+            patch.insert("properties".into(), json!({ "desired": desired }));
+        }
+        state
+            .twins
+            .patch(&id, Value::Object(patch), None)
+            .await
+            .map_err(|err| fail(err.into()))?;
+    }
+    Ok(())
+}
+
+/// `GET /statistics/devices`: Azure's registry statistics.
+pub async fn statistics(
+    _auth: Authorized<RegistryRead>,
+    State(state): State<AppState>,
+) -> Result<ApiJson<Value>, ApiError> {
+    let (mut total, mut enabled) = (0u64, 0u64);
+    let mut after = None;
+    loop {
+        let page = state.registry.list(after.as_ref(), MAX_PAGE).await?;
+        total += page.devices.len() as u64;
+        enabled += page
+            .devices
+            .iter()
+            .filter(|d| d.status == DeviceStatus::Enabled)
+            .count() as u64;
+        match page.next_after {
+            Some(next) => after = Some(next),
+            None => break,
+        }
+    }
+    Ok(ApiJson(json!({
+        "totalDeviceCount": total,
+        "enabledDeviceCount": enabled,
+        "disabledDeviceCount": total - enabled,
+    })))
 }
 
 fn decode_continuation(token: &str) -> Result<DeviceId, ApiError> {

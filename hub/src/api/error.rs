@@ -1,10 +1,13 @@
 //! [`ApiError`]: every failure of the REST API, mapped to an HTTP status and the JSON
-//! body `{"errorCode": <Azure-style number>, "message": "..."}`. Internal details
-//! are logged, never sent.
+//! body `{"errorCode": <Azure-style number>, "message": "...", "Message":
+//! "ErrorCode:<Azure name>;...", "ExceptionMessage": "..."}` with the header
+//! `iothub-errorcode: <Azure name>`: the first two are the hub's own shape, the rest
+//! Azure's, which its service SDKs turn into typed errors (`DeviceNotFoundError`, …).
+//! Internal details are logged, never sent.
 
 use axum::Json;
 use axum::extract::rejection::{JsonRejection, PathRejection, QueryRejection};
-use axum::http::{HeaderValue, StatusCode, header};
+use axum::http::{HeaderName, HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use serde_json::json;
 
@@ -104,14 +107,57 @@ impl ApiError {
     }
 }
 
+/// Response header: Azure's error code name.
+pub const ERROR_CODE_HEADER: HeaderName = HeaderName::from_static("iothub-errorcode");
+
+/// Azure's name for an error code, as in its `Message` (`ErrorCode:<name>;…`) and the
+/// `iothub-errorcode` header. Where Azure has the same number, its name; otherwise the
+/// closest Azure name, so the SDKs' mapping by status still holds.
+pub fn azure_error_name(code: u32) -> &'static str {
+    match code {
+        400004 => "ArgumentInvalid",
+        401002 => "IotHubUnauthorizedAccess",
+        401003 => "IotHubUnauthorized",
+        403001 => "IotHubUnauthorizedAccess",
+        403004 => "DeviceMaximumQueueDepthExceeded",
+        404000 => "NotFound",
+        404001 => "DeviceNotFound",
+        404103 => "DeviceNotOnline",
+        405000 => "MethodNotAllowed",
+        409001 => "DeviceAlreadyExists",
+        410001 => "MessageExpired",
+        412001 => "PreconditionFailed",
+        413001 => "MessageTooLarge",
+        415001 => "InvalidProtocolVersion",
+        429001 => "ThrottlingException",
+        503001 => "ServiceUnavailable",
+        504101 => "GatewayTimeout",
+        _ => "ServerError",
+    }
+}
+
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
         let (status, code) = self.status_and_code();
         if let ApiError::Internal(detail) = &self {
             tracing::error!(error = %detail, "request failed");
         }
-        let body = json!({ "errorCode": code, "message": self.to_string() });
+        let name = azure_error_name(code);
+        let message = self.to_string();
+        let body = json!({
+            "errorCode": code,
+            "message": &message,
+            // The SDKs split on `;` and `:`: the message keeps neither out of
+            // Azure's part.
+            "Message": format!("ErrorCode:{name};{}", message.replace(';', ",")),
+            // Azure puts a tracking id and a time here, which no SDK reads; the same
+            // request gets the same answer here, so the message itself.
+            "ExceptionMessage": &message,
+        });
         let mut response = (status, Json(body)).into_response();
+        response
+            .headers_mut()
+            .insert(ERROR_CODE_HEADER, HeaderValue::from_static(name));
         if status == StatusCode::PAYLOAD_TOO_LARGE {
             // The rest of the body was not read, so this connection cannot carry
             // another request; say so, or a pooling client reuses it and fails.
@@ -180,9 +226,33 @@ mod tests {
             .await
             .unwrap();
         let body: serde_json::Value = serde_json::from_slice(&body).unwrap();
+        assert_eq!(body["errorCode"], json!(500001));
+        assert_eq!(body["message"], json!("internal error"));
         assert_eq!(
-            body,
-            json!({"errorCode": 500001, "message": "internal error"})
+            body["Message"],
+            json!("ErrorCode:ServerError;internal error")
         );
+        assert!(!body.to_string().contains("redb"), "{body}");
+    }
+
+    #[tokio::test]
+    async fn errors_carry_azures_message_exception_message_and_header() {
+        let response = ApiError::DeviceNotFound("d;1".into()).into_response();
+        assert_eq!(response.status(), StatusCode::NOT_FOUND);
+        assert_eq!(
+            response.headers().get(ERROR_CODE_HEADER).unwrap(),
+            "DeviceNotFound"
+        );
+        let body = axum::body::to_bytes(response.into_body(), 4096)
+            .await
+            .unwrap();
+        let body: serde_json::Value = serde_json::from_slice(&body).unwrap();
+        assert_eq!(body["errorCode"], json!(404001));
+        assert_eq!(body["message"], json!("device d;1 not found"));
+        assert_eq!(
+            body["Message"],
+            json!("ErrorCode:DeviceNotFound;device d,1 not found")
+        );
+        assert_eq!(body["ExceptionMessage"], json!("device d;1 not found"));
     }
 }

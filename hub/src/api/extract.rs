@@ -1,5 +1,6 @@
 //! Extractors whose rejections are [`ApiError`]s: JSON bodies, path parameters, and
-//! [`Authorized`], which checks the bearer token and the scope a handler declares.
+//! [`Authorized`], which checks the credential (a bearer token or a shared access
+//! policy's SAS token) and the scope a handler declares.
 
 use std::marker::PhantomData;
 
@@ -9,6 +10,7 @@ use axum::http::request::Parts;
 use axum::response::{IntoResponse, Response};
 
 use super::{ApiError, AppState};
+use crate::auth::policy::PolicyError;
 use crate::auth::service::{Scope, TokenError};
 
 /// `axum::Json` with [`ApiError`] rejections (400004, 413001, 415001).
@@ -74,14 +76,31 @@ impl<S: RequiredScope> FromRequestParts<AppState> for Authorized<S> {
         let value = value
             .to_str()
             .map_err(|_| ApiError::Unauthenticated("malformed Authorization header".into()))?;
-        let token = match value.split_once(' ') {
-            Some((scheme, token)) if scheme.eq_ignore_ascii_case("bearer") => token.trim(),
-            _ => {
-                return Err(ApiError::Unauthenticated(
-                    "the Authorization header must be `Bearer <token>`".into(),
-                ));
+        let (scheme, credential) = value.split_once(' ').unwrap_or((value, ""));
+        if scheme.eq_ignore_ascii_case("SharedAccessSignature") {
+            let (policy, scopes) = state
+                .policies
+                .verify(value, parts.uri.path(), crate::auth::unix_now())
+                .map_err(|err| match err {
+                    PolicyError::Expired => ApiError::TokenExpired,
+                    other => {
+                        tracing::debug!(reason = %other, "refused shared access signature");
+                        ApiError::Unauthenticated(other.to_string())
+                    }
+                })?;
+            if !scopes.contains(&S::SCOPE) {
+                return Err(ApiError::MissingScope(S::SCOPE));
             }
-        };
+            tracing::debug!(%policy, scope = %S::SCOPE, "authorized request");
+            return Ok(Self(PhantomData));
+        }
+        if !scheme.eq_ignore_ascii_case("bearer") {
+            return Err(ApiError::Unauthenticated(
+                "the Authorization header must be `Bearer <token>` or `SharedAccessSignature …`"
+                    .into(),
+            ));
+        }
+        let token = credential.trim();
         let claims = state.service_key.verify(token).map_err(|err| match err {
             TokenError::Expired => ApiError::TokenExpired,
             TokenError::Invalid(reason) => {

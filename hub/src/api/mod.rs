@@ -45,6 +45,8 @@ pub struct AppState {
     pub registry: Registry,
     /// Verifies bearer tokens.
     pub service_key: Arc<ServiceKey>,
+    /// Verifies shared access signatures of Azure-style policies.
+    pub policies: Arc<crate::auth::policy::Policies>,
     /// Answers readiness checks.
     pub store: Arc<dyn StoreHealth>,
     /// Gateway counters for `/metrics`.
@@ -146,7 +148,10 @@ pub fn router(state: AppState, limits: HttpLimits) -> Router {
             max: limits.max_long_requests,
         }));
     Router::new()
-        .route("/devices", get(devices::list))
+        .route("/devices", get(devices::list).post(devices::bulk))
+        // Azure's service SDKs list with `GET /devices/?api-version=…`.
+        .route("/devices/", get(devices::list).post(devices::bulk))
+        .route("/statistics/devices", get(devices::statistics))
         .route("/cluster", get(cluster::status))
         .route(
             "/devices/{id}",
@@ -158,6 +163,10 @@ pub fn router(state: AppState, limits: HttpLimits) -> Router {
         .route(
             "/messages/serviceBound/feedback/{token}",
             delete(commands::acknowledge),
+        )
+        .route(
+            "/messages/serviceBound/feedback/{token}/abandon",
+            post(commands::abandon),
         )
         .route(
             "/twins/{id}",

@@ -2,7 +2,7 @@
 //! `POST /devices/query` (paged with `x-ms-max-item-count` / `x-ms-continuation`).
 
 use axum::extract::State;
-use axum::http::{HeaderMap, HeaderValue, header};
+use axum::http::{HeaderMap, HeaderName, HeaderValue, header};
 use axum::response::{IntoResponse, Response};
 use base64::Engine;
 use base64::engine::general_purpose::URL_SAFE_NO_PAD;
@@ -33,6 +33,11 @@ impl From<TwinError> for ApiError {
     }
 }
 
+/// Response header of `POST /devices/query`: `twin` or `raw`.
+pub const ITEM_TYPE: HeaderName = HeaderName::from_static("x-ms-item-type");
+/// The largest query page; larger requests are clamped to it.
+const MAX_QUERY_PAGE: usize = 1000;
+
 fn parse_id(raw: &str) -> Result<DeviceId, ApiError> {
     DeviceId::parse(raw).map_err(|err| ApiError::InvalidArgument(err.to_string()))
 }
@@ -48,13 +53,43 @@ fn if_match(headers: &HeaderMap) -> Result<Option<IfMatch>, ApiError> {
         .transpose()
 }
 
-fn respond(state: &AppState, view: &TwinView) -> Response {
-    let body = twins::twin_json(&view.device, &view.twin, state.registry.presence());
+/// Adds `cloudToDeviceMessageCount` (the length of each device's C2D queue, which the
+/// twin service does not know) to twin documents.
+async fn with_queue_counts(state: &AppState, twins: &mut [Value]) -> Result<(), ApiError> {
+    let ids: Vec<DeviceId> = twins
+        .iter()
+        .filter_map(|twin| twin["deviceId"].as_str())
+        .filter_map(|id| DeviceId::parse(id).ok())
+        .collect();
+    let counts = state.commands.queue_lengths(&ids).await?;
+    let mut counts = counts.into_iter();
+    // The ids were taken in order from the documents that have one.
+    for twin in twins {
+        let has_id = twin["deviceId"]
+            .as_str()
+            .is_some_and(|id| DeviceId::parse(id).is_ok());
+        if let (true, Some(object)) = (has_id, twin.as_object_mut())
+            && let Some(count) = counts.next()
+        {
+            object.insert("cloudToDeviceMessageCount".into(), Value::from(count));
+        }
+    }
+    Ok(())
+}
+
+async fn respond(state: &AppState, view: &TwinView) -> Result<Response, ApiError> {
+    let mut body = [twins::twin_json(
+        &view.device,
+        &view.twin,
+        state.registry.presence(),
+    )];
+    with_queue_counts(state, &mut body).await?;
+    let [body] = body;
     let mut response = ApiJson(body).into_response();
     if let Ok(etag) = HeaderValue::from_str(&format!("\"{}\"", twins::etag(&view.twin))) {
         response.headers_mut().insert(header::ETAG, etag);
     }
-    response
+    Ok(response)
 }
 
 /// `GET /twins/{id}`.
@@ -64,7 +99,7 @@ pub async fn get(
     ApiPath(id): ApiPath<String>,
 ) -> Result<Response, ApiError> {
     let view = state.twins.get(&parse_id(&id)?).await?;
-    Ok(respond(&state, &view))
+    respond(&state, &view).await
 }
 
 /// `PATCH /twins/{id}`: merge-patch tags and desired properties.
@@ -79,7 +114,7 @@ pub async fn patch(
         .twins
         .patch(&parse_id(&id)?, body, if_match(&headers)?)
         .await?;
-    Ok(respond(&state, &view))
+    respond(&state, &view).await
 }
 
 /// `PUT /twins/{id}`: replace tags and desired properties.
@@ -94,7 +129,7 @@ pub async fn put(
         .twins
         .replace(&parse_id(&id)?, body, if_match(&headers)?)
         .await?;
-    Ok(respond(&state, &view))
+    respond(&state, &view).await
 }
 
 /// Body of `POST /devices/query`.
@@ -112,16 +147,20 @@ pub async fn query(
 ) -> Result<Response, ApiError> {
     let parsed =
         query::parse(&body.query).map_err(|err| ApiError::InvalidArgument(err.to_string()))?;
+    // Above the maximum is clamped (Azure does the same; its SDKs let callers ask
+    // for any page size), zero or garbage refused.
     let limit = match headers
         .get(&MAX_ITEM_COUNT)
         .map(|v| v.to_str().map(str::trim))
     {
         None => 100,
-        Some(Ok(raw)) => match raw.parse::<usize>() {
-            Ok(n) if (1..=1000).contains(&n) => n,
+        Some(Ok(raw)) => match raw.parse::<u64>() {
+            Ok(n) if n >= 1 => usize::try_from(n)
+                .unwrap_or(MAX_QUERY_PAGE)
+                .min(MAX_QUERY_PAGE),
             _ => {
                 return Err(ApiError::InvalidArgument(format!(
-                    "{MAX_ITEM_COUNT} must be an integer from 1 to 1000"
+                    "{MAX_ITEM_COUNT} must be a positive integer (pages hold at most {MAX_QUERY_PAGE})"
                 )));
             }
         },
@@ -144,7 +183,18 @@ pub async fn query(
             })?,
     };
     let page = state.twins.query(&parsed, skip, limit).await?;
-    let mut response = ApiJson(Value::Array(page.items)).into_response();
+    let whole_twins = parsed.selection == query::Selection::All;
+    let mut items = page.items;
+    if whole_twins {
+        with_queue_counts(&state, &mut items).await?;
+    }
+    let mut response = ApiJson(Value::Array(items)).into_response();
+    // What the items are, as Azure says it: whole twins, or rows of projections and
+    // aggregates. The SDKs' `nextAsTwin` reads twins either way.
+    response.headers_mut().insert(
+        ITEM_TYPE,
+        HeaderValue::from_static(if whole_twins { "twin" } else { "raw" }),
+    );
     if let Some(next) = page.next_skip
         && let Ok(value) = HeaderValue::from_str(&URL_SAFE_NO_PAD.encode(format!("skip:{next}")))
     {

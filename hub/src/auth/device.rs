@@ -30,6 +30,29 @@ pub enum AuthMethod {
 }
 
 impl AuthMethod {
+    /// Every method, for lookups by [`AuthMethod::tag`].
+    pub const ALL: [AuthMethod; 4] = [
+        AuthMethod::Sas,
+        AuthMethod::Jwt,
+        AuthMethod::X509Ca,
+        AuthMethod::X509Thumbprint,
+    ];
+
+    /// A short name (the stamp's `type`), as stored with each telemetry record.
+    pub fn tag(self) -> &'static str {
+        match self {
+            AuthMethod::Sas => "sas",
+            AuthMethod::Jwt => "jwt",
+            AuthMethod::X509Ca => "x509Certificate",
+            AuthMethod::X509Thumbprint => "x509Thumbprint",
+        }
+    }
+
+    /// The method named by [`AuthMethod::tag`].
+    pub fn from_tag(tag: &str) -> Option<Self> {
+        Self::ALL.into_iter().find(|method| method.tag() == tag)
+    }
+
     /// The `iothub-connection-auth-method` stamp, in Azure's shape.
     pub fn stamp(self) -> &'static str {
         match self {

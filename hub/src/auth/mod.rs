@@ -1,9 +1,11 @@
 //! Authentication. Devices: SAS tokens ([`sas`]), device JWTs ([`jwt`]) and X.509
 //! client certificates ([`x509`]), combined with the registry by
-//! [`device::DeviceAuthenticator`]. Services: bearer tokens ([`service`]).
+//! [`device::DeviceAuthenticator`]. Services: bearer tokens ([`service`]) and Azure's
+//! shared access policies ([`policy`]).
 
 pub mod device;
 pub mod jwt;
+pub mod policy;
 pub mod sas;
 pub mod service;
 pub mod x509;

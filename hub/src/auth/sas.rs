@@ -1,6 +1,8 @@
 //! SAS tokens: `SharedAccessSignature sr=<url-encoded resource>&sig=<url-encoded
 //! base64 HMAC-SHA256>&se=<unix expiry>` (fields in any order), signed with a device's
 //! primary or secondary key over `sr` exactly as received, `"\n"`, and `se`.
+//! Service tokens of shared access policies have the same form plus `skn=<policy>`;
+//! [`crate::auth::policy`] checks them with the pieces exposed here.
 
 use base64::Engine;
 use base64::engine::general_purpose::STANDARD;
@@ -42,7 +44,8 @@ pub struct SasToken {
     /// Expiry, seconds since the Unix epoch.
     pub expiry: u64,
     signature: Vec<u8>,
-    has_policy: bool,
+    /// `skn`, the policy name, when present.
+    policy: Option<String>,
 }
 
 impl std::fmt::Debug for SasToken {
@@ -61,7 +64,7 @@ impl SasToken {
             .trim()
             .strip_prefix("SharedAccessSignature ")
             .ok_or(SasError::Malformed("missing SharedAccessSignature prefix"))?;
-        let (mut sr, mut sig, mut se, mut has_policy) = (None, None, None, false);
+        let (mut sr, mut sig, mut se, mut policy) = (None, None, None, None);
         for field in fields.split('&') {
             let (key, value) = field
                 .split_once('=')
@@ -70,7 +73,7 @@ impl SasToken {
                 "sr" => sr = Some(value),
                 "sig" => sig = Some(value),
                 "se" => se = Some(value),
-                "skn" => has_policy = true,
+                "skn" => policy = Some(value),
                 _ => {}
             }
         }
@@ -85,12 +88,47 @@ impl SasToken {
         let signature = STANDARD
             .decode(sig.as_bytes())
             .map_err(|_| SasError::Malformed("sig is not base64"))?;
+        let policy = policy
+            .map(|raw| {
+                percent_decode_str(raw)
+                    .decode_utf8()
+                    .map(|name| name.into_owned())
+                    .map_err(|_| SasError::Malformed("skn is not UTF-8"))
+            })
+            .transpose()?;
         Ok(Self {
             sr_raw,
             se_raw,
             expiry,
             signature,
-            has_policy,
+            policy,
+        })
+    }
+
+    /// `skn`: the shared access policy that signed the token, if any.
+    pub fn policy(&self) -> Option<&str> {
+        self.policy.as_deref()
+    }
+
+    /// `sr`, URL-decoded: the resource the token grants.
+    pub fn resource(&self) -> Result<String, SasError> {
+        percent_decode_str(&self.sr_raw)
+            .decode_utf8()
+            .map(|resource| resource.into_owned())
+            .map_err(|_| SasError::Malformed("sr is not UTF-8"))
+    }
+
+    /// Which of `keys` (raw, base64-decoded) signed `sr` as received, `"\n"` and
+    /// `se`, if any. Each comparison is constant-time.
+    pub fn signed_by(&self, keys: &[&[u8]]) -> Option<usize> {
+        let message = format!("{}\n{}", self.sr_raw, self.se_raw);
+        keys.iter().position(|key| {
+            let Ok(mut mac) = Hmac::<Sha256>::new_from_slice(key) else {
+                return false;
+            };
+            mac.update(message.as_bytes());
+            // verify_slice compares in constant time.
+            mac.verify_slice(&self.signature).is_ok()
         })
     }
 
@@ -116,30 +154,18 @@ impl SasToken {
         keys: &[&[u8]],
         now: u64,
     ) -> Result<(u64, usize), SasError> {
-        if self.has_policy {
+        if self.policy.is_some() {
             return Err(SasError::PolicyKey);
         }
         if self.expiry <= now {
             return Err(SasError::Expired);
         }
-        let resource = percent_decode_str(&self.sr_raw)
-            .decode_utf8()
-            .map_err(|_| SasError::Malformed("sr is not UTF-8"))?;
-        if !resource_matches(&resource, hostname, device_id) {
+        if !resource_matches(&self.resource()?, hostname, device_id) {
             return Err(SasError::WrongResource);
         }
-        let message = format!("{}\n{}", self.sr_raw, self.se_raw);
-        for (index, key) in keys.iter().enumerate() {
-            let Ok(mut mac) = Hmac::<Sha256>::new_from_slice(key) else {
-                continue;
-            };
-            mac.update(message.as_bytes());
-            // verify_slice compares in constant time.
-            if mac.verify_slice(&self.signature).is_ok() {
-                return Ok((self.expiry, index));
-            }
-        }
-        Err(SasError::BadSignature)
+        self.signed_by(keys)
+            .map(|index| (self.expiry, index))
+            .ok_or(SasError::BadSignature)
     }
 }
 
@@ -163,8 +189,12 @@ fn resource_matches(resource: &str, hostname: &str, device_id: &str) -> bool {
 /// Signs a SAS token (what a device or the device SDK does); used by tests and
 /// tools. `sr` is URL-encoded here.
 pub fn sign(hostname: &str, device_id: &str, key: &[u8], expiry: u64) -> String {
-    let resource = format!("{hostname}/devices/{device_id}");
-    let sr = percent_encoding::utf8_percent_encode(&resource, percent_encoding::NON_ALPHANUMERIC)
+    sign_resource(&format!("{hostname}/devices/{device_id}"), key, expiry)
+}
+
+/// Signs a SAS token for any resource (`sr`, URL-encoded here), without `skn`.
+pub fn sign_resource(resource: &str, key: &[u8], expiry: u64) -> String {
+    let sr = percent_encoding::utf8_percent_encode(resource, percent_encoding::NON_ALPHANUMERIC)
         .to_string();
     let mut mac = match Hmac::<Sha256>::new_from_slice(key) {
         Ok(mac) => mac,

@@ -1,11 +1,13 @@
 //! The admin CLI: `hub token`, `hub device …`, `hub twin …`, `hub c2d …`, `hub invoke`
 //! `hub cluster status` and `hub tail` (clients of the REST API, authorized with short-lived tokens minted from the data dir's owner key), and
-//! `hub cert device`.
+//! `hub cert device`, and `hub connection-string` and `hub policy …` (the shared access
+//! policies in the data dir).
 
 mod client;
 mod cluster;
 mod commands;
 mod device;
+mod policy;
 mod tail;
 mod twin;
 
@@ -20,6 +22,7 @@ use hub::data_dir;
 pub use cluster::{ClusterCommand, cluster};
 pub use commands::{C2dCommand, InvokeArgs, c2d, invoke};
 pub use device::{DeviceCommand, device};
+pub use policy::{ConnectionStringArgs, PolicyCommand, connection_string, policy};
 pub use tail::{TailArgs, tail};
 pub use twin::{TwinCommand, twin};
 

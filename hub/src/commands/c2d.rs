@@ -337,6 +337,9 @@ pub trait CommandStore: Send + Sync + 'static {
     /// Deletes the records of the batch locked under `token`; `false` when the token
     /// is unknown or its lock expired (the records are offered again).
     async fn acknowledge_feedback(&self, token: &str) -> Result<bool, StoreError>;
+    /// Releases the batch locked under `token` without deleting it: its records are
+    /// offered again at once. `false` when the token is unknown or its lock expired.
+    async fn abandon_feedback(&self, token: &str) -> Result<bool, StoreError>;
 }
 
 #[cfg(test)]

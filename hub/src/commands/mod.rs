@@ -564,6 +564,16 @@ impl Commands {
         }
     }
 
+    /// Abandons the feedback batch of `token`: its records are offered again at once.
+    pub async fn abandon_feedback(&self, token: &str) -> Result<(), CommandError> {
+        if self.inner.store.abandon_feedback(token).await? {
+            self.inner.feedback_added.notify_waiters();
+            Ok(())
+        } else {
+            Err(CommandError::UnknownLock)
+        }
+    }
+
     /// Invokes direct method `name` on `device`, wherever it is connected.
     pub async fn invoke(
         &self,

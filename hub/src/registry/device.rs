@@ -133,14 +133,23 @@ pub struct AuthenticationSpec {
     pub x509_thumbprint: Option<X509Thumbprint>,
 }
 
-/// Symmetric keys in a request; each absent one is generated (or kept on update).
+/// Symmetric keys in a request; each absent one is generated (or kept on update). An
+/// empty string counts as absent: Azure's service SDKs send `""` for "generate one"
+/// (Node's `registry.create` fills in `{primaryKey: '', secondaryKey: ''}`).
 #[derive(Clone, Default, Deserialize)]
 #[serde(rename_all = "camelCase")]
 pub struct SymmetricKeySpec {
     /// Primary key, base64 of 16 to 64 bytes.
+    #[serde(default, deserialize_with = "empty_as_none")]
     pub primary_key: Option<String>,
     /// Secondary key, base64 of 16 to 64 bytes.
+    #[serde(default, deserialize_with = "empty_as_none")]
     pub secondary_key: Option<String>,
+}
+
+fn empty_as_none<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<String>, D::Error> {
+    let value = Option::<String>::deserialize(d)?;
+    Ok(value.filter(|key| !key.is_empty()))
 }
 
 impl std::fmt::Debug for SymmetricKeySpec {

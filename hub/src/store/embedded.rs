@@ -863,6 +863,15 @@ impl CommandStore for EmbeddedStore {
             .await?;
         Ok(true)
     }
+
+    async fn abandon_feedback(&self, token: &str) -> Result<bool, StoreError> {
+        let mut locks = self
+            .feedback_locks
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
+        // The records were never removed: dropping the lock frees them.
+        Ok(matches!(locks.remove(token), Some((_, until)) if until > Instant::now()))
+    }
 }
 
 impl EmbeddedStore {

@@ -10,6 +10,7 @@ use bytes::{Bytes, BytesMut};
 use serde::{Deserialize, Serialize};
 use time::OffsetDateTime;
 
+use crate::auth::device::AuthMethod;
 use crate::gateway::services::TelemetryMessage;
 
 /// Device property-bag keys and the system property names they are stored under
@@ -35,16 +36,116 @@ fn kept_under_own_name(key: &str) -> bool {
 
 /// The system property the model id from the CONNECT username is stamped as.
 const DATA_SCHEMA: &str = "dt-dataschema";
+/// The system properties the hub stamps on every message.
+const DEVICE_ID: &str = "iothub-connection-device-id";
+const AUTH_METHOD: &str = "iothub-connection-auth-method";
+const ENQUEUED_TIME: &str = "iothub-enqueuedtime";
 
-/// What is stored with each message besides its body.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+fn rfc3339(time: OffsetDateTime) -> String {
+    time.format(&time::format_description::well_known::Rfc3339)
+        .unwrap_or_default()
+}
+
+/// What is stored with each message besides its body, as read back. Records written
+/// before the hub stored the auth method as a tag (`m`) carry every stamped system
+/// property in `s`; newer ones leave out what the record already says (the device id,
+/// the receipt time) and what the tag names, and [`decode`] adds them back.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
 struct Meta {
     #[serde(rename = "d")]
     device_id: String,
+    #[serde(rename = "m", default)]
+    auth_method: Option<String>,
     #[serde(rename = "s")]
     system_properties: BTreeMap<String, String>,
     #[serde(rename = "p")]
     properties: BTreeMap<String, String>,
+}
+
+/// Where a property-bag key goes in the stored record.
+enum Destination {
+    /// A system property, under this name.
+    System(&'static str),
+    /// A system property under its own bag name.
+    SystemAsIs,
+    /// An application property.
+    Application,
+    /// A reserved `$.` key the hub does not keep.
+    Dropped,
+}
+
+fn destination(key: &str) -> Destination {
+    match SYSTEM_PROPERTIES
+        .iter()
+        .find(|(bag_key, _)| *bag_key == key)
+    {
+        Some((_, name)) => Destination::System(name),
+        None if kept_under_own_name(key) => Destination::SystemAsIs,
+        // Unknown `$.` keys are reserved for the hub; they are not application
+        // properties.
+        None if key.starts_with("$.") => Destination::Dropped,
+        None => Destination::Application,
+    }
+}
+
+/// The stored metadata of a message, serialized straight from the gateway's message:
+/// no intermediate maps, no copies of its strings (the ingest hot path). A key the bag
+/// holds twice is written twice; reading keeps the last, as a map built here would.
+struct MetaOut<'a>(&'a TelemetryMessage);
+
+/// The system or the application properties of a message's bag.
+struct BagOut<'a> {
+    message: &'a TelemetryMessage,
+    system: bool,
+}
+
+impl Serialize for MetaOut<'_> {
+    fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        use serde::ser::SerializeMap;
+        let message = self.0;
+        let mut map = serializer.serialize_map(Some(4))?;
+        map.serialize_entry("d", message.device_id.as_str())?;
+        map.serialize_entry("m", message.auth_method.tag())?;
+        map.serialize_entry(
+            "s",
+            &BagOut {
+                message,
+                system: true,
+            },
+        )?;
+        map.serialize_entry(
+            "p",
+            &BagOut {
+                message,
+                system: false,
+            },
+        )?;
+        map.end()
+    }
+}
+
+impl Serialize for BagOut<'_> {
+    fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        use serde::ser::SerializeMap;
+        let mut map = serializer.serialize_map(None)?;
+        for (key, value) in &self.message.properties.0 {
+            match (destination(key), self.system) {
+                (Destination::System(name), true) => map.serialize_entry(name, value)?,
+                (Destination::SystemAsIs, true) | (Destination::Application, false) => {
+                    map.serialize_entry(key, value)?
+                }
+                _ => {}
+            }
+        }
+        // Stamped by the hub from the authenticated connection: no bag key maps to
+        // it, so a device cannot claim another model per message.
+        if self.system
+            && let Some(model_id) = &self.message.model_id
+        {
+            map.serialize_entry(DATA_SCHEMA, model_id)?;
+        }
+        map.end()
+    }
 }
 
 /// A message read back from a partition.
@@ -82,54 +183,25 @@ pub const ENCODING_OVERHEAD: usize = 4096;
 /// (`%01` → `\u0001`), so body + 2 × bag + overhead must stay within the record limit.
 pub const MAX_TELEMETRY_BYTES: usize = (super::segment::MAX_PAYLOAD - ENCODING_OVERHEAD) / 2;
 
-/// Encodes a gateway message into a record payload: `meta length | meta JSON | body`.
+/// Encodes a gateway message into a record payload: `meta length | meta JSON | body`,
+/// in one buffer sized up front.
 pub fn encode(message: &TelemetryMessage) -> Bytes {
-    let mut system_properties = BTreeMap::new();
-    let mut properties = BTreeMap::new();
-    for (key, value) in &message.properties.0 {
-        match SYSTEM_PROPERTIES.iter().find(|(bag_key, _)| bag_key == key) {
-            Some((_, name)) => {
-                system_properties.insert((*name).to_string(), value.clone());
-            }
-            None if kept_under_own_name(key) => {
-                system_properties.insert(key.clone(), value.clone());
-            }
-            // Unknown `$.` keys are reserved for the hub; they are not application
-            // properties.
-            None if key.starts_with("$.") => {}
-            None => {
-                properties.insert(key.clone(), value.clone());
-            }
-        }
-    }
-    let enqueued = message
-        .enqueued_at
-        .format(&time::format_description::well_known::Rfc3339)
-        .unwrap_or_default();
-    system_properties.insert(
-        "iothub-connection-device-id".into(),
-        message.device_id.to_string(),
-    );
-    system_properties.insert(
-        "iothub-connection-auth-method".into(),
-        message.auth_method.stamp().into(),
-    );
-    system_properties.insert("iothub-enqueuedtime".into(), enqueued);
-    // Stamped by the hub from the authenticated connection: no bag key maps to it, so
-    // a device cannot claim another model per message.
-    if let Some(model_id) = &message.model_id {
-        system_properties.insert(DATA_SCHEMA.into(), model_id.clone());
-    }
-    let meta = Meta {
-        device_id: message.device_id.to_string(),
-        system_properties,
-        properties,
-    };
-    // A map of strings always serializes.
-    let meta = serde_json::to_vec(&meta).unwrap_or_default();
-    let mut out = BytesMut::with_capacity(4 + meta.len() + message.body.len());
-    out.extend_from_slice(&(meta.len() as u32).to_le_bytes());
-    out.extend_from_slice(&meta);
+    use bytes::BufMut;
+    // JSON escaping can at most double the bag; the rest is framing and short names.
+    let estimate = 4
+        + 160
+        + message.device_id.as_str().len()
+        + 2 * message.properties.byte_len()
+        + message.model_id.as_ref().map_or(0, |m| 2 * m.len())
+        + message.body.len();
+    let mut out = BytesMut::with_capacity(estimate);
+    out.put_u32_le(0);
+    let mut writer = out.writer();
+    // Serializing strings into memory cannot fail.
+    let _ = serde_json::to_writer(&mut writer, &MetaOut(message));
+    let mut out = writer.into_inner();
+    let meta_len = (out.len() - 4) as u32;
+    out[..4].copy_from_slice(&meta_len.to_le_bytes());
     out.extend_from_slice(&message.body);
     out.freeze()
 }
@@ -148,11 +220,19 @@ pub fn decode(offset: u64, time: i64, payload: &Bytes) -> Result<StoredMessage, 
     let meta_bytes = payload
         .get(4..4 + len)
         .ok_or_else(|| err("short metadata"))?;
-    let meta: Meta = serde_json::from_slice(meta_bytes).map_err(|e| err(&e.to_string()))?;
+    let mut meta: Meta = serde_json::from_slice(meta_bytes).map_err(|e| err(&e.to_string()))?;
+    let enqueued_time = OffsetDateTime::from_unix_timestamp_nanos(i128::from(time))
+        .unwrap_or(OffsetDateTime::UNIX_EPOCH);
+    if let Some(tag) = &meta.auth_method {
+        let method = AuthMethod::from_tag(tag).ok_or_else(|| err("unknown auth method"))?;
+        let system = &mut meta.system_properties;
+        system.insert(AUTH_METHOD.into(), method.stamp().into());
+        system.insert(DEVICE_ID.into(), meta.device_id.clone());
+        system.insert(ENQUEUED_TIME.into(), rfc3339(enqueued_time));
+    }
     Ok(StoredMessage {
         offset,
-        enqueued_time: OffsetDateTime::from_unix_timestamp_nanos(i128::from(time))
-            .unwrap_or(OffsetDateTime::UNIX_EPOCH),
+        enqueued_time,
         device_id: meta.device_id,
         system_properties: meta.system_properties,
         properties: meta.properties,
@@ -177,10 +257,7 @@ pub fn to_json(message: &StoredMessage) -> serde_json::Value {
         .unwrap_or_else(|| serde_json::Value::String(STANDARD.encode(&message.body)));
     serde_json::json!({
         "offset": message.offset,
-        "enqueuedTime": message
-            .enqueued_time
-            .format(&time::format_description::well_known::Rfc3339)
-            .unwrap_or_default(),
+        "enqueuedTime": rfc3339(message.enqueued_time),
         "deviceId": message.device_id,
         "systemProperties": message.system_properties,
         "properties": message.properties,
@@ -273,6 +350,40 @@ mod tests {
         assert_eq!(stored.properties.len(), 1);
         assert_eq!(stored.properties["temp"], "hot");
         assert_eq!(stored.body.as_ref(), b"{\"t\":1}");
+    }
+
+    #[test]
+    fn records_written_before_the_auth_method_tag_read_the_same() {
+        // The layout stored until the hub kept the auth method as a tag: every stamp
+        // in `s`.
+        let meta = br#"{"d":"d1","s":{"iothub-connection-auth-method":"{\"scope\":\"device\",\"type\":\"sas\",\"issuer\":\"iothub\"}","iothub-connection-device-id":"d1","iothub-enqueuedtime":"2027-01-15T08:00:00Z","message-id":"m1"},"p":{"temp":"hot"}}"#;
+        let mut legacy = (meta.len() as u32).to_le_bytes().to_vec();
+        legacy.extend_from_slice(meta);
+        legacy.extend_from_slice(b"{\"t\":1}");
+        let time = 1_800_000_000_000_000_000;
+        let old = decode(7, time, &Bytes::from(legacy)).unwrap();
+        let m = message(&[("$.mid", "m1"), ("temp", "hot")], b"{\"t\":1}");
+        let new = decode(7, time, &encode(&m)).unwrap();
+        assert_eq!(old, new);
+    }
+
+    #[test]
+    fn a_key_given_twice_keeps_the_last_value() {
+        let m = message(
+            &[("a", "1"), ("a", "2"), ("$.mid", "x"), ("$.mid", "y")],
+            b"",
+        );
+        let stored = decode(0, 0, &encode(&m)).unwrap();
+        assert_eq!(stored.properties["a"], "2");
+        assert_eq!(stored.system_properties["message-id"], "y");
+    }
+
+    #[test]
+    fn a_record_naming_an_unknown_auth_method_is_refused() {
+        let meta = br#"{"d":"d1","m":"telepathy","s":{},"p":{}}"#;
+        let mut record = (meta.len() as u32).to_le_bytes().to_vec();
+        record.extend_from_slice(meta);
+        assert!(decode(0, 0, &Bytes::from(record)).is_err());
     }
 
     #[test]

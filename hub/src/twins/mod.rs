@@ -34,7 +34,9 @@ use crate::gateway::connections::Connections;
 use crate::gateway::services::{TwinReply, TwinRequests, twin_error_code};
 use crate::gateway::session::{Outbound, TwinOp};
 use crate::gateway::topic::{self, Subscription};
-use crate::registry::{Device, DeviceId, IfMatch, Registry, RegistryError, RegistryObserver};
+use crate::registry::{
+    AuthType, Device, DeviceId, IfMatch, Registry, RegistryError, RegistryObserver,
+};
 use crate::store::StoreError;
 use document::{PatchError, TwinDocument, TwinLimits};
 
@@ -615,12 +617,14 @@ async fn follow(
 }
 
 /// Registry fields a query may filter on.
-const DEVICE_FIELDS: [&str; 5] = [
+const DEVICE_FIELDS: [&str; 7] = [
     "status",
     "statusReason",
     "connectionState",
     "lastActivityTime",
     "generationId",
+    "statusUpdateTime",
+    "authenticationType",
 ];
 
 /// One twin as a query row.
@@ -707,6 +711,38 @@ fn device_fields(device: &Device, presence: &crate::registry::Presence) -> Map<S
         })
         .map_or(Value::Null, Value::String),
     );
+    // The rest of Azure's twin fields, so back ends reading them find them.
+    out.insert(
+        "statusUpdateTime".into(),
+        device
+            .status_updated_time
+            .format(&time::format_description::well_known::Rfc3339)
+            .map_or(Value::Null, Value::String),
+    );
+    out.insert(
+        "authenticationType".into(),
+        Value::String(
+            match device.authentication.kind {
+                // A JWT device holds symmetric keys too; Azure knows no JWT type.
+                AuthType::Sas | AuthType::Jwt => "sas",
+                AuthType::SelfSigned => "selfSigned",
+                AuthType::CertificateAuthority => "certificateAuthority",
+            }
+            .into(),
+        ),
+    );
+    let thumbprint = &device.authentication.x509_thumbprint;
+    out.insert(
+        "x509Thumbprint".into(),
+        json!({
+            "primaryThumbprint": thumbprint.primary_thumbprint,
+            "secondaryThumbprint": thumbprint.secondary_thumbprint,
+        }),
+    );
+    // No Plug and Play model is registered for a device through the service API, and
+    // there are no IoT Edge devices: Azure's values for a plain device.
+    out.insert("modelId".into(), Value::String(String::new()));
+    out.insert("capabilities".into(), json!({ "iotEdge": false }));
     out
 }
 

@@ -1,7 +1,10 @@
 //! The device query language (DESIGN section 3): a hand-written tokenizer and
 //! recursive-descent parser for
 //! `SELECT [TOP n] * | COUNT() [AS x] | fields FROM devices [WHERE …] [GROUP BY …]`
-//! with `= != <> < > <= >= AND OR NOT IN NIN IS_DEFINED()`, and an evaluator over
+//! with `= != <> < > <= >= AND OR NOT IN NIN`, the type checks `IS_DEFINED()`,
+//! `IS_ARRAY()`, `IS_BOOL()`, `IS_NULL()`, `IS_NUMBER()`, `IS_OBJECT()`,
+//! `IS_PRIMITIVE()`, `IS_STRING()` and `STARTSWITH(x, y)`, `ENDSWITH(x, y)` (Azure's
+//! twin query functions), and an evaluator over
 //! rows that resolve dotted paths. Errors name the position in the query text.
 //!
 //! Comparisons follow the SQL-like rules of Azure's query language: a missing field
@@ -99,6 +102,55 @@ pub enum Expr {
     In(Operand, Vec<Value>, bool),
     /// `IS_DEFINED(path)`.
     IsDefined(Path),
+    /// `IS_ARRAY(path)`, `IS_STRING(path)`, …: whether the field is defined and of
+    /// that type.
+    IsType(TypeCheck, Path),
+    /// `STARTSWITH(a, b)` or `ENDSWITH(a, b)` (`suffix`): undefined unless both are
+    /// strings.
+    StartsWith(Operand, Operand, bool),
+}
+
+/// The JSON type an `IS_*` function checks.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum TypeCheck {
+    /// `IS_ARRAY`
+    Array,
+    /// `IS_BOOL`
+    Bool,
+    /// `IS_NULL`
+    Null,
+    /// `IS_NUMBER`
+    Number,
+    /// `IS_OBJECT`
+    Object,
+    /// `IS_PRIMITIVE`: string, number, boolean or null.
+    Primitive,
+    /// `IS_STRING`
+    String,
+}
+
+impl TypeCheck {
+    const ALL: [(&'static str, TypeCheck); 7] = [
+        ("IS_ARRAY", TypeCheck::Array),
+        ("IS_BOOL", TypeCheck::Bool),
+        ("IS_NULL", TypeCheck::Null),
+        ("IS_NUMBER", TypeCheck::Number),
+        ("IS_OBJECT", TypeCheck::Object),
+        ("IS_PRIMITIVE", TypeCheck::Primitive),
+        ("IS_STRING", TypeCheck::String),
+    ];
+
+    fn matches(self, value: &Value) -> bool {
+        match self {
+            TypeCheck::Array => value.is_array(),
+            TypeCheck::Bool => value.is_boolean(),
+            TypeCheck::Null => value.is_null(),
+            TypeCheck::Number => value.is_number(),
+            TypeCheck::Object => value.is_object(),
+            TypeCheck::Primitive => !value.is_array() && !value.is_object(),
+            TypeCheck::String => value.is_string(),
+        }
+    }
 }
 
 /// A comparison side.
@@ -470,6 +522,24 @@ impl Parser {
             self.expect_symbol(")")?;
             return Ok(Expr::IsDefined(path));
         }
+        for (name, check) in TypeCheck::ALL {
+            if self.keyword(name) {
+                self.expect_symbol("(")?;
+                let path = self.path()?;
+                self.expect_symbol(")")?;
+                return Ok(Expr::IsType(check, path));
+            }
+        }
+        for (name, suffix) in [("STARTSWITH", false), ("ENDSWITH", true)] {
+            if self.keyword(name) {
+                self.expect_symbol("(")?;
+                let text = self.operand()?;
+                self.expect_symbol(",")?;
+                let affix = self.operand()?;
+                self.expect_symbol(")")?;
+                return Ok(Expr::StartsWith(text, affix, suffix));
+            }
+        }
         let left = self.operand()?;
         for (keyword, negated) in [("IN", false), ("NIN", true)] {
             if self.keyword(keyword) {
@@ -542,6 +612,15 @@ fn is_reserved(word: &str) -> bool {
         "AS",
         "COUNT",
         "IS_DEFINED",
+        "IS_ARRAY",
+        "IS_BOOL",
+        "IS_NULL",
+        "IS_NUMBER",
+        "IS_OBJECT",
+        "IS_PRIMITIVE",
+        "IS_STRING",
+        "STARTSWITH",
+        "ENDSWITH",
     ]
     .iter()
     .any(|w| word.eq_ignore_ascii_case(w))
@@ -627,7 +706,16 @@ impl Query {
                         }
                     }
                 }
-                Expr::In(Operand::Field(p), _, _) | Expr::IsDefined(p) => out.push(p),
+                Expr::In(Operand::Field(p), _, _) | Expr::IsDefined(p) | Expr::IsType(_, p) => {
+                    out.push(p)
+                }
+                Expr::StartsWith(l, r, _) => {
+                    for side in [l, r] {
+                        if let Operand::Field(p) = side {
+                            out.push(p);
+                        }
+                    }
+                }
                 Expr::In(..) => {}
             }
         }
@@ -710,6 +798,18 @@ pub fn evaluate(expr: &Expr, row: &dyn Row) -> Option<bool> {
         }
         Expr::Not(a) => evaluate(a, row).map(|v| !v),
         Expr::IsDefined(path) => Some(row.get(path).is_some()),
+        Expr::IsType(check, path) => Some(row.get(path).is_some_and(|v| check.matches(&v))),
+        Expr::StartsWith(text, affix, suffix) => {
+            let (Value::String(text), Value::String(affix)) =
+                (operand(row, text)?, operand(row, affix)?)
+            else {
+                return None;
+            };
+            Some(match suffix {
+                false => text.starts_with(&affix),
+                true => text.ends_with(&affix),
+            })
+        }
         Expr::Compare(l, op, r) => {
             let ordering = compare(&operand(row, l)?, &operand(row, r)?)?;
             Some(match op {
@@ -841,6 +941,37 @@ mod tests {
             json!({"deviceId": "b", "tags": {"site": "oslo", "floor": 3}, "properties": {"reported": {"fw": 4}}}),
             json!({"deviceId": "c", "tags": {"site": "bergen"}, "properties": {"reported": {}}}),
         ]
+    }
+
+    #[test]
+    fn string_prefix_suffix_and_type_functions() {
+        let docs = vec![
+            json!({"deviceId": "sensor-1", "tags": {"site": "oslo-west", "list": [1], "n": null}}),
+            json!({"deviceId": "sensor-2", "tags": {"site": "bergen", "list": {"a": 1}, "n": 3}}),
+            json!({"deviceId": "pump-1", "tags": {"site": 7}}),
+        ];
+        let q = |where_: &str| run(&format!("SELECT * FROM devices WHERE {where_}"), &docs);
+        assert_eq!(
+            q("STARTSWITH(deviceId, 'sensor-')"),
+            ["sensor-1", "sensor-2"]
+        );
+        assert_eq!(q("startswith(tags.site, 'oslo')"), ["sensor-1"]);
+        assert_eq!(q("ENDSWITH(deviceId, '-1')"), ["sensor-1", "pump-1"]);
+        // A number is not a string: undefined, so NOT does not match it either.
+        assert_eq!(q("NOT STARTSWITH(tags.site, 'b')"), ["sensor-1"]);
+        assert_eq!(q("IS_ARRAY(tags.list)"), ["sensor-1"]);
+        assert_eq!(q("IS_OBJECT(tags.list)"), ["sensor-2"]);
+        assert_eq!(q("IS_NULL(tags.n)"), ["sensor-1"]);
+        assert_eq!(q("IS_NUMBER(tags.n)"), ["sensor-2"]);
+        assert_eq!(q("IS_STRING(tags.site)"), ["sensor-1", "sensor-2"]);
+        assert_eq!(q("IS_BOOL(tags.site)"), Vec::<String>::new());
+        assert_eq!(
+            q("IS_PRIMITIVE(tags.n)"),
+            ["sensor-1", "sensor-2"],
+            "null and numbers are primitive; a missing field is not"
+        );
+        assert!(parse("SELECT * FROM devices WHERE STARTSWITH(deviceId)").is_err());
+        assert!(parse("SELECT * FROM devices WHERE IS_STRING('x')").is_err());
     }
 
     #[test]

@@ -750,16 +750,36 @@ impl CommandStore for NatsCommands {
     }
 
     async fn acknowledge_feedback(&self, token: &str) -> Result<bool, StoreError> {
+        let Some(lock) = self.read_lock(token).await? else {
+            return Ok(false);
+        };
+        self.settle(token, &lock, b"+ACK").await?;
+        Ok(true)
+    }
+
+    async fn abandon_feedback(&self, token: &str) -> Result<bool, StoreError> {
+        let Some(lock) = self.read_lock(token).await? else {
+            return Ok(false);
+        };
+        // A NAK redelivers at once (an ack would delete).
+        self.settle(token, &lock, b"-NAK").await?;
+        Ok(true)
+    }
+}
+
+impl NatsCommands {
+    /// The live lock under `token`, if any.
+    async fn read_lock(&self, token: &str) -> Result<Option<StoredLock>, StoreError> {
         // Lock tokens are hex; anything else names no lock (and no KV key).
         if token.is_empty() || !token.bytes().all(|b| b.is_ascii_hexdigit()) {
-            return Ok(false);
+            return Ok(None);
         }
         let stored = self
             .store
             .retrying("read a C2D feedback lock", || self.locks.get(token))
             .await?;
         let Some(stored) = stored else {
-            return Ok(false);
+            return Ok(None);
         };
         let lock: StoredLock =
             serde_json::from_slice(&stored).map_err(|e| StoreError::Corrupt {
@@ -767,9 +787,17 @@ impl CommandStore for NatsCommands {
                 key: token.to_string(),
                 reason: e.to_string(),
             })?;
-        if lock.until_ms <= unix_ms() {
-            return Ok(false);
-        }
+        Ok((lock.until_ms > unix_ms()).then_some(lock))
+    }
+
+    /// Answers every record of a lock with `reply` (`+ACK` deletes, `-NAK`
+    /// redelivers) and drops the lock.
+    async fn settle(
+        &self,
+        token: &str,
+        lock: &StoredLock,
+        reply: &'static [u8],
+    ) -> Result<(), StoreError> {
         let client = self.store.client();
         for ack in &lock.acks {
             // A request, not a publish: JetStream answers once the ack is applied. A
@@ -778,7 +806,7 @@ impl CommandStore for NatsCommands {
             for attempt in 1..=ACK_TRIES {
                 let answer = tokio::time::timeout(
                     ACK_TIMEOUT,
-                    client.request(ack.clone(), Bytes::from_static(b"+ACK")),
+                    client.request(ack.clone(), Bytes::from_static(reply)),
                 )
                 .await;
                 match answer {
@@ -793,7 +821,7 @@ impl CommandStore for NatsCommands {
         self.store
             .retrying("drop a C2D feedback lock", || self.locks.purge(token))
             .await?;
-        Ok(true)
+        Ok(())
     }
 }
 

@@ -1,0 +1,124 @@
+//! `hub connection-string` and `hub policy list|rotate`: the shared access policies in
+//! the data dir, read and rotated in the file itself (a running hub picks a rotation up
+//! within a second; in cluster mode it hands it on to the other nodes).
+
+use std::path::PathBuf;
+
+use anyhow::{Context, Result};
+use clap::{Args, Subcommand, ValueEnum};
+use hub::auth::policy::{self, KeySlot, PolicyFileError, PolicySet};
+use hub::config::{Config, Overrides};
+use hub::data_dir;
+
+/// `hub connection-string` arguments: the data dir and hostname come from the same
+/// flags, variables and file as `hub serve`'s, so the string names the hub that runs.
+#[derive(Args, Debug)]
+pub struct ConnectionStringArgs {
+    /// The policy whose primary key signs.
+    #[arg(long, default_value = "iothubowner")]
+    policy: String,
+    /// Print the secondary key instead of the primary.
+    #[arg(long, value_enum, default_value_t = Slot::Primary)]
+    key: Slot,
+    /// TOML config file (for `data_dir` and `hostname`).
+    #[arg(long, env = "HUB_CONFIG")]
+    config: Option<PathBuf>,
+    /// Data directory (default ./hub-data).
+    #[arg(long, env = "HUB_DATA_DIR")]
+    data_dir: Option<PathBuf>,
+    /// The hub's host name, as in `hub serve --hostname` (default localhost).
+    #[arg(long, env = "HUB_HOSTNAME")]
+    hostname: Option<String>,
+}
+
+/// Which key of a policy.
+#[derive(Debug, Clone, Copy, ValueEnum)]
+pub enum Slot {
+    /// The primary key.
+    Primary,
+    /// The secondary key.
+    Secondary,
+}
+
+impl From<Slot> for KeySlot {
+    fn from(slot: Slot) -> Self {
+        match slot {
+            Slot::Primary => KeySlot::Primary,
+            Slot::Secondary => KeySlot::Secondary,
+        }
+    }
+}
+
+/// `hub policy …`.
+#[derive(Subcommand, Debug)]
+pub enum PolicyCommand {
+    /// List the shared access policies and their permissions.
+    List {
+        /// Data directory holding policies.json.
+        #[arg(long, env = "HUB_DATA_DIR", default_value = "./hub-data")]
+        data_dir: PathBuf,
+    },
+    /// Replace a policy's key with a new random one; tokens it signed are refused
+    /// from then on.
+    Rotate {
+        /// The policy.
+        #[arg(long, default_value = "iothubowner")]
+        policy: String,
+        /// Which key.
+        #[arg(long, value_enum, default_value_t = Slot::Primary)]
+        key: Slot,
+        /// Data directory holding policies.json.
+        #[arg(long, env = "HUB_DATA_DIR", default_value = "./hub-data")]
+        data_dir: PathBuf,
+    },
+}
+
+/// `hub connection-string`: prints the connection string and nothing else.
+pub fn connection_string(args: &ConnectionStringArgs) -> Result<()> {
+    let overrides = Overrides {
+        data_dir: args.data_dir.clone(),
+        hostname: args.hostname.clone(),
+        ..Overrides::default()
+    };
+    let config = Config::load(args.config.as_deref(), &overrides)?;
+    let set = PolicySet::load(&data_dir::policies_path(&config.data_dir))?;
+    let keys = set
+        .get(&args.policy)
+        .ok_or_else(|| PolicyFileError::UnknownPolicy(args.policy.clone()))?;
+    println!(
+        "{}",
+        policy::connection_string(&config.hostname, &args.policy, keys.key(args.key.into()))
+    );
+    Ok(())
+}
+
+/// `hub policy list|rotate`.
+pub fn policy(command: PolicyCommand) -> Result<()> {
+    match command {
+        PolicyCommand::List { data_dir } => {
+            let set = PolicySet::load(&data_dir::policies_path(&data_dir))?;
+            for (name, _) in set.iter() {
+                let scopes = policy::scopes_of(name)
+                    .unwrap_or_default()
+                    .iter()
+                    .map(|scope| scope.as_str())
+                    .collect::<Vec<_>>()
+                    .join(",");
+                println!("{name}\t{scopes}");
+            }
+            Ok(())
+        }
+        PolicyCommand::Rotate {
+            policy,
+            key,
+            data_dir,
+        } => {
+            let path = data_dir::policies_path(&data_dir);
+            let mut set = PolicySet::load(&path)?;
+            set.rotate(&policy, key.into())?;
+            set.write(&path)
+                .with_context(|| format!("cannot rotate {policy}'s key"))?;
+            Ok(())
+        }
+    }
+}
