@@ -274,6 +274,41 @@ impl Api {
             .collect()
     }
 
+    /// Invokes direct method `name` on `device` (`POST /twins/{id}/methods`): the
+    /// status the device answered with and its payload.
+    pub async fn invoke_method(
+        &self,
+        device: &str,
+        name: &str,
+        payload: &Value,
+        timeout_secs: u64,
+    ) -> Result<(u16, Value), ApiError> {
+        let what = format!("POST /twins/{device}/methods");
+        let url = format!("{}/twins/{device}/methods", self.base);
+        let body = json!({
+            "methodName": name,
+            "payload": payload,
+            "responseTimeoutInSeconds": timeout_secs,
+        });
+        let (status, body) = self
+            .request(what.clone(), self.http.post(url).json(&body))
+            .await?;
+        if !(200..=299).contains(&status) {
+            return Err(ApiError::Status {
+                what,
+                status,
+                body: body.to_string(),
+            });
+        }
+        match body["status"].as_u64().and_then(|s| u16::try_from(s).ok()) {
+            Some(answered) => Ok((answered, body["payload"].clone())),
+            None => Err(ApiError::Shape {
+                what,
+                body: body.to_string(),
+            }),
+        }
+    }
+
     /// Every partition's last offset.
     pub async fn partitions(&self) -> Result<Vec<PartitionOffsets>, ApiError> {
         let what = "GET /streams/telemetry".to_string();

@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use clap::Parser;
 
-use crate::scenario::Group;
+use crate::scenario_file::Group;
 use crate::template::Template;
 
 /// Simulates a fleet of devices against the hub (or a plain MQTT broker) and reports
@@ -99,11 +99,59 @@ pub struct Args {
     /// How long to wait for outstanding PUBACKs once sending stops.
     #[arg(long, default_value = "10s", value_parser = parse_duration)]
     pub drain: Duration,
+
+    // Scenarios, faults and scale-out (crate::scenarios, crate::flap, crate::workers).
+    /// What to measure: telemetry (default), connections (hold N for --hold),
+    /// connect-rate (--total handshakes), methods or twin (round trips for
+    /// --duration), storm (drop every connection at once, time until all are back).
+    #[arg(long, value_enum, default_value_t = Scenario::Telemetry)]
+    pub scenario: Scenario,
+    /// How long the connections scenario holds the fleet open.
+    #[arg(long, default_value = "20s", value_parser = parse_duration)]
+    pub hold: Duration,
+    /// Handshakes the connect-rate scenario makes (default: --devices); connection i
+    /// connects as device i mod N.
+    #[arg(long, value_parser = clap::value_parser!(u64).range(1..))]
+    pub total: Option<u64>,
+    /// Handshakes in flight at once in the connections, connect-rate and storm
+    /// scenarios.
+    #[arg(long, default_value_t = 100, value_parser = clap::value_parser!(u32).range(1..=100_000))]
+    pub connect_inflight: u32,
+    /// Time sent and measured apart before the measured window (telemetry, methods,
+    /// twin): first connections, caches and pools warm up unrecorded.
+    #[arg(long, default_value = "0s", value_parser = parse_duration)]
+    pub warmup: Duration,
+    /// How the storm scenario loses its connections: `drop` (the simulator closes
+    /// every one at once) or `restart` (it waits for the hub to drop them, e.g. a
+    /// script restarting it).
+    #[arg(long, value_enum, default_value_t = StormMode::Drop)]
+    pub storm: StormMode,
+    /// A file holding the hub's pid, reread at every sample (a restarted hub has a new
+    /// one); instead of --hub-pid.
+    #[arg(long, value_name = "PATH", conflicts_with = "hub_pid")]
+    pub hub_pid_file: Option<PathBuf>,
+    /// Each second each device drops its connection and reconnects with this
+    /// probability (0..=1), sending telemetry at --rate meanwhile.
+    #[arg(long, value_name = "P", value_parser = parse_fraction)]
+    pub flap: Option<f64>,
+    /// Split the fleet over K child processes (one process may hold only so many open
+    /// files) and merge their reports.
+    #[arg(long, value_name = "K", value_parser = clap::value_parser!(u32).range(1..=1024))]
+    pub workers: Option<u32>,
+    /// Loopback source addresses to spread connections over (`127.0.0.2-127.0.0.9`,
+    /// or a comma-separated list); default: 127.0.0.1 onwards when one address's
+    /// ephemeral ports cannot hold the connections.
+    #[arg(long, value_name = "ADDRS", value_parser = parse_source_addrs)]
+    pub source_addrs: Option<SourceAddrs>,
+    /// (For --workers children.) The index of this process's first device.
+    #[arg(long, hide = true, default_value_t = 0)]
+    pub first_device: u32,
     /// Device groups from a TOML file (see firmware-sim/scenarios/); flags given here
     /// override the file's globals (duration, ramp, drain, seed) and are the defaults
     /// of keys a group leaves out.
+    /// Telemetry only (`--scenario telemetry`), in one process.
     #[arg(long, value_name = "FILE")]
-    pub scenario: Option<PathBuf>,
+    pub scenario_file: Option<PathBuf>,
     /// Seed of the generated payload fields ({walk:…}, {sine:…}): the same seed gives
     /// each device the same values (default: random, shown in the report).
     #[arg(long)]
@@ -116,10 +164,20 @@ pub struct Args {
     /// reconnect with a fresh one at 80 % of it. Implies the device-sdk path.
     #[arg(long, value_name = "DURATION", value_parser = parse_duration)]
     pub sas_ttl: Option<Duration>,
-    /// The scenario's groups, once read (`scenario::apply`).
+    /// The scenario's groups, once read (`scenario_file::apply`).
     #[arg(skip)]
     pub scenario_groups: Vec<Group>,
 }
+
+/// Source addresses, as `--source-addrs` lists them.
+#[derive(Debug, Clone, PartialEq)]
+pub struct SourceAddrs(pub Vec<std::net::IpAddr>);
+
+fn parse_source_addrs(text: &str) -> Result<SourceAddrs, String> {
+    crate::net::parse_source_addrs(text).map(SourceAddrs)
+}
+
+pub use crate::scenarios::{Scenario, StormMode};
 
 /// How fast each device sends.
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -165,8 +223,17 @@ impl Args {
         if (self.tls || x509) && self.data_dir.is_none() {
             return Err("--tls and --auth x509 need --data-dir DIR: the hub's CA (DIR/certs) and its mqtts address".into());
         }
-        // Per group: with no scenario, the one group made of the flags.
-        crate::scenario::validate_groups(self, &self.groups())
+        if self.scenario_file.is_some() {
+            if self.scenario != Scenario::Telemetry || self.flap.is_some() {
+                return Err("--scenario-file describes telemetry device groups; it does not combine with another --scenario or --flap".into());
+            }
+            if self.workers.is_some_and(|k| k > 1) {
+                return Err("--scenario-file runs in one process; drop --workers".into());
+            }
+        }
+        // Per group: with no scenario file, the one group made of the flags.
+        crate::scenario_file::validate_groups(self, &self.groups())?;
+        crate::scenarios::validate(self)
     }
 
     /// Whether devices run through device-sdk.
@@ -192,6 +259,13 @@ impl Args {
     /// Device `i`'s id.
     pub fn device_id(&self, i: u32) -> String {
         format!("{}{i}", self.prefix)
+    }
+
+    /// The ids of this process's devices (a --workers child has a slice).
+    pub fn device_ids(&self) -> Vec<String> {
+        (0..self.devices)
+            .map(|i| self.device_id(self.first_device.saturating_add(i)))
+            .collect()
     }
 }
 

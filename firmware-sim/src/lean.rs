@@ -51,6 +51,9 @@ pub struct Identity {
     pub login: Option<(String, String)>,
     /// Telemetry topic.
     pub topic: String,
+    /// The local address to connect from (`--source-addrs`); `None`: the kernel's
+    /// choice.
+    pub bind: Option<std::net::IpAddr>,
 }
 
 /// What every device does.
@@ -165,7 +168,7 @@ async fn connect(
 ) -> Result<Option<TcpStream>, DeviceError> {
     let id = &identity.client_id;
     let attempt = async {
-        let mut stream = TcpStream::connect(plan.addr)
+        let mut stream = crate::net::connect(plan.addr, identity.bind)
             .await
             .map_err(|err| DeviceError::Io(id.clone(), err))?;
         stream
@@ -433,7 +436,9 @@ async fn publish(
                                 if fence == Some(ack.pkid) {
                                     *fenced_at = Some(Instant::now());
                                 } else {
-                                    let _ = latencies.record((at.elapsed().as_micros() as u64).max(1));
+                                    if !counters.warming.load(std::sync::atomic::Ordering::Relaxed) {
+                                        let _ = latencies.record((at.elapsed().as_micros() as u64).max(1));
+                                    }
                                     Counters::bump(&counters.acked);
                                 }
                             }

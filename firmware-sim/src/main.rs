@@ -11,8 +11,8 @@ async fn main() -> ExitCode {
     // Parsed in two steps so a scenario file can tell flags given here from defaults.
     let matches = Args::command().get_matches();
     let mut args = Args::from_arg_matches(&matches).unwrap_or_else(|err| err.exit());
-    if let Some(path) = args.scenario.clone()
-        && let Err(err) = firmware_sim::scenario::apply(&path, &mut args, &matches)
+    if let Some(path) = args.scenario_file.clone()
+        && let Err(err) = firmware_sim::scenario_file::apply(&path, &mut args, &matches)
     {
         eprintln!("firmware-sim: error: {err}");
         return ExitCode::from(2);

@@ -4,7 +4,7 @@
 use std::sync::atomic::{AtomicU64, Ordering};
 
 use hdrhistogram::Histogram;
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
 /// Counters shared by every device task and read by the progress line.
 #[derive(Debug, Default)]
@@ -27,6 +27,8 @@ pub struct Counters {
     pub twin_reports: AtomicU64,
     /// C2D messages completed (device-sdk path).
     pub c2d: AtomicU64,
+    /// Set during `--warmup`: latencies are not recorded.
+    pub warming: std::sync::atomic::AtomicBool,
     /// C2D messages received (device-sdk path).
     pub c2d_received: AtomicU64,
     /// Desired-property patches received (device-sdk path).
@@ -91,7 +93,7 @@ impl Counters {
 }
 
 /// A group's counts at the end of the run (see [`Counters`] for each).
-#[derive(Debug, Clone, Default, Serialize, PartialEq, Eq)]
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq, Eq)]
 pub struct Counts {
     /// Connection attempts that failed.
     pub connect_failed: u64,
@@ -118,7 +120,7 @@ pub struct Counts {
 }
 
 /// One scenario group's part of the run.
-#[derive(Debug, Clone, Serialize, PartialEq)]
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 pub struct GroupReport {
     /// The group's name.
     pub name: String,
@@ -147,7 +149,7 @@ pub fn histogram() -> Histogram<u64> {
 }
 
 /// Latency percentiles in milliseconds.
-#[derive(Debug, Clone, Serialize, PartialEq)]
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 pub struct Latency {
     /// Samples.
     pub count: u64,
@@ -180,7 +182,7 @@ impl Latency {
         })
     }
 
-    fn line(&self) -> String {
+    pub(crate) fn line(&self) -> String {
         format!(
             "p50 {:.2}  p90 {:.2}  p99 {:.2}  p99.9 {:.2}  max {:.2} ms  ({} samples)",
             self.p50, self.p90, self.p99, self.p99_9, self.max, self.count
@@ -210,7 +212,7 @@ fn parse_stat_cpu(stat: &str) -> Option<f64> {
 }
 
 /// CPU used over the send window and the drain.
-#[derive(Debug, Clone, Serialize, PartialEq)]
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 pub struct Cpu {
     /// The simulator's CPU seconds.
     pub sim_secs: f64,
@@ -222,10 +224,56 @@ pub struct Cpu {
     /// The hub's average cores.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub hub_cores: Option<f64>,
+    /// Busy CPU seconds of the whole machine (/proc/stat) over the same time.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub machine_secs: Option<f64>,
+    /// Machine − simulator − hub: CPU other processes took (a quiet machine shows ~0).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub other_secs: Option<f64>,
+}
+
+impl Cpu {
+    /// One line: simulator, hub, machine and others.
+    pub fn text(&self) -> String {
+        let mut text = format!(
+            "simulator {:.2} s ({:.2} cores)",
+            self.sim_secs, self.sim_cores
+        );
+        if let (Some(secs), Some(cores)) = (self.hub_secs, self.hub_cores) {
+            text.push_str(&format!("; hub {secs:.2} s ({cores:.2} cores)"));
+        }
+        if let (Some(machine), Some(other)) = (self.machine_secs, self.other_secs) {
+            text.push_str(&format!("; machine {machine:.2} s, others {other:.2} s"));
+        }
+        text
+    }
+}
+
+/// A histogram as base64 of its HDR V2 serialization (uncompressed: the report is
+/// read by a parent process, not stored).
+pub fn encode_histogram(h: &Histogram<u64>) -> Option<String> {
+    use base64::Engine;
+    use hdrhistogram::serialization::Serializer;
+    let mut bytes = Vec::new();
+    hdrhistogram::serialization::V2Serializer::new()
+        .serialize(h, &mut bytes)
+        .ok()?;
+    Some(base64::engine::general_purpose::STANDARD.encode(bytes))
+}
+
+/// The histogram [`encode_histogram`] wrote.
+pub fn decode_histogram(text: &str) -> Result<Histogram<u64>, String> {
+    use base64::Engine;
+    let bytes = base64::engine::general_purpose::STANDARD
+        .decode(text)
+        .map_err(|err| format!("histogram is not base64: {err}"))?;
+    hdrhistogram::serialization::Deserializer::new()
+        .deserialize(&mut bytes.as_slice())
+        .map_err(|err| format!("histogram does not deserialize: {err:?}"))
 }
 
 /// What `--verify` found in the stream.
-#[derive(Debug, Clone, Serialize, PartialEq)]
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 pub struct Verification {
     /// Messages of this run read back (duplicates included).
     pub read: u64,
@@ -247,7 +295,7 @@ pub struct Verification {
 }
 
 /// The final report.
-#[derive(Debug, Clone, Serialize, PartialEq)]
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 pub struct Report {
     /// `hub` or `mqtt`.
     pub target: String,
@@ -294,21 +342,46 @@ pub struct Report {
     /// C2D messages completed (device-sdk path).
     pub c2d: u64,
     /// C2D messages received (device-sdk path).
+    #[serde(default)]
     pub c2d_received: u64,
     /// Desired-property patches received (device-sdk path).
+    #[serde(default)]
     pub desired: u64,
     /// Writable-property acknowledgements reported (`{"value", "ac", "av"}`).
+    #[serde(default)]
     pub desired_acks: u64,
     /// Ended early by Ctrl-C.
     pub interrupted: bool,
     /// `--verify` results.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub verify: Option<Verification>,
+    /// Warm-up before the measured window (`--warmup`): its messages count in sent
+    /// and acked but not in the rate or the latencies.
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub warmup_secs: f64,
+    /// The publish→PUBACK histogram, serialized (HDR V2, base64), so `--workers`
+    /// merges distributions, not percentiles.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub puback_hdr: Option<String>,
+    /// What a scenario other than telemetry measured (`--scenario`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub scenario: Option<crate::scenarios::ScenarioReport>,
+    /// Reconnects under `--flap`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub flap: Option<crate::flap::FlapReport>,
+    /// How many processes the report merges (`--workers`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub workers: Option<u32>,
     /// The seed of the generated payload fields (`--seed` repeats them).
+    #[serde(default)]
     pub seed: u64,
-    /// Per group, with `--scenario` (the totals above are their sums).
-    #[serde(skip_serializing_if = "Vec::is_empty")]
+    /// Per group, with `--scenario-file` (the totals above are their sums).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub groups: Vec<GroupReport>,
+}
+
+fn is_zero(value: &f64) -> bool {
+    *value == 0.0
 }
 
 impl Report {
@@ -330,6 +403,14 @@ impl Report {
                 ""
             }
         ));
+        if let Some(scenario) = &self.scenario {
+            // A scenario has no telemetry: its own section says what it measured.
+            if let Some(workers) = self.workers {
+                line(format!("workers    {workers} processes, reports merged"));
+            }
+            out.push_str(&scenario.text());
+            return out;
+        }
         line(format!(
             "devices    {} connected of {} ({} failed) in {:.2} s, {:.0} connects/s",
             self.connected, self.devices, self.connect_failed, self.connect_secs, self.connect_rate
@@ -349,14 +430,13 @@ impl Report {
             line(format!("puback     {}", latency.line()));
         }
         if let Some(cpu) = &self.cpu {
-            let hub = match (cpu.hub_secs, cpu.hub_cores) {
-                (Some(secs), Some(cores)) => format!("; hub {secs:.2} s ({cores:.2} cores)"),
-                _ => String::new(),
-            };
-            line(format!(
-                "cpu        simulator {:.2} s ({:.2} cores){hub}",
-                cpu.sim_secs, cpu.sim_cores
-            ));
+            line(format!("cpu        {}", cpu.text()));
+        }
+        if let Some(workers) = self.workers {
+            line(format!("workers    {workers} processes, reports merged"));
+        }
+        if let Some(flap) = &self.flap {
+            line(flap.text());
         }
         if self.path != "lean" {
             line(format!(
@@ -410,6 +490,27 @@ mod tests {
         assert_eq!(parse_stat_cpu(stat), Some(3.0));
         assert_eq!(parse_stat_cpu("garbage"), None);
         assert!(own_cpu_secs().is_some());
+    }
+
+    #[test]
+    fn histograms_survive_serialization_and_merge_exactly() {
+        let (mut a, mut b) = (histogram(), histogram());
+        for us in 1..=500u64 {
+            a.record(us).unwrap();
+            b.record(us * 1000).unwrap();
+        }
+        let mut merged = decode_histogram(&encode_histogram(&a).unwrap()).unwrap();
+        merged
+            .add(decode_histogram(&encode_histogram(&b).unwrap()).unwrap())
+            .unwrap();
+        let mut direct = a.clone();
+        direct.add(&b).unwrap();
+        assert_eq!(merged.len(), 1000);
+        assert_eq!(
+            merged.value_at_quantile(0.99),
+            direct.value_at_quantile(0.99)
+        );
+        assert!(decode_histogram("not base64!").is_err());
     }
 
     #[test]

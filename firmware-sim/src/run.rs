@@ -16,7 +16,7 @@ use crate::lean::{self, Identity, Outcome, Phase, Plan};
 use crate::report::{
     Counters, Cpu, GroupReport, Latency, Report, cpu_secs, histogram, own_cpu_secs,
 };
-use crate::scenario::Group;
+use crate::scenario_file::Group;
 use crate::sdk;
 use crate::verify;
 
@@ -43,18 +43,38 @@ pub enum RunError {
 }
 
 /// Where devices go and how they authenticate.
-struct Fleet {
-    target: &'static str,
-    mqtt: SocketAddr,
-    identities: Vec<Identity>,
+pub struct Fleet {
+    /// `hub` or `mqtt`.
+    pub target: &'static str,
+    /// Where devices connect.
+    pub mqtt: SocketAddr,
+    /// Every device's client id, login, topic and source address.
+    pub identities: Vec<Identity>,
     /// TLS setup, when a group connects over TLS.
-    tls: Option<Arc<crate::tls::Tls>>,
+    pub tls: Option<Arc<crate::tls::Tls>>,
     /// Device keys (hub targets), for the device-sdk path.
-    keys: Vec<String>,
-    api: Option<Api>,
+    pub keys: Vec<String>,
+    /// The service API (hub targets).
+    pub api: Option<Api>,
 }
 
-async fn fleet(args: &Args, groups: &[Group]) -> Result<Fleet, RunError> {
+/// The fleet, each device given its source address (`--source-addrs`, or automatic).
+pub async fn fleet(args: &Args, groups: &[Group]) -> Result<Fleet, RunError> {
+    let mut fleet = provisioned_fleet(args, groups).await?;
+    let connections = match args.scenario {
+        crate::cli::Scenario::ConnectRate => args.total.unwrap_or(u64::from(args.devices)),
+        _ => u64::from(args.devices),
+    };
+    let explicit = args.source_addrs.as_ref().map(|s| s.0.as_slice());
+    if let Some(sources) = crate::net::sources(explicit, fleet.mqtt, connections) {
+        for (i, identity) in fleet.identities.iter_mut().enumerate() {
+            identity.bind = sources.get(i % sources.len()).copied();
+        }
+    }
+    Ok(fleet)
+}
+
+async fn provisioned_fleet(args: &Args, groups: &[Group]) -> Result<Fleet, RunError> {
     let ids: Vec<String> = groups
         .iter()
         .flat_map(|g| (0..g.devices).map(|i| g.device_id(i)))
@@ -71,6 +91,7 @@ async fn fleet(args: &Args, groups: &[Group]) -> Result<Fleet, RunError> {
                 topic: format!("devices/{id}/messages/events/"),
                 client_id: id,
                 login: None,
+                bind: None,
             })
             .collect();
         return Ok(Fleet {
@@ -142,6 +163,7 @@ async fn fleet(args: &Args, groups: &[Group]) -> Result<Fleet, RunError> {
             )),
             topic: format!("devices/{}/messages/events/", device.id),
             client_id: device.id,
+            bind: None,
         });
         keys.push(device.key);
     }
@@ -157,7 +179,7 @@ async fn fleet(args: &Args, groups: &[Group]) -> Result<Fleet, RunError> {
 
 /// A short id for this run, stamped into every payload so `--verify` reads only
 /// this run's messages even when devices are reused.
-fn run_id() -> String {
+pub(crate) fn run_id() -> String {
     format!("{:08x}", rand::random::<u32>())
 }
 
@@ -166,6 +188,9 @@ pub async fn run(
     args: Args,
     interrupt: impl std::future::Future<Output = ()>,
 ) -> Result<Report, RunError> {
+    if let Some(workers) = args.workers.filter(|k| *k > 1) {
+        return crate::workers::run(args, workers, interrupt).await;
+    }
     let mut interrupt = std::pin::pin!(interrupt);
     let mut interrupted = false;
     let groups = args.groups();
@@ -174,6 +199,9 @@ pub async fn run(
         fleet = fleet(&args, &groups) => fleet?,
         () = &mut interrupt => return Err(RunError::Config("interrupted while provisioning".into())),
     };
+    if args.scenario != crate::cli::Scenario::Telemetry || args.flap.is_some() {
+        return crate::scenarios::run(args, fleet, interrupt).await;
+    }
     let start_offsets = match (&fleet.api, args.verify) {
         (Some(api), true) => Some(verify::start_offsets(&api.partitions().await?)),
         _ => None,
@@ -302,10 +330,35 @@ pub async fn run(
         ));
     }
 
-    // Publish phase.
+    // Publish phase: the warm-up (sent, not measured), then the measured window.
+    // QoS 0 groups count what they wrote, QoS 1 groups what was acknowledged.
+    let rate_counts = || -> Vec<u64> {
+        groups
+            .iter()
+            .zip(&counters)
+            .map(|(g, c)| Counters::get(if g.qos == 0 { &c.sent } else { &c.acked }))
+            .collect()
+    };
+    let mut before_window = vec![0; groups.len()];
+    if !interrupted && !args.warmup.is_zero() {
+        let warming = |on: bool| {
+            for c in &counters {
+                c.warming.store(on, std::sync::atomic::Ordering::Relaxed);
+            }
+        };
+        warming(true);
+        let _ = phase_tx.send(Phase::Running);
+        tokio::select! {
+            () = tokio::time::sleep(args.warmup) => {}
+            () = &mut interrupt => interrupted = true,
+        }
+        warming(false);
+        before_window = rate_counts();
+    }
     let sim_cpu_start = own_cpu_secs();
     let hub_cpu_start = args.hub_pid.and_then(cpu_secs);
     let started = Instant::now();
+    let machine_start = crate::probe::machine_busy_secs();
     if !interrupted {
         let _ = phase_tx.send(Phase::Running);
         tokio::select! {
@@ -361,7 +414,11 @@ pub async fn run(
             (Some(pid), Some(start)) => cpu_secs(pid).map(|end| end - start),
             _ => None,
         };
+        let machine_secs =
+            machine_start.and_then(|start| Some(crate::probe::machine_busy_secs()? - start));
         Some(Cpu {
+            machine_secs,
+            other_secs: machine_secs.map(|m| (m - sim_secs - hub_secs.unwrap_or(0.0)).max(0.0)),
             sim_secs,
             sim_cores: sim_secs / elapsed,
             hub_secs,
@@ -370,6 +427,13 @@ pub async fn run(
     });
     progress.finish();
 
+    // Each group's messages counted in the measured window.
+    let measured: Vec<u64> = rate_counts()
+        .iter()
+        .zip(&before_window)
+        .map(|(all, warm_up)| all - warm_up)
+        .collect();
+    let rate_count: u64 = measured.iter().sum();
     let group_reports: Vec<GroupReport> = if args.scenario_groups.is_empty() {
         Vec::new()
     } else {
@@ -378,29 +442,19 @@ pub async fn run(
             .zip(&counters)
             .zip(&group_latencies)
             .zip(&connected_per_group)
-            .map(|(((g, c), h), &connected)| GroupReport {
+            .zip(&measured)
+            .map(|((((g, c), h), &connected), &measured)| GroupReport {
                 name: g.name.clone(),
                 path: if g.sdk { "sdk" } else { "lean" }.to_string(),
                 devices: u64::from(g.devices),
                 connected,
                 qos: g.qos,
-                msgs_per_sec: if g.qos == 0 {
-                    Counters::get(&c.sent)
-                } else {
-                    Counters::get(&c.acked)
-                } as f64
-                    / window,
+                msgs_per_sec: measured as f64 / window,
                 counts: c.snapshot(),
                 puback_ms: Latency::from_histogram(h),
             })
             .collect()
     };
-    // QoS 0 groups count what they wrote, QoS 1 groups what was acknowledged.
-    let rate_count: u64 = groups
-        .iter()
-        .zip(&counters)
-        .map(|(g, c)| Counters::get(if g.qos == 0 { &c.sent } else { &c.acked }))
-        .sum();
     let counters = Counters::sum(&counters);
     let use_sdk = groups.iter().any(|g| g.sdk);
     let sent = Counters::get(&counters.sent);
@@ -440,6 +494,11 @@ pub async fn run(
         verify: None,
         seed,
         groups: group_reports,
+        warmup_secs: args.warmup.as_secs_f64(),
+        puback_hdr: crate::report::encode_histogram(&latencies),
+        scenario: None,
+        flap: None,
+        workers: None,
     };
     if let (Some(api), Some(from)) = (&fleet.api, start_offsets) {
         let devices: HashMap<String, usize> = fleet
@@ -458,13 +517,13 @@ pub async fn run(
 
 /// The live progress: an indicatif spinner on a terminal, else one line per second
 /// on stderr.
-struct Progress {
+pub(crate) struct Progress {
     stop: watch::Sender<bool>,
     task: tokio::task::JoinHandle<()>,
 }
 
 impl Progress {
-    fn start(groups: Vec<Arc<Counters>>, devices: u64) -> Self {
+    pub(crate) fn start(groups: Vec<Arc<Counters>>, devices: u64) -> Self {
         let (stop, mut stopped) = watch::channel(false);
         let task = tokio::spawn(async move {
             let bar = std::io::stderr().is_terminal().then(|| {
@@ -507,7 +566,7 @@ impl Progress {
         Self { stop, task }
     }
 
-    fn finish(self) {
+    pub(crate) fn finish(self) {
         let _ = self.stop.send(true);
         // The task ends at once; not waiting keeps `finish` synchronous.
         drop(self.task);

@@ -56,7 +56,7 @@ impl Behaviour {
     }
 
     /// The behaviour of a scenario group's devices.
-    pub fn for_group(args: &Args, group: &crate::scenario::Group) -> Self {
+    pub fn for_group(args: &Args, group: &crate::scenario_file::Group) -> Self {
         Self {
             hostname: args.hostname.clone(),
             auth: group.auth,

@@ -40,6 +40,52 @@ fn refusals_exit_2_with_a_reason() {
 }
 
 #[test]
+fn scenario_combinations_that_make_no_sense_are_refused() {
+    let target = ["--target", "mqtt://127.0.0.1:1"];
+    let cases: &[(&[&str], &str)] = &[
+        (&["--scenario", "methods"], "methods"),
+        (&["--scenario", "twin"], "twin"),
+        (&["--scenario", "twin", "--flap", "0.1"], "--flap"),
+        (&["--flap", "1.5"], "fraction"),
+        (&["--total", "5"], "--total"),
+        (&["--storm", "restart"], "--scenario storm"),
+        (&["--workers", "5", "--devices", "2"], "--workers"),
+        (&["--workers", "0"], "--workers"),
+        (&["--source-addrs", "127.0.0.9-127.0.0.2"], "backwards"),
+        (&["--scenario", "connections", "--sdk"], "--sdk"),
+        (&["--scenario", "nonsense"], "connect-rate"),
+        (&["--hub-pid", "1", "--hub-pid-file", "/tmp/x"], "--hub-pid"),
+    ];
+    for (args, needle) in cases {
+        let all: Vec<&str> = target.iter().chain(args.iter()).copied().collect();
+        let out = sim(&all);
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(2), "{all:?}: {stderr}");
+        assert!(
+            stderr.contains(needle),
+            "{all:?}: no {needle:?} in {stderr}"
+        );
+    }
+    let out = sim(&["--data-dir", "/nonexistent", "--workers", "2", "--verify"]);
+    assert_eq!(out.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("--workers"));
+}
+
+#[test]
+fn ramp_belongs_to_the_telemetry_scenario() {
+    let out = sim(&[
+        "--target",
+        "mqtt://127.0.0.1:1",
+        "--scenario",
+        "storm",
+        "--ramp",
+        "10",
+    ]);
+    assert_eq!(out.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("--connect-inflight"));
+}
+
+#[test]
 fn scenario_files_with_unknown_keys_or_clashing_groups_are_refused() {
     let dir = tempfile::tempdir().expect("a temp dir");
     let write = |name: &str, text: &str| {
@@ -52,7 +98,7 @@ fn scenario_files_with_unknown_keys_or_clashing_groups_are_refused() {
         "unknown.toml",
         "[[group]]\nname = \"a\"\ndevices = 1\nrtae = 5\n",
     );
-    let out = sim(&[&target[..], &["--scenario", &unknown]].concat());
+    let out = sim(&[&target[..], &["--scenario-file", &unknown]].concat());
     assert_eq!(out.status.code(), Some(2));
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(stderr.contains("rtae"), "{stderr}");
@@ -60,7 +106,7 @@ fn scenario_files_with_unknown_keys_or_clashing_groups_are_refused() {
         "clash.toml",
         "[[group]]\nname = \"a\"\ndevices = 1\nprefix = \"d\"\n[[group]]\nname = \"b\"\ndevices = 1\nprefix = \"d\"\n",
     );
-    let out = sim(&[&target[..], &["--scenario", &clash]].concat());
+    let out = sim(&[&target[..], &["--scenario-file", &clash]].concat());
     assert_eq!(out.status.code(), Some(2));
     assert!(String::from_utf8_lossy(&out.stderr).contains("share device ids"));
     // A plain broker has no twin: a group that reports one is refused by name.
@@ -68,10 +114,10 @@ fn scenario_files_with_unknown_keys_or_clashing_groups_are_refused() {
         "twin.toml",
         "[[group]]\nname = \"gw\"\ndevices = 1\ntwin_every = \"1s\"\n",
     );
-    let out = sim(&[&target[..], &["--scenario", &twin]].concat());
+    let out = sim(&[&target[..], &["--scenario-file", &twin]].concat());
     assert_eq!(out.status.code(), Some(2));
     assert!(String::from_utf8_lossy(&out.stderr).contains("group gw"));
-    let out = sim(&[&target[..], &["--scenario", "/no/such/file.toml"]].concat());
+    let out = sim(&[&target[..], &["--scenario-file", "/no/such/file.toml"]].concat());
     assert_eq!(out.status.code(), Some(2));
     assert!(String::from_utf8_lossy(&out.stderr).contains("/no/such/file.toml"));
 }

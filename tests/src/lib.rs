@@ -108,6 +108,7 @@ pub struct HubOptions {
     data_dir: PathBuf,
     wrapper: Vec<String>,
     http: String,
+    mqtt: String,
     mqtts: String,
     args: Vec<String>,
     env: Vec<(String, String)>,
@@ -120,6 +121,7 @@ impl HubOptions {
             data_dir: data_dir.to_path_buf(),
             wrapper: Vec::new(),
             http: "127.0.0.1:0".to_string(),
+            mqtt: "127.0.0.1:0".to_string(),
             mqtts: "127.0.0.1:0".to_string(),
             args: Vec::new(),
             env: Vec::new(),
@@ -139,6 +141,13 @@ impl HubOptions {
     /// Listens for MQTT over TLS on `addr` instead of an ephemeral port.
     pub fn mqtts(mut self, addr: &str) -> Self {
         self.mqtts = addr.to_string();
+        self
+    }
+
+    /// Listens for MQTT on `addr` instead of an ephemeral port (a restarted hub that
+    /// devices must find again).
+    pub fn mqtt(mut self, addr: &str) -> Self {
+        self.mqtt = addr.to_string();
         self
     }
 
@@ -186,7 +195,7 @@ impl HubOptions {
             .arg("--data-dir")
             .arg(&self.data_dir)
             .args(["--http", &self.http])
-            .args(["--mqtt", "127.0.0.1:0", "--mqtts", &self.mqtts])
+            .args(["--mqtt", &self.mqtt, "--mqtts", &self.mqtts])
             .args(&self.args)
             .env("RUST_LOG", "info")
             .stdin(Stdio::null())

@@ -1,7 +1,11 @@
 //! firmware-sim end to end, running the built binary: a small fleet against a real
 //! hub gets every message acknowledged and read back exactly once (and a second run
 //! reuses the devices); the same load runs against a real Mosquitto; bad arguments
-//! fail with a message; Ctrl-C ends a run with a partial report.
+//! fail with a message; Ctrl-C ends a run with a partial report. The scenarios each
+//! get a small bounded run against a real hub with their counts checked: connections
+//! held and the connect rate, method and twin round trips, the connect storm (dropped
+//! by the devices, and after a hub restart), `--flap`, and `--workers` (merged
+//! counters and histograms, and Ctrl-C through the parent).
 
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
@@ -480,6 +484,446 @@ async fn sdk_devices_report_twins_answer_methods_and_complete_c2d() -> Result<()
     Ok(())
 }
 
+fn f(value: &Value) -> f64 {
+    value.as_f64().unwrap_or(f64::NAN)
+}
+
+#[tokio::test]
+async fn connections_are_held_and_handshakes_counted() -> Result<()> {
+    let dir = tempfile::tempdir()?;
+    let hub = Hub::start(dir.path()).await?;
+    let data_dir = dir.path().to_string_lossy().into_owned();
+    let pid = hub.pid().context("hub pid")?.to_string();
+    let held = report(&[
+        "--data-dir",
+        &data_dir,
+        "--scenario",
+        "connections",
+        "--devices",
+        "30",
+        "--hold",
+        "1s",
+        "--hub-pid",
+        &pid,
+    ])
+    .await?;
+    let s = &held["scenario"];
+    assert_eq!(s["name"], "connections", "{held:#}");
+    assert_eq!(s["held"]["held"].as_u64(), Some(30), "{held:#}");
+    assert_eq!(s["held"]["open_after_hold"].as_u64(), Some(30), "{held:#}");
+    assert_eq!(s["handshakes"]["ok"].as_u64(), Some(30), "{held:#}");
+    assert_eq!(s["handshakes"]["failed"].as_u64(), Some(0), "{held:#}");
+    assert_eq!(s["handshakes"]["latency_ms"]["count"].as_u64(), Some(30));
+    let rss = |key: &str| s["held"][key].as_u64().unwrap_or(0);
+    assert!(rss("hub_rss_before_kib") > 0, "{held:#}");
+    assert!(
+        rss("hub_rss_end_kib") > 0 && rss("hub_rss_held_kib") > 0,
+        "{held:#}"
+    );
+    assert!(f(&s["held"]["hold_secs"]) >= 1.0, "{held:#}");
+
+    let rate = report(&[
+        "--data-dir",
+        &data_dir,
+        "--scenario",
+        "connect-rate",
+        "--devices",
+        "30",
+        "--total",
+        "200",
+        "--connect-inflight",
+        "20",
+        "--hub-pid",
+        &pid,
+    ])
+    .await?;
+    let h = &rate["scenario"]["handshakes"];
+    assert_eq!(h["attempted"].as_u64(), Some(200), "{rate:#}");
+    assert_eq!(h["ok"].as_u64(), Some(200), "{rate:#}");
+    assert_eq!(h["failed"].as_u64(), Some(0), "{rate:#}");
+    assert_eq!(h["in_flight"].as_u64(), Some(20), "{rate:#}");
+    assert_eq!(h["latency_ms"]["count"].as_u64(), Some(200), "{rate:#}");
+    assert!(f(&h["per_sec"]) > 0.0, "{rate:#}");
+    assert!(h["hdr"].is_string(), "{rate:#}");
+    let cpu = &rate["scenario"]["cpu"];
+    assert!(f(&cpu["hub_secs"]) > 0.0, "{rate:#}");
+    assert!(f(&cpu["machine_secs"]) >= f(&cpu["hub_secs"]), "{rate:#}");
+    Ok(())
+}
+
+#[tokio::test]
+async fn method_round_trips_are_all_answered() -> Result<()> {
+    let dir = tempfile::tempdir()?;
+    let _hub = Hub::start(dir.path()).await?;
+    let data_dir = dir.path().to_string_lossy().into_owned();
+    let methods = report(&[
+        "--data-dir",
+        &data_dir,
+        "--scenario",
+        "methods",
+        "--devices",
+        "5",
+        "--inflight",
+        "2",
+        "--warmup",
+        "500ms",
+        "--duration",
+        "1s",
+    ])
+    .await?;
+    let r = &methods["scenario"]["round_trips"];
+    let sent = r["sent"].as_u64().unwrap_or(0);
+    assert!(sent > 10, "{methods:#}");
+    assert_eq!(r["answered"].as_u64(), Some(sent), "{methods:#}");
+    assert_eq!(r["failed"].as_u64(), Some(0), "{methods:#}");
+    // Every call reached a device, which answered it, and no device answered more.
+    assert_eq!(r["device_answered"].as_u64(), Some(sent), "{methods:#}");
+    let measured = r["measured"].as_u64().unwrap_or(0);
+    assert!(
+        measured > 0 && measured < sent,
+        "warm-up calls are not measured: {methods:#}"
+    );
+    assert_eq!(
+        r["latency_ms"]["count"].as_u64(),
+        Some(measured),
+        "{methods:#}"
+    );
+    assert_eq!(n(&methods, "connected"), 5, "{methods:#}");
+    Ok(())
+}
+
+#[tokio::test]
+async fn twin_reported_patches_round_trip() -> Result<()> {
+    let dir = tempfile::tempdir()?;
+    let hub = Hub::start(dir.path()).await?;
+    let token = hub.owner_token().await?;
+    let data_dir = dir.path().to_string_lossy().into_owned();
+    let twin = report(&[
+        "--data-dir",
+        &data_dir,
+        "--scenario",
+        "twin",
+        "--prefix",
+        "tw-",
+        "--devices",
+        "4",
+        "--inflight",
+        "2",
+        "--duration",
+        "1s",
+    ])
+    .await?;
+    let r = &twin["scenario"]["round_trips"];
+    let sent = r["sent"].as_u64().unwrap_or(0);
+    assert!(sent > 10, "{twin:#}");
+    assert_eq!(r["answered"].as_u64(), Some(sent), "{twin:#}");
+    assert_eq!(r["failed"].as_u64(), Some(0), "{twin:#}");
+    // Answers within the window are the samples; those to the last patches, after
+    // it, are counted but not measured.
+    let measured = r["measured"].as_u64().unwrap_or(0);
+    assert!(measured > 0 && measured <= sent, "{twin:#}");
+    assert_eq!(
+        r["latency_ms"]["count"].as_u64(),
+        Some(measured),
+        "{twin:#}"
+    );
+    // The last patch a device sent is its reported state.
+    let stored: Value = hub
+        .http()
+        .get(format!("{}/twins/tw-3", hub.url()))
+        .bearer_auth(&token)
+        .send()
+        .await?
+        .json()
+        .await?;
+    assert!(
+        stored["properties"]["reported"]["simulator"]["patch"]
+            .as_u64()
+            .is_some_and(|p| p >= 1),
+        "{stored:#}"
+    );
+    Ok(())
+}
+
+#[tokio::test]
+async fn a_connect_storm_gets_every_device_back() -> Result<()> {
+    let dir = tempfile::tempdir()?;
+    let hub = Hub::start(dir.path()).await?;
+    let data_dir = dir.path().to_string_lossy().into_owned();
+    let pid = hub.pid().context("hub pid")?.to_string();
+    let storm = report(&[
+        "--data-dir",
+        &data_dir,
+        "--scenario",
+        "storm",
+        "--devices",
+        "40",
+        "--duration",
+        "30s",
+        "--hub-pid",
+        &pid,
+    ])
+    .await?;
+    let s = &storm["scenario"]["storm"];
+    assert_eq!(s["connected_before"].as_u64(), Some(40), "{storm:#}");
+    assert_eq!(s["back"].as_u64(), Some(40), "{storm:#}");
+    let secs = f(&s["secs_to_all_back"]);
+    assert!(secs > 0.0 && secs < 30.0, "{storm:#}");
+    let attempts = s["reconnect_attempts"].as_u64().unwrap_or(0);
+    assert_eq!(
+        attempts,
+        40 + s["reconnect_failed"].as_u64().unwrap_or(u64::MAX),
+        "one successful attempt per device: {storm:#}"
+    );
+    assert!(
+        s["hub"]["samples"].as_u64().is_some_and(|n| n >= 1),
+        "{storm:#}"
+    );
+    assert!(
+        s["hub"]["rss_peak_kib"].as_u64().is_some_and(|k| k > 0),
+        "{storm:#}"
+    );
+    Ok(())
+}
+
+#[tokio::test]
+async fn flapping_devices_reconnect_and_keep_their_counts() -> Result<()> {
+    let dir = tempfile::tempdir()?;
+    let _hub = Hub::start(dir.path()).await?;
+    let data_dir = dir.path().to_string_lossy().into_owned();
+    let flap = report(&[
+        "--data-dir",
+        &data_dir,
+        "--flap",
+        "0.5",
+        "--devices",
+        "10",
+        "--rate",
+        "20",
+        "--duration",
+        "3s",
+    ])
+    .await?;
+    let sent = n(&flap, "sent");
+    assert!(sent > 100, "{flap:#}");
+    assert_eq!(n(&flap, "acked") + n(&flap, "failed"), sent, "{flap:#}");
+    assert_eq!(flap["puback_ms"]["count"].as_u64(), Some(n(&flap, "acked")));
+    let drops = flap["flap"]["drops"].as_u64().unwrap_or(0);
+    // 10 devices × ~3 tosses at P = 0.5: no drop at all has odds below 1 in 10^9.
+    assert!(drops > 0, "{flap:#}");
+    assert_eq!(flap["flap"]["reconnects"].as_u64(), Some(drops), "{flap:#}");
+    assert_eq!(flap["flap"]["not_back"].as_u64(), Some(0), "{flap:#}");
+    assert_eq!(n(&flap, "disconnects"), 0, "{flap:#}");
+    Ok(())
+}
+
+#[tokio::test]
+async fn workers_split_the_fleet_and_merge_their_reports() -> Result<()> {
+    let dir = tempfile::tempdir()?;
+    let _hub = Hub::start(dir.path()).await?;
+    let data_dir = dir.path().to_string_lossy().into_owned();
+    let merged = report(&[
+        "--data-dir",
+        &data_dir,
+        "--workers",
+        "2",
+        "--source-addrs",
+        "127.0.0.2-127.0.0.3",
+        "--devices",
+        "20",
+        "--rate",
+        "20",
+        "--duration",
+        "2s",
+    ])
+    .await?;
+    assert_eq!(merged["workers"].as_u64(), Some(2), "{merged:#}");
+    assert_eq!(n(&merged, "devices"), 20, "{merged:#}");
+    assert_eq!(n(&merged, "connected"), 20, "{merged:#}");
+    let sent = n(&merged, "sent");
+    assert!(sent > 200, "{merged:#}");
+    assert_eq!(n(&merged, "acked"), sent, "{merged:#}");
+    assert_eq!(n(&merged, "failed"), 0, "{merged:#}");
+    // The merged histogram holds every child's samples, not an average of percentiles.
+    assert_eq!(
+        merged["puback_ms"]["count"].as_u64(),
+        Some(sent),
+        "{merged:#}"
+    );
+    assert_eq!(
+        merged["run"].as_str().map(|r| r.split('+').count()),
+        Some(2)
+    );
+
+    // The same 20 devices (the children provisioned disjoint halves) in a
+    // connect-rate run over two workers: the handshakes are shared out and add up.
+    let rate = report(&[
+        "--data-dir",
+        &data_dir,
+        "--workers",
+        "2",
+        "--scenario",
+        "connect-rate",
+        "--devices",
+        "20",
+        "--total",
+        "100",
+    ])
+    .await?;
+    let h = &rate["scenario"]["handshakes"];
+    assert_eq!(h["ok"].as_u64(), Some(100), "{rate:#}");
+    assert_eq!(h["latency_ms"]["count"].as_u64(), Some(100), "{rate:#}");
+    Ok(())
+}
+
+#[tokio::test]
+async fn a_storm_after_a_hub_restart_gets_every_device_back() -> Result<()> {
+    let dir = tempfile::tempdir()?;
+    // Devices must find the restarted hub where they left it: a fixed MQTT port (taken
+    // from the kernel, then handed over; the restart reuses it).
+    let port = std::net::TcpListener::bind("127.0.0.1:0")?
+        .local_addr()?
+        .port();
+    let mqtt = format!("127.0.0.1:{port}");
+    let first = hub_tests::HubOptions::new(dir.path())
+        .mqtt(&mqtt)
+        .start()
+        .await?;
+    let pid_file = dir.path().join("hub.pid");
+    std::fs::write(&pid_file, first.pid().context("hub pid")?.to_string())?;
+    let data_dir = dir.path().to_string_lossy().into_owned();
+    let mut child = sim()?
+        .args([
+            "--data-dir",
+            &data_dir,
+            "--scenario",
+            "storm",
+            "--storm",
+            "restart",
+            "--devices",
+            "20",
+            "--duration",
+            "60s",
+            "--hub-pid-file",
+            &pid_file.to_string_lossy(),
+            "--json",
+        ])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()?;
+    let stderr = child.stderr.take().context("stderr")?;
+    let mut lines = BufReader::new(stderr).lines();
+    let waiting = tokio::time::timeout(Duration::from_secs(30), async {
+        while let Some(line) = lines.next_line().await? {
+            if line.contains("waiting for the hub to drop them") {
+                return Ok::<_, std::io::Error>(true);
+            }
+        }
+        Ok(false)
+    })
+    .await
+    .context("the fleet did not connect")??;
+    ensure!(waiting, "firmware-sim ended before its devices connected");
+    tokio::spawn(async move { while let Ok(Some(_)) = lines.next_line().await {} });
+
+    first.stop().await?;
+    let second = hub_tests::HubOptions::new(dir.path())
+        .mqtt(&mqtt)
+        .start()
+        .await?;
+    std::fs::write(&pid_file, second.pid().context("hub pid")?.to_string())?;
+    let output = tokio::time::timeout(RUN_SLACK, child.wait_with_output())
+        .await
+        .context("firmware-sim did not finish")??;
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    ensure!(output.status.success(), "firmware-sim failed:\n{stdout}");
+    let report: Value = serde_json::from_str(&stdout)
+        .with_context(|| format!("the report is not JSON:\n{stdout}"))?;
+    let s = &report["scenario"]["storm"];
+    assert_eq!(s["mode"], "restart", "{report:#}");
+    assert_eq!(s["connected_before"].as_u64(), Some(20), "{report:#}");
+    assert_eq!(s["back"].as_u64(), Some(20), "{report:#}");
+    let secs = f(&s["secs_to_all_back"]);
+    assert!(secs > 0.0 && secs < 60.0, "{report:#}");
+    let attempts = s["reconnect_attempts"].as_u64().unwrap_or(0);
+    assert_eq!(
+        attempts,
+        20 + s["reconnect_failed"].as_u64().unwrap_or(u64::MAX),
+        "{report:#}"
+    );
+    // The sampler followed the pid file to the new hub.
+    assert!(
+        s["hub"]["samples"].as_u64().is_some_and(|n| n >= 1),
+        "{report:#}"
+    );
+    drop(second);
+    Ok(())
+}
+
+#[tokio::test]
+async fn ctrl_c_ends_every_worker_with_a_merged_partial_report() -> Result<()> {
+    let dir = tempfile::tempdir()?;
+    let _hub = Hub::start(dir.path()).await?;
+    let data_dir = dir.path().to_string_lossy().into_owned();
+    let mut child = sim()?
+        .args([
+            "--data-dir",
+            &data_dir,
+            "--workers",
+            "2",
+            "--devices",
+            "4",
+            "--duration",
+            "120s",
+            "--rate",
+            "max",
+            "--inflight",
+            "2",
+            "--json",
+        ])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()?;
+    // The children's progress lines come through the parent's stderr.
+    let stderr = child.stderr.take().context("stderr")?;
+    let mut lines = BufReader::new(stderr).lines();
+    let flowing = tokio::time::timeout(Duration::from_secs(60), async {
+        while let Some(line) = lines.next_line().await? {
+            if line.contains("connected 2/2") && !line.contains(" acked 0 ") {
+                return Ok::<_, std::io::Error>(true);
+            }
+        }
+        Ok(false)
+    })
+    .await
+    .context("no progress line showed acknowledged messages")??;
+    ensure!(flowing, "firmware-sim ended before sending");
+    tokio::spawn(async move { while let Ok(Some(_)) = lines.next_line().await {} });
+    let pid = i32::try_from(child.id().context("pid")?)?;
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(pid),
+        nix::sys::signal::Signal::SIGINT,
+    )?;
+    let output = tokio::time::timeout(Duration::from_secs(60), child.wait_with_output())
+        .await
+        .context("firmware-sim did not end after SIGINT")??;
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    assert!(output.status.success(), "{:?}: {stdout}", output.status);
+    let report: Value = serde_json::from_str(&stdout)
+        .with_context(|| format!("the partial report is not JSON:\n{stdout}"))?;
+    assert_eq!(report["interrupted"], true, "{report:#}");
+    assert_eq!(report["workers"].as_u64(), Some(2), "{report:#}");
+    let sent = n(&report, "sent");
+    assert!(sent > 0, "{report:#}");
+    assert_eq!(
+        n(&report, "acked") + n(&report, "failed"),
+        sent,
+        "{report:#}"
+    );
+    assert!(f(&report["elapsed_secs"]) < 60.0, "{report:#}");
+    Ok(())
+}
+
 #[tokio::test]
 async fn a_scenario_with_two_groups_reports_per_group_counts_that_add_up() -> Result<()> {
     let dir = tempfile::tempdir()?;
@@ -511,7 +955,7 @@ twin_every = "500ms"
     let report = report(&[
         "--data-dir",
         &data_dir,
-        "--scenario",
+        "--scenario-file",
         &scenario,
         "--duration",
         "3s",

@@ -1,4 +1,4 @@
-//! Scenarios (`--scenario FILE`): device groups in TOML, each with its own count,
+//! Scenarios (`--scenario-file FILE`): device groups in TOML, each with its own count,
 //! prefix, rate, QoS, payload and behaviour, plus run-wide globals (duration, ramp,
 //! drain, seed) that flags given on the command line override. Also the groups a run
 //! drives when there is no file: one group made of the flags.
