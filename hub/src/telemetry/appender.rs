@@ -283,18 +283,29 @@ fn commit_loop(
     while let Some(first) = rx.blocking_recv() {
         let mut bytes = first.payload.len();
         batch.push(first);
-        let linger_until = Instant::now() + limits.max_wait;
-        while batch.len() < limits.max_messages && bytes < limits.max_bytes {
-            match rx.try_recv() {
-                Ok(next) => {
-                    bytes += next.payload.len();
-                    batch.push(next);
+        let full = |batch: &Vec<Append>, bytes: usize| {
+            batch.len() >= limits.max_messages || bytes >= limits.max_bytes
+        };
+        let take_queued = |batch: &mut Vec<Append>,
+                           bytes: &mut usize,
+                           rx: &mut mpsc::UnboundedReceiver<Append>| {
+            while !full(batch, *bytes) {
+                match rx.try_recv() {
+                    Ok(next) => {
+                        *bytes += next.payload.len();
+                        batch.push(next);
+                    }
+                    Err(_) => break,
                 }
-                Err(mpsc::error::TryRecvError::Empty) if Instant::now() < linger_until => {
-                    std::thread::sleep(Duration::from_micros(20));
-                }
-                Err(_) => break,
             }
+        };
+        take_queued(&mut batch, &mut bytes, &mut rx);
+        if !limits.max_wait.is_zero() && !full(&batch, bytes) {
+            // Linger with one sleep, not a polling loop: senders do not wake a
+            // sleeping committer, so lingering costs one context switch however many
+            // messages arrive meanwhile.
+            std::thread::sleep(limits.max_wait);
+            take_queued(&mut batch, &mut bytes, &mut rx);
         }
         records.clear();
         records.extend(batch.iter().map(|a| (a.time, a.payload.clone())));
@@ -462,6 +473,33 @@ mod tests {
                 .all(|(i, r)| r.payload.as_ref() == (i as u32).to_le_bytes())
         );
         assert_eq!(*partition.watch_end().borrow(), 500);
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_lingering_committer_takes_what_arrives_while_it_waits_in_one_commit() {
+        let dir = tempfile::tempdir().unwrap();
+        let commits = Arc::new(AtomicUsize::new(0));
+        let store = Faulty {
+            inner: SegmentLog::open(dir.path(), 1 << 20).unwrap(),
+            fail: Arc::new(AtomicBool::new(false)),
+            commits: Arc::clone(&commits),
+        };
+        let lingering = BatchLimits {
+            max_wait: Duration::from_millis(300),
+            ..limits()
+        };
+        let (partition, _thread) =
+            Partition::start(Box::new(store), lingering, "linger".into()).unwrap();
+        // One message starts the linger; nine more trickle in well within it.
+        let mut receipts = vec![partition.submit(0, Bytes::from_static(b"0")).await.unwrap()];
+        for i in 1..10u8 {
+            tokio::time::sleep(Duration::from_millis(5)).await;
+            receipts.push(partition.submit(0, Bytes::from(vec![i])).await.unwrap());
+        }
+        for (i, receipt) in receipts.into_iter().enumerate() {
+            assert_eq!(receipt.await.unwrap().unwrap(), i as u64);
+        }
+        assert_eq!(commits.load(Ordering::SeqCst), 1, "one commit for the ten");
     }
 
     #[tokio::test]
