@@ -201,16 +201,7 @@ async fn device(
     let mut latencies = histogram();
     let mut inflight = Inflight::new(plan.inflight);
     let mut seq: u64 = 0;
-    let mut ticker = match plan.rate {
-        Rate::PerSec(rate) => {
-            let period = Duration::from_secs_f64(1.0 / rate);
-            let start = tokio::time::Instant::now() + period.mul_f64(rand::random::<f64>());
-            let mut ticker = tokio::time::interval_at(start, period);
-            ticker.set_missed_tick_behavior(MissedTickBehavior::Skip);
-            Some(ticker)
-        }
-        Rate::Max => None,
-    };
+    let mut ticker = crate::lean::send_ticker(plan.rate);
     // The coin is tossed once a second, each device at its own offset.
     let mut coin = tokio::time::interval_at(
         tokio::time::Instant::now() + Duration::from_secs_f64(rand::random::<f64>()),

@@ -331,16 +331,7 @@ async fn publish(
     let mut out = BytesMut::with_capacity(16 * 1024);
     // Devices start at a random point of their period so a fleet does not send in
     // lockstep.
-    let mut ticker = match plan.rate {
-        Rate::PerSec(rate) => {
-            let period = Duration::from_secs_f64(1.0 / rate);
-            let offset = period.mul_f64(rand::random::<f64>());
-            let mut ticker = tokio::time::interval_at(TokioInstant::now() + offset, period);
-            ticker.set_missed_tick_behavior(MissedTickBehavior::Skip);
-            Some(ticker)
-        }
-        Rate::Max => None,
-    };
+    let mut ticker = send_ticker(plan.rate);
     let mut keep_alive = tokio::time::interval(Duration::from_secs(u64::from(KEEP_ALIVE_SECS) / 2));
     keep_alive.tick().await;
     let mut last_write = Instant::now();
@@ -523,6 +514,21 @@ async fn disconnect(stream: &mut TcpStream) -> std::io::Result<()> {
     let _ = Packet::Disconnect.write(&mut out, usize::MAX);
     stream.write_all(&out).await?;
     stream.shutdown().await
+}
+
+/// The send clock of a device at `rate`: `None` at `max`. Devices start at a random
+/// point of their period so a fleet does not send in lockstep; a late tick is skipped.
+pub(crate) fn send_ticker(rate: Rate) -> Option<tokio::time::Interval> {
+    match rate {
+        Rate::PerSec(rate) => {
+            let period = Duration::from_secs_f64(1.0 / rate);
+            let offset = period.mul_f64(rand::random::<f64>());
+            let mut ticker = tokio::time::interval_at(TokioInstant::now() + offset, period);
+            ticker.set_missed_tick_behavior(MissedTickBehavior::Skip);
+            Some(ticker)
+        }
+        Rate::Max => None,
+    }
 }
 
 pub(crate) async fn sleep_until_opt(deadline: Option<TokioInstant>) {

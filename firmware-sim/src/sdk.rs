@@ -13,7 +13,7 @@ use serde_json::json;
 use tokio::sync::{OwnedSemaphorePermit, mpsc, watch};
 use tokio::time::MissedTickBehavior;
 
-use crate::cli::{Args, Rate};
+use crate::cli::Args;
 use crate::lean::{
     DeviceError, Identity, Outcome, Phase, Plan, sleep_until_opt, tick_opt, unix_ns,
 };
@@ -191,16 +191,7 @@ async fn behave(
             (seq, at, result)
         }
     };
-    let mut ticker = match plan.rate {
-        Rate::PerSec(rate) => {
-            let period = Duration::from_secs_f64(1.0 / rate);
-            let start = tokio::time::Instant::now() + period.mul_f64(rand::random::<f64>());
-            let mut ticker = tokio::time::interval_at(start, period);
-            ticker.set_missed_tick_behavior(MissedTickBehavior::Skip);
-            Some(ticker)
-        }
-        Rate::Max => None,
-    };
+    let mut ticker = crate::lean::send_ticker(plan.rate);
     let mut twin = behaviour.twin_every.map(|every| {
         let mut ticker = tokio::time::interval(every.max(Duration::from_millis(10)));
         ticker.set_missed_tick_behavior(MissedTickBehavior::Delay);

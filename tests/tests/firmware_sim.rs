@@ -337,28 +337,11 @@ async fn ctrl_c_ends_a_run_with_a_partial_report() -> Result<()> {
         .spawn()?;
     // The progress line (one a second, stderr is not a terminal) says when messages
     // flow.
-    let stderr = child.stderr.take().context("stderr")?;
-    let mut lines = BufReader::new(stderr).lines();
-    let flowing = tokio::time::timeout(Duration::from_secs(30), async {
-        while let Some(line) = lines.next_line().await? {
-            if line.contains("connected 10/10") && !line.contains(" acked 0 ") {
-                return Ok::<_, std::io::Error>(true);
-            }
-        }
-        Ok(false)
+    wait_for_progress(&mut child, Duration::from_secs(30), |line| {
+        line.contains("connected 10/10") && !line.contains(" acked 0 ")
     })
-    .await
-    .context("no progress line showed acknowledged messages")??;
-    ensure!(flowing, "firmware-sim ended before sending");
-    tokio::spawn(async move { while let Ok(Some(_)) = lines.next_line().await {} });
-    let pid = i32::try_from(child.id().context("pid")?)?;
-    nix::sys::signal::kill(
-        nix::unistd::Pid::from_raw(pid),
-        nix::sys::signal::Signal::SIGINT,
-    )?;
-    let output = tokio::time::timeout(Duration::from_secs(30), child.wait_with_output())
-        .await
-        .context("firmware-sim did not end after SIGINT")??;
+    .await?;
+    let output = interrupt(child, Duration::from_secs(30)).await?;
     assert!(output.status.success(), "{:?}", output.status);
     let stdout = String::from_utf8_lossy(&output.stdout);
     let report: Value = serde_json::from_str(&stdout)
@@ -406,20 +389,10 @@ async fn sdk_devices_report_twins_answer_methods_and_complete_c2d() -> Result<()
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
         .spawn()?;
-    let stderr = child.stderr.take().context("stderr")?;
-    let mut lines = BufReader::new(stderr).lines();
-    let connected = tokio::time::timeout(Duration::from_secs(30), async {
-        while let Some(line) = lines.next_line().await? {
-            if line.contains("connected 3/3") {
-                return Ok::<_, std::io::Error>(true);
-            }
-        }
-        Ok(false)
+    wait_for_progress(&mut child, Duration::from_secs(30), |line| {
+        line.contains("connected 3/3")
     })
-    .await
-    .context("the fleet did not connect")??;
-    ensure!(connected, "firmware-sim ended before its devices connected");
-    tokio::spawn(async move { while let Ok(Some(_)) = lines.next_line().await {} });
+    .await?;
 
     let answer: Value = hub
         .http()
@@ -811,20 +784,10 @@ async fn a_storm_after_a_hub_restart_gets_every_device_back() -> Result<()> {
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
         .spawn()?;
-    let stderr = child.stderr.take().context("stderr")?;
-    let mut lines = BufReader::new(stderr).lines();
-    let waiting = tokio::time::timeout(Duration::from_secs(30), async {
-        while let Some(line) = lines.next_line().await? {
-            if line.contains("waiting for the hub to drop them") {
-                return Ok::<_, std::io::Error>(true);
-            }
-        }
-        Ok(false)
+    wait_for_progress(&mut child, Duration::from_secs(30), |line| {
+        line.contains("waiting for the hub to drop them")
     })
-    .await
-    .context("the fleet did not connect")??;
-    ensure!(waiting, "firmware-sim ended before its devices connected");
-    tokio::spawn(async move { while let Ok(Some(_)) = lines.next_line().await {} });
+    .await?;
 
     first.stop().await?;
     let second = hub_tests::HubOptions::new(dir.path())
@@ -885,28 +848,11 @@ async fn ctrl_c_ends_every_worker_with_a_merged_partial_report() -> Result<()> {
         .stderr(Stdio::piped())
         .spawn()?;
     // The children's progress lines come through the parent's stderr.
-    let stderr = child.stderr.take().context("stderr")?;
-    let mut lines = BufReader::new(stderr).lines();
-    let flowing = tokio::time::timeout(Duration::from_secs(60), async {
-        while let Some(line) = lines.next_line().await? {
-            if line.contains("connected 2/2") && !line.contains(" acked 0 ") {
-                return Ok::<_, std::io::Error>(true);
-            }
-        }
-        Ok(false)
+    wait_for_progress(&mut child, Duration::from_secs(60), |line| {
+        line.contains("connected 2/2") && !line.contains(" acked 0 ")
     })
-    .await
-    .context("no progress line showed acknowledged messages")??;
-    ensure!(flowing, "firmware-sim ended before sending");
-    tokio::spawn(async move { while let Ok(Some(_)) = lines.next_line().await {} });
-    let pid = i32::try_from(child.id().context("pid")?)?;
-    nix::sys::signal::kill(
-        nix::unistd::Pid::from_raw(pid),
-        nix::sys::signal::Signal::SIGINT,
-    )?;
-    let output = tokio::time::timeout(Duration::from_secs(60), child.wait_with_output())
-        .await
-        .context("firmware-sim did not end after SIGINT")??;
+    .await?;
+    let output = interrupt(child, Duration::from_secs(60)).await?;
     let stdout = String::from_utf8_lossy(&output.stdout);
     assert!(output.status.success(), "{:?}: {stdout}", output.status);
     let report: Value = serde_json::from_str(&stdout)
@@ -1006,20 +952,39 @@ twin_every = "500ms"
 }
 
 /// Reads `line`s of the simulator's progress on stderr until one contains `needle`.
-async fn wait_for_progress(child: &mut Child, needle: &str) -> Result<()> {
+/// Ctrl-C: SIGINT to firmware-sim, then its output once it ended (within `wait`).
+async fn interrupt(child: Child, wait: Duration) -> Result<std::process::Output> {
+    let pid = i32::try_from(child.id().context("pid")?)?;
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(pid),
+        nix::sys::signal::Signal::SIGINT,
+    )?;
+    tokio::time::timeout(wait, child.wait_with_output())
+        .await
+        .context("firmware-sim did not end after SIGINT")?
+        .context("firmware-sim's output")
+}
+
+/// Reads firmware-sim's progress lines (stderr) until one satisfies `seen`, within
+/// `wait`; keeps draining stderr afterwards so the simulator never blocks on it.
+async fn wait_for_progress(
+    child: &mut Child,
+    wait: Duration,
+    seen: impl Fn(&str) -> bool,
+) -> Result<()> {
     let stderr = child.stderr.take().context("stderr")?;
     let mut lines = BufReader::new(stderr).lines();
-    let found = tokio::time::timeout(Duration::from_secs(30), async {
+    let found = tokio::time::timeout(wait, async {
         while let Some(line) = lines.next_line().await? {
-            if line.contains(needle) {
+            if seen(&line) {
                 return Ok::<_, std::io::Error>(true);
             }
         }
         Ok(false)
     })
     .await
-    .with_context(|| format!("no progress line with {needle:?}"))??;
-    ensure!(found, "firmware-sim ended before {needle:?}");
+    .context("no such progress line in time")??;
+    ensure!(found, "firmware-sim ended before the progress line came");
     tokio::spawn(async move { while let Ok(Some(_)) = lines.next_line().await {} });
     Ok(())
 }
@@ -1048,7 +1013,10 @@ async fn a_desired_patch_is_acknowledged_in_the_reported_properties() -> Result<
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
         .spawn()?;
-    wait_for_progress(&mut child, "connected 2/2").await?;
+    wait_for_progress(&mut child, Duration::from_secs(30), |line| {
+        line.contains("connected 2/2")
+    })
+    .await?;
     let patched = hub
         .http()
         .patch(format!("{}/twins/pnp-1", hub.url()))
