@@ -164,6 +164,11 @@ impl Api {
         }
     }
 
+    /// The API's base URL.
+    pub fn base(&self) -> &str {
+        &self.base
+    }
+
     async fn request(
         &self,
         what: String,

@@ -40,6 +40,12 @@ pub struct Args {
     /// service API, devices are bare client ids, no credentials.
     #[arg(long, value_name = "mqtt://HOST:PORT", value_parser = parse_target, conflicts_with_all = ["hub", "data_dir", "token"])]
     pub target: Option<SocketAddr>,
+    /// Devices from a file instead of provisioning them: per line an Azure device
+    /// connection string (`HostName=…;DeviceId=…;SharedAccessKey=…`) or `DEVICE_ID
+    /// KEY`; the first --devices of them connect (to --mqtt, or the data dir's MQTT
+    /// address). The service API is then needed only for --verify.
+    #[arg(long, value_name = "FILE", conflicts_with_all = ["target", "scenario_file"])]
+    pub credentials: Option<PathBuf>,
     /// The host name signed into SAS tokens (the hub's `hostname` setting).
     #[arg(long, default_value = "localhost")]
     pub hostname: String,
@@ -210,10 +216,21 @@ impl Args {
         if self.target.is_some() && self.uses_sdk() {
             return Err("--sdk, --twin-every and the method flags need the hub's twin and method topics; a plain MQTT --target has none".into());
         }
-        if self.target.is_none() && self.hub.is_none() && self.data_dir.is_none() {
+        // Devices from a file need the service API only to read telemetry back.
+        let needs_api = self.target.is_none() && (self.credentials.is_none() || self.verify);
+        if self.credentials.is_some() && self.mqtt.is_none() && self.data_dir.is_none() {
+            return Err("--credentials needs to know where devices connect: --mqtt HOST:PORT or --data-dir DIR".into());
+        }
+        if self.credentials.is_some() && (self.tls || self.auth == Auth::X509) {
+            return Err(
+                "--credentials holds symmetric keys for plain MQTT: drop --tls and --auth x509"
+                    .into(),
+            );
+        }
+        if needs_api && self.hub.is_none() && self.data_dir.is_none() {
             return Err("say where the hub is: --hub URL or --data-dir DIR (or --target mqtt://HOST:PORT for a plain broker)".into());
         }
-        if self.target.is_none() && self.token.is_none() && self.data_dir.is_none() {
+        if needs_api && self.token.is_none() && self.data_dir.is_none() {
             return Err("the service API needs a token: --token TOKEN, or --data-dir DIR to mint one with `hub token`".into());
         }
         if self.prefix.is_empty() {

@@ -100,8 +100,112 @@ pub fn sdk_credentials(
     }
 }
 
+/// One device from a credentials file (`--credentials`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct FileDevice {
+    /// The device id.
+    pub id: String,
+    /// Its symmetric key (base64).
+    pub key: String,
+    /// The hub host name the connection string names (signed into its tokens).
+    pub hostname: Option<String>,
+}
+
+/// Reads a credentials file: per line either an Azure device connection string
+/// (`HostName=…;DeviceId=…;SharedAccessKey=…`) or `DEVICE_ID KEY`; blank lines and
+/// `#` comments are skipped. Errors name the line.
+pub fn read_file(path: &std::path::Path) -> Result<Vec<FileDevice>, String> {
+    let text = std::fs::read_to_string(path)
+        .map_err(|err| format!("cannot read {}: {err}", path.display()))?;
+    parse_file(&text).map_err(|err| format!("{}: {err}", path.display()))
+}
+
+fn parse_file(text: &str) -> Result<Vec<FileDevice>, String> {
+    let mut devices = Vec::new();
+    for (n, line) in text.lines().enumerate() {
+        let line = line.trim();
+        if line.is_empty() || line.starts_with('#') {
+            continue;
+        }
+        let device = if line.contains('=') && line.contains(';') {
+            let field = |name: &str| {
+                line.split(';').find_map(|part| {
+                    let (key, value) = part.split_once('=')?;
+                    key.trim()
+                        .eq_ignore_ascii_case(name)
+                        .then(|| value.trim().to_string())
+                })
+            };
+            FileDevice {
+                id: field("DeviceId").ok_or_else(|| format!("line {}: no DeviceId", n + 1))?,
+                key: field("SharedAccessKey")
+                    .ok_or_else(|| format!("line {}: no SharedAccessKey", n + 1))?,
+                hostname: field("HostName"),
+            }
+        } else {
+            let mut words = line.split_whitespace();
+            match (words.next(), words.next(), words.next()) {
+                (Some(id), Some(key), None) => FileDevice {
+                    id: id.to_string(),
+                    key: key.to_string(),
+                    hostname: None,
+                },
+                _ => {
+                    return Err(format!(
+                        "line {}: neither a device connection string nor `DEVICE_ID KEY`",
+                        n + 1
+                    ));
+                }
+            }
+        };
+        if STANDARD.decode(&device.key).is_err() {
+            return Err(format!(
+                "line {}: the key of {} is not base64",
+                n + 1,
+                device.id
+            ));
+        }
+        devices.push(device);
+    }
+    Ok(devices)
+}
+
 #[cfg(test)]
 mod tests {
+
+    #[test]
+    fn credentials_files_take_connection_strings_and_id_key_pairs() {
+        let text =
+            "# fleet\n\nHostName=hub.example;DeviceId=d1;SharedAccessKey=a2V5\n d2   a2V5 \n";
+        let devices = parse_file(text).unwrap();
+        assert_eq!(
+            devices,
+            vec![
+                FileDevice {
+                    id: "d1".into(),
+                    key: "a2V5".into(),
+                    hostname: Some("hub.example".into()),
+                },
+                FileDevice {
+                    id: "d2".into(),
+                    key: "a2V5".into(),
+                    hostname: None,
+                },
+            ]
+        );
+        assert!(
+            parse_file("HostName=h;DeviceId=d1\n")
+                .unwrap_err()
+                .contains("line 1")
+        );
+        assert!(parse_file("d1\n").unwrap_err().contains("line 1"));
+        assert!(
+            parse_file("ok a2V5\nd2 not*base64\n")
+                .unwrap_err()
+                .contains("line 2")
+        );
+    }
+
     use super::*;
 
     #[test]

@@ -74,7 +74,84 @@ pub async fn fleet(args: &Args, groups: &[Group]) -> Result<Fleet, RunError> {
     Ok(fleet)
 }
 
+/// The fleet of a credentials file (`--credentials`): its first `--devices` entries,
+/// no provisioning; the service API only for `--verify`.
+async fn file_fleet(args: &Args, path: &std::path::Path) -> Result<Fleet, RunError> {
+    let entries = crate::credentials::read_file(path).map_err(RunError::Config)?;
+    let wanted = args.devices as usize;
+    if entries.len() < wanted {
+        return Err(RunError::Config(format!(
+            "{} holds {} devices; --devices asks for {wanted}",
+            path.display(),
+            entries.len()
+        )));
+    }
+    let endpoints = args
+        .data_dir
+        .as_deref()
+        .map(api::read_endpoints)
+        .transpose()?;
+    let mqtt = match (&args.mqtt, endpoints.as_ref().and_then(|e| e.mqtt)) {
+        (Some(addr), _) => crate::cli::resolve(addr).map_err(RunError::Config)?,
+        (None, Some(addr)) => addr,
+        (None, None) => return Err(RunError::Config("no --mqtt and no --data-dir".into())),
+    };
+    let api = if args.verify {
+        Some(service_api(args, endpoints.as_ref()).await?)
+    } else {
+        None
+    };
+    let mut identities = Vec::with_capacity(wanted);
+    let mut keys = Vec::with_capacity(wanted);
+    for device in entries.into_iter().take(wanted) {
+        let hostname = device.hostname.as_deref().unwrap_or(&args.hostname);
+        let password = crate::credentials::password(args.auth, hostname, &device.id, &device.key)?;
+        identities.push(Identity {
+            login: Some((
+                format!(
+                    "{hostname}/{}/?api-version=2021-04-12&DeviceClientType=firmware-sim",
+                    device.id
+                ),
+                password,
+            )),
+            topic: format!("devices/{}/messages/events/", device.id),
+            client_id: device.id,
+            bind: None,
+        });
+        keys.push(device.key);
+    }
+    Ok(Fleet {
+        target: "hub",
+        mqtt,
+        identities,
+        keys,
+        tls: None,
+        api,
+    })
+}
+
+/// The hub's service API: `--hub` or the data dir's address, with `--token` or one
+/// minted from the data dir.
+async fn service_api(args: &Args, endpoints: Option<&api::Endpoints>) -> Result<Api, RunError> {
+    let base = match (&args.hub, endpoints) {
+        (Some(url), _) => url.clone(),
+        (None, Some(endpoints)) => format!("http://{}", endpoints.http),
+        (None, None) => return Err(RunError::Config("no --hub and no --data-dir".into())),
+    };
+    let token = match (&args.token, &args.data_dir) {
+        (Some(token), _) => token.clone(),
+        (None, Some(dir)) => {
+            api::mint_token(&api::hub_binary(args.hub_bin.as_deref()), dir).await?
+        }
+        (None, None) => return Err(RunError::Config("no --token and no --data-dir".into())),
+    };
+    Ok(Api::new(&base, token))
+}
+
 async fn provisioned_fleet(args: &Args, groups: &[Group]) -> Result<Fleet, RunError> {
+    if let Some(path) = &args.credentials {
+        return file_fleet(args, path).await;
+    }
     let ids: Vec<String> = groups
         .iter()
         .flat_map(|g| (0..g.devices).map(|i| g.device_id(i)))
@@ -108,12 +185,9 @@ async fn provisioned_fleet(args: &Args, groups: &[Group]) -> Result<Fleet, RunEr
         .as_deref()
         .map(api::read_endpoints)
         .transpose()?;
-    let base = match (&args.hub, &endpoints) {
-        (Some(url), _) => url.clone(),
-        (None, Some(endpoints)) => format!("http://{}", endpoints.http),
-        (None, None) => return Err(RunError::Config("no --hub and no --data-dir".into())),
-    };
-    let mqtt = match (&args.mqtt, endpoints.and_then(|e| e.mqtt)) {
+    let api = service_api(args, endpoints.as_ref()).await?;
+    let base = api.base().to_string();
+    let mqtt = match (&args.mqtt, endpoints.as_ref().and_then(|e| e.mqtt)) {
         (Some(addr), _) => crate::cli::resolve(addr).map_err(RunError::Config)?,
         (None, Some(addr)) => addr,
         (None, None) => {
@@ -126,14 +200,6 @@ async fn provisioned_fleet(args: &Args, groups: &[Group]) -> Result<Fleet, RunEr
             crate::cli::resolve(&format!("{host}:1883")).map_err(RunError::Config)?
         }
     };
-    let token = match (&args.token, &args.data_dir) {
-        (Some(token), _) => token.clone(),
-        (None, Some(dir)) => {
-            api::mint_token(&api::hub_binary(args.hub_bin.as_deref()), dir).await?
-        }
-        (None, None) => return Err(RunError::Config("no --token and no --data-dir".into())),
-    };
-    let api = Api::new(&base, token);
     let credentials = api
         .provision_as(
             ids.into_iter()

@@ -1125,3 +1125,78 @@ async fn x509_devices_over_tls_get_every_message_acked() -> Result<()> {
     assert!(sent > 0 && n(&sas, "acked") == sent, "{sas:#}");
     Ok(())
 }
+
+#[tokio::test]
+async fn devices_from_a_credentials_file_connect_without_provisioning() -> Result<()> {
+    let dir = tempfile::tempdir()?;
+    let hub = Hub::start(dir.path()).await?;
+    let token = hub.owner_token().await?;
+    let mut lines = vec!["# two formats: Azure connection strings and `ID KEY`".to_string()];
+    for i in 0..3 {
+        let id = format!("listed-{i}");
+        let key = hub.create_device(&token, &id).await?;
+        lines.push(if i == 0 {
+            format!("HostName=localhost;DeviceId={id};SharedAccessKey={key}")
+        } else {
+            format!("{id} {key}")
+        });
+    }
+    let file = dir.path().join("fleet.txt");
+    std::fs::write(&file, lines.join("\n"))?;
+    let mqtt = hub.endpoint("mqtt").context("mqtt endpoint")?.to_string();
+    let data_dir = dir.path().to_string_lossy().into_owned();
+    let file = file.to_string_lossy().into_owned();
+    // Without --verify the service API is not needed: --mqtt is enough.
+    let plain = report(&[
+        "--credentials",
+        &file,
+        "--mqtt",
+        &mqtt,
+        "--devices",
+        "3",
+        "--duration",
+        "1s",
+        "--rate",
+        "max",
+    ])
+    .await?;
+    assert_eq!(n(&plain, "connected"), 3, "{plain:#}");
+    let sent = n(&plain, "sent");
+    assert!(sent > 0 && n(&plain, "acked") == sent, "{plain:#}");
+    // With --verify it reads the messages back through the data dir's API.
+    let verified = report(&[
+        "--credentials",
+        &file,
+        "--data-dir",
+        &data_dir,
+        "--devices",
+        "2",
+        "--duration",
+        "1s",
+        "--rate",
+        "max",
+        "--verify",
+    ])
+    .await?;
+    let sent = n(&verified, "sent");
+    assert_eq!(
+        verified["verify"]["read"].as_u64(),
+        Some(sent),
+        "{verified:#}"
+    );
+    assert_eq!(verified["verify"]["lost"].as_u64(), Some(0), "{verified:#}");
+    // More devices than the file holds is refused before anything connects.
+    let (ok, _, stderr) = run_sim(&[
+        "--credentials",
+        &file,
+        "--mqtt",
+        &mqtt,
+        "--devices",
+        "4",
+        "--duration",
+        "1s",
+    ])
+    .await?;
+    ensure!(!ok && stderr.contains("holds 3 devices"), "{stderr}");
+    Ok(())
+}
