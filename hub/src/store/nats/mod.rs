@@ -178,7 +178,7 @@ impl NatsStore {
         F: FnMut() -> Fut,
         Fut: Future<Output = Result<T, E>>,
     {
-        retry(what, self.inner.retry, op).await
+        retry(what, self.inner.retry, self.reconnects(), op).await
     }
 
     /// Up to `max` messages `consumer` has now, without waiting for more. A message
@@ -308,8 +308,18 @@ impl StoreHealth for NatsStore {
 
 /// Runs `op` until it succeeds or `window` has passed, pausing with exponential
 /// backoff between failures (an attempt whose answer did not come within
-/// [`REQUEST_TIMEOUT`] is a failure).
-async fn retry<T, E, F, Fut>(what: &str, window: Duration, mut op: F) -> Result<T, StoreError>
+/// [`REQUEST_TIMEOUT`] is a failure). An attempt in flight when the NATS client
+/// reconnects (`reconnects` changes) is given up and made again at once: the answer to
+/// a request sent on the connection that was replaced never comes. Every caller treats
+/// any try after the first as "the earlier one may have been stored" (twin and
+/// registry writes recognise their own write), so giving a try up is as safe as its
+/// timing out, only sooner.
+async fn retry<T, E, F, Fut>(
+    what: &str,
+    window: Duration,
+    mut reconnects: tokio::sync::watch::Receiver<u64>,
+    mut op: F,
+) -> Result<T, StoreError>
 where
     E: std::fmt::Display,
     F: FnMut() -> Fut,
@@ -317,8 +327,25 @@ where
 {
     let deadline = tokio::time::Instant::now() + window;
     let mut pause = BACKOFF.0;
+    reconnects.borrow_and_update();
     loop {
-        match op().await {
+        let attempt = tokio::select! {
+            result = op() => Some(result),
+            Ok(()) = reconnects.changed() => None,
+        };
+        let Some(result) = attempt else {
+            if tokio::time::Instant::now() >= deadline {
+                return Err(StoreError::Backend(format!(
+                    "{what}: the NATS connection was replaced while waiting for the answer"
+                )));
+            }
+            tracing::debug!(
+                what,
+                "NATS connection replaced mid-request; trying again at once"
+            );
+            continue;
+        };
+        match result {
             Ok(value) => return Ok(value),
             Err(err) if tokio::time::Instant::now() + pause < deadline => {
                 tracing::debug!(%err, what, "JetStream request failed; retrying");
@@ -339,13 +366,49 @@ mod retry_tests {
     use super::*;
 
     #[tokio::test(start_paused = true)]
+    async fn a_request_lost_with_its_connection_is_made_again_at_once() {
+        let (reconnected, reconnects) = tokio::sync::watch::channel(0u64);
+        let attempts = AtomicUsize::new(0);
+        let started = tokio::time::Instant::now();
+        let op = || {
+            let first = attempts.fetch_add(1, Ordering::SeqCst) == 0;
+            async move {
+                if first {
+                    // Sent on the connection that dies: no answer before the timeout.
+                    tokio::time::sleep(REQUEST_TIMEOUT).await;
+                    return Err("timed out");
+                }
+                Ok(7)
+            }
+        };
+        let call = retry("twin write", Duration::from_secs(30), reconnects, op);
+        let reconnect = async {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+            let _ = reconnected.send(1);
+            std::future::pending::<()>().await
+        };
+        let answer = tokio::select! {
+            answer = call => answer,
+            () = reconnect => unreachable!("the reconnect task never ends"),
+        };
+        assert_eq!(answer.unwrap(), 7);
+        assert_eq!(attempts.load(Ordering::SeqCst), 2);
+        assert!(
+            started.elapsed() < Duration::from_millis(100),
+            "{:?}",
+            started.elapsed()
+        );
+    }
+
+    #[tokio::test(start_paused = true)]
     async fn failures_are_retried_with_backoff_until_the_window_closes() {
+        let (_reconnected, reconnects) = tokio::sync::watch::channel(0u64);
         let attempts = AtomicUsize::new(0);
         let op = || {
             attempts.fetch_add(1, Ordering::SeqCst);
             async { Err::<(), _>("no responders") }
         };
-        let err = retry("twin write", Duration::from_secs(2), op)
+        let err = retry("twin write", Duration::from_secs(2), reconnects, op)
             .await
             .unwrap_err();
         assert!(

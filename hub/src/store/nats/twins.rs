@@ -11,7 +11,7 @@
 //! whether that revision is its own write before it calls the race lost. So a change
 //! is neither lost nor applied twice.
 
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::time::Duration;
 
 use async_nats::HeaderMap;
@@ -259,11 +259,16 @@ impl TwinStore for NatsTwins {
             self.writes.fetch_add(1, Ordering::Relaxed)
         );
         let value = encode(id, &write, &write_id)?;
-        // Set once a try failed without a clear answer: that try may have been stored.
+        // Set from the second try on: an earlier try (failed without a clear answer,
+        // or given up when the NATS connection was replaced) may have been stored.
         let unsure = AtomicBool::new(false);
+        let tries = AtomicUsize::new(0);
         let outcome = self
             .store
             .retrying("write twin", || async {
+                if tries.fetch_add(1, Ordering::Relaxed) > 0 {
+                    unsure.store(true, Ordering::Relaxed);
+                }
                 let mut expected = expected;
                 // At most twice: a first write after a delete learns the delete
                 // marker's revision and goes again.
