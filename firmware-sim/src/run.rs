@@ -152,10 +152,16 @@ async fn provisioned_fleet(args: &Args, groups: &[Group]) -> Result<Fleet, RunEr
     if let Some(path) = &args.credentials {
         return file_fleet(args, path).await;
     }
-    let ids: Vec<String> = groups
-        .iter()
-        .flat_map(|g| (0..g.devices).map(|i| g.device_id(i)))
-        .collect();
+    let ids: Vec<String> = if args.scenario_groups.is_empty() {
+        // The one group of the flags: a `--workers` child's slice starts at
+        // `--first-device`, so children never share a device.
+        args.device_ids()
+    } else {
+        groups
+            .iter()
+            .flat_map(|g| (0..g.devices).map(|i| g.device_id(i)))
+            .collect()
+    };
     // Each device's group, in fleet order.
     let auths: Vec<_> = groups
         .iter()

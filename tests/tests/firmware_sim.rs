@@ -693,7 +693,7 @@ async fn flapping_devices_reconnect_and_keep_their_counts() -> Result<()> {
 #[tokio::test]
 async fn workers_split_the_fleet_and_merge_their_reports() -> Result<()> {
     let dir = tempfile::tempdir()?;
-    let _hub = Hub::start(dir.path()).await?;
+    let hub = Hub::start(dir.path()).await?;
     let data_dir = dir.path().to_string_lossy().into_owned();
     let merged = report(&[
         "--data-dir",
@@ -713,6 +713,25 @@ async fn workers_split_the_fleet_and_merge_their_reports() -> Result<()> {
     assert_eq!(merged["workers"].as_u64(), Some(2), "{merged:#}");
     assert_eq!(n(&merged, "devices"), 20, "{merged:#}");
     assert_eq!(n(&merged, "connected"), 20, "{merged:#}");
+    assert_eq!(n(&merged, "disconnects"), 0, "{merged:#}");
+    // Each child took its own slice of the fleet: 20 devices, none shared (a shared
+    // one would have its other connection taken over).
+    let token = hub.owner_token().await?;
+    let devices: Value = hub
+        .http()
+        .get(format!("{}/devices?top=1000", hub.url()))
+        .bearer_auth(&token)
+        .send()
+        .await?
+        .json()
+        .await?;
+    let ids: std::collections::BTreeSet<&str> = devices
+        .as_array()
+        .context("a device list")?
+        .iter()
+        .filter_map(|d| d["deviceId"].as_str())
+        .collect();
+    assert_eq!(ids.len(), 20, "{ids:?}");
     let sent = n(&merged, "sent");
     assert!(sent > 200, "{merged:#}");
     assert_eq!(n(&merged, "acked"), sent, "{merged:#}");
