@@ -253,6 +253,32 @@ impl NatsCommands {
         Ok(message)
     }
 
+    /// The first message of `stream` on `subject` at sequence `from` or later, if any;
+    /// `what` names the read in logs and errors.
+    async fn next_on_subject(
+        &self,
+        stream: &stream::Stream,
+        subject: &str,
+        from: u64,
+        what: &str,
+    ) -> Result<Option<StreamMessage>, StoreError> {
+        self.store
+            .retrying(what, || async {
+                let found = stream
+                    .raw_message_builder()
+                    .sequence(from)
+                    .next_by_subject(subject.to_string())
+                    .send()
+                    .await;
+                match found {
+                    Ok(raw) => Ok(Some(raw)),
+                    Err(err) if err.kind() == LastRawMessageErrorKind::NoMessageFound => Ok(None),
+                    Err(err) => Err(err),
+                }
+            })
+            .await
+    }
+
     /// Message `seq` of `device`, if it is still queued.
     async fn message(&self, device: &DeviceId, seq: u64) -> Result<Option<C2dMessage>, StoreError> {
         let found = self
@@ -513,23 +539,7 @@ impl CommandStore for NatsCommands {
         let mut from = after.saturating_add(1);
         while out.len() < limit {
             let next = self
-                .store
-                .retrying("read a C2D queue", || async {
-                    let found = self
-                        .queues
-                        .raw_message_builder()
-                        .sequence(from)
-                        .next_by_subject(subject.clone())
-                        .send()
-                        .await;
-                    match found {
-                        Ok(raw) => Ok(Some(raw)),
-                        Err(err) if err.kind() == LastRawMessageErrorKind::NoMessageFound => {
-                            Ok(None)
-                        }
-                        Err(err) => Err(err),
-                    }
-                })
+                .next_on_subject(&self.queues, &subject, from, "read a C2D queue")
                 .await?;
             let Some(raw) = next else { break };
             let mut message = self.decode(device, &raw)?;
@@ -661,23 +671,7 @@ impl CommandStore for NatsCommands {
         let mut from = 1;
         loop {
             let next = self
-                .store
-                .retrying("read C2D feedback", || async {
-                    let found = self
-                        .feedback
-                        .raw_message_builder()
-                        .sequence(from)
-                        .next_by_subject(FEEDBACK_STREAM)
-                        .send()
-                        .await;
-                    match found {
-                        Ok(raw) => Ok(Some(raw)),
-                        Err(err) if err.kind() == LastRawMessageErrorKind::NoMessageFound => {
-                            Ok(None)
-                        }
-                        Err(err) => Err(err),
-                    }
-                })
+                .next_on_subject(&self.feedback, FEEDBACK_STREAM, from, "read C2D feedback")
                 .await?;
             let Some(raw) = next else { return Ok(out) };
             let record =
