@@ -424,16 +424,27 @@ impl Hub {
         Ok(client)
     }
 
-    /// Every telemetry message of every partition, from the earliest offset.
-    pub async fn read_telemetry(&self, token: &str) -> Result<Vec<serde_json::Value>> {
-        let info: serde_json::Value = self
+    /// `GET path` on the service API with `token`; the JSON answer of a 2xx.
+    pub async fn get_json(&self, token: &str, path: &str) -> Result<serde_json::Value> {
+        let response = self
             .http
-            .get(format!("{}/streams/telemetry", self.url()))
+            .get(format!("{}{path}", self.url()))
             .bearer_auth(token)
             .send()
-            .await?
-            .json()
             .await?;
+        let status = response.status();
+        if !status.is_success() {
+            bail!(
+                "GET {path}: {status}: {}",
+                response.text().await.unwrap_or_default()
+            );
+        }
+        Ok(response.json().await?)
+    }
+
+    /// Every telemetry message of every partition, from the earliest offset.
+    pub async fn read_telemetry(&self, token: &str) -> Result<Vec<serde_json::Value>> {
+        let info = self.get_json(token, "/streams/telemetry").await?;
         let partitions = info["partitionCount"]
             .as_u64()
             .context("no partitionCount")?;
@@ -441,18 +452,10 @@ impl Hub {
         for partition in 0..partitions {
             let mut from = 0u64;
             loop {
-                let url = format!(
-                    "{}/streams/telemetry/partitions/{partition}/messages?from={from}&max=1000",
-                    self.url()
+                let path = format!(
+                    "/streams/telemetry/partitions/{partition}/messages?from={from}&max=1000"
                 );
-                let page: serde_json::Value = self
-                    .http
-                    .get(url)
-                    .bearer_auth(token)
-                    .send()
-                    .await?
-                    .json()
-                    .await?;
+                let page = self.get_json(token, &path).await?;
                 let messages = page["messages"]
                     .as_array()
                     .with_context(|| format!("no messages array in {page}"))?;

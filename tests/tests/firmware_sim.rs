@@ -440,14 +440,7 @@ async fn sdk_devices_report_twins_answer_methods_and_complete_c2d() -> Result<()
         "{report:#}"
     );
 
-    let twin: Value = hub
-        .http()
-        .get(format!("{}/twins/fw-2", hub.url()))
-        .bearer_auth(&token)
-        .send()
-        .await?
-        .json()
-        .await?;
+    let twin: Value = hub.get_json(&token, "/twins/fw-2").await?;
     assert!(
         twin["properties"]["reported"]["simulator"]["reports"]
             .as_u64()
@@ -601,14 +594,7 @@ async fn twin_reported_patches_round_trip() -> Result<()> {
         "{twin:#}"
     );
     // The last patch a device sent is its reported state.
-    let stored: Value = hub
-        .http()
-        .get(format!("{}/twins/tw-3", hub.url()))
-        .bearer_auth(&token)
-        .send()
-        .await?
-        .json()
-        .await?;
+    let stored: Value = hub.get_json(&token, "/twins/tw-3").await?;
     assert!(
         stored["properties"]["reported"]["simulator"]["patch"]
             .as_u64()
@@ -717,14 +703,7 @@ async fn workers_split_the_fleet_and_merge_their_reports() -> Result<()> {
     // Each child took its own slice of the fleet: 20 devices, none shared (a shared
     // one would have its other connection taken over).
     let token = hub.owner_token().await?;
-    let devices: Value = hub
-        .http()
-        .get(format!("{}/devices?top=1000", hub.url()))
-        .bearer_auth(&token)
-        .send()
-        .await?
-        .json()
-        .await?;
+    let devices: Value = hub.get_json(&token, "/devices?top=1000").await?;
     let ids: std::collections::BTreeSet<&str> = devices
         .as_array()
         .context("a device list")?
@@ -1051,14 +1030,7 @@ async fn a_desired_patch_is_acknowledged_in_the_reported_properties() -> Result<
     // The device answers in the background: poll the twin with a deadline.
     let deadline = Instant::now() + Duration::from_secs(15);
     let reported = loop {
-        let twin: Value = hub
-            .http()
-            .get(format!("{}/twins/pnp-1", hub.url()))
-            .bearer_auth(&token)
-            .send()
-            .await?
-            .json()
-            .await?;
+        let twin: Value = hub.get_json(&token, "/twins/pnp-1").await?;
         let reported = twin["properties"]["reported"].clone();
         if reported["interval"]["av"].as_u64() == Some(version) {
             break reported;
