@@ -56,6 +56,22 @@ pub struct Identity {
     pub bind: Option<std::net::IpAddr>,
 }
 
+impl Identity {
+    /// A hub device: Azure's CONNECT username for `hostname`, `password` a SAS token
+    /// or device JWT, telemetry on the device's events topic.
+    pub fn hub_device(hostname: &str, id: String, password: String) -> Self {
+        Self {
+            login: Some((
+                format!("{hostname}/{id}/?api-version=2021-04-12&DeviceClientType=firmware-sim"),
+                password,
+            )),
+            topic: format!("devices/{id}/messages/events/"),
+            client_id: id,
+            bind: None,
+        }
+    }
+}
+
 /// What every device does.
 #[derive(Debug, Clone)]
 pub struct Plan {

@@ -106,18 +106,7 @@ async fn file_fleet(args: &Args, path: &std::path::Path) -> Result<Fleet, RunErr
     for device in entries.into_iter().take(wanted) {
         let hostname = device.hostname.as_deref().unwrap_or(&args.hostname);
         let password = crate::credentials::password(args.auth, hostname, &device.id, &device.key)?;
-        identities.push(Identity {
-            login: Some((
-                format!(
-                    "{hostname}/{}/?api-version=2021-04-12&DeviceClientType=firmware-sim",
-                    device.id
-                ),
-                password,
-            )),
-            topic: format!("devices/{}/messages/events/", device.id),
-            client_id: device.id,
-            bind: None,
-        });
+        identities.push(Identity::hub_device(hostname, device.id, password));
         keys.push(device.key);
     }
     Ok(Fleet {
@@ -225,18 +214,7 @@ async fn provisioned_fleet(args: &Args, groups: &[Group]) -> Result<Fleet, RunEr
     let mut keys = Vec::with_capacity(credentials.len());
     for (device, auth) in credentials.into_iter().zip(auths) {
         let password = crate::credentials::password(auth, &args.hostname, &device.id, &device.key)?;
-        identities.push(Identity {
-            login: Some((
-                format!(
-                    "{}/{}/?api-version=2021-04-12&DeviceClientType=firmware-sim",
-                    args.hostname, device.id
-                ),
-                password,
-            )),
-            topic: format!("devices/{}/messages/events/", device.id),
-            client_id: device.id,
-            bind: None,
-        });
+        identities.push(Identity::hub_device(&args.hostname, device.id, password));
         keys.push(device.key);
     }
     Ok(Fleet {
