@@ -347,6 +347,21 @@ mod tests {
         commits: Arc<AtomicUsize>,
     }
 
+    impl Faulty {
+        /// A segment log in `dir` that commits until the returned switch is set, with
+        /// its commit counter.
+        fn open(dir: &std::path::Path) -> (Self, Arc<AtomicBool>, Arc<AtomicUsize>) {
+            let fail = Arc::new(AtomicBool::new(false));
+            let commits = Arc::new(AtomicUsize::new(0));
+            let store = Self {
+                inner: SegmentLog::open(dir, 1 << 20).unwrap(),
+                fail: Arc::clone(&fail),
+                commits: Arc::clone(&commits),
+            };
+            (store, fail, commits)
+        }
+    }
+
     impl PartitionStore for Faulty {
         fn append(&mut self, batch: &[(i64, Bytes)]) -> Result<u64, LogError> {
             self.commits.fetch_add(1, Ordering::SeqCst);
@@ -439,12 +454,7 @@ mod tests {
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn concurrent_appends_are_batched_and_all_durable_in_submission_order() {
         let dir = tempfile::tempdir().unwrap();
-        let commits = Arc::new(AtomicUsize::new(0));
-        let store = Faulty {
-            inner: SegmentLog::open(dir.path(), 1 << 20).unwrap(),
-            fail: Arc::new(AtomicBool::new(false)),
-            commits: Arc::clone(&commits),
-        };
+        let (store, _, commits) = Faulty::open(dir.path());
         let (partition, _thread) =
             Partition::start(Box::new(store), limits(), "test".into()).unwrap();
         let mut receipts = Vec::new();
@@ -478,12 +488,7 @@ mod tests {
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn a_lingering_committer_takes_what_arrives_while_it_waits_in_one_commit() {
         let dir = tempfile::tempdir().unwrap();
-        let commits = Arc::new(AtomicUsize::new(0));
-        let store = Faulty {
-            inner: SegmentLog::open(dir.path(), 1 << 20).unwrap(),
-            fail: Arc::new(AtomicBool::new(false)),
-            commits: Arc::clone(&commits),
-        };
+        let (store, _, commits) = Faulty::open(dir.path());
         let lingering = BatchLimits {
             max_wait: Duration::from_millis(300),
             ..limits()
@@ -505,12 +510,8 @@ mod tests {
     #[tokio::test]
     async fn a_failed_commit_acknowledges_nothing_and_stores_nothing() {
         let dir = tempfile::tempdir().unwrap();
-        let fail = Arc::new(AtomicBool::new(true));
-        let store = Faulty {
-            inner: SegmentLog::open(dir.path(), 1 << 20).unwrap(),
-            fail: Arc::clone(&fail),
-            commits: Arc::new(AtomicUsize::new(0)),
-        };
+        let (store, fail, _) = Faulty::open(dir.path());
+        fail.store(true, Ordering::SeqCst);
         let (partition, _thread) =
             Partition::start(Box::new(store), limits(), "test".into()).unwrap();
         let receipt = partition
@@ -536,12 +537,7 @@ mod tests {
     #[tokio::test]
     async fn submitters_wait_when_the_queue_budget_is_spent() {
         let dir = tempfile::tempdir().unwrap();
-        let fail = Arc::new(AtomicBool::new(false));
-        let store = Faulty {
-            inner: SegmentLog::open(dir.path(), 1 << 20).unwrap(),
-            fail,
-            commits: Arc::new(AtomicUsize::new(0)),
-        };
+        let (store, _, _) = Faulty::open(dir.path());
         let limits = BatchLimits {
             queue_bytes: 4 * 1024,
             ..limits()
