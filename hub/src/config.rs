@@ -188,6 +188,9 @@ impl ClusterConfig {
 pub struct TelemetryConfig {
     /// Partitions. Fixed by the first start of a data dir. Default 4.
     pub partitions: u32,
+    /// Group-committer threads; partition p is committed by thread p mod
+    /// committers (embedded mode). Default 1.
+    pub committers: u32,
     /// Messages older than this (seconds) are deleted, a segment at a time.
     /// Default 86400 (24 h).
     pub retention_secs: u64,
@@ -215,6 +218,7 @@ impl Default for TelemetryConfig {
     fn default() -> Self {
         Self {
             partitions: 4,
+            committers: 1,
             retention_secs: 24 * 3600,
             retention_bytes: 10 * 1024 * 1024 * 1024,
             retention_interval_secs: 60,
@@ -520,6 +524,12 @@ impl Config {
         if !(1..=1024).contains(&t.partitions) {
             return invalid("telemetry.partitions", "must be from 1 to 1024");
         }
+        if !(1..=t.partitions).contains(&t.committers) {
+            return invalid(
+                "telemetry.committers",
+                "must be from 1 to telemetry.partitions",
+            );
+        }
         if t.retention_secs == 0 {
             return invalid("telemetry.retention_secs", "must be ≥ 1");
         }
@@ -698,6 +708,20 @@ mod tests {
                 .to_string()
                 .starts_with("hostname ")
         );
+    }
+
+    #[test]
+    fn committers_are_at_least_one_and_at_most_the_partitions() {
+        let mut config = Config::default();
+        config.telemetry.committers = 5;
+        assert_eq!(
+            config.validate().unwrap_err().to_string(),
+            "telemetry.committers must be from 1 to telemetry.partitions"
+        );
+        config.telemetry.committers = 0;
+        assert!(config.validate().is_err());
+        config.telemetry.committers = 4;
+        config.validate().unwrap();
     }
 
     #[test]

@@ -66,9 +66,9 @@ impl Recorder {
 
 #[async_trait]
 impl TelemetryIngest for Recorder {
-    async fn submit(&self, message: TelemetryMessage) -> Result<Durable, IngestError> {
+    async fn submit(&self, messages: Vec<TelemetryMessage>) -> Result<Durable, IngestError> {
         if let Ok(mut telemetry) = self.telemetry.lock() {
-            telemetry.push(message);
+            telemetry.extend(messages);
         }
         self.changed.notify_waiters();
         Ok(Box::pin(std::future::ready(Ok(()))))

@@ -322,7 +322,7 @@ struct FailingStore;
 impl hub::gateway::services::TelemetryIngest for FailingStore {
     async fn submit(
         &self,
-        _message: hub::gateway::services::TelemetryMessage,
+        _messages: Vec<hub::gateway::services::TelemetryMessage>,
     ) -> Result<hub::gateway::services::Durable, hub::gateway::services::IngestError> {
         Ok(Box::pin(async {
             Err(hub::gateway::services::IngestError::Commit(

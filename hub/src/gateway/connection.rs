@@ -6,13 +6,15 @@
 //! durability per connection; beyond that the task stops reading the socket, so a
 //! fast device is slowed down by TCP rather than buffered. PUBACKs go out in the
 //! order the PUBLISHes came in (MQTT 4.6), because pending ingests complete in order.
+//! The telemetry of one read is submitted to the store as one batch (one hand-off,
+//! one wake-up when it is durable), in the order it came in.
 //!
 //! Once a connection is registered, a [`Registered`] guard holds its place in the
 //! shared tables (connections, presence, the services' per-connection state) and
 //! gives it back when dropped: on the normal close, on any early return and when the
 //! task panics.
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeSet, VecDeque};
 use std::pin::Pin;
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
@@ -20,7 +22,7 @@ use std::time::Duration;
 
 use bytes::BytesMut;
 use futures_util::FutureExt;
-use futures_util::stream::{FuturesOrdered, FuturesUnordered, StreamExt};
+use futures_util::stream::{FuturesUnordered, StreamExt};
 use rumqttc::mqttbytes::QoS;
 use rumqttc::mqttbytes::v4::{ConnectReturnCode, Packet, PubAck};
 use rustls::pki_types::CertificateDer;
@@ -31,7 +33,7 @@ use tokio::time::Instant;
 
 use super::GatewayContext;
 use super::codec::{self, Decoded};
-use super::connections::{Connections, Mailbox, Registration};
+use super::connections::{Connections, Registration};
 use super::services::{
     ConnectionEvents, Durable, IngestError, StoredSession, TelemetryMessage, TwinReply,
     twin_error_code,
@@ -49,27 +51,38 @@ pub const MAX_PENDING_INGESTS: usize = 256;
 const MAX_PENDING_TWIN: usize = 8;
 /// How long a write may block before the device counts as not reading.
 const WRITE_TIMEOUT: Duration = Duration::from_secs(30);
-/// Read buffer growth step.
-const READ_CHUNK: usize = 2048;
+/// Read buffer growth step: a QoS 0 batch of ten 256-byte messages fits one read.
+const READ_CHUNK: usize = 4096;
+/// A busy connection marks its device active at most this often (the presence table
+/// is shared by every connection).
+const ACTIVITY_RESOLUTION: Duration = Duration::from_secs(1);
 
-/// A telemetry message waiting to become durable, with the packet id its PUBACK
-/// will carry (none for QoS 0). A plain struct rather than a boxed `async` block:
-/// one allocation fewer per message.
+/// A batch of telemetry messages (those of one read) waiting to become durable, with
+/// the packet ids their PUBACKs will carry (none for QoS 0). A plain struct rather
+/// than a boxed `async` block: one allocation fewer per batch.
 struct PendingIngest {
-    ack: Option<u16>,
+    acks: Vec<u16>,
+    messages: usize,
     durable: Durable,
 }
 
 impl Future for PendingIngest {
-    type Output = (Option<u16>, Result<(), IngestError>);
+    type Output = (Vec<u16>, usize, Result<(), IngestError>);
 
     fn poll(
         mut self: Pin<&mut Self>,
         cx: &mut std::task::Context<'_>,
     ) -> std::task::Poll<Self::Output> {
-        let ack = self.ack;
-        self.durable.as_mut().poll(cx).map(|result| (ack, result))
+        let result = std::task::ready!(self.durable.as_mut().poll(cx));
+        std::task::Poll::Ready((std::mem::take(&mut self.acks), self.messages, result))
     }
+}
+
+/// Telemetry decoded from the read buffer but not yet handed to the store.
+#[derive(Default)]
+struct Staged {
+    messages: Vec<TelemetryMessage>,
+    acks: Vec<u16>,
 }
 type TwinFuture = Pin<Box<dyn Future<Output = (String, TwinReply)> + Send>>;
 
@@ -139,7 +152,12 @@ struct Connection<S> {
     rbuf: BytesMut,
     wbuf: BytesMut,
     actions: Vec<Action>,
-    ingests: FuturesOrdered<PendingIngest>,
+    /// Oldest first. One connection's batches go to one partition, whose commits
+    /// complete in order, so only the oldest is polled (no per-batch task node).
+    ingests: VecDeque<PendingIngest>,
+    /// Messages in `ingests` (each entry is a batch).
+    pending_messages: usize,
+    staged: Staged,
     twins: FuturesUnordered<TwinFuture>,
     device: Option<Authenticated>,
     closing: Option<CloseReason>,
@@ -149,6 +167,11 @@ struct Connection<S> {
     timer: Pin<Box<tokio::time::Sleep>>,
     /// When `timer` fires; `None` when it is not armed.
     timer_at: Option<Instant>,
+    /// A CONNECT, SUBSCRIBE or UNSUBSCRIBE was handled since the subscriptions were
+    /// last compared with what was reported.
+    subscriptions_touched: bool,
+    /// When the device was last marked active.
+    last_activity: Option<Instant>,
 }
 
 /// A stream that can say when it has bytes to read without a buffer to read into,
@@ -199,30 +222,63 @@ pub async fn serve<S: Transport>(
         rbuf: BytesMut::new(),
         wbuf: BytesMut::new(),
         actions: Vec::new(),
-        ingests: FuturesOrdered::new(),
+        ingests: VecDeque::new(),
+        pending_messages: 0,
+        staged: Staged::default(),
         twins: FuturesUnordered::new(),
         device: None,
         closing: None,
         timer: Box::pin(tokio::time::sleep_until(accepted_at)),
         timer_at: None,
+        subscriptions_touched: false,
+        last_activity: None,
     };
     let reason = connection.run(shutdown).await;
     connection.finish(reason).await;
 }
 
-async fn mailbox_signal(mailbox: Option<Arc<Mailbox>>) {
-    match mailbox {
-        Some(mailbox) => mailbox.wait().await,
+/// The outcome of the oldest pending batch, once it has one (pending while there is
+/// none). The caller removes it.
+fn oldest_durable(
+    ingests: &mut VecDeque<PendingIngest>,
+) -> impl Future<Output = (Vec<u16>, usize, Result<(), IngestError>)> + '_ {
+    std::future::poll_fn(move |cx| match ingests.front_mut() {
+        Some(oldest) => Pin::new(oldest).poll(cx),
+        None => std::task::Poll::Pending,
+    })
+}
+
+/// Completes when the mailbox signal fires; never without one (before CONNECT).
+async fn mail_wait(signal: &mut Option<Pin<Box<dyn Future<Output = ()> + Send>>>) {
+    match signal {
+        Some(signal) => signal.await,
         None => std::future::pending().await,
     }
 }
 
 impl<S: Transport> Connection<S> {
     async fn run(&mut self, mut shutdown: watch::Receiver<bool>) -> CloseReason {
+        // Long-lived wait futures, like the timer: one made per loop turn registered
+        // and removed a waiter under the shutdown channel's lock, which every
+        // connection shares, for every packet.
+        let mut shutdown_signal = std::pin::pin!(
+            async move {
+                let _ = shutdown.changed().await;
+            }
+            .fuse()
+        );
+        let mut mail_signal: Option<Pin<Box<dyn Future<Output = ()> + Send>>> = None;
         loop {
-            self.take_mail();
+            if mail_signal.is_none() {
+                // Only after the mailbox signalled (or before its first wait): a
+                // push after this drain stores a permit that ends the next wait.
+                self.take_mail();
+            }
             self.decode_buffered().await;
             self.run_actions().await;
+            // Before a close is honoured: what was read is stored (and, QoS 1,
+            // acknowledged if the connection is still there when it is durable).
+            self.submit_staged().await;
             self.report_subscriptions();
             if let Some(reason) = self.closing.take() {
                 return reason;
@@ -231,24 +287,30 @@ impl<S: Transport> Connection<S> {
                 self.session.close(reason, &mut self.actions);
                 continue;
             }
-            let mailbox = self
-                .device
-                .as_ref()
-                .map(|d| Arc::clone(&d.registration.mailbox));
-            let read_allowed = self.ingests.len() < MAX_PENDING_INGESTS;
+            if mail_signal.is_none()
+                && let Some(device) = &self.device
+            {
+                let mailbox = Arc::clone(&device.registration.mailbox);
+                mail_signal = Some(Box::pin(async move { mailbox.wait().await }));
+            }
+            let read_allowed = self.pending_messages < MAX_PENDING_INGESTS;
             self.arm_timer();
             tokio::select! {
                 // Every branch is cancel-safe: the mailbox is drained at the top of the
                 // loop, completed futures stay in their sets, read_buf loses nothing.
-                _ = shutdown.changed() => self.session.close(CloseReason::Shutdown, &mut self.actions),
-                () = mailbox_signal(mailbox) => {}
-                Some((ack, result)) = self.ingests.next(), if !self.ingests.is_empty() => {
-                    let mut stored = u64::from(self.ingested(ack, result));
+                () = &mut shutdown_signal => self.session.close(CloseReason::Shutdown, &mut self.actions),
+                () = mail_wait(&mut mail_signal) => mail_signal = None,
+                (acks, messages, result) = oldest_durable(&mut self.ingests), if !self.ingests.is_empty() => {
+                    self.ingests.pop_front();
+                    let mut stored = self.ingested(&acks, messages, result);
                     // A commit releases many messages at once: acknowledge all that are
                     // ready in one write, and count them (and the device's activity)
                     // once.
-                    while let Some(Some((ack, result))) = self.ingests.next().now_or_never() {
-                        stored += u64::from(self.ingested(ack, result));
+                    while let Some((acks, messages, result)) =
+                        self.ingests.front_mut().and_then(FutureExt::now_or_never)
+                    {
+                        self.ingests.pop_front();
+                        stored += self.ingested(&acks, messages, result);
                     }
                     self.count_stored(stored);
                 }
@@ -284,6 +346,9 @@ impl<S: Transport> Connection<S> {
     /// Tells the services when this connection's subscriptions changed (and first
     /// after the CONNACK).
     fn report_subscriptions(&mut self) {
+        if !std::mem::take(&mut self.subscriptions_touched) {
+            return;
+        }
         let (Some(device), Some(current)) = (self.device.as_mut(), self.session.subscriptions())
         else {
             return;
@@ -322,10 +387,16 @@ impl<S: Transport> Connection<S> {
 
     /// Decodes and handles complete packets while telemetry may still be queued.
     async fn decode_buffered(&mut self) {
-        while !self.session.is_closed() && self.ingests.len() < MAX_PENDING_INGESTS {
+        while !self.session.is_closed()
+            && self.pending_messages + self.staged.messages.len() < MAX_PENDING_INGESTS
+        {
             let expect_connect = self.session.awaits_connect();
             match codec::decode(&mut self.rbuf, self.ctx.max_packet_size, expect_connect) {
                 Ok(Decoded::Packet(packet)) => {
+                    self.subscriptions_touched |= matches!(
+                        packet,
+                        Packet::Connect(..) | Packet::Subscribe(_) | Packet::Unsubscribe(_)
+                    );
                     self.session
                         .on_packet(packet, Instant::now(), &mut self.actions);
                     // Authentication must finish before the next packet is read.
@@ -396,12 +467,12 @@ impl<S: Transport> Connection<S> {
                     enqueued_at: OffsetDateTime::now_utc(),
                     model_id: device.model_id.clone(),
                 };
-                let telemetry = Arc::clone(&self.ctx.services.telemetry);
                 if will {
+                    let telemetry = Arc::clone(&self.ctx.services.telemetry);
                     // The connection is ending; the will is stored on its own.
                     let id = device.device.clone();
                     tokio::spawn(async move {
-                        let stored = match telemetry.submit(message).await {
+                        let stored = match telemetry.submit(vec![message]).await {
                             Ok(durable) => durable.await,
                             Err(err) => Err(err),
                         };
@@ -411,14 +482,10 @@ impl<S: Transport> Connection<S> {
                     });
                     return;
                 }
-                // Submitting in packet order keeps the device's messages in order; it
-                // waits while the store is behind, which stops this connection reading.
-                match telemetry.submit(message).await {
-                    Ok(durable) => self.ingests.push_back(PendingIngest { ack, durable }),
-                    Err(err) => {
-                        self.ingested(ack, Err(err));
-                    }
-                }
+                // Staged in packet order and submitted once the read buffer is
+                // decoded (submit_staged).
+                self.staged.messages.push(message);
+                self.staged.acks.extend(ack);
             }
             Action::Twin { rid, op } => {
                 let Some(device) = &self.device else { return };
@@ -586,29 +653,57 @@ impl<S: Transport> Connection<S> {
     }
 
     /// Acknowledges one message once it is durable; whether it was stored.
-    fn ingested(&mut self, ack: Option<u16>, result: Result<(), IngestError>) -> bool {
+    /// Hands the staged telemetry to the store as one batch. Submitting in packet
+    /// order keeps the device's messages in order; it waits while the store is
+    /// behind, which stops this connection reading.
+    async fn submit_staged(&mut self) {
+        if self.staged.messages.is_empty() {
+            return;
+        }
+        let Staged { messages, acks } = std::mem::take(&mut self.staged);
+        let count = messages.len();
+        let telemetry = Arc::clone(&self.ctx.services.telemetry);
+        match telemetry.submit(messages).await {
+            Ok(durable) => {
+                self.pending_messages += count;
+                self.ingests.push_back(PendingIngest {
+                    acks,
+                    messages: count,
+                    durable,
+                });
+            }
+            Err(err) => {
+                self.ingested(&acks, 0, Err(err));
+            }
+        }
+    }
+
+    /// Acknowledges a batch that became durable (or closes the connection when it
+    /// did not) and returns how many messages were stored.
+    fn ingested(&mut self, acks: &[u16], messages: usize, result: Result<(), IngestError>) -> u64 {
+        self.pending_messages = self.pending_messages.saturating_sub(messages);
         match result {
             Ok(()) => {
-                if let Some(pkid) = ack {
+                for &pkid in acks {
                     self.actions
                         .push(Action::Send(Packet::PubAck(PubAck::new(pkid))));
                 }
-                true
+                messages as u64
             }
             Err(err) => {
                 // Never acknowledge what is not durable: the device will resend.
                 tracing::warn!(error = %err, "telemetry not stored; closing without PUBACK");
                 self.session
                     .close(CloseReason::IngestFailed, &mut self.actions);
-                false
+                0
             }
         }
     }
 
     /// Counts `stored` messages and marks the device active, once per batch of
-    /// completions rather than per message (the presence table is shared by every
-    /// connection).
-    fn count_stored(&self, stored: u64) {
+    /// completions rather than per message and at most once per
+    /// [`ACTIVITY_RESOLUTION`] (the presence table is shared by every connection).
+    fn count_stored(&mut self, stored: u64) {
         if stored == 0 {
             return;
         }
@@ -616,7 +711,15 @@ impl<S: Transport> Connection<S> {
             .metrics
             .messages_in
             .fetch_add(stored, Ordering::Relaxed);
+        let now = Instant::now();
+        if self
+            .last_activity
+            .is_some_and(|last| now.duration_since(last) < ACTIVITY_RESOLUTION)
+        {
+            return;
+        }
         if let Some(device) = &self.device {
+            self.last_activity = Some(now);
             self.ctx
                 .presence
                 .touch(&device.device, OffsetDateTime::now_utc());

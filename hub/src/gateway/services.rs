@@ -59,11 +59,11 @@ pub type Durable =
 /// Stores telemetry durably.
 #[async_trait]
 pub trait TelemetryIngest: Send + Sync + 'static {
-    /// Queues `message` behind everything this connection submitted before (so a
-    /// device's messages keep their order) and returns a future that completes when
-    /// it is durable. Waits while the store is behind: that is the backpressure that
-    /// stops the connection reading.
-    async fn submit(&self, message: TelemetryMessage) -> Result<Durable, IngestError>;
+    /// Queues `messages` (one device's, in the order received) behind everything this
+    /// connection submitted before (so a device's messages keep their order) and
+    /// returns a future that completes when all of them are durable. Waits while the
+    /// store is behind: that is the backpressure that stops the connection reading.
+    async fn submit(&self, messages: Vec<TelemetryMessage>) -> Result<Durable, IngestError>;
 }
 
 /// The answer to a twin request, sent on `$iothub/twin/res/{status}/…`.
@@ -216,7 +216,7 @@ pub struct NotYetAvailable;
 
 #[async_trait]
 impl TelemetryIngest for NotYetAvailable {
-    async fn submit(&self, _message: TelemetryMessage) -> Result<Durable, IngestError> {
+    async fn submit(&self, _messages: Vec<TelemetryMessage>) -> Result<Durable, IngestError> {
         Err(IngestError::Unavailable)
     }
 }

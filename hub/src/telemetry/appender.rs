@@ -1,9 +1,14 @@
-//! The group committer of one partition. Appends from many connections queue up
-//! while the previous batch is being made durable; a dedicated thread takes
-//! everything queued (bounded in count, bytes and linger time), appends it with one
-//! write and one `fdatasync`, then answers every waiter. A waiter's PUBACK goes out
-//! only after its batch is durable; a failed commit answers every waiter with the
-//! error, and none is acknowledged.
+//! The group committer. Appends from many connections, to any of the partitions a
+//! committer serves, queue up while the previous batch is being made durable; a
+//! dedicated thread takes everything queued (bounded in count, bytes and linger
+//! time), appends each partition's share with one write and one `fdatasync`, then
+//! answers every waiter. A waiter's PUBACK goes out only after its batch is durable; a
+//! failed commit answers every waiter of that partition with the error, and none is
+//! acknowledged.
+//!
+//! One committer may serve several partitions: on a machine with fewer cores than
+//! partitions, one thread per partition costs more in wake-ups and context switches
+//! than its parallel `fdatasync`s give (docs/BENCHMARKS.md, issue 17).
 //!
 //! Memory is bounded by a byte budget per partition: a submitter waits for budget
 //! before queueing, which (through the connection task) stops reading the device's
@@ -78,8 +83,11 @@ pub enum AppendError {
 }
 
 struct Append {
-    time: i64,
-    payload: Bytes,
+    /// The partition's place among those its committer serves.
+    slot: usize,
+    /// One submitter's records (receipt time, payload), committed together.
+    records: Vec<(i64, Bytes)>,
+    /// Answered with the first record's offset.
     done: oneshot::Sender<Result<u64, AppendError>>,
     _budget: OwnedSemaphorePermit,
 }
@@ -116,14 +124,20 @@ impl CommitStats {
     }
 }
 
-/// One partition: its storage, its committer, and the durable end readers wait on.
+/// The queue of one committer, shared by the partitions it serves; taken (dropped) by
+/// [`Partition::close`], after which the committer drains and stops.
+type Queue = Arc<Mutex<Option<mpsc::UnboundedSender<Append>>>>;
+
+/// One partition: its storage, its committer's queue, and the durable end readers
+/// wait on.
 pub struct Partition {
     store: Arc<RwLock<Box<dyn PartitionStore>>>,
     /// The first stored offset, kept beside the store so that asking for the bounds
     /// never waits on the lock the committer holds through its fsync.
     first: Arc<AtomicU64>,
-    /// Taken (dropped) by [`Partition::close`]; the committer then drains and stops.
-    queue: Mutex<Option<mpsc::UnboundedSender<Append>>>,
+    queue: Queue,
+    /// This partition's place among those its committer serves.
+    slot: usize,
     budget: Arc<Semaphore>,
     end: watch::Receiver<u64>,
     queue_bytes: usize,
@@ -139,37 +153,60 @@ impl std::fmt::Debug for Partition {
 }
 
 impl Partition {
-    /// Starts the committer thread for `store`; it ends when the partition is dropped
-    /// (the returned handle joins it).
+    /// Starts a committer thread serving `store` alone; it ends when the partition
+    /// is closed (the returned handle joins it).
     pub fn start(
         store: Box<dyn PartitionStore>,
         limits: BatchLimits,
         name: String,
     ) -> std::io::Result<(Self, JoinHandle<()>)> {
-        let (queue, rx) = mpsc::unbounded_channel();
-        let (end_tx, end) = watch::channel(store.end_offset());
-        let first = Arc::new(AtomicU64::new(store.first_offset()));
-        let store = Arc::new(RwLock::new(store));
-        let thread_store = Arc::clone(&store);
-        let stats = Arc::new(CommitStats::default());
-        let thread_stats = Arc::clone(&stats);
-        let handle = std::thread::Builder::new()
-            .name(name)
-            .spawn(move || commit_loop(thread_store, rx, end_tx, limits, &thread_stats))?;
+        let (mut partitions, handle) = Self::start_group(vec![store], limits, name)?;
+        let partition = partitions
+            .pop()
+            .ok_or_else(|| std::io::Error::other("a committer started without its partition"))?;
+        Ok((partition, handle))
+    }
+
+    /// Starts one committer thread serving all of `stores` (partitions in the order
+    /// given); it ends when they are closed (closing one closes them all) and the
+    /// returned handle joins it. The byte budget is per partition; `limits` bounds
+    /// each pass of the committer over all of them.
+    pub fn start_group(
+        stores: Vec<Box<dyn PartitionStore>>,
+        limits: BatchLimits,
+        name: String,
+    ) -> std::io::Result<(Vec<Self>, JoinHandle<()>)> {
+        let (sender, rx) = mpsc::unbounded_channel();
+        let queue: Queue = Arc::new(Mutex::new(Some(sender)));
         // Budget is counted in KiB so a u32 semaphore covers large queues.
         let queue_kib = limits.queue_bytes.div_ceil(1024).max(1);
-        Ok((
-            Self {
+        let mut partitions = Vec::with_capacity(stores.len());
+        let mut slots = Vec::with_capacity(stores.len());
+        for (slot, store) in stores.into_iter().enumerate() {
+            let (end_tx, end) = watch::channel(store.end_offset());
+            let first = Arc::new(AtomicU64::new(store.first_offset()));
+            let store = Arc::new(RwLock::new(store));
+            let stats = Arc::new(CommitStats::default());
+            slots.push(Slot {
+                store: Arc::clone(&store),
+                end: end_tx,
+                stats: Arc::clone(&stats),
+            });
+            partitions.push(Self {
                 store,
                 first,
-                queue: Mutex::new(Some(queue)),
+                queue: Arc::clone(&queue),
+                slot,
                 budget: Arc::new(Semaphore::new(queue_kib)),
                 end,
                 queue_bytes: queue_kib,
                 stats,
-            },
-            handle,
-        ))
+            });
+        }
+        let handle = std::thread::Builder::new()
+            .name(name)
+            .spawn(move || commit_loop(&slots, rx, limits))?;
+        Ok((partitions, handle))
     }
 
     /// Queues `payload` in submission order, waiting for budget when the committer is
@@ -179,7 +216,23 @@ impl Partition {
         time: i64,
         payload: Bytes,
     ) -> Result<oneshot::Receiver<Result<u64, AppendError>>, AppendError> {
-        let kib = (payload.len().div_ceil(1024)).clamp(1, self.queue_bytes) as u32;
+        self.submit_all(vec![(time, payload)]).await
+    }
+
+    /// Queues `records` (receipt time, payload) in order, behind everything submitted
+    /// before, waiting for budget when the committer is behind; they are committed
+    /// together, and the returned receiver answers with the first one's offset once
+    /// all are durable. One submission, however many records: a connection that
+    /// read several messages at once pays for one hand-off.
+    pub async fn submit_all(
+        &self,
+        records: Vec<(i64, Bytes)>,
+    ) -> Result<oneshot::Receiver<Result<u64, AppendError>>, AppendError> {
+        let kib = records
+            .iter()
+            .map(|(_, payload)| payload.len().div_ceil(1024).max(1))
+            .sum::<usize>()
+            .clamp(1, self.queue_bytes) as u32;
         let budget = Arc::clone(&self.budget)
             .acquire_many_owned(kib)
             .await
@@ -193,8 +246,8 @@ impl Partition {
             .as_ref()
             .ok_or(AppendError::Closed)?
             .send(Append {
-                time,
-                payload,
+                slot: self.slot,
+                records,
                 done,
                 _budget: budget,
             })
@@ -213,7 +266,8 @@ impl Partition {
         (self.queue_bytes.saturating_sub(free) as u64) * 1024
     }
 
-    /// Refuses further appends; the committer commits what is queued, then stops.
+    /// Refuses further appends to this partition and to every other one its
+    /// committer serves; the committer commits what is queued, then stops.
     pub fn close(&self) {
         self.queue
             .lock()
@@ -271,65 +325,102 @@ impl PartitionReader {
     }
 }
 
-fn commit_loop(
+/// What a committer holds of one partition it serves.
+struct Slot {
     store: Arc<RwLock<Box<dyn PartitionStore>>>,
-    mut rx: mpsc::UnboundedReceiver<Append>,
     end: watch::Sender<u64>,
+    stats: Arc<CommitStats>,
+}
+
+/// What one pass of a committer has taken so far, each partition's share in
+/// submission order. A pass takes whole submissions, so one submission is never
+/// split between commits; the limits are checked between submissions.
+struct Pass<'a> {
+    shares: &'a mut [Vec<Append>],
     limits: BatchLimits,
-    stats: &CommitStats,
-) {
-    let mut batch: Vec<Append> = Vec::new();
+    messages: usize,
+    bytes: usize,
+}
+
+impl Pass<'_> {
+    fn take(&mut self, append: Append) {
+        self.messages += append.records.len();
+        self.bytes += append.records.iter().map(|(_, p)| p.len()).sum::<usize>();
+        match self.shares.get_mut(append.slot) {
+            Some(share) => share.push(append),
+            None => {
+                let _ = append.done.send(Err(AppendError::Closed));
+            }
+        }
+    }
+
+    fn full(&self) -> bool {
+        self.messages >= self.limits.max_messages || self.bytes >= self.limits.max_bytes
+    }
+
+    /// Takes what is queued, up to the limits, without waiting.
+    fn take_queued(&mut self, rx: &mut mpsc::UnboundedReceiver<Append>) {
+        while !self.full() {
+            match rx.try_recv() {
+                Ok(next) => self.take(next),
+                Err(_) => break,
+            }
+        }
+    }
+}
+
+fn commit_loop(slots: &[Slot], mut rx: mpsc::UnboundedReceiver<Append>, limits: BatchLimits) {
+    let mut shares: Vec<Vec<Append>> = slots.iter().map(|_| Vec::new()).collect();
     let mut records: Vec<(i64, Bytes)> = Vec::new();
     while let Some(first) = rx.blocking_recv() {
-        let mut bytes = first.payload.len();
-        batch.push(first);
-        let full = |batch: &Vec<Append>, bytes: usize| {
-            batch.len() >= limits.max_messages || bytes >= limits.max_bytes
+        let mut pass = Pass {
+            shares: &mut shares,
+            limits,
+            messages: 0,
+            bytes: 0,
         };
-        let take_queued = |batch: &mut Vec<Append>,
-                           bytes: &mut usize,
-                           rx: &mut mpsc::UnboundedReceiver<Append>| {
-            while !full(batch, *bytes) {
-                match rx.try_recv() {
-                    Ok(next) => {
-                        *bytes += next.payload.len();
-                        batch.push(next);
-                    }
-                    Err(_) => break,
-                }
-            }
-        };
-        take_queued(&mut batch, &mut bytes, &mut rx);
-        if !limits.max_wait.is_zero() && !full(&batch, bytes) {
+        pass.take(first);
+        pass.take_queued(&mut rx);
+        if !limits.max_wait.is_zero() && !pass.full() {
             // Linger with one sleep, not a polling loop: senders do not wake a
             // sleeping committer, so lingering costs one context switch however many
             // messages arrive meanwhile.
             std::thread::sleep(limits.max_wait);
-            take_queued(&mut batch, &mut bytes, &mut rx);
+            pass.take_queued(&mut rx);
         }
-        records.clear();
-        records.extend(batch.iter().map(|a| (a.time, a.payload.clone())));
-        let started = Instant::now();
-        let result = store
-            .write()
-            .unwrap_or_else(PoisonError::into_inner)
-            .append(&records);
-        if result.is_ok() {
-            stats.record(started.elapsed(), records.len());
-        }
-        match result {
-            Ok(first_offset) => {
-                end.send_replace(first_offset + batch.len() as u64);
-                for (i, append) in batch.drain(..).enumerate() {
-                    let _ = append.done.send(Ok(first_offset + i as u64));
-                }
+        for (slot, share) in slots.iter().zip(shares.iter_mut()) {
+            if !share.is_empty() {
+                commit(slot, share, &mut records);
             }
-            Err(err) => {
-                tracing::error!(error = %err, messages = batch.len(), "telemetry commit failed; nothing acknowledged");
-                let err = Arc::new(err);
-                for append in batch.drain(..) {
-                    let _ = append.done.send(Err(AppendError::Commit(Arc::clone(&err))));
-                }
+        }
+    }
+}
+
+/// Appends `share` (one partition's queued appends) durably and answers each.
+fn commit(slot: &Slot, share: &mut Vec<Append>, records: &mut Vec<(i64, Bytes)>) {
+    records.clear();
+    records.extend(share.iter().flat_map(|a| a.records.iter().cloned()));
+    let started = Instant::now();
+    let result = slot
+        .store
+        .write()
+        .unwrap_or_else(PoisonError::into_inner)
+        .append(records);
+    match result {
+        Ok(first_offset) => {
+            slot.stats.record(started.elapsed(), records.len());
+            slot.end.send_replace(first_offset + records.len() as u64);
+            let mut offset = first_offset;
+            for append in share.drain(..) {
+                let _ = append.done.send(Ok(offset));
+                offset += append.records.len() as u64;
+            }
+        }
+        Err(err) => {
+            tracing::error!(error = %err, messages = records.len(), "telemetry commit failed; nothing acknowledged");
+            let err = Arc::new(err);
+            for append in share.drain(..) {
+                let _ = append.done.send(Err(AppendError::Commit(Arc::clone(&err))));
             }
         }
     }
@@ -483,6 +574,95 @@ mod tests {
                 .all(|(i, r)| r.payload.as_ref() == (i as u32).to_le_bytes())
         );
         assert_eq!(*partition.watch_end().borrow(), 500);
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn one_committer_keeps_each_of_its_partitions_in_its_own_order() {
+        let dirs = [tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap()];
+        let opened: Vec<_> = dirs.iter().map(|d| Faulty::open(d.path())).collect();
+        let commits: Vec<_> = opened.iter().map(|(_, _, c)| Arc::clone(c)).collect();
+        let stores: Vec<Box<dyn PartitionStore>> = opened
+            .into_iter()
+            .map(|(store, _, _)| Box::new(store) as Box<dyn PartitionStore>)
+            .collect();
+        let (partitions, thread) =
+            Partition::start_group(stores, limits(), "group".into()).unwrap();
+        // Interleaved submissions: each partition numbers its own records from 0.
+        let mut receipts = Vec::new();
+        for i in 0..300u32 {
+            let p = (i % 2) as usize;
+            let receipt = partitions[p]
+                .submit(0, Bytes::from(i.to_le_bytes().to_vec()))
+                .await
+                .unwrap();
+            receipts.push((p, i, receipt));
+        }
+        for (_, i, receipt) in receipts {
+            assert_eq!(receipt.await.unwrap().unwrap(), u64::from(i / 2));
+        }
+        for (p, partition) in partitions.iter().enumerate() {
+            let records = partition.read(0, 1000, usize::MAX).unwrap();
+            let expected: Vec<u32> = (0..300).filter(|i| (i % 2) as usize == p).collect();
+            let got: Vec<u32> = records
+                .iter()
+                .map(|r| u32::from_le_bytes(r.payload.as_ref().try_into().unwrap()))
+                .collect();
+            assert_eq!(got, expected, "partition {p}");
+            assert_eq!(*partition.watch_end().borrow(), 150);
+            let commits = commits[p].load(Ordering::SeqCst);
+            assert!(commits < 150, "partition {p} batched: {commits} commits");
+        }
+        // Closing one closes the committer: no partition takes more, the thread ends.
+        partitions[0].close();
+        assert!(matches!(
+            partitions[1].submit(0, Bytes::from_static(b"late")).await,
+            Err(AppendError::Closed)
+        ));
+        tokio::task::spawn_blocking(move || thread.join().unwrap())
+            .await
+            .unwrap();
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_submitted_batch_is_committed_together_with_consecutive_offsets() {
+        let dir = tempfile::tempdir().unwrap();
+        let (store, _, commits) = Faulty::open(dir.path());
+        let (partition, _thread) =
+            Partition::start(Box::new(store), limits(), "batch".into()).unwrap();
+        let batch: Vec<(i64, Bytes)> = (0..5u8)
+            .map(|i| (i64::from(i), Bytes::from(vec![i])))
+            .collect();
+        let first = partition
+            .submit_all(batch)
+            .await
+            .unwrap()
+            .await
+            .unwrap()
+            .unwrap();
+        assert_eq!(first, 0);
+        assert_eq!(
+            commits.load(Ordering::SeqCst),
+            1,
+            "one commit for the batch"
+        );
+        let next = partition.submit(9, Bytes::from_static(b"n")).await.unwrap();
+        assert_eq!(next.await.unwrap().unwrap(), 5);
+        let records = partition.read(0, 100, usize::MAX).unwrap();
+        let got: Vec<(u64, i64, Vec<u8>)> = records
+            .iter()
+            .map(|r| (r.offset, r.time, r.payload.to_vec()))
+            .collect();
+        assert_eq!(
+            got,
+            vec![
+                (0, 0, vec![0]),
+                (1, 1, vec![1]),
+                (2, 2, vec![2]),
+                (3, 3, vec![3]),
+                (4, 4, vec![4]),
+                (5, 9, b"n".to_vec())
+            ]
+        );
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -106,6 +106,26 @@ pub trait TelemetryLog: Send + Sync + 'static {
         time: i64,
         payload: Bytes,
     ) -> Result<Durable, IngestError>;
+    /// Appends `records` (receipt time, payload) in order behind everything appended
+    /// to `partition` before; the future completes once all of them are durable.
+    /// The default appends them one by one; a log that can take them in one
+    /// hand-off does so.
+    async fn append_all(
+        &self,
+        partition: u32,
+        records: Vec<(i64, Bytes)>,
+    ) -> Result<Durable, IngestError> {
+        let mut durables = Vec::with_capacity(records.len());
+        for (time, payload) in records {
+            durables.push(self.append(partition, time, payload).await?);
+        }
+        Ok(Box::pin(async move {
+            for durable in durables {
+                durable.await?;
+            }
+            Ok(())
+        }))
+    }
     /// The first stored offset and one past the last durable one.
     async fn bounds(&self, partition: u32) -> Result<(u64, u64), TelemetryError>;
     /// Up to `max` records of `partition` from offset `from` on; when there are none
@@ -287,18 +307,27 @@ impl Telemetry {
 
 #[async_trait]
 impl TelemetryIngest for Telemetry {
-    async fn submit(&self, message: TelemetryMessage) -> Result<Durable, IngestError> {
-        let id = self.partitioner.partition(message.device_id.as_str());
-        let time = i64::try_from(message.enqueued_at.unix_timestamp_nanos()).unwrap_or(i64::MAX);
-        let payload = message::encode(&message);
-        if payload.len() > segment::MAX_PAYLOAD {
-            // Refused before it is queued, so no PUBACK can follow; stored, it would
-            // be a record that reads and recovery take for damage.
-            return Err(IngestError::Commit(
-                segment::LogError::TooLarge { len: payload.len() }.to_string(),
-            ));
+    async fn submit(&self, messages: Vec<TelemetryMessage>) -> Result<Durable, IngestError> {
+        let Some(first) = messages.first() else {
+            return Ok(Box::pin(std::future::ready(Ok(()))));
+        };
+        // One device's messages: one partition.
+        let id = self.partitioner.partition(first.device_id.as_str());
+        let mut records = Vec::with_capacity(messages.len());
+        for message in &messages {
+            let time =
+                i64::try_from(message.enqueued_at.unix_timestamp_nanos()).unwrap_or(i64::MAX);
+            let payload = message::encode(message);
+            if payload.len() > segment::MAX_PAYLOAD {
+                // Refused before anything is queued, so no PUBACK can follow; stored,
+                // it would be a record that reads and recovery take for damage.
+                return Err(IngestError::Commit(
+                    segment::LogError::TooLarge { len: payload.len() }.to_string(),
+                ));
+            }
+            records.push((time, payload));
         }
-        self.log.append(id, time, payload).await
+        self.log.append_all(id, records).await
     }
 }
 
@@ -330,7 +359,7 @@ mod tests {
         };
         // The body alone fits the record limit; with the metadata it does not.
         let refused = telemetry
-            .submit(message(vec![0u8; segment::MAX_PAYLOAD - 100]))
+            .submit(vec![message(vec![0u8; segment::MAX_PAYLOAD - 100])])
             .await;
         assert!(matches!(refused, Err(IngestError::Commit(_))));
         assert_eq!(
@@ -339,7 +368,10 @@ mod tests {
             "nothing stored"
         );
 
-        let durable = telemetry.submit(message(b"fits".to_vec())).await.unwrap();
+        let durable = telemetry
+            .submit(vec![message(b"fits".to_vec())])
+            .await
+            .unwrap();
         durable.await.unwrap();
         assert_eq!(telemetry.partition_info(0).await.unwrap().end_offset, 1);
         let _ = tokio::task::spawn_blocking(move || telemetry.close()).await;

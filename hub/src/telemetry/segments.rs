@@ -1,6 +1,7 @@
-//! The embedded telemetry log: one directory of segment files per partition, each
-//! with its own group committer ([`super::appender`]). The partition count is fixed by
-//! the first start of a data directory.
+//! The embedded telemetry log: one directory of segment files per partition,
+//! committed by `telemetry.committers` group committers ([`super::appender`]) that
+//! share the partitions between them. The partition count is fixed by the first
+//! start of a data directory.
 
 use std::path::Path;
 use std::sync::{Mutex, PoisonError};
@@ -83,16 +84,26 @@ impl SegmentPartitions {
             max_wait: Duration::from_micros(config.max_batch_wait_micros),
             queue_bytes: config.queue_bytes,
         };
-        let mut partitions = Vec::new();
-        let mut threads = Vec::new();
+        // Partition p goes to committer p mod committers.
+        let committers = config.committers.clamp(1, config.partitions);
+        let mut groups: Vec<Vec<Box<dyn appender::PartitionStore>>> =
+            (0..committers).map(|_| Vec::new()).collect();
         for id in 0..config.partitions {
             let log = SegmentLog::open(&dir.join(format!("p{id}")), config.segment_bytes)?;
-            let (partition, thread) =
-                Partition::start(Box::new(log), limits, format!("telemetry-p{id}"))
+            groups[(id % committers) as usize].push(Box::new(log));
+        }
+        let mut slots: Vec<Option<Partition>> = (0..config.partitions).map(|_| None).collect();
+        let mut threads = Vec::new();
+        for (committer, stores) in groups.into_iter().enumerate() {
+            let (group, thread) =
+                Partition::start_group(stores, limits, format!("telemetry-c{committer}"))
                     .map_err(io(dir))?;
-            partitions.push(partition);
+            for (nth, partition) in group.into_iter().enumerate() {
+                slots[committer + nth * committers as usize] = Some(partition);
+            }
             threads.push(thread);
         }
+        let partitions = slots.into_iter().flatten().collect();
         Ok(Self {
             partitions,
             threads: Mutex::new(threads),
@@ -117,11 +128,19 @@ impl TelemetryLog for SegmentPartitions {
         time: i64,
         payload: Bytes,
     ) -> Result<Durable, IngestError> {
+        self.append_all(partition, vec![(time, payload)]).await
+    }
+
+    async fn append_all(
+        &self,
+        partition: u32,
+        records: Vec<(i64, Bytes)>,
+    ) -> Result<Durable, IngestError> {
         let partition = self
             .partition(partition)
             .map_err(|err| IngestError::Commit(err.to_string()))?;
         let receipt = partition
-            .submit(time, payload)
+            .submit_all(records)
             .await
             .map_err(|_| IngestError::Closed)?;
         Ok(Box::pin(async move {
@@ -233,5 +252,58 @@ impl TelemetryLog for SegmentPartitions {
         for thread in threads {
             let _ = thread.join();
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn partitions_shared_by_committers_each_get_their_own_records() {
+        let dir = tempfile::tempdir().unwrap();
+        let config = TelemetryConfig {
+            partitions: 4,
+            committers: 3,
+            ..TelemetryConfig::default()
+        };
+        let log = SegmentPartitions::open(dir.path(), &config).unwrap();
+        let mut durables = Vec::new();
+        for round in 0..3u8 {
+            for partition in 0..4u8 {
+                let records = vec![(0, Bytes::from(vec![partition, round]))];
+                durables.push(log.append_all(u32::from(partition), records).await.unwrap());
+            }
+        }
+        for durable in durables {
+            durable.await.unwrap();
+        }
+        for partition in 0..4u8 {
+            let records = log
+                .read(u32::from(partition), 0, 100, Duration::ZERO)
+                .await
+                .unwrap();
+            let got: Vec<Vec<u8>> = records.iter().map(|r| r.payload.to_vec()).collect();
+            assert_eq!(
+                got,
+                (0..3u8)
+                    .map(|round| vec![partition, round])
+                    .collect::<Vec<_>>(),
+                "partition {partition}"
+            );
+        }
+        tokio::task::spawn_blocking(move || log.close())
+            .await
+            .unwrap();
+        // The data dir opens again with another committer count.
+        let config = TelemetryConfig {
+            committers: 1,
+            ..config
+        };
+        let log = SegmentPartitions::open(dir.path(), &config).unwrap();
+        assert_eq!(log.bounds(3).await.unwrap(), (0, 3));
+        tokio::task::spawn_blocking(move || log.close())
+            .await
+            .unwrap();
     }
 }
