@@ -11,12 +11,6 @@ use std::process::ExitCode;
 use clap::{Args, Parser, Subcommand};
 use hub::config::{Config, ConfigError, Overrides};
 
-/// mimalloc rather than the system allocator: the ingest path allocates and frees
-/// per message across the async workers' and committers' threads, where glibc's
-/// malloc spent 8–14 % of the hub's CPU (docs/BENCHMARKS.md, issue 17).
-#[global_allocator]
-static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
-
 /// Without a subcommand, `hub` serves (`hub` = `hub serve`).
 #[derive(Parser)]
 #[command(

@@ -51,8 +51,9 @@ pub const MAX_PENDING_INGESTS: usize = 256;
 const MAX_PENDING_TWIN: usize = 8;
 /// How long a write may block before the device counts as not reading.
 const WRITE_TIMEOUT: Duration = Duration::from_secs(30);
-/// Read buffer growth step: a QoS 0 batch of ten 256-byte messages fits one read.
-const READ_CHUNK: usize = 4096;
+/// Read buffer growth step: a streaming device's read carries many messages (a QoS 0
+/// batch of ten 256-byte messages is ~3 KB); idle connections hold no buffer.
+const READ_CHUNK: usize = 8192;
 /// A busy connection marks its device active at most this often (the presence table
 /// is shared by every connection).
 const ACTIVITY_RESOLUTION: Duration = Duration::from_secs(1);
@@ -418,9 +419,11 @@ impl<S: Transport> Connection<S> {
                 }
             }
         }
-        if self.rbuf.is_empty() && self.rbuf.capacity() > 0 {
+        if self.rbuf.is_empty() && self.rbuf.capacity() > 0 && self.pending_messages == 0 {
             // Idle connections hold no read buffer; the next read allocates one once
-            // the socket has bytes.
+            // the socket has bytes. One still waiting for telemetry to become durable
+            // is streaming: it keeps its buffer rather than free and allocate one per
+            // read.
             self.rbuf = BytesMut::new();
         }
     }
