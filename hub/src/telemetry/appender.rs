@@ -332,6 +332,9 @@ struct Slot {
     stats: Arc<CommitStats>,
 }
 
+/// A pass of at least this many payload bytes commits its partitions in parallel.
+const PARALLEL_SYNC_BYTES: usize = 128 * 1024;
+
 /// What one pass of a committer has taken so far, each partition's share in
 /// submission order. A pass takes whole submissions, so one submission is never
 /// split between commits; the limits are checked between submissions.
@@ -388,6 +391,36 @@ fn commit_loop(slots: &[Slot], mut rx: mpsc::UnboundedReceiver<Append>, limits: 
             std::thread::sleep(limits.max_wait);
             pass.take_queued(&mut rx);
         }
+        let parallel = pass.bytes >= PARALLEL_SYNC_BYTES;
+        let mut busy = slots
+            .iter()
+            .zip(shares.iter_mut())
+            .filter(|(_, share)| !share.is_empty());
+        if !parallel {
+            for (slot, share) in busy {
+                commit(slot, share, &mut records);
+            }
+            continue;
+        }
+        // A large pass: each partition's write and sync on its own thread, so the
+        // syncs overlap (a QoS 0 stream is bound by them); a small one is not worth
+        // a thread start.
+        std::thread::scope(|scope| {
+            let first = busy.next();
+            for (slot, share) in busy {
+                let spawned = std::thread::Builder::new()
+                    .name("telemetry-sync".into())
+                    .spawn_scoped(scope, move || commit(slot, share, &mut Vec::new()));
+                if let Err(err) = spawned {
+                    // Not enough threads: the loop below commits this share.
+                    tracing::warn!(error = %err, "cannot start a sync thread; committing that partition after the others");
+                }
+            }
+            if let Some((slot, share)) = first {
+                commit(slot, share, &mut records);
+            }
+        });
+        // A share whose thread did not start is still queued: commit it here.
         for (slot, share) in slots.iter().zip(shares.iter_mut()) {
             if !share.is_empty() {
                 commit(slot, share, &mut records);
@@ -478,10 +511,29 @@ mod tests {
         }
     }
 
-    /// A store whose commit takes as long as the test says (a slow fsync).
+    /// A store whose commit takes as long as the test says (a slow fsync), noting
+    /// the thread each commit ran on.
     struct Slow {
         inner: SegmentLog,
         release: Mutex<std::sync::mpsc::Receiver<()>>,
+        threads: Arc<Mutex<Vec<String>>>,
+    }
+
+    impl Slow {
+        /// A slow store in `dir`, the switch that lets one commit through, and the
+        /// names of the threads its commits ran on.
+        fn open(
+            dir: &std::path::Path,
+        ) -> (Self, std::sync::mpsc::Sender<()>, Arc<Mutex<Vec<String>>>) {
+            let (release, stalled) = std::sync::mpsc::channel();
+            let threads = Arc::new(Mutex::new(Vec::new()));
+            let store = Self {
+                inner: SegmentLog::open(dir, 1 << 20).unwrap(),
+                release: Mutex::new(stalled),
+                threads: Arc::clone(&threads),
+            };
+            (store, release, threads)
+        }
     }
 
     impl PartitionStore for Slow {
@@ -489,6 +541,8 @@ mod tests {
             if let Ok(release) = self.release.lock() {
                 let _ = release.recv_timeout(Duration::from_secs(30));
             }
+            let thread = std::thread::current().name().unwrap_or("").to_string();
+            self.threads.lock().unwrap().push(thread);
             self.inner.append(batch)
         }
         fn read(&self, from: u64, max: usize, max_bytes: usize) -> Result<Vec<Record>, LogError> {
@@ -508,11 +562,7 @@ mod tests {
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn the_bounds_never_wait_for_a_commit_in_progress() {
         let dir = tempfile::tempdir().unwrap();
-        let (release, stalled) = std::sync::mpsc::channel();
-        let store = Slow {
-            inner: SegmentLog::open(dir.path(), 1 << 20).unwrap(),
-            release: Mutex::new(stalled),
-        };
+        let (store, release, _) = Slow::open(dir.path());
         let (partition, _thread) =
             Partition::start(Box::new(store), limits(), "slow".into()).unwrap();
         let receipt = partition.submit(0, Bytes::from_static(b"x")).await.unwrap();
@@ -621,6 +671,44 @@ mod tests {
         tokio::task::spawn_blocking(move || thread.join().unwrap())
             .await
             .unwrap();
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_large_pass_commits_its_partitions_on_parallel_threads_in_order() {
+        let dirs = [tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap()];
+        let (a, release_a, threads_a) = Slow::open(dirs[0].path());
+        let (b, release_b, threads_b) = Slow::open(dirs[1].path());
+        let (partitions, _thread) =
+            Partition::start_group(vec![Box::new(a), Box::new(b)], limits(), "group".into())
+                .unwrap();
+        // The committer stalls in a small commit of partition 0 while a large pass
+        // for both partitions queues up behind it.
+        let first = partitions[0]
+            .submit(0, Bytes::from_static(b"a0"))
+            .await
+            .unwrap();
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        let big = || Bytes::from(vec![7u8; PARALLEL_SYNC_BYTES / 2 + 1]);
+        let second = partitions[0].submit(1, big()).await.unwrap();
+        let other = partitions[1].submit(2, big()).await.unwrap();
+        release_a.send(()).unwrap();
+        release_a.send(()).unwrap();
+        release_b.send(()).unwrap();
+        assert_eq!(first.await.unwrap().unwrap(), 0);
+        assert_eq!(second.await.unwrap().unwrap(), 1);
+        assert_eq!(other.await.unwrap().unwrap(), 0);
+        assert_eq!(*threads_a.lock().unwrap(), ["group", "group"]);
+        assert_eq!(*threads_b.lock().unwrap(), ["telemetry-sync"]);
+        let read = |p: usize| -> Vec<(u64, i64, usize)> {
+            partitions[p]
+                .read(0, 10, usize::MAX)
+                .unwrap()
+                .iter()
+                .map(|r| (r.offset, r.time, r.payload.len()))
+                .collect()
+        };
+        assert_eq!(read(0), [(0, 0, 2), (1, 1, PARALLEL_SYNC_BYTES / 2 + 1)]);
+        assert_eq!(read(1), [(0, 2, PARALLEL_SYNC_BYTES / 2 + 1)]);
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
