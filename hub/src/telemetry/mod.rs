@@ -97,35 +97,15 @@ pub enum TelemetryError {
 /// the offset after the last record it got.
 #[async_trait]
 pub trait TelemetryLog: Send + Sync + 'static {
-    /// Appends one encoded message (received at `time`, Unix nanoseconds) behind
-    /// everything appended to `partition` before; the future completes once it is
-    /// durable. Waits while the log is behind (backpressure).
-    async fn append(
-        &self,
-        partition: u32,
-        time: i64,
-        payload: Bytes,
-    ) -> Result<Durable, IngestError>;
-    /// Appends `records` (receipt time, payload) in order behind everything appended
-    /// to `partition` before; the future completes once all of them are durable.
-    /// The default appends them one by one; a log that can take them in one
-    /// hand-off does so.
+    /// Appends `records` (encoded messages with their receipt time, Unix
+    /// nanoseconds) in order behind everything appended to `partition` before; the
+    /// future completes once all of them are durable. Waits while the log is behind
+    /// (backpressure).
     async fn append_all(
         &self,
         partition: u32,
         records: Vec<(i64, Bytes)>,
-    ) -> Result<Durable, IngestError> {
-        let mut durables = Vec::with_capacity(records.len());
-        for (time, payload) in records {
-            durables.push(self.append(partition, time, payload).await?);
-        }
-        Ok(Box::pin(async move {
-            for durable in durables {
-                durable.await?;
-            }
-            Ok(())
-        }))
-    }
+    ) -> Result<Durable, IngestError>;
     /// The first stored offset and one past the last durable one.
     async fn bounds(&self, partition: u32) -> Result<(u64, u64), TelemetryError>;
     /// Up to `max` records of `partition` from offset `from` on; when there are none

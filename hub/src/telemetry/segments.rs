@@ -122,15 +122,6 @@ impl SegmentPartitions {
 
 #[async_trait]
 impl TelemetryLog for SegmentPartitions {
-    async fn append(
-        &self,
-        partition: u32,
-        time: i64,
-        payload: Bytes,
-    ) -> Result<Durable, IngestError> {
-        self.append_all(partition, vec![(time, payload)]).await
-    }
-
     async fn append_all(
         &self,
         partition: u32,

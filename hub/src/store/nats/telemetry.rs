@@ -269,8 +269,9 @@ where
     Ok(())
 }
 
-#[async_trait]
-impl TelemetryLog for JetStreamTelemetry {
+impl JetStreamTelemetry {
+    /// Queues one record for its partition's publisher; the future completes once
+    /// the stream acknowledged it.
     async fn append(
         &self,
         partition: u32,
@@ -301,6 +302,27 @@ impl TelemetryLog for JetStreamTelemetry {
         queue.send(pending).await.map_err(|_| IngestError::Closed)?;
         Ok(Box::pin(async move {
             receipt.await.unwrap_or(Err(IngestError::Closed))
+        }))
+    }
+}
+
+#[async_trait]
+impl TelemetryLog for JetStreamTelemetry {
+    /// One record at a time: each is its own publish on the partition's queue.
+    async fn append_all(
+        &self,
+        partition: u32,
+        records: Vec<(i64, Bytes)>,
+    ) -> Result<Durable, IngestError> {
+        let mut durables = Vec::with_capacity(records.len());
+        for (time, payload) in records {
+            durables.push(self.append(partition, time, payload).await?);
+        }
+        Ok(Box::pin(async move {
+            for durable in durables {
+                durable.await?;
+            }
+            Ok(())
         }))
     }
 
