@@ -140,7 +140,7 @@ pub async fn get(
     State(state): State<AppState>,
     ApiPath(id): ApiPath<String>,
 ) -> Result<Response, ApiError> {
-    let device = state.registry.get(&parse_id(&id)?).await?;
+    let device = state.registry.current(&parse_id(&id)?).await?;
     with_etag(&state, &device, StatusCode::OK).await
 }
 

@@ -622,6 +622,23 @@ impl Registry {
         Ok(device)
     }
 
+    /// The device with `id` as a client asking through this hub should see it: in
+    /// cluster mode the stored entry (a direct get; a write through another hub a
+    /// moment ago may not have reached this hub's mirror yet), the mirrored one if the
+    /// store does not answer. Embedded mode reads the cache, which every write passes.
+    pub async fn current(&self, id: &DeviceId) -> Result<Device, RegistryError> {
+        if !self.is_mirrored() {
+            return self.get(id).await;
+        }
+        match self.get_stored(id).await {
+            Err(RegistryError::Store(err)) => {
+                tracing::warn!(%id, error = %err, "registry read failed; answering from the mirror");
+                self.get(id).await
+            }
+            read => read,
+        }
+    }
+
     /// Deletes the device, if `if_match` (when given) matches its etag.
     pub async fn delete(
         &self,
@@ -1156,15 +1173,27 @@ mod tests {
         assert!(page.devices.is_empty());
     }
 
-    /// The embedded store with a change feed position to catch up to.
-    struct WithHead(EmbeddedStore, u64);
+    /// The embedded store as another node sees it: a change feed position to catch up
+    /// to, and reads by id that fail while `down` is set.
+    struct Remote(EmbeddedStore, u64, std::sync::atomic::AtomicBool);
+
+    impl Remote {
+        fn new(store: EmbeddedStore, head: u64) -> Self {
+            Self(store, head, std::sync::atomic::AtomicBool::new(false))
+        }
+    }
 
     #[async_trait::async_trait]
-    impl RegistryStore for WithHead {
+    impl RegistryStore for Remote {
         async fn insert(&self, device: Device) -> Result<Device, RegistryStoreError> {
             self.0.insert(device).await
         }
         async fn get(&self, id: &DeviceId) -> Result<Option<Device>, RegistryStoreError> {
+            if self.2.load(std::sync::atomic::Ordering::SeqCst) {
+                return Err(RegistryStoreError::Store(StoreError::Backend(
+                    "no answer".into(),
+                )));
+            }
             self.0.get(id).await
         }
         async fn replace(&self, device: Device, v: u64) -> Result<Device, RegistryStoreError> {
@@ -1193,7 +1222,7 @@ mod tests {
     async fn a_mirrored_listing_waits_for_the_feed_to_reach_the_stores_last_write() {
         let dir = tempfile::tempdir().unwrap();
         let store = EmbeddedStore::open(&dir.path().join("hub.redb")).unwrap();
-        let registry = Registry::mirrored(Arc::new(WithHead(store, 3)), Presence::default());
+        let registry = Registry::mirrored(Arc::new(Remote::new(store, 3)), Presence::default());
         let listing = tokio::spawn({
             let registry = registry.clone();
             async move { registry.list(None, 10).await }
@@ -1218,6 +1247,39 @@ mod tests {
             .map(|d| d.device_id.to_string())
             .collect();
         assert_eq!(ids, ["a"]);
+    }
+
+    #[tokio::test]
+    async fn a_mirrored_registry_answers_a_read_by_id_from_the_store_and_else_from_the_mirror() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = EmbeddedStore::open(&dir.path().join("hub.redb")).unwrap();
+        let remote = Arc::new(Remote::new(store, 0));
+        let registry = Registry::mirrored(remote.clone(), Presence::default());
+        let first = remote
+            .0
+            .insert(stored("m", 1, DeviceStatus::Enabled))
+            .await
+            .unwrap();
+        registry.apply_from_feed(StoredChange::Put(first.clone()));
+        // Another hub writes; this hub's feed has not delivered the change yet.
+        let mut second = first.clone();
+        second.version = 2;
+        second.status_reason = Some("through another hub".into());
+        remote.0.replace(second.clone(), 1).await.unwrap();
+        assert_eq!(registry.get(&id("m")).await.unwrap(), first);
+        assert_eq!(registry.current(&id("m")).await.unwrap(), second);
+
+        remote.2.store(true, std::sync::atomic::Ordering::SeqCst);
+        assert_eq!(registry.current(&id("m")).await.unwrap(), first);
+        assert!(matches!(
+            registry.current(&id("absent")).await,
+            Err(RegistryError::Store(_))
+        ));
+        remote.2.store(false, std::sync::atomic::Ordering::SeqCst);
+        assert!(matches!(
+            registry.current(&id("absent")).await,
+            Err(RegistryError::NotFound(_))
+        ));
     }
 
     #[test]
