@@ -5,6 +5,8 @@
 #   BIN        directory with `hub` and `firmware-sim` (default: target/release; needs
 #              `cargo build --release -p hub -p firmware-sim`)
 #   RESULTS    where the JSON reports and server logs go (default: a new temp dir, kept)
+#   KEEP_DATA  1 keeps the hubs' data dirs (RESULTS/*.data) at the end; by default they
+#              are removed: a run stores gigabytes of telemetry
 #   QUIET      wait until the machine is less than 5 % busy for 3 s in a row before each
 #              measured run, at most this many seconds (default 120; 0 = do not wait)
 #   MOSQUITTO  the Mosquitto binary (default: mosquitto on PATH, else /usr/sbin/mosquitto)
@@ -30,6 +32,9 @@ mkdir -p "$RESULTS"
 bench_cleanup() {
     for pid in "${PIDS[@]}"; do kill "$pid" 2> /dev/null || true; done
     wait 2> /dev/null || true
+    if [[ ${KEEP_DATA:-0} != 1 ]]; then
+        rm -rf "$RESULTS"/*.data
+    fi
 }
 trap bench_cleanup EXIT
 
