@@ -201,7 +201,9 @@ pub struct TelemetryConfig {
     pub retention_interval_secs: u64,
     /// Size at which a partition starts a new segment file. Default 64 MiB.
     pub segment_bytes: u64,
-    /// Most messages in one durable commit. Default 4096.
+    /// Most messages in one durable commit (one committer pass over its partitions).
+    /// Default 65536: what the connections' pending limits let wait is taken in one
+    /// pass, so a QoS 0 stream is bound by `max_batch_bytes` per sync, not by a count.
     pub max_batch_messages: usize,
     /// Most bytes in one durable commit. Default 8 MiB.
     pub max_batch_bytes: usize,
@@ -223,7 +225,7 @@ impl Default for TelemetryConfig {
             retention_bytes: 10 * 1024 * 1024 * 1024,
             retention_interval_secs: 60,
             segment_bytes: 64 * 1024 * 1024,
-            max_batch_messages: 4096,
+            max_batch_messages: 65536,
             max_batch_bytes: 8 * 1024 * 1024,
             max_batch_wait_micros: 0,
             queue_bytes: 64 * 1024 * 1024,
