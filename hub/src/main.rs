@@ -5,7 +5,6 @@
 
 mod cli;
 
-use std::path::PathBuf;
 use std::process::ExitCode;
 
 use clap::{Args, Parser, Subcommand};
@@ -63,12 +62,9 @@ enum Command {
 /// Where the configuration comes from; each flag also reads a `HUB_*` variable.
 #[derive(Args)]
 struct ConfigArgs {
-    /// TOML config file.
-    #[arg(long, env = "HUB_CONFIG")]
-    config: Option<PathBuf>,
-    /// Data directory (default ./hub-data).
-    #[arg(long, env = "HUB_DATA_DIR")]
-    data_dir: Option<PathBuf>,
+    /// Config file and data dir.
+    #[command(flatten)]
+    location: cli::HubLocation,
     /// Host name devices use (default localhost).
     #[arg(long, env = "HUB_HOSTNAME")]
     hostname: Option<String>,
@@ -93,16 +89,15 @@ struct ConfigArgs {
 
 impl ConfigArgs {
     fn load(&self) -> Result<Config, ConfigError> {
-        let overrides = Overrides {
-            data_dir: self.data_dir.clone(),
+        self.location.load(Overrides {
+            data_dir: None,
             hostname: self.hostname.clone(),
             mqtt: self.mqtt,
             mqtts: self.mqtts,
             http: self.http,
             https: self.https,
             cluster: self.cluster.clone(),
-        };
-        Config::load(self.config.as_deref(), &overrides)
+        })
     }
 }
 

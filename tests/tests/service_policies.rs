@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail};
 use hub::auth::policy;
-use hub_tests::{Hub, HubOptions};
+use hub_tests::{Hub, HubOptions, run_hub};
 use reqwest::StatusCode;
 use serde_json::{Value, json};
 
@@ -89,6 +89,13 @@ async fn policy_signatures_authorize_with_the_policys_permissions_and_rotation_a
     ] {
         assert!(list.stdout.lines().any(|l| l == line), "{}", list.stdout);
     }
+    // A config file naming the data dir serves as `hub serve --config` does.
+    let config = dir.path().join("hub.toml");
+    std::fs::write(&config, format!("data_dir = {:?}\n", dir.path()))?;
+    let config = config.to_string_lossy().into_owned();
+    let through_config = run_hub(&["policy", "list", "--config", &config]).await?;
+    assert!(through_config.status.success(), "{}", through_config.stderr);
+    assert_eq!(through_config.stdout, list.stdout);
 
     let owner = connection_string(&hub, &[]).await?;
     let (host, name, key) = parse(&owner)?;

@@ -17,6 +17,7 @@ use std::time::Duration;
 use anyhow::{Context, Result};
 use clap::Args;
 use hub::auth::service::{Scope, ServiceKey};
+use hub::config::{Config, ConfigError, Overrides};
 use hub::data_dir;
 
 pub use cluster::{ClusterCommand, cluster};
@@ -25,6 +26,31 @@ pub use device::{DeviceCommand, device};
 pub use policy::{ConnectionStringArgs, PolicyCommand, connection_string, policy};
 pub use tail::{TailArgs, tail};
 pub use twin::{TwinCommand, twin};
+
+/// Where a hub's configuration and data dir are: the flags (and `HUB_*` variables)
+/// `hub serve` takes, shared with the commands that read the data dir themselves
+/// (`connection-string`, `policy`), so they find the directory the hub uses.
+#[derive(Args, Debug, Clone)]
+pub struct HubLocation {
+    /// TOML config file.
+    #[arg(long, env = "HUB_CONFIG")]
+    pub config: Option<PathBuf>,
+    /// Data directory (default ./hub-data).
+    #[arg(long, env = "HUB_DATA_DIR")]
+    pub data_dir: Option<PathBuf>,
+}
+
+impl HubLocation {
+    /// The effective configuration (defaults < file < environment < flags) with
+    /// `overrides` beyond the data dir (the other commands' own flags).
+    pub fn load(&self, overrides: Overrides) -> Result<Config, ConfigError> {
+        let overrides = Overrides {
+            data_dir: self.data_dir.clone(),
+            ..overrides
+        };
+        Config::load(self.config.as_deref(), &overrides)
+    }
+}
 
 /// Where the CLI finds the hub: the data dir (owner key, endpoints.json) and
 /// optionally an explicit API URL.

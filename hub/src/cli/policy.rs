@@ -2,13 +2,13 @@
 //! the data dir, read and rotated in the file itself (a running hub picks a rotation up
 //! within a second; in cluster mode it hands it on to the other nodes).
 
-use std::path::PathBuf;
-
 use anyhow::{Context, Result};
 use clap::{Args, Subcommand, ValueEnum};
 use hub::auth::policy::{self, KeySlot, PolicyFileError, PolicySet};
-use hub::config::{Config, Overrides};
+use hub::config::Overrides;
 use hub::data_dir;
+
+use super::HubLocation;
 
 /// `hub connection-string` arguments: the data dir and hostname come from the same
 /// flags, variables and file as `hub serve`'s, so the string names the hub that runs.
@@ -20,12 +20,9 @@ pub struct ConnectionStringArgs {
     /// Print the secondary key instead of the primary.
     #[arg(long, value_enum, default_value_t = Slot::Primary)]
     key: Slot,
-    /// TOML config file (for `data_dir` and `hostname`).
-    #[arg(long, env = "HUB_CONFIG")]
-    config: Option<PathBuf>,
-    /// Data directory (default ./hub-data).
-    #[arg(long, env = "HUB_DATA_DIR")]
-    data_dir: Option<PathBuf>,
+    /// The hub's config file and data dir, as `hub serve` takes them.
+    #[command(flatten)]
+    location: HubLocation,
     /// The hub's host name, as in `hub serve --hostname` (default localhost).
     #[arg(long, env = "HUB_HOSTNAME")]
     hostname: Option<String>,
@@ -54,9 +51,9 @@ impl From<Slot> for KeySlot {
 pub enum PolicyCommand {
     /// List the shared access policies and their permissions.
     List {
-        /// Data directory holding policies.json.
-        #[arg(long, env = "HUB_DATA_DIR", default_value = "./hub-data")]
-        data_dir: PathBuf,
+        /// The hub's config file and data dir, as `hub serve` takes them.
+        #[command(flatten)]
+        location: HubLocation,
     },
     /// Replace a policy's key with a new random one; tokens it signed are refused
     /// from then on.
@@ -67,20 +64,18 @@ pub enum PolicyCommand {
         /// Which key.
         #[arg(long, value_enum, default_value_t = Slot::Primary)]
         key: Slot,
-        /// Data directory holding policies.json.
-        #[arg(long, env = "HUB_DATA_DIR", default_value = "./hub-data")]
-        data_dir: PathBuf,
+        /// The hub's config file and data dir, as `hub serve` takes them.
+        #[command(flatten)]
+        location: HubLocation,
     },
 }
 
 /// `hub connection-string`: prints the connection string and nothing else.
 pub fn connection_string(args: &ConnectionStringArgs) -> Result<()> {
-    let overrides = Overrides {
-        data_dir: args.data_dir.clone(),
+    let config = args.location.load(Overrides {
         hostname: args.hostname.clone(),
         ..Overrides::default()
-    };
-    let config = Config::load(args.config.as_deref(), &overrides)?;
+    })?;
     let set = PolicySet::load(&data_dir::policies_path(&config.data_dir))?;
     let keys = set
         .get(&args.policy)
@@ -95,7 +90,8 @@ pub fn connection_string(args: &ConnectionStringArgs) -> Result<()> {
 /// `hub policy list|rotate`.
 pub fn policy(command: PolicyCommand) -> Result<()> {
     match command {
-        PolicyCommand::List { data_dir } => {
+        PolicyCommand::List { location } => {
+            let data_dir = location.load(Overrides::default())?.data_dir;
             let set = PolicySet::load(&data_dir::policies_path(&data_dir))?;
             for (name, _) in set.iter() {
                 let scopes = policy::scopes_of(name)
@@ -111,8 +107,9 @@ pub fn policy(command: PolicyCommand) -> Result<()> {
         PolicyCommand::Rotate {
             policy,
             key,
-            data_dir,
+            location,
         } => {
+            let data_dir = location.load(Overrides::default())?.data_dir;
             let path = data_dir::policies_path(&data_dir);
             let mut set = PolicySet::load(&path)?;
             set.rotate(&policy, key.into())?;
