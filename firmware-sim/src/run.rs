@@ -91,30 +91,57 @@ async fn file_fleet(args: &Args, path: &std::path::Path) -> Result<Fleet, RunErr
         .as_deref()
         .map(api::read_endpoints)
         .transpose()?;
-    let mqtt = match (&args.mqtt, endpoints.as_ref().and_then(|e| e.mqtt)) {
-        (Some(addr), _) => crate::cli::resolve(addr).map_err(RunError::Config)?,
-        (None, Some(addr)) => addr,
-        (None, None) => return Err(RunError::Config("no --mqtt and no --data-dir".into())),
-    };
+    let mqtt = mqtt_address(args, endpoints.as_ref(), None)?;
     let api = if args.verify {
         Some(service_api(args, endpoints.as_ref()).await?)
     } else {
         None
     };
-    let mut identities = Vec::with_capacity(wanted);
-    let mut keys = Vec::with_capacity(wanted);
-    for device in entries.into_iter().take(wanted) {
-        let hostname = device.hostname.as_deref().unwrap_or(&args.hostname);
-        let password = crate::credentials::password(args.auth, hostname, &device.id, &device.key)?;
-        identities.push(Identity::hub_device(hostname, device.id, password));
-        keys.push(device.key);
+    let devices = entries.into_iter().take(wanted).map(|device| {
+        let hostname = device.hostname.unwrap_or_else(|| args.hostname.clone());
+        (hostname, args.auth, device.id, device.key)
+    });
+    hub_fleet(mqtt, devices, None, api)
+}
+
+/// The MQTT address devices connect to: `--mqtt`, else the data dir's, else
+/// `fallback_host`:1883.
+fn mqtt_address(
+    args: &Args,
+    endpoints: Option<&api::Endpoints>,
+    fallback_host: Option<&str>,
+) -> Result<SocketAddr, RunError> {
+    match (&args.mqtt, endpoints.and_then(|e| e.mqtt), fallback_host) {
+        (Some(addr), _, _) => crate::cli::resolve(addr).map_err(RunError::Config),
+        (None, Some(addr), _) => Ok(addr),
+        (None, None, Some(host)) => {
+            crate::cli::resolve(&format!("{host}:1883")).map_err(RunError::Config)
+        }
+        (None, None, None) => Err(RunError::Config("no --mqtt and no --data-dir".into())),
+    }
+}
+
+/// A hub fleet: each device's login made for its host name with its authentication
+/// (hostname, auth, id, key), in fleet order.
+fn hub_fleet(
+    mqtt: SocketAddr,
+    devices: impl ExactSizeIterator<Item = (String, crate::cli::Auth, String, String)>,
+    tls: Option<Arc<crate::tls::Tls>>,
+    api: Option<Api>,
+) -> Result<Fleet, RunError> {
+    let mut identities = Vec::with_capacity(devices.len());
+    let mut keys = Vec::with_capacity(devices.len());
+    for (hostname, auth, id, key) in devices {
+        let password = crate::credentials::password(auth, &hostname, &id, &key)?;
+        identities.push(Identity::hub_device(&hostname, id, password));
+        keys.push(key);
     }
     Ok(Fleet {
         target: "hub",
         mqtt,
         identities,
         keys,
-        tls: None,
+        tls,
         api,
     })
 }
@@ -182,19 +209,13 @@ async fn provisioned_fleet(args: &Args, groups: &[Group]) -> Result<Fleet, RunEr
         .transpose()?;
     let api = service_api(args, endpoints.as_ref()).await?;
     let base = api.base().to_string();
-    let mqtt = match (&args.mqtt, endpoints.as_ref().and_then(|e| e.mqtt)) {
-        (Some(addr), _) => crate::cli::resolve(addr).map_err(RunError::Config)?,
-        (None, Some(addr)) => addr,
-        (None, None) => {
-            let host = base
-                .split_once("://")
-                .map_or(base.as_str(), |(_, rest)| rest)
-                .split(['/', ':'])
-                .next()
-                .unwrap_or("localhost");
-            crate::cli::resolve(&format!("{host}:1883")).map_err(RunError::Config)?
-        }
-    };
+    let host = base
+        .split_once("://")
+        .map_or(base.as_str(), |(_, rest)| rest)
+        .split(['/', ':'])
+        .next()
+        .unwrap_or("localhost");
+    let mqtt = mqtt_address(args, endpoints.as_ref(), Some(host))?;
     let credentials = api
         .provision_as(
             ids.into_iter()
@@ -210,21 +231,11 @@ async fn provisioned_fleet(args: &Args, groups: &[Group]) -> Result<Fleet, RunEr
         ),
         _ => None,
     };
-    let mut identities = Vec::with_capacity(credentials.len());
-    let mut keys = Vec::with_capacity(credentials.len());
-    for (device, auth) in credentials.into_iter().zip(auths) {
-        let password = crate::credentials::password(auth, &args.hostname, &device.id, &device.key)?;
-        identities.push(Identity::hub_device(&args.hostname, device.id, password));
-        keys.push(device.key);
-    }
-    Ok(Fleet {
-        target: "hub",
-        mqtt,
-        identities,
-        keys,
-        tls,
-        api: Some(api),
-    })
+    let devices = credentials
+        .into_iter()
+        .zip(auths)
+        .map(|(device, auth)| (args.hostname.clone(), auth, device.id, device.key));
+    hub_fleet(mqtt, devices, tls, Some(api))
 }
 
 /// A short id for this run, stamped into every payload so `--verify` reads only
