@@ -154,6 +154,10 @@ async fn a_twin_written_through_one_hub_is_the_same_twin_through_another() -> Re
         let a = Api::start(dir_a.path(), &cluster).await?;
         let b = Api::start(dir_b.path(), &cluster).await?;
         let key = a.hub.create_device(&a.token, "thermo").await?;
+        // Through B at once: the device behind a twin is read from the store, not
+        // from B's registry feed, which may not have delivered the creation yet.
+        let early = b.twin("thermo").await?;
+        ensure!(early["deviceId"] == "thermo", "{early}");
         b.knows("thermo").await?;
 
         // A device connected to B subscribes to desired patches.

@@ -350,8 +350,10 @@ impl Twins {
         })
     }
 
+    /// The twin's device as the registry stores it now (in cluster mode a device
+    /// created or changed through another hub a moment ago included).
     async fn device(&self, id: &DeviceId) -> Result<Device, TwinError> {
-        match self.inner.registry.get(id).await {
+        match self.inner.registry.current(id).await {
             Ok(device) => Ok(device),
             Err(RegistryError::NotFound(_)) => Err(TwinError::NotFound(id.clone())),
             Err(err) => Err(err.into()),
