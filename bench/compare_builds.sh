@@ -9,12 +9,17 @@
 #
 # Needs a release firmware-sim (SIM=, default target/release/firmware-sim), mosquitto
 # on PATH for the mosquitto label, and python3. HUB_EXTRA adds `hub serve` arguments
-# (e.g. "--config linger.toml"). Prints one line per run; everything on 127.0.0.1.
+# (e.g. "--config linger.toml"). SERVER_CPUS and LOAD_CPUS (taskset lists, e.g. 0 and
+# 1) pin the server and the measured load source to separate cores. Prints one line
+# per run; everything on 127.0.0.1.
 set -uo pipefail
 ROOT=$(cd "$(dirname "$0")/.." && pwd)
 SIM=${SIM:-$ROOT/target/release/firmware-sim}
 MOSQ_PORT=${MOSQ_PORT:-11884}
 DEV=$1; INF=$2; QOS=$3; ROUNDS=$4; shift 4
+SERVER=() LOAD=()
+[[ -n ${SERVER_CPUS:-} ]] && SERVER=(taskset -c "$SERVER_CPUS")
+[[ -n ${LOAD_CPUS:-} ]] && LOAD=(taskset -c "$LOAD_CPUS")
 WORK=$(mktemp -d)
 trap 'rm -rf "$WORK"' EXIT
 printf 'listener %s 127.0.0.1\nallow_anonymous true\nmax_connections -1\npersistence false\nuser root\nlog_dest stderr\nlog_type error\n' \
@@ -35,19 +40,19 @@ for round in $(seq "$ROUNDS"); do
         label=${spec%%=*} server=${spec#*=} run=$WORK/${spec%%=*}-$round
         common=(--devices "$DEV" --rate max --inflight "$INF" --qos "$QOS" --payload 256)
         if [[ $server == mosquitto ]]; then
-            mosquitto -c "$WORK/mosquitto.conf" 2> /dev/null &
+            "${SERVER[@]}" mosquitto -c "$WORK/mosquitto.conf" 2> /dev/null &
             pid=$!
             sleep 0.5
-            "$SIM" --target "mqtt://127.0.0.1:$MOSQ_PORT" "${common[@]}" --duration 10s \
+            "${LOAD[@]}" "$SIM" --target "mqtt://127.0.0.1:$MOSQ_PORT" "${common[@]}" --duration 10s \
                 --hub-pid "$pid" --json > "$run.json" 2> /dev/null
         else
             # shellcheck disable=SC2086
-            "$server" serve ${HUB_EXTRA:-} --data-dir "$run" --http 127.0.0.1:0 \
+            "${SERVER[@]}" "$server" serve ${HUB_EXTRA:-} --data-dir "$run" --http 127.0.0.1:0 \
                 --mqtt 127.0.0.1:0 --mqtts 127.0.0.1:0 > "$run.out" 2> "$run.err" &
             pid=$!
             for _ in $(seq 100); do grep -q "hub ready" "$run.out" 2> /dev/null && break; sleep 0.1; done
             "$SIM" --data-dir "$run" --hub-bin "$server" "${common[@]}" --duration 2s > /dev/null 2>&1
-            "$SIM" --data-dir "$run" --hub-bin "$server" "${common[@]}" --duration 10s \
+            "${LOAD[@]}" "$SIM" --data-dir "$run" --hub-bin "$server" "${common[@]}" --duration 10s \
                 --hub-pid "$pid" --json > "$run.json" 2> /dev/null
         fi
         kill "$pid"
