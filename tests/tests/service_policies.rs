@@ -150,7 +150,7 @@ async fn policy_signatures_authorize_with_the_policys_permissions_and_rotation_a
         .await?;
     assert_eq!(
         status_and_code(refused).await?,
-        (StatusCode::FORBIDDEN, json!(403001))
+        (StatusCode::UNAUTHORIZED, json!(401002))
     );
     let (_, service_name, service_key) =
         parse(&connection_string(&hub, &["--policy", "service"]).await?)?;
@@ -162,7 +162,7 @@ async fn policy_signatures_authorize_with_the_policys_permissions_and_rotation_a
         .await?;
     assert_eq!(
         status_and_code(refused).await?,
-        (StatusCode::FORBIDDEN, json!(403001))
+        (StatusCode::UNAUTHORIZED, json!(401002))
     );
 
     // Refusals: wrong key, expired, another hub, unknown policy.

@@ -29,6 +29,16 @@ pub enum ApiError {
     /// 403 / 403001: the token lacks the scope the route needs.
     #[error("the bearer token lacks the scope {0}")]
     MissingScope(Scope),
+    /// 401 / 401002: a shared access policy's signature, valid, but the policy lacks
+    /// the permission the route needs (Azure answers 401 here, and its service SDKs
+    /// raise `UnauthorizedError` for it).
+    #[error("the shared access policy {policy} lacks the permission {scope}")]
+    PolicyLacksPermission {
+        /// The policy that signed.
+        policy: String,
+        /// What the route needs.
+        scope: Scope,
+    },
     /// 403 / 403004: the device's C2D queue is full.
     #[error("{0}")]
     QueueFull(String),
@@ -88,6 +98,7 @@ impl ApiError {
             ApiError::Unauthenticated(_) => (StatusCode::UNAUTHORIZED, 401002),
             ApiError::TokenExpired => (StatusCode::UNAUTHORIZED, 401003),
             ApiError::MissingScope(_) => (StatusCode::FORBIDDEN, 403001),
+            ApiError::PolicyLacksPermission { .. } => (StatusCode::UNAUTHORIZED, 401002),
             ApiError::QueueFull(_) => (StatusCode::FORBIDDEN, 403004),
             ApiError::DeviceOffline(_) => (StatusCode::NOT_FOUND, 404103),
             ApiError::MethodTimeout(_) => (StatusCode::GATEWAY_TIMEOUT, 504101),

@@ -89,7 +89,10 @@ impl<S: RequiredScope> FromRequestParts<AppState> for Authorized<S> {
                     }
                 })?;
             if !scopes.contains(&S::SCOPE) {
-                return Err(ApiError::MissingScope(S::SCOPE));
+                return Err(ApiError::PolicyLacksPermission {
+                    policy: policy.to_string(),
+                    scope: S::SCOPE,
+                });
             }
             tracing::debug!(%policy, scope = %S::SCOPE, "authorized request");
             return Ok(Self(PhantomData));
