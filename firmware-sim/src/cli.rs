@@ -163,7 +163,7 @@ pub struct Args {
     #[arg(long)]
     pub seed: Option<u64>,
     /// Connect over MQTT/TLS (the `mqtts` address in endpoints.json), trusting the
-    /// hub's CA from DATA_DIR/certs. Implies the device-sdk path.
+    /// hub's CA from DATA_DIR/certs (on the lean path and on device-sdk alike).
     #[arg(long)]
     pub tls: bool,
     /// Lifetime of the SAS tokens (and device JWTs) of device-sdk devices, which
@@ -203,7 +203,7 @@ pub enum Auth {
     Jwt,
     /// TLS client certificates signed by the hub's development CA (DATA_DIR/certs),
     /// CN = device id; devices are provisioned as `certificateAuthority`. Implies
-    /// `--tls` and the device-sdk path.
+    /// `--tls`.
     X509,
 }
 
@@ -215,6 +215,9 @@ impl Args {
         }
         if self.target.is_some() && self.uses_sdk() {
             return Err("--sdk, --twin-every and the method flags need the hub's twin and method topics; a plain MQTT --target has none".into());
+        }
+        if self.target.is_some() && self.groups().iter().any(|g| self.uses_tls(g.auth)) {
+            return Err("--tls and --auth x509 dial the hub's MQTT-over-TLS listener; a plain MQTT --target has none".into());
         }
         // Devices from a file need the service API only to read telemetry back.
         let needs_api = self.target.is_none() && (self.credentials.is_none() || self.verify);
@@ -259,13 +262,14 @@ impl Args {
             || self.twin_every.is_some()
             || self.method_delay_ms > 0
             || self.method_fail_rate > 0.0
-            || self.implies_sdk(self.auth)
+            || self.implies_sdk()
     }
 
-    /// Whether devices authenticating with `auth` need device-sdk whatever their
-    /// behaviour (the lean path speaks plain TCP with a token only).
-    pub fn implies_sdk(&self, auth: Auth) -> bool {
-        self.sas_ttl.is_some() || self.uses_tls(auth)
+    /// Whether devices need device-sdk whatever their behaviour: the lean path signs
+    /// one token per connection and never renews it (`--sas-ttl`). It speaks TLS and
+    /// x509 itself.
+    pub fn implies_sdk(&self) -> bool {
+        self.sas_ttl.is_some()
     }
 
     /// Whether devices authenticating with `auth` connect over TLS.

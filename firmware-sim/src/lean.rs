@@ -1,8 +1,9 @@
 //! The lean publish path: one task per device speaking MQTT 3.1.1 directly on
-//! rumqttc's packet codec over TCP — CONNECT, then QoS 0/1 PUBLISH at a rate or as
-//! fast as PUBACKs allow with K in flight — so the load source costs a fraction of
-//! the CPU of a full client and is not the bottleneck. [`Inflight`] pairs PUBACKs
-//! with send times without I/O; [`run_device`] is the thin async loop around it.
+//! rumqttc's packet codec over TCP or TLS (rustls) — CONNECT, then QoS 0/1 PUBLISH at
+//! a rate or as fast as PUBACKs allow with K in flight — so the load source costs a
+//! fraction of the CPU of a full client and is not the bottleneck. [`Inflight`] pairs
+//! PUBACKs with send times without I/O; [`run_device`] is the thin async loop around
+//! it.
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
@@ -17,6 +18,8 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio::sync::{OwnedSemaphorePermit, mpsc, watch};
 use tokio::time::{Instant as TokioInstant, MissedTickBehavior};
+use tokio_rustls::client::TlsStream;
+use tokio_util::either::Either;
 
 use crate::cli::Rate;
 use crate::report::{Counters, histogram};
@@ -72,11 +75,28 @@ impl Identity {
     }
 }
 
+/// A device's connection: plain TCP, or TLS over it (boxed: rustls' state is large
+/// and plain devices should not carry its size).
+type DeviceStream = Either<TcpStream, Box<TlsStream<TcpStream>>>;
+
+/// How a group's devices speak TLS.
+#[derive(Debug, Clone)]
+pub struct PlanTls {
+    /// The hub's CA and the device certificates it signs.
+    pub tls: Arc<crate::tls::Tls>,
+    /// Whether each device presents its own certificate (`--auth x509`).
+    pub x509: bool,
+    /// The name the server certificate must carry (the hub's host name).
+    pub server_name: rustls::pki_types::ServerName<'static>,
+}
+
 /// What every device does.
 #[derive(Debug, Clone)]
 pub struct Plan {
-    /// Broker address.
+    /// Broker address (the hub's MQTT-over-TLS address when `tls` is set).
     pub addr: SocketAddr,
+    /// TLS, or plain TCP.
+    pub tls: Option<PlanTls>,
     /// Telemetry QoS (0 or 1).
     pub qos: u8,
     /// Send rate.
@@ -97,6 +117,9 @@ pub enum DeviceError {
     /// TCP failed.
     #[error("{0}: {1}")]
     Io(String, std::io::Error),
+    /// The TLS client could not be set up (the handshake's failures are `Io`).
+    #[error("{0}: TLS: {1}")]
+    Tls(String, String),
     /// The broker refused the CONNECT.
     #[error("{0}: CONNECT refused: {1:?}")]
     Refused(String, ConnectReturnCode),
@@ -181,15 +204,28 @@ async fn connect(
     identity: &Identity,
     phase: &mut watch::Receiver<Phase>,
     buf: &mut BytesMut,
-) -> Result<Option<TcpStream>, DeviceError> {
+) -> Result<Option<DeviceStream>, DeviceError> {
     let id = &identity.client_id;
     let attempt = async {
-        let mut stream = crate::net::connect(plan.addr, identity.bind)
+        let tcp = crate::net::connect(plan.addr, identity.bind)
             .await
             .map_err(|err| DeviceError::Io(id.clone(), err))?;
-        stream
-            .set_nodelay(true)
+        tcp.set_nodelay(true)
             .map_err(|err| DeviceError::Io(id.clone(), err))?;
+        let mut stream = match &plan.tls {
+            None => Either::Left(tcp),
+            Some(tls) => {
+                let config = tls
+                    .tls
+                    .client_config(tls.x509.then_some(id.as_str()))
+                    .map_err(|err| DeviceError::Tls(id.clone(), err))?;
+                let connected = tokio_rustls::TlsConnector::from(config)
+                    .connect(tls.server_name.clone(), tcp)
+                    .await
+                    .map_err(|err| DeviceError::Io(id.clone(), err))?;
+                Either::Right(Box::new(connected))
+            }
+        };
         let mut connect = Connect::new(id.clone());
         connect.keep_alive = KEEP_ALIVE_SECS;
         connect.clean_session = true;
@@ -200,8 +236,7 @@ async fn connect(
         Packet::Connect(connect)
             .write(&mut out, usize::MAX)
             .map_err(|err| DeviceError::Protocol(id.clone(), err.to_string()))?;
-        stream
-            .write_all(&out)
+        write_packets(&mut stream, &out)
             .await
             .map_err(|err| DeviceError::Io(id.clone(), err))?;
         loop {
@@ -317,7 +352,7 @@ async fn publish(
     identity: &Identity,
     counters: &Counters,
     phase: &mut watch::Receiver<Phase>,
-    mut stream: TcpStream,
+    mut stream: DeviceStream,
     mut buf: BytesMut,
     outcome: &mut Outcome,
 ) -> Result<(), DeviceError> {
@@ -475,7 +510,7 @@ async fn publish(
                 if last_write.elapsed() >= Duration::from_secs(u64::from(KEEP_ALIVE_SECS) / 2) {
                     out.clear();
                     let _ = Packet::PingReq.write(&mut out, usize::MAX);
-                    if let Err(err) = stream.write_all(&out).await {
+                    if let Err(err) = write_packets(&mut stream, &out).await {
                         break Err(io(err));
                     }
                     out.clear();
@@ -498,7 +533,7 @@ async fn publish(
 
 /// Writes a batch; counts it as sent (and, for QoS 0, a failed write as failed).
 async fn flush(
-    stream: &mut TcpStream,
+    stream: &mut DeviceStream,
     out: &mut BytesMut,
     counters: &Counters,
     batch: u64,
@@ -507,7 +542,7 @@ async fn flush(
     counters
         .sent
         .fetch_add(batch, std::sync::atomic::Ordering::Relaxed);
-    let result = stream.write_all(out).await;
+    let result = write_packets(stream, out).await;
     out.clear();
     if result.is_err() && qos == QoS::AtMostOnce {
         counters
@@ -525,11 +560,18 @@ fn fail(counters: &Counters, inflight: &mut Inflight, err: DeviceError) -> Resul
     Err(err)
 }
 
-async fn disconnect(stream: &mut TcpStream) -> std::io::Result<()> {
+async fn disconnect(stream: &mut DeviceStream) -> std::io::Result<()> {
     let mut out = BytesMut::new();
     let _ = Packet::Disconnect.write(&mut out, usize::MAX);
-    stream.write_all(&out).await?;
+    write_packets(stream, &out).await?;
     stream.shutdown().await
+}
+
+/// Writes encoded packets and pushes them out: over TLS, `write_all` may leave the
+/// last record in the session until a flush (a no-op on TCP).
+async fn write_packets(stream: &mut DeviceStream, bytes: &[u8]) -> std::io::Result<()> {
+    stream.write_all(bytes).await?;
+    stream.flush().await
 }
 
 /// The send clock of a device at `rate`: `None` at `max`. Devices start at a random

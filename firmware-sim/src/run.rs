@@ -12,7 +12,7 @@ use tokio::sync::{Semaphore, mpsc, watch};
 
 use crate::api::{self, Api, ApiError};
 use crate::cli::Args;
-use crate::lean::{self, Identity, Outcome, Phase, Plan};
+use crate::lean::{self, Identity, Outcome, Phase, Plan, PlanTls};
 use crate::report::{
     Counters, Cpu, GroupReport, Latency, Report, cpu_secs, histogram, own_cpu_secs,
 };
@@ -276,11 +276,23 @@ pub async fn run(
     let (phase_tx, phase_rx) = watch::channel(Phase::Connecting);
     let (connected_tx, mut connected_rx) = mpsc::unbounded_channel();
     let run_arc: Arc<str> = run.clone().into();
+    let server_name = rustls::pki_types::ServerName::try_from(args.hostname.clone())
+        .map_err(|err| RunError::Config(format!("--hostname {:?}: {err}", args.hostname)))?;
     let plans: Vec<Arc<Plan>> = groups
         .iter()
         .map(|g| {
+            // TLS groups dial the hub's MQTT-over-TLS listener.
+            let tls = match (&fleet.tls, args.uses_tls(g.auth)) {
+                (Some(tls), true) => Some(PlanTls {
+                    tls: Arc::clone(tls),
+                    x509: g.auth == crate::cli::Auth::X509,
+                    server_name: server_name.clone(),
+                }),
+                _ => None,
+            };
             Arc::new(Plan {
-                addr: fleet.mqtt,
+                addr: tls.as_ref().map_or(fleet.mqtt, |t| t.tls.mqtts),
+                tls,
                 qos: g.qos,
                 rate: g.rate,
                 inflight: g.inflight,

@@ -276,7 +276,7 @@ pub fn apply_text(
             || twin_every.is_some()
             || !method_delay.is_zero()
             || method_fail_rate > 0.0
-            || args.implies_sdk(auth);
+            || args.implies_sdk();
         groups.push(Group {
             prefix: g.prefix.unwrap_or_else(|| format!("{}-", g.name)),
             name: g.name,
@@ -319,7 +319,7 @@ pub fn validate_groups(args: &Args, groups: &[Group]) -> Result<(), String> {
         }
         if args.target.is_some() && g.sdk {
             return Err(format!(
-                "{who}the device-sdk path (twin, methods, TLS, x509, --sas-ttl) needs the hub; a plain MQTT --target has none"
+                "{who}the device-sdk path (twin, methods, --sas-ttl) needs the hub; a plain MQTT --target has none"
             ));
         }
         if g.sdk && g.qos == 0 {

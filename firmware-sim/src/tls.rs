@@ -1,10 +1,14 @@
-//! TLS for device-sdk devices (`--tls`, `--auth x509`): the hub's MQTT-over-TLS
-//! address and development CA from its data dir, and device certificates that CA
-//! signs with the device id as common name (the hub's `certificateAuthority` devices).
+//! TLS for devices (`--tls`, `--auth x509`): the hub's MQTT-over-TLS address and
+//! development CA from its data dir, device certificates that CA signs with the
+//! device id as common name (the hub's `certificateAuthority` devices), and the
+//! rustls client configurations the lean path dials with.
 
 use std::net::SocketAddr;
 use std::path::Path;
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
+
+use rustls::pki_types::pem::PemObject;
+use rustls::pki_types::{CertificateDer, PrivateKeyDer};
 
 /// Why TLS cannot be set up.
 #[derive(Debug, thiserror::Error)]
@@ -30,6 +34,8 @@ pub struct Tls {
     pub ca_pem: String,
     /// The CA that signs device certificates (read from the data dir).
     ca: certs::Ca,
+    /// The lean path's configuration for devices without a certificate, made once.
+    shared: OnceLock<Arc<rustls::ClientConfig>>,
 }
 
 impl std::fmt::Debug for Tls {
@@ -55,19 +61,68 @@ impl Tls {
             mqtts: mqtts.ok_or(TlsError::NoListener)?,
             ca_pem: ca.cert_pem().to_string(),
             ca,
+            shared: OnceLock::new(),
         }))
     }
 
     /// A certificate and key for `device` (ECDSA P-256, CN = the id), as device-sdk
     /// credentials.
     pub fn device_credentials(&self, device: &str) -> Result<device_sdk::Credentials, String> {
+        let (cert_pem, key_pem) = self.issue(device)?;
+        Ok(device_sdk::Credentials::X509 { cert_pem, key_pem })
+    }
+
+    /// The lean path's client configuration: trusting the hub's CA, with `device`'s
+    /// certificate when it authenticates with one (x509); the one without is shared.
+    pub fn client_config(
+        &self,
+        x509_device: Option<&str>,
+    ) -> Result<Arc<rustls::ClientConfig>, String> {
+        let Some(device) = x509_device else {
+            if let Some(shared) = self.shared.get() {
+                return Ok(Arc::clone(shared));
+            }
+            let made = Arc::new(self.builder()?.with_no_client_auth());
+            return Ok(Arc::clone(self.shared.get_or_init(|| made)));
+        };
+        let (cert_pem, key_pem) = self.issue(device)?;
+        let chain = CertificateDer::pem_slice_iter(cert_pem.as_bytes())
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(|err| format!("{device}'s certificate: {err}"))?;
+        let key = PrivateKeyDer::from_pem_slice(key_pem.as_bytes())
+            .map_err(|err| format!("{device}'s key: {err}"))?;
+        let config = self
+            .builder()?
+            .with_client_auth_cert(chain, key)
+            .map_err(|err| format!("{device}'s certificate: {err}"))?;
+        Ok(Arc::new(config))
+    }
+
+    fn issue(&self, device: &str) -> Result<(String, String), String> {
         let issued = self
             .ca
             .issue_device(device)
             .map_err(|err| format!("cannot issue a certificate for {device}: {err}"))?;
-        Ok(device_sdk::Credentials::X509 {
-            cert_pem: issued.cert_pem,
-            key_pem: issued.key_pem,
-        })
+        Ok((issued.cert_pem, issued.key_pem))
+    }
+
+    /// A client configuration trusting only the hub's CA (ring, TLS 1.2 and 1.3).
+    fn builder(
+        &self,
+    ) -> Result<rustls::ConfigBuilder<rustls::ClientConfig, rustls::client::WantsClientCert>, String>
+    {
+        let mut roots = rustls::RootCertStore::empty();
+        for cert in CertificateDer::pem_slice_iter(self.ca_pem.as_bytes()) {
+            let cert = cert.map_err(|err| format!("the hub's CA: {err}"))?;
+            roots
+                .add(cert)
+                .map_err(|err| format!("the hub's CA: {err}"))?;
+        }
+        Ok(rustls::ClientConfig::builder_with_provider(Arc::new(
+            rustls::crypto::ring::default_provider(),
+        ))
+        .with_safe_default_protocol_versions()
+        .map_err(|err| err.to_string())?
+        .with_root_certificates(roots))
     }
 }

@@ -137,4 +137,12 @@ fn tls_and_x509_need_the_data_dir_and_the_hub() {
     let out = sim(&["--target", "mqtt://127.0.0.1:1", "--tls"]);
     assert_eq!(out.status.code(), Some(2));
     assert!(String::from_utf8_lossy(&out.stderr).contains("plain MQTT --target"));
+    // The other scenarios and --flap connect over plain TCP: TLS is refused, not
+    // silently dropped.
+    for extra in [&["--scenario", "connections"][..], &["--flap", "0.1"][..]] {
+        let out = sim(&[&["--data-dir", "/nonexistent", "--tls"][..], extra].concat());
+        assert_eq!(out.status.code(), Some(2));
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(stderr.contains("plain TCP"), "{stderr}");
+    }
 }

@@ -1067,7 +1067,8 @@ async fn a_desired_patch_is_acknowledged_in_the_reported_properties() -> Result<
 }
 
 #[tokio::test]
-async fn x509_devices_over_tls_get_every_message_acked() -> Result<()> {
+async fn tls_and_x509_devices_get_every_message_acked_on_the_lean_path_and_on_device_sdk()
+-> Result<()> {
     let dir = tempfile::tempdir()?;
     let _hub = Hub::start(dir.path()).await?;
     let data_dir = dir.path().to_string_lossy().into_owned();
@@ -1088,13 +1089,61 @@ async fn x509_devices_over_tls_get_every_message_acked() -> Result<()> {
         "--verify",
     ])
     .await?;
-    assert_eq!(x509["path"], "sdk", "{x509:#}");
+    assert_eq!(x509["path"], "lean", "{x509:#}");
     assert_eq!(n(&x509, "connected"), 4, "{x509:#}");
     let sent = n(&x509, "sent");
     assert!(sent > 0 && n(&x509, "acked") == sent, "{x509:#}");
     assert_eq!(n(&x509, "failed"), 0, "{x509:#}");
     assert_eq!(x509["verify"]["lost"].as_u64(), Some(0), "{x509:#}");
-    // SAS devices over TLS, trusting the hub's CA, with tokens renewed by reconnecting.
+    // The same devices through device-sdk.
+    let sdk = report(&[
+        "--data-dir",
+        &data_dir,
+        "--devices",
+        "4",
+        "--prefix",
+        "cert-",
+        "--auth",
+        "x509",
+        "--sdk",
+        "--duration",
+        "2s",
+        "--rate",
+        "10",
+        "--verify",
+    ])
+    .await?;
+    assert_eq!(sdk["path"], "sdk", "{sdk:#}");
+    assert_eq!(n(&sdk, "connected"), 4, "{sdk:#}");
+    let sent = n(&sdk, "sent");
+    assert!(sent > 0 && n(&sdk, "acked") == sent, "{sdk:#}");
+    assert_eq!(sdk["verify"]["lost"].as_u64(), Some(0), "{sdk:#}");
+    // SAS devices over TLS on the lean path, at QoS 0 as fast as they can: every
+    // device's closing QoS 1 fence is acknowledged and nothing written is lost.
+    let lean = report(&[
+        "--data-dir",
+        &data_dir,
+        "--devices",
+        "3",
+        "--prefix",
+        "lean-tls-",
+        "--tls",
+        "--qos",
+        "0",
+        "--rate",
+        "max",
+        "--duration",
+        "1s",
+        "--verify",
+    ])
+    .await?;
+    assert_eq!(lean["path"], "lean", "{lean:#}");
+    assert_eq!(n(&lean, "connected"), 3, "{lean:#}");
+    assert!(n(&lean, "sent") > 0, "{lean:#}");
+    assert_eq!(n(&lean, "failed"), 0, "{lean:#}");
+    assert_eq!(lean["verify"]["lost"].as_u64(), Some(0), "{lean:#}");
+    // SAS devices over TLS, trusting the hub's CA, with tokens renewed by reconnecting
+    // (device-sdk).
     let sas = report(&[
         "--data-dir",
         &data_dir,

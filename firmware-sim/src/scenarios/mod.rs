@@ -61,6 +61,9 @@ pub fn validate(args: &Args) -> Result<(), String> {
                 .into(),
         );
     }
+    if (!telemetry || args.flap.is_some()) && args.groups().iter().any(|g| args.uses_tls(g.auth)) {
+        return Err("--tls and --auth x509 run with the telemetry scenario (without --flap); the other scenarios connect over plain TCP".into());
+    }
     if (!telemetry || args.flap.is_some()) && args.uses_sdk() {
         return Err("--sdk, --twin-every and the method flags belong to the telemetry scenario (without --flap)".into());
     }
