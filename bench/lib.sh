@@ -90,9 +90,12 @@ stop_pid() {
     wait "$1" 2> /dev/null || true
 }
 
-# start_mosquitto PORT → MOSQ_PID. The configuration of docs/BENCHMARKS.md.
+# start_mosquitto PORT [TLS_PORT CERTS_DIR] → MOSQ_PID. The configuration of
+# docs/BENCHMARKS.md; with TLS_PORT a second listener speaks MQTT over TLS with
+# CERTS_DIR's server.pem / server.key, signed by its ca.pem (the hub's data dir has
+# them, for localhost).
 start_mosquitto() {
-    local port=$1
+    local port=$1 tls_port=${2:-} certs=${3:-}
     cat > "$RESULTS/mosquitto.conf" << CONF
 listener $port 127.0.0.1
 allow_anonymous true
@@ -102,6 +105,10 @@ log_dest stderr
 log_type error
 log_type warning
 CONF
+    if [[ -n $tls_port ]]; then
+        printf 'listener %s 127.0.0.1\nmax_connections -1\ncafile %s\ncertfile %s\nkeyfile %s\n' \
+            "$tls_port" "$certs/ca.pem" "$certs/server.pem" "$certs/server.key" >> "$RESULTS/mosquitto.conf"
+    fi
     [[ $(id -u) -eq 0 ]] && echo "user root" >> "$RESULTS/mosquitto.conf"
     "$MOSQUITTO" -c "$RESULTS/mosquitto.conf" 2>> "$RESULTS/mosquitto.err" &
     MOSQ_PID=$!

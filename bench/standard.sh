@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # The standard benchmarks of docs/BENCHMARKS.md, measured with firmware-sim against the
 # hub and Mosquitto in one run, on loopback: QoS 1 telemetry 100×10 and 1000×1, QoS 0,
+# QoS 1 100×10 over TLS (the hub's development certificates, for both servers),
 # connections held and the connect rate at 15,000 devices, direct-method and twin
 # reported-patch round trips (the hub only: Mosquitto has neither), and the connect
 # storm (every connection dropped at once, then a server restart). Writes the
@@ -16,9 +17,9 @@
 #   HANDSHAKES=50000     handshakes of the connect-rate run (100 in flight)
 #   FLEET_A=100x10 FLEET_B=1000x1   telemetry shapes, DEVICESxIN_FLIGHT
 #   METHOD_DEVICES=100   devices answering methods (and reporting twins)
-#   ONLY="telemetry connections methods twin storm"   a subset
+#   ONLY="telemetry tls connections methods twin storm"   a subset
 # Plus bench/lib.sh's BIN, RESULTS, QUIET, MOSQUITTO; ports HUB_HTTP_PORT=18080,
-# HUB_MQTT_PORT=11883, MOSQ_PORT=11884. A smoke test at tiny sizes with a debug build:
+# HUB_MQTT_PORT=11883, MOSQ_PORT=11884, MOSQ_TLS_PORT=11885. A smoke test at tiny sizes with a debug build:
 #   BIN=target/debug QUIET=0 SECS=2 WARMUP=1 CONNECTIONS=10 HOLD=2 HANDSHAKES=20 \
 #       FLEET_A=10x2 FLEET_B=10x1 METHOD_DEVICES=5 bench/standard.sh
 set -euo pipefail
@@ -32,16 +33,19 @@ HANDSHAKES=${HANDSHAKES:-50000}
 FLEET_A=${FLEET_A:-100x10}
 FLEET_B=${FLEET_B:-1000x1}
 METHOD_DEVICES=${METHOD_DEVICES:-100}
-ONLY=${ONLY:-telemetry connections methods twin storm}
+ONLY=${ONLY:-telemetry tls connections methods twin storm}
 HUB_HTTP_PORT=${HUB_HTTP_PORT:-18080}
 HUB_MQTT_PORT=${HUB_MQTT_PORT:-11883}
 MOSQ_PORT=${MOSQ_PORT:-11884}
+MOSQ_TLS_PORT=${MOSQ_TLS_PORT:-11885}
 OUT=${OUT:-/dev/stdout}
 MOSQ=mqtt://127.0.0.1:$MOSQ_PORT
 wants() { [[ " $ONLY " == *" $1 "* ]]; }
 
 start_hub hub "$HUB_HTTP_PORT" "$HUB_MQTT_PORT"
-start_mosquitto "$MOSQ_PORT"
+# Mosquitto's TLS listener presents the hub's development server certificate.
+MOSQ_TLS=("$MOSQ_TLS_PORT" "$HUB_DIR/certs")
+start_mosquitto "$MOSQ_PORT" "${MOSQ_TLS[@]}"
 HUB=(--data-dir "$HUB_DIR")
 log "results in $RESULTS; hub pid $HUB_PID, mosquitto pid $MOSQ_PID"
 
@@ -58,6 +62,13 @@ if wants telemetry; then
     telemetry qos1-a "${FLEET_A%x*}" "${FLEET_A#*x}" 1
     telemetry qos1-b "${FLEET_B%x*}" "${FLEET_B#*x}" 1
     telemetry qos0 "${FLEET_A%x*}" "${FLEET_A#*x}" 0
+fi
+if wants tls; then
+    common=(--devices "${FLEET_A%x*}" --inflight "${FLEET_A#*x}" --qos 1 --rate max --tls
+        --payload 256 --duration "${SECS}s" --warmup "${WARMUP}s" --prefix "t${FLEET_A%x*}-")
+    sim tls-hub "${HUB[@]}" "${common[@]}" --hub-pid "$HUB_PID"
+    sim tls-mosquitto --target "mqtt://127.0.0.1:$MOSQ_TLS_PORT" --ca-file "$HUB_DIR/certs/ca.pem" \
+        "${common[@]}" --hub-pid "$MOSQ_PID"
 fi
 if wants connections; then
     common=(--scenario connections --devices "$CONNECTIONS" --hold "${HOLD}s" --connect-inflight 100 --prefix bench-)
@@ -97,7 +108,7 @@ storm_restart() {
         start_hub hub "$HUB_HTTP_PORT" "$HUB_MQTT_PORT"
     else
         stop_pid "$MOSQ_PID"
-        start_mosquitto "$MOSQ_PORT"
+        start_mosquitto "$MOSQ_PORT" "${MOSQ_TLS[@]}"
     fi
     wait "$sim_pid" || { log "$name failed:"; tail -5 "$RESULTS/$name.log" >&2; echo '{}' > "$RESULTS/$name.json"; }
 }
@@ -122,12 +133,16 @@ row() { # label jq-expression name-hub name-mosquitto
     echo "hub $(git -C "$ROOT" rev-parse --short HEAD 2> /dev/null || echo '?'), $(basename "$BIN") build; Mosquitto $("$MOSQUITTO" -h 2> /dev/null | head -1 | grep -o '[0-9][0-9.]*' | head -1))"
     echo "on $(nproc) CPUs; JSON reports in \`$RESULTS\`."
     echo
-    if wants telemetry; then
-        for shape in qos1-a qos1-b qos0; do
+    shapes=()
+    wants telemetry && shapes+=(qos1-a qos1-b qos0)
+    wants tls && shapes+=(tls)
+    if ((${#shapes[@]})); then
+        for shape in "${shapes[@]}"; do
             case $shape in
                 qos1-a) title="QoS 1, ${FLEET_A%x*} devices × ${FLEET_A#*x} in flight" ;;
                 qos1-b) title="QoS 1, ${FLEET_B%x*} devices × ${FLEET_B#*x} in flight" ;;
                 qos0) title="QoS 0, ${FLEET_A%x*} devices, batches of ${FLEET_A#*x}" ;;
+                tls) title="QoS 1 over TLS, ${FLEET_A%x*} devices × ${FLEET_A#*x} in flight" ;;
             esac
             echo "### Telemetry: $title, 256 B, ${SECS} s after ${WARMUP} s warm-up"
             echo

@@ -37,9 +37,14 @@ pub struct Args {
     #[arg(long, value_name = "HOST:PORT")]
     pub mqtt: Option<String>,
     /// A plain MQTT broker (`mqtt://host:port`, e.g. Mosquitto) instead of the hub: no
-    /// service API, devices are bare client ids, no credentials.
+    /// service API, devices are bare client ids, no credentials. With `--tls` and
+    /// `--ca-file` the port is the broker's MQTT-over-TLS listener.
     #[arg(long, value_name = "mqtt://HOST:PORT", value_parser = parse_target, conflicts_with_all = ["hub", "data_dir", "token"])]
     pub target: Option<SocketAddr>,
+    /// With `--target` and `--tls`: the CA certificate (PEM) the broker's certificate
+    /// chains to; the broker's name is `--hostname`.
+    #[arg(long, value_name = "FILE", requires_all = ["target", "tls"])]
+    pub ca_file: Option<PathBuf>,
     /// Devices from a file instead of provisioning them: per line an Azure device
     /// connection string (`HostName=…;DeviceId=…;SharedAccessKey=…`) or `DEVICE_ID
     /// KEY`; the first --devices of them connect (to --mqtt, or the data dir's MQTT
@@ -216,8 +221,11 @@ impl Args {
         if self.target.is_some() && self.uses_sdk() {
             return Err("--sdk, --twin-every and the method flags need the hub's twin and method topics; a plain MQTT --target has none".into());
         }
-        if self.target.is_some() && self.groups().iter().any(|g| self.uses_tls(g.auth)) {
-            return Err("--tls and --auth x509 dial the hub's MQTT-over-TLS listener; a plain MQTT --target has none".into());
+        if self.target.is_some() && self.groups().iter().any(|g| g.auth == Auth::X509) {
+            return Err("--auth x509 needs the hub's CA key to issue device certificates; a plain MQTT --target has none".into());
+        }
+        if self.target.is_some() && self.tls && self.ca_file.is_none() {
+            return Err("--tls with a plain MQTT --target needs --ca-file: the CA its certificate chains to".into());
         }
         // Devices from a file need the service API only to read telemetry back.
         let needs_api = self.target.is_none() && (self.credentials.is_none() || self.verify);
@@ -240,7 +248,7 @@ impl Args {
             return Err("--prefix must not be empty".into());
         }
         let x509 = self.groups().iter().any(|g| g.auth == Auth::X509);
-        if (self.tls || x509) && self.data_dir.is_none() {
+        if (self.tls || x509) && self.data_dir.is_none() && self.target.is_none() {
             return Err("--tls and --auth x509 need --data-dir DIR: the hub's CA (DIR/certs) and its mqtts address".into());
         }
         if self.scenario_file.is_some() {

@@ -193,12 +193,19 @@ async fn provisioned_fleet(args: &Args, groups: &[Group]) -> Result<Fleet, RunEr
                 bind: None,
             })
             .collect();
+        let tls = match (&args.ca_file, args.tls) {
+            (Some(ca_file), true) => Some(
+                crate::tls::Tls::trusting(ca_file, addr)
+                    .map_err(|err| RunError::Config(err.to_string()))?,
+            ),
+            _ => None,
+        };
         return Ok(Fleet {
             target: "mqtt",
             mqtt: addr,
             identities,
             keys: Vec::new(),
-            tls: None,
+            tls,
             api: None,
         });
     }

@@ -13,10 +13,10 @@ use rustls::pki_types::{CertificateDer, PrivateKeyDer};
 /// Why TLS cannot be set up.
 #[derive(Debug, thiserror::Error)]
 pub enum TlsError {
-    /// The data dir has no usable CA.
-    #[error("cannot use the hub's CA in {dir}: {reason}")]
+    /// The data dir (or `--ca-file`) has no usable CA.
+    #[error("cannot use the CA in {dir}: {reason}")]
     Ca {
-        /// The certificate directory.
+        /// The certificate directory or file.
         dir: String,
         /// Why.
         reason: String,
@@ -32,8 +32,9 @@ pub struct Tls {
     pub mqtts: SocketAddr,
     /// The CA certificate devices trust (PEM).
     pub ca_pem: String,
-    /// The CA that signs device certificates (read from the data dir).
-    ca: certs::Ca,
+    /// The CA that signs device certificates (read from the data dir); none for a
+    /// plain broker, whose CA certificate alone is known.
+    ca: Option<certs::Ca>,
     /// The lean path's configuration for devices without a certificate, made once.
     shared: OnceLock<Arc<rustls::ClientConfig>>,
 }
@@ -60,7 +61,22 @@ impl Tls {
         Ok(Arc::new(Self {
             mqtts: mqtts.ok_or(TlsError::NoListener)?,
             ca_pem: ca.cert_pem().to_string(),
-            ca,
+            ca: Some(ca),
+            shared: OnceLock::new(),
+        }))
+    }
+
+    /// A plain broker's TLS listener at `addr`, trusting the CA certificate in
+    /// `ca_file` (no device certificates: x509 needs the hub's CA key).
+    pub fn trusting(ca_file: &Path, addr: SocketAddr) -> Result<Arc<Self>, TlsError> {
+        let ca_pem = std::fs::read_to_string(ca_file).map_err(|err| TlsError::Ca {
+            dir: ca_file.display().to_string(),
+            reason: err.to_string(),
+        })?;
+        Ok(Arc::new(Self {
+            mqtts: addr,
+            ca_pem,
+            ca: None,
             shared: OnceLock::new(),
         }))
     }
@@ -99,8 +115,11 @@ impl Tls {
     }
 
     fn issue(&self, device: &str) -> Result<(String, String), String> {
-        let issued = self
+        let ca = self
             .ca
+            .as_ref()
+            .ok_or_else(|| format!("no CA key to issue {device}'s certificate with"))?;
+        let issued = ca
             .issue_device(device)
             .map_err(|err| format!("cannot issue a certificate for {device}: {err}"))?;
         Ok((issued.cert_pem, issued.key_pem))

@@ -136,7 +136,23 @@ fn tls_and_x509_need_the_data_dir_and_the_hub() {
     assert!(String::from_utf8_lossy(&out.stderr).contains("--data-dir"));
     let out = sim(&["--target", "mqtt://127.0.0.1:1", "--tls"]);
     assert_eq!(out.status.code(), Some(2));
-    assert!(String::from_utf8_lossy(&out.stderr).contains("plain MQTT --target"));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains("plain MQTT --target") && stderr.contains("--ca-file"),
+        "{stderr}"
+    );
+    let out = sim(&["--target", "mqtt://127.0.0.1:1", "--auth", "x509"]);
+    assert_eq!(out.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("CA key"));
+    // --ca-file is for a plain broker's TLS listener only.
+    let out = sim(&[
+        "--data-dir",
+        "/nonexistent",
+        "--ca-file",
+        "/nonexistent/ca.pem",
+    ]);
+    assert_eq!(out.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("--target"));
     // The other scenarios and --flap connect over plain TCP: TLS is refused, not
     // silently dropped.
     for extra in [&["--scenario", "connections"][..], &["--flap", "0.1"][..]] {

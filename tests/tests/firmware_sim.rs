@@ -171,6 +171,8 @@ struct Mosquitto {
     _child: Child,
     port: u16,
     _dir: tempfile::TempDir,
+    /// A TLS broker's CA and server certificate.
+    _certs: Option<tempfile::TempDir>,
 }
 
 fn mosquitto_binary() -> Result<PathBuf> {
@@ -188,6 +190,36 @@ fn mosquitto_binary() -> Result<PathBuf> {
 
 impl Mosquitto {
     async fn start() -> Result<Self> {
+        Self::start_with("").await
+    }
+
+    /// Mosquitto with a TLS listener: a server certificate for `localhost` from a CA
+    /// made here, whose certificate is `dir/ca.pem` (what clients trust).
+    async fn start_tls() -> Result<Self> {
+        let ca = certs::Ca::generate("firmware-sim test CA")?;
+        let server = ca.issue_server(&certs::SubjectAltNames::for_hub(
+            "localhost",
+            [std::net::IpAddr::from([127, 0, 0, 1])],
+        ))?;
+        let certs_dir = tempfile::tempdir()?;
+        ca.write(certs_dir.path(), "ca")?;
+        server.write(certs_dir.path(), "server")?;
+        let path = |name: &str| certs_dir.path().join(name).display().to_string();
+        // `user root`: Mosquitto reads the key after dropping to its own user, and the
+        // key is private to this one.
+        let mut broker = Self::start_with(&format!(
+            "cafile {}\ncertfile {}\nkeyfile {}\nuser root\n",
+            path("ca.pem"),
+            path("server.pem"),
+            path("server.key"),
+        ))
+        .await?;
+        broker._certs = Some(certs_dir);
+        Ok(broker)
+    }
+
+    /// Mosquitto with `listener_options` under its one listener.
+    async fn start_with(listener_options: &str) -> Result<Self> {
         let binary = mosquitto_binary()?;
         let dir = tempfile::tempdir()?;
         // Mosquitto cannot be told to pick a port itself: take a free one from the
@@ -199,7 +231,9 @@ impl Mosquitto {
         let config = dir.path().join("mosquitto.conf");
         std::fs::write(
             &config,
-            format!("listener {port} 127.0.0.1\nallow_anonymous true\npersistence false\n"),
+            format!(
+                "listener {port} 127.0.0.1\n{listener_options}allow_anonymous true\npersistence false\n"
+            ),
         )?;
         let child = Command::new(binary)
             .arg("-c")
@@ -225,7 +259,13 @@ impl Mosquitto {
             _child: child,
             port,
             _dir: dir,
+            _certs: None,
         })
+    }
+
+    /// The CA certificate of a TLS broker.
+    fn ca_file(&self) -> Option<PathBuf> {
+        self._certs.as_ref().map(|dir| dir.path().join("ca.pem"))
     }
 }
 
@@ -268,6 +308,48 @@ async fn the_same_load_runs_against_a_plain_mqtt_broker() -> Result<()> {
     assert!(n(&qos0, "sent") > 0, "{qos0:#}");
     assert_eq!(n(&qos0, "acked"), 0, "QoS 0 has no PUBACK: {qos0:#}");
     assert_eq!(n(&qos0, "failed"), 0, "{qos0:#}");
+    Ok(())
+}
+
+#[tokio::test]
+async fn the_same_load_runs_against_a_plain_broker_over_tls() -> Result<()> {
+    let broker = Mosquitto::start_tls().await?;
+    let target = format!("mqtt://127.0.0.1:{}", broker.port);
+    let ca_file = broker.ca_file().context("a TLS broker has a CA")?;
+    let ca_file = ca_file.to_string_lossy().into_owned();
+    let tls = report(&[
+        "--target",
+        &target,
+        "--tls",
+        "--ca-file",
+        &ca_file,
+        "--devices",
+        "10",
+        "--duration",
+        "2s",
+        "--rate",
+        "max",
+    ])
+    .await?;
+    assert_eq!(tls["target"], "mqtt", "{tls:#}");
+    assert_eq!(tls["path"], "lean", "{tls:#}");
+    assert_eq!(n(&tls, "connected"), 10, "{tls:#}");
+    let sent = n(&tls, "sent");
+    assert!(sent > 0, "{tls:#}");
+    assert_eq!(n(&tls, "acked"), sent, "{tls:#}");
+    assert_eq!(n(&tls, "failed"), 0, "{tls:#}");
+    // Without --tls the same port speaks TLS to a plain client: nobody connects.
+    let (ok, _, stderr) = run_sim(&[
+        "--target",
+        &target,
+        "--devices",
+        "1",
+        "--duration",
+        "1s",
+        "--json",
+    ])
+    .await?;
+    ensure!(!ok, "a plain client connected to a TLS listener: {stderr}");
     Ok(())
 }
 
