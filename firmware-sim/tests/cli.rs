@@ -12,6 +12,14 @@ fn sim(args: &[&str]) -> std::process::Output {
         .expect("the firmware-sim binary runs")
 }
 
+/// Runs firmware-sim with `args`, which it must refuse (exit code 2); its stderr.
+fn refused(args: &[&str]) -> String {
+    let out = sim(args);
+    let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
+    assert_eq!(out.status.code(), Some(2), "{args:?}: {stderr}");
+    stderr
+}
+
 #[test]
 fn help_names_the_main_flags() {
     let out = sim(&["--help"]);
@@ -31,12 +39,8 @@ fn help_names_the_main_flags() {
 
 #[test]
 fn refusals_exit_2_with_a_reason() {
-    let out = sim(&["--devices", "5"]);
-    assert_eq!(out.status.code(), Some(2));
-    assert!(String::from_utf8_lossy(&out.stderr).contains("--data-dir"));
-    let out = sim(&["--target", "mqtt://127.0.0.1:1", "--rate", "0"]);
-    assert_eq!(out.status.code(), Some(2));
-    assert!(String::from_utf8_lossy(&out.stderr).contains("--rate"));
+    assert!(refused(&["--devices", "5"]).contains("--data-dir"));
+    assert!(refused(&["--target", "mqtt://127.0.0.1:1", "--rate", "0"]).contains("--rate"));
 }
 
 #[test]
@@ -58,22 +62,21 @@ fn scenario_combinations_that_make_no_sense_are_refused() {
     ];
     for (args, needle) in cases {
         let all: Vec<&str> = target.iter().chain(args.iter()).copied().collect();
-        let out = sim(&all);
-        let stderr = String::from_utf8_lossy(&out.stderr);
-        assert_eq!(out.status.code(), Some(2), "{all:?}: {stderr}");
+        let stderr = refused(&all);
         assert!(
             stderr.contains(needle),
             "{all:?}: no {needle:?} in {stderr}"
         );
     }
-    let out = sim(&["--data-dir", "/nonexistent", "--workers", "2", "--verify"]);
-    assert_eq!(out.status.code(), Some(2));
-    assert!(String::from_utf8_lossy(&out.stderr).contains("--workers"));
+    assert!(
+        refused(&["--data-dir", "/nonexistent", "--workers", "2", "--verify"])
+            .contains("--workers")
+    );
 }
 
 #[test]
 fn ramp_belongs_to_the_telemetry_scenario() {
-    let out = sim(&[
+    let stderr = refused(&[
         "--target",
         "mqtt://127.0.0.1:1",
         "--scenario",
@@ -81,8 +84,7 @@ fn ramp_belongs_to_the_telemetry_scenario() {
         "--ramp",
         "10",
     ]);
-    assert_eq!(out.status.code(), Some(2));
-    assert!(String::from_utf8_lossy(&out.stderr).contains("--connect-inflight"));
+    assert!(stderr.contains("--connect-inflight"), "{stderr}");
 }
 
 #[test]
@@ -98,67 +100,83 @@ fn scenario_files_with_unknown_keys_or_clashing_groups_are_refused() {
         "unknown.toml",
         "[[group]]\nname = \"a\"\ndevices = 1\nrtae = 5\n",
     );
-    let out = sim(&[&target[..], &["--scenario-file", &unknown]].concat());
-    assert_eq!(out.status.code(), Some(2));
-    let stderr = String::from_utf8_lossy(&out.stderr);
+    let stderr = refused(&[&target[..], &["--scenario-file", &unknown]].concat());
     assert!(stderr.contains("rtae"), "{stderr}");
     let clash = write(
         "clash.toml",
         "[[group]]\nname = \"a\"\ndevices = 1\nprefix = \"d\"\n[[group]]\nname = \"b\"\ndevices = 1\nprefix = \"d\"\n",
     );
-    let out = sim(&[&target[..], &["--scenario-file", &clash]].concat());
-    assert_eq!(out.status.code(), Some(2));
-    assert!(String::from_utf8_lossy(&out.stderr).contains("share device ids"));
+    assert!(
+        refused(&[&target[..], &["--scenario-file", &clash]].concat()).contains("share device ids")
+    );
     // A plain broker has no twin: a group that reports one is refused by name.
     let twin = write(
         "twin.toml",
         "[[group]]\nname = \"gw\"\ndevices = 1\ntwin_every = \"1s\"\n",
     );
-    let out = sim(&[&target[..], &["--scenario-file", &twin]].concat());
-    assert_eq!(out.status.code(), Some(2));
-    assert!(String::from_utf8_lossy(&out.stderr).contains("group gw"));
-    let out = sim(&[&target[..], &["--scenario-file", "/no/such/file.toml"]].concat());
-    assert_eq!(out.status.code(), Some(2));
-    assert!(String::from_utf8_lossy(&out.stderr).contains("/no/such/file.toml"));
+    assert!(refused(&[&target[..], &["--scenario-file", &twin]].concat()).contains("group gw"));
+    assert!(
+        refused(&[&target[..], &["--scenario-file", "/no/such/file.toml"]].concat())
+            .contains("/no/such/file.toml")
+    );
 }
 
 #[test]
 fn tls_and_x509_need_the_data_dir_and_the_hub() {
-    let out = sim(&[
-        "--hub",
-        "http://127.0.0.1:1",
-        "--token",
-        "t",
-        "--auth",
-        "x509",
-    ]);
-    assert_eq!(out.status.code(), Some(2));
-    assert!(String::from_utf8_lossy(&out.stderr).contains("--data-dir"));
-    let out = sim(&["--target", "mqtt://127.0.0.1:1", "--tls"]);
-    assert_eq!(out.status.code(), Some(2));
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    assert!(
-        stderr.contains("plain MQTT --target") && stderr.contains("--ca-file"),
-        "{stderr}"
-    );
-    let out = sim(&["--target", "mqtt://127.0.0.1:1", "--auth", "x509"]);
-    assert_eq!(out.status.code(), Some(2));
-    assert!(String::from_utf8_lossy(&out.stderr).contains("CA key"));
-    // --ca-file is for a plain broker's TLS listener only.
-    let out = sim(&[
-        "--data-dir",
-        "/nonexistent",
-        "--ca-file",
-        "/nonexistent/ca.pem",
-    ]);
-    assert_eq!(out.status.code(), Some(2));
-    assert!(String::from_utf8_lossy(&out.stderr).contains("--target"));
-    // The other scenarios and --flap connect over plain TCP: TLS is refused, not
-    // silently dropped.
-    for extra in [&["--scenario", "connections"][..], &["--flap", "0.1"][..]] {
-        let out = sim(&[&["--data-dir", "/nonexistent", "--tls"][..], extra].concat());
-        assert_eq!(out.status.code(), Some(2));
-        let stderr = String::from_utf8_lossy(&out.stderr);
-        assert!(stderr.contains("plain TCP"), "{stderr}");
+    let cases: &[(&[&str], &[&str])] = &[
+        (
+            &[
+                "--hub",
+                "http://127.0.0.1:1",
+                "--token",
+                "t",
+                "--auth",
+                "x509",
+            ],
+            &["--data-dir"],
+        ),
+        (
+            &["--target", "mqtt://127.0.0.1:1", "--tls"],
+            &["plain MQTT --target", "--ca-file"],
+        ),
+        (
+            &["--target", "mqtt://127.0.0.1:1", "--auth", "x509"],
+            &["CA key"],
+        ),
+        // --ca-file is for a plain broker's TLS listener only.
+        (
+            &[
+                "--data-dir",
+                "/nonexistent",
+                "--ca-file",
+                "/nonexistent/ca.pem",
+            ],
+            &["--target"],
+        ),
+        // The other scenarios and --flap connect over plain TCP: TLS is refused, not
+        // silently dropped.
+        (
+            &[
+                "--data-dir",
+                "/nonexistent",
+                "--tls",
+                "--scenario",
+                "connections",
+            ],
+            &["plain TCP"],
+        ),
+        (
+            &["--data-dir", "/nonexistent", "--tls", "--flap", "0.1"],
+            &["plain TCP"],
+        ),
+    ];
+    for (args, needles) in cases {
+        let stderr = refused(args);
+        for needle in *needles {
+            assert!(
+                stderr.contains(needle),
+                "{args:?}: no {needle:?} in {stderr}"
+            );
+        }
     }
 }

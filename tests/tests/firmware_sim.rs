@@ -1154,52 +1154,32 @@ async fn tls_and_x509_devices_get_every_message_acked_on_the_lean_path_and_on_de
     let dir = tempfile::tempdir()?;
     let _hub = Hub::start(dir.path()).await?;
     let data_dir = dir.path().to_string_lossy().into_owned();
-    // Certificates from the hub's development CA, CN = device id.
-    let x509 = report(&[
-        "--data-dir",
-        &data_dir,
-        "--devices",
-        "4",
-        "--prefix",
-        "cert-",
-        "--auth",
-        "x509",
-        "--duration",
-        "2s",
-        "--rate",
-        "10",
-        "--verify",
-    ])
-    .await?;
-    assert_eq!(x509["path"], "lean", "{x509:#}");
-    assert_eq!(n(&x509, "connected"), 4, "{x509:#}");
-    let sent = n(&x509, "sent");
-    assert!(sent > 0 && n(&x509, "acked") == sent, "{x509:#}");
-    assert_eq!(n(&x509, "failed"), 0, "{x509:#}");
-    assert_eq!(x509["verify"]["lost"].as_u64(), Some(0), "{x509:#}");
-    // The same devices through device-sdk.
-    let sdk = report(&[
-        "--data-dir",
-        &data_dir,
-        "--devices",
-        "4",
-        "--prefix",
-        "cert-",
-        "--auth",
-        "x509",
-        "--sdk",
-        "--duration",
-        "2s",
-        "--rate",
-        "10",
-        "--verify",
-    ])
-    .await?;
-    assert_eq!(sdk["path"], "sdk", "{sdk:#}");
-    assert_eq!(n(&sdk, "connected"), 4, "{sdk:#}");
-    let sent = n(&sdk, "sent");
-    assert!(sent > 0 && n(&sdk, "acked") == sent, "{sdk:#}");
-    assert_eq!(sdk["verify"]["lost"].as_u64(), Some(0), "{sdk:#}");
+    // Certificates from the hub's development CA, CN = device id: on the lean path,
+    // then the same devices through device-sdk.
+    for (path, extra) in [("lean", &[][..]), ("sdk", &["--sdk"][..])] {
+        let common = [
+            "--data-dir",
+            &data_dir,
+            "--devices",
+            "4",
+            "--prefix",
+            "cert-",
+            "--auth",
+            "x509",
+            "--duration",
+            "2s",
+            "--rate",
+            "10",
+            "--verify",
+        ];
+        let x509 = report(&[&common[..], extra].concat()).await?;
+        assert_eq!(x509["path"], path, "{x509:#}");
+        assert_eq!(n(&x509, "connected"), 4, "{x509:#}");
+        let sent = n(&x509, "sent");
+        assert!(sent > 0 && n(&x509, "acked") == sent, "{x509:#}");
+        assert_eq!(n(&x509, "failed"), 0, "{x509:#}");
+        assert_eq!(x509["verify"]["lost"].as_u64(), Some(0), "{x509:#}");
+    }
     // SAS devices over TLS on the lean path, at QoS 0 as fast as they can: every
     // device's closing QoS 1 fence is acknowledged and nothing written is lost.
     let lean = report(&[
