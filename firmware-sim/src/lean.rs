@@ -82,18 +82,19 @@ type DeviceStream = Either<TcpStream, Box<TlsStream<TcpStream>>>;
 /// How a group's devices speak TLS.
 #[derive(Debug, Clone)]
 pub struct PlanTls {
-    /// The hub's CA and the device certificates it signs.
+    /// The CA to trust (the hub's, or `--ca-file`'s) and, for x509, the issuer of
+    /// the device certificates.
     pub tls: Arc<crate::tls::Tls>,
     /// Whether each device presents its own certificate (`--auth x509`).
     pub x509: bool,
-    /// The name the server certificate must carry (the hub's host name).
+    /// The name the server certificate must carry (`--hostname`).
     pub server_name: rustls::pki_types::ServerName<'static>,
 }
 
 /// What every device does.
 #[derive(Debug, Clone)]
 pub struct Plan {
-    /// Broker address (the hub's MQTT-over-TLS address when `tls` is set).
+    /// Broker address (its MQTT-over-TLS listener when `tls` is set).
     pub addr: SocketAddr,
     /// TLS, or plain TCP.
     pub tls: Option<PlanTls>,
