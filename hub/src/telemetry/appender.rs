@@ -391,36 +391,32 @@ fn commit_loop(slots: &[Slot], mut rx: mpsc::UnboundedReceiver<Append>, limits: 
             std::thread::sleep(limits.max_wait);
             pass.take_queued(&mut rx);
         }
-        let parallel = pass.bytes >= PARALLEL_SYNC_BYTES;
-        let mut busy = slots
-            .iter()
-            .zip(shares.iter_mut())
-            .filter(|(_, share)| !share.is_empty());
-        if !parallel {
-            for (slot, share) in busy {
-                commit(slot, share, &mut records);
-            }
-            continue;
-        }
-        // A large pass: each partition's write and sync on its own thread, so the
-        // syncs overlap (a QoS 0 stream is bound by them); a small one is not worth
-        // a thread start.
-        std::thread::scope(|scope| {
-            let first = busy.next();
-            for (slot, share) in busy {
-                let spawned = std::thread::Builder::new()
-                    .name("telemetry-sync".into())
-                    .spawn_scoped(scope, move || commit(slot, share, &mut Vec::new()));
-                if let Err(err) = spawned {
-                    // Not enough threads: the loop below commits this share.
-                    tracing::warn!(error = %err, "cannot start a sync thread; committing that partition after the others");
+        if pass.bytes >= PARALLEL_SYNC_BYTES {
+            // A large pass: each partition's write and sync on its own thread, so the
+            // syncs overlap (a QoS 0 stream is bound by them); a small one is not
+            // worth a thread start.
+            std::thread::scope(|scope| {
+                let mut busy = slots
+                    .iter()
+                    .zip(shares.iter_mut())
+                    .filter(|(_, share)| !share.is_empty());
+                let first = busy.next();
+                for (slot, share) in busy {
+                    let spawned = std::thread::Builder::new()
+                        .name("telemetry-sync".into())
+                        .spawn_scoped(scope, move || commit(slot, share, &mut Vec::new()));
+                    if let Err(err) = spawned {
+                        // Not enough threads: the loop below commits this share.
+                        tracing::warn!(error = %err, "cannot start a sync thread; committing that partition after the others");
+                    }
                 }
-            }
-            if let Some((slot, share)) = first {
-                commit(slot, share, &mut records);
-            }
-        });
-        // A share whose thread did not start is still queued: commit it here.
+                if let Some((slot, share)) = first {
+                    commit(slot, share, &mut records);
+                }
+            });
+        }
+        // What is still queued commits here, partition by partition: all of a small
+        // pass, and a share whose sync thread did not start.
         for (slot, share) in slots.iter().zip(shares.iter_mut()) {
             if !share.is_empty() {
                 commit(slot, share, &mut records);
