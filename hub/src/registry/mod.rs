@@ -632,8 +632,16 @@ impl Registry {
         }
         match self.get_stored(id).await {
             Err(RegistryError::Store(err)) => {
-                tracing::warn!(%id, error = %err, "registry read failed; answering from the mirror");
-                self.get(id).await
+                // Only the mirror: `get` would ask the store again for a device it
+                // does not hold.
+                let mirrored = self.cache().devices.get(id).cloned();
+                match mirrored {
+                    Some(device) => {
+                        tracing::warn!(%id, error = %err, "registry read failed; answering from the mirror");
+                        Ok(device)
+                    }
+                    None => Err(RegistryError::Store(err)),
+                }
             }
             read => read,
         }
