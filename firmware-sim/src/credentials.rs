@@ -8,7 +8,7 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use base64::Engine;
 use base64::engine::general_purpose::STANDARD;
 
-use crate::cli::Auth;
+use crate::values::Auth;
 
 /// Lifetime of the tokens the lean path connects with: it does not reconnect, so
 /// one token covers the run (the hub caps JWT lifetimes at 24 h by default).

@@ -13,43 +13,19 @@ use bytes::Bytes;
 use hdrhistogram::Histogram;
 use rumqttc::mqttbytes::QoS;
 use rumqttc::mqttbytes::v4::{Packet, Publish};
-use serde::{Deserialize, Serialize};
 use tokio::sync::watch;
 use tokio::time::MissedTickBehavior;
 
-use crate::cli::{Args, Rate};
-use crate::lean::{DeviceError, Identity, Inflight, unix_ns};
-use crate::report::{Counters, Latency, Report, encode_histogram, histogram};
-use crate::run::{Fleet, Progress, RunError, run_id};
+use crate::device::{DeviceError, Identity};
+use crate::lean::{Inflight, unix_ns};
+use crate::probe::CpuMark;
+use crate::report::{Counters, Errors, FlapReport, Latency, Report, encode_histogram, histogram};
+use crate::run::{Fleet, Progress, RunError, run_id, shell};
 use crate::scenarios::connections::open_all;
-use crate::scenarios::{CpuMark, Errors, shell};
+use crate::settings::Args;
 use crate::template::Template;
+use crate::values::Rate;
 use crate::wire::Conn;
-
-/// What flapping did.
-#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
-pub struct FlapReport {
-    /// The per-device, per-second drop probability.
-    pub probability: f64,
-    /// Connections dropped on purpose.
-    pub drops: u64,
-    /// Reconnects that succeeded.
-    pub reconnects: u64,
-    /// Reconnect attempts that failed (and were retried).
-    pub reconnect_failed: u64,
-    /// Devices still reconnecting when the run ended.
-    pub not_back: u64,
-}
-
-impl FlapReport {
-    /// One line for the text report.
-    pub fn text(&self) -> String {
-        format!(
-            "flap       P={}: {} drops, {} reconnects, {} failed reconnect attempts, {} not back at the end",
-            self.probability, self.drops, self.reconnects, self.reconnect_failed, self.not_back
-        )
-    }
-}
 
 /// Counters the flapping devices share.
 #[derive(Default)]

@@ -158,7 +158,7 @@ impl Generator {
             "sine" => {
                 let period = match text("period") {
                     None => 60.0,
-                    Some(v) => crate::cli::parse_duration(v)
+                    Some(v) => crate::values::parse_duration(v)
                         .map_err(|m| GeneratorError(format!("period={v}: {m}")))?
                         .as_secs_f64(),
                 };

@@ -21,16 +21,15 @@ use tokio::time::{Instant as TokioInstant, MissedTickBehavior};
 use tokio_rustls::client::TlsStream;
 use tokio_util::either::Either;
 
-use crate::cli::Rate;
+use crate::device::{CONNECT_TIMEOUT, DeviceError, Identity};
 use crate::report::{Counters, histogram};
 use crate::template::Template;
+use crate::values::Rate;
 
 /// The body of a QoS 0 device's closing QoS 1 message (see [`Outcome::fenced_at`]).
 pub const FENCE_BODY: &[u8] = b"{\"firmware-sim\":\"fence\"}";
 /// Largest packet accepted from the broker.
 const MAX_INCOMING: usize = 1 << 20;
-/// How long a CONNACK may take.
-const CONNECT_TIMEOUT: Duration = Duration::from_secs(30);
 /// MQTT keep-alive; an idle device pings at half of it.
 const KEEP_ALIVE_SECS: u16 = 60;
 
@@ -43,36 +42,6 @@ pub enum Phase {
     Running,
     /// Devices stop sending, wait for outstanding PUBACKs, and disconnect.
     Stopping,
-}
-
-/// How one device connects.
-#[derive(Debug, Clone)]
-pub struct Identity {
-    /// MQTT client id (= device id).
-    pub client_id: String,
-    /// CONNECT username and password, if any.
-    pub login: Option<(String, String)>,
-    /// Telemetry topic.
-    pub topic: String,
-    /// The local address to connect from (`--source-addrs`); `None`: the kernel's
-    /// choice.
-    pub bind: Option<std::net::IpAddr>,
-}
-
-impl Identity {
-    /// A hub device: Azure's CONNECT username for `hostname`, `password` a SAS token
-    /// or device JWT, telemetry on the device's events topic.
-    pub fn hub_device(hostname: &str, id: String, password: String) -> Self {
-        Self {
-            login: Some((
-                format!("{hostname}/{id}/?api-version=2021-04-12&DeviceClientType=firmware-sim"),
-                password,
-            )),
-            topic: format!("devices/{id}/messages/events/"),
-            client_id: id,
-            bind: None,
-        }
-    }
 }
 
 /// A device's connection: plain TCP, or TLS over it (boxed: rustls' state is large
@@ -110,29 +79,6 @@ pub struct Plan {
     pub run: Arc<str>,
     /// How long to wait for outstanding PUBACKs after sending stops.
     pub drain: Duration,
-}
-
-/// Failures of one device's connection.
-#[derive(Debug, thiserror::Error)]
-pub enum DeviceError {
-    /// TCP failed.
-    #[error("{0}: {1}")]
-    Io(String, std::io::Error),
-    /// The TLS client could not be set up (the handshake's failures are `Io`).
-    #[error("{0}: TLS: {1}")]
-    Tls(String, String),
-    /// The broker refused the CONNECT.
-    #[error("{0}: CONNECT refused: {1:?}")]
-    Refused(String, ConnectReturnCode),
-    /// The broker sent something that is not MQTT, or not what was expected.
-    #[error("{0}: protocol: {1}")]
-    Protocol(String, String),
-    /// The device-sdk client failed.
-    #[error("{0}: {1}")]
-    Sdk(String, String),
-    /// No CONNACK in time.
-    #[error("{0}: no CONNACK within {CONNECT_TIMEOUT:?}")]
-    Timeout(String),
 }
 
 /// QoS 1 packet ids awaiting their PUBACK, with their send times (no I/O).

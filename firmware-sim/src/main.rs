@@ -4,7 +4,7 @@
 use std::process::ExitCode;
 
 use clap::{CommandFactory, FromArgMatches};
-use firmware_sim::cli::Args;
+use firmware_sim::settings::Args;
 
 #[tokio::main]
 async fn main() -> ExitCode {
@@ -39,7 +39,7 @@ async fn main() -> ExitCode {
             }
         });
     };
-    match firmware_sim::run::run(args, interrupt).await {
+    match firmware_sim::scenarios::run(args, interrupt).await {
         Ok(report) => {
             if json {
                 match serde_json::to_string_pretty(&report) {

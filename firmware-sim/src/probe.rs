@@ -1,15 +1,14 @@
 //! What the scenarios read from /proc besides CPU time ([`crate::report::cpu_secs`]):
 //! a process's resident memory, the whole machine's busy CPU (so CPU taken by other
-//! processes during a run shows), and a background sampler of the hub during a
-//! connect storm, which follows a restarted hub through a pid file.
+//! processes during a run shows), CPU between two [`CpuMark`]s, and a background
+//! sampler of the hub during a connect storm, which follows a restarted hub through
+//! a pid file.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use serde::{Deserialize, Serialize};
-
-use crate::report::cpu_secs;
+use crate::report::{Cpu, HubUsage, cpu_secs, own_cpu_secs};
 
 /// `VmRSS` of `pid` in KiB.
 pub fn rss_kib(pid: u32) -> Option<u64> {
@@ -49,10 +48,10 @@ pub enum HubProcess {
 }
 
 impl HubProcess {
-    /// From the flags; `None` when neither was given.
-    pub fn from_args(args: &crate::cli::Args) -> Option<Self> {
-        match (&args.hub_pid_file, args.hub_pid) {
-            (Some(path), _) => Some(Self::File(path.clone())),
+    /// From `--hub-pid-file` and `--hub-pid`; `None` when neither was given.
+    pub fn from_flags(pid_file: Option<&Path>, pid: Option<u32>) -> Option<Self> {
+        match (pid_file, pid) {
+            (Some(path), _) => Some(Self::File(path.to_path_buf())),
             (None, Some(pid)) => Some(Self::Pid(pid)),
             (None, None) => None,
         }
@@ -71,24 +70,6 @@ impl HubProcess {
         let pid = self.pid()?;
         Some((rss_kib(pid)?, cpu_secs(pid)?))
     }
-}
-
-/// The hub over a stretch of time, sampled every 100 ms.
-#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
-pub struct HubUsage {
-    /// Samples taken.
-    pub samples: u64,
-    /// RSS at the first sample, KiB.
-    pub rss_start_kib: u64,
-    /// Largest RSS seen, KiB.
-    pub rss_peak_kib: u64,
-    /// RSS at the last sample, KiB.
-    pub rss_end_kib: u64,
-    /// CPU seconds the hub used between samples (across a restart: both processes'
-    /// shares that the samples saw).
-    pub cpu_secs: f64,
-    /// Largest CPU use over one sampling interval, in cores.
-    pub cpu_peak_cores: f64,
 }
 
 /// Samples the hub in the background until [`Sampler::finish`].
@@ -168,6 +149,50 @@ impl Sampler {
             }
             Err(_) => HubUsage::default(),
         }
+    }
+}
+
+/// CPU of the simulator, the hub and the machine between two [`CpuMark`]s.
+#[derive(Debug, Clone, Copy)]
+pub struct CpuMark {
+    sim: Option<f64>,
+    hub: Option<f64>,
+    machine: Option<f64>,
+    at: std::time::Instant,
+}
+
+impl CpuMark {
+    /// Now, with the hub's pid if known.
+    pub fn now(hub_pid: Option<u32>) -> Self {
+        Self {
+            sim: own_cpu_secs(),
+            hub: hub_pid.and_then(cpu_secs),
+            machine: machine_busy_secs(),
+            at: std::time::Instant::now(),
+        }
+    }
+
+    /// CPU used since `self`.
+    pub fn since(&self, hub_pid: Option<u32>) -> Option<Cpu> {
+        let end = Self::now(hub_pid);
+        let secs = end.at.duration_since(self.at).as_secs_f64().max(1e-9);
+        let sim_secs = end.sim? - self.sim?;
+        let hub_secs = match (self.hub, end.hub) {
+            (Some(a), Some(b)) => Some(b - a),
+            _ => None,
+        };
+        let machine_secs = match (self.machine, end.machine) {
+            (Some(a), Some(b)) => Some(b - a),
+            _ => None,
+        };
+        Some(Cpu {
+            sim_secs,
+            sim_cores: sim_secs / secs,
+            hub_secs,
+            hub_cores: hub_secs.map(|s| s / secs),
+            machine_secs,
+            other_secs: machine_secs.map(|m| (m - sim_secs - hub_secs.unwrap_or(0.0)).max(0.0)),
+        })
     }
 }
 

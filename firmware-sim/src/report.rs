@@ -1,10 +1,16 @@
 //! What a run measured: the live counters every device task bumps, latency
-//! histograms, CPU time from /proc, and the final report as text or JSON.
+//! histograms, CPU time from /proc, and the final report as text or JSON — with its
+//! sections for the scenarios (handshakes, connections held, round trips, the storm
+//! and the hub's usage during it), for `--flap`, and the failures tallied by message.
+//! Plain data beside every layer: it imports only [`crate::values`].
 
+use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicU64, Ordering};
 
 use hdrhistogram::Histogram;
 use serde::{Deserialize, Serialize};
+
+use crate::values::{Scenario, StormMode};
 
 /// Counters shared by every device task and read by the progress line.
 #[derive(Debug, Default)]
@@ -365,10 +371,10 @@ pub struct Report {
     pub puback_hdr: Option<String>,
     /// What a scenario other than telemetry measured (`--scenario`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub scenario: Option<crate::scenarios::ScenarioReport>,
+    pub scenario: Option<ScenarioReport>,
     /// Reconnects under `--flap`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub flap: Option<crate::flap::FlapReport>,
+    pub flap: Option<FlapReport>,
     /// How many processes the report merges (`--workers`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub workers: Option<u32>,
@@ -478,6 +484,336 @@ impl Report {
         }
         out
     }
+}
+
+/// Handshakes: the connections, connect-rate and storm scenarios.
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
+pub struct Handshakes {
+    /// Handshakes tried.
+    pub attempted: u64,
+    /// Handshakes that got a successful CONNACK.
+    pub ok: u64,
+    /// Handshakes that failed.
+    pub failed: u64,
+    /// Handshakes in flight at once (at most).
+    pub in_flight: u64,
+    /// From the first attempt to the last answer.
+    pub secs: f64,
+    /// Successful handshakes per second over `secs`.
+    pub per_sec: f64,
+    /// TCP connect → CONNACK.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub latency_ms: Option<Latency>,
+    /// The latency histogram, serialized (HDR V2, base64), for merging.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub hdr: Option<String>,
+}
+
+/// Connections held (the connections scenario).
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
+pub struct Held {
+    /// Connections held.
+    pub held: u64,
+    /// Of those, still open at the end of the hold.
+    pub open_after_hold: u64,
+    /// How long they were held.
+    pub hold_secs: f64,
+    /// The hub's RSS before connecting, KiB (with --hub-pid).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub hub_rss_before_kib: Option<u64>,
+    /// … once every device connected.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub hub_rss_held_kib: Option<u64>,
+    /// … half-way through the hold.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub hub_rss_mid_kib: Option<u64>,
+    /// … at the end of the hold.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub hub_rss_end_kib: Option<u64>,
+    /// (end − before) / held.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub hub_kib_per_connection: Option<f64>,
+    /// The hub's CPU seconds while the fleet connected.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub hub_cpu_ramp_secs: Option<f64>,
+    /// … during the hold.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub hub_cpu_hold_secs: Option<f64>,
+}
+
+/// Round trips: the methods and twin scenarios.
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
+pub struct RoundTrips {
+    /// Requests outstanding per device.
+    pub in_flight_per_device: u64,
+    /// Requests made (warm-up included).
+    pub sent: u64,
+    /// Requests answered with success (200 for a method, 204 for a patch).
+    pub answered: u64,
+    /// Requests that failed, timed out or were answered with an error.
+    pub failed: u64,
+    /// Methods: calls the devices received and answered (≥ `answered`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub device_answered: Option<u64>,
+    /// Answered within the measured window (the latency samples).
+    pub measured: u64,
+    /// The measured window.
+    pub secs: f64,
+    /// `measured` per second.
+    pub per_sec: f64,
+    /// Request → answer.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub latency_ms: Option<Latency>,
+    /// The latency histogram, serialized (HDR V2, base64), for merging.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub hdr: Option<String>,
+}
+
+/// The connect storm.
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
+pub struct Storm {
+    /// `drop` or `restart`.
+    pub mode: StormMode,
+    /// Devices connected when the storm began.
+    pub connected_before: u64,
+    /// Of those, connected again by the end.
+    pub back: u64,
+    /// From the drop (or the first lost connection) until every device was back;
+    /// `None` when not all came back within --duration.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub secs_to_all_back: Option<f64>,
+    /// Reconnect attempts.
+    pub reconnect_attempts: u64,
+    /// Reconnect attempts that failed (and were retried).
+    pub reconnect_failed: u64,
+    /// The hub during the storm (with --hub-pid or --hub-pid-file).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub hub: Option<HubUsage>,
+}
+
+/// What a scenario measured.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct ScenarioReport {
+    /// The scenario.
+    pub name: Scenario,
+    /// Handshakes made.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub handshakes: Option<Handshakes>,
+    /// Connections held.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub held: Option<Held>,
+    /// Method or twin round trips.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub round_trips: Option<RoundTrips>,
+    /// The storm.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub storm: Option<Storm>,
+    /// CPU over the measured part.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cpu: Option<Cpu>,
+    /// Failures by message (the five most frequent).
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub errors: BTreeMap<String, u64>,
+}
+
+impl ScenarioReport {
+    /// An empty report of `name`.
+    pub fn new(name: Scenario) -> Self {
+        Self {
+            name,
+            handshakes: None,
+            held: None,
+            round_trips: None,
+            storm: None,
+            cpu: None,
+            errors: BTreeMap::new(),
+        }
+    }
+
+    /// The report as text for people.
+    pub fn text(&self) -> String {
+        let mut out = String::new();
+        let mut line = |s: String| {
+            out.push_str(&s);
+            out.push('\n');
+        };
+        if let Some(h) = &self.handshakes {
+            line(format!(
+                "handshakes {} ok of {} ({} failed), {} in flight, in {:.2} s: {:.0} handshakes/s",
+                h.ok, h.attempted, h.failed, h.in_flight, h.secs, h.per_sec
+            ));
+            if let Some(latency) = &h.latency_ms {
+                line(format!("connack    {}", latency.line()));
+            }
+        }
+        if let Some(s) = &self.storm {
+            line(format!(
+                "storm      {}: {} of {} back {}; {} reconnect attempts, {} failed",
+                match s.mode {
+                    StormMode::Drop => "every connection dropped at once",
+                    StormMode::Restart => "the hub restarted",
+                },
+                s.back,
+                s.connected_before,
+                s.secs_to_all_back
+                    .map(|secs| format!("in {:.1} ms", secs * 1000.0))
+                    .unwrap_or_else(|| "(not all within --duration)".into()),
+                s.reconnect_attempts,
+                s.reconnect_failed
+            ));
+            if let Some(hub) = &s.hub {
+                line(format!(
+                    "hub storm  RSS {} → peak {} → {} KiB; CPU {:.2} s (peak {:.2} cores over 100 ms; {} samples)",
+                    hub.rss_start_kib,
+                    hub.rss_peak_kib,
+                    hub.rss_end_kib,
+                    hub.cpu_secs,
+                    hub.cpu_peak_cores,
+                    hub.samples
+                ));
+            }
+        }
+        if let Some(h) = &self.held {
+            line(format!(
+                "held       {} connections for {:.1} s, {} still open at the end",
+                h.held, h.hold_secs, h.open_after_hold
+            ));
+            if let (Some(before), Some(held), Some(end)) =
+                (h.hub_rss_before_kib, h.hub_rss_held_kib, h.hub_rss_end_kib)
+            {
+                line(format!(
+                    "hub rss    {before} KiB before, {held} KiB held, {end} KiB at the end: {:.2} KiB per connection; hub CPU {:.2} s connecting, {:.2} s holding",
+                    h.hub_kib_per_connection.unwrap_or(0.0),
+                    h.hub_cpu_ramp_secs.unwrap_or(0.0),
+                    h.hub_cpu_hold_secs.unwrap_or(0.0)
+                ));
+            }
+        }
+        if let Some(r) = &self.round_trips {
+            line(format!(
+                "{:<10} sent {}  answered {}  failed {}{} ({} in flight per device); {} in {:.2} s: {:.0} round trips/s",
+                match self.name {
+                    Scenario::Methods => "methods",
+                    _ => "twin",
+                },
+                r.sent,
+                r.answered,
+                r.failed,
+                r.device_answered
+                    .map(|n| format!("  devices answered {n}"))
+                    .unwrap_or_default(),
+                r.in_flight_per_device,
+                r.measured,
+                r.secs,
+                r.per_sec
+            ));
+            if let Some(latency) = &r.latency_ms {
+                line(format!("round trip {}", latency.line()));
+            }
+        }
+        if let Some(cpu) = &self.cpu {
+            line(format!("cpu        {}", cpu.text()));
+        }
+        for (message, count) in &self.errors {
+            line(format!("error      {count}× {message}"));
+        }
+        out
+    }
+}
+
+/// The hub over a stretch of time, sampled every 100 ms.
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
+pub struct HubUsage {
+    /// Samples taken.
+    pub samples: u64,
+    /// RSS at the first sample, KiB.
+    pub rss_start_kib: u64,
+    /// Largest RSS seen, KiB.
+    pub rss_peak_kib: u64,
+    /// RSS at the last sample, KiB.
+    pub rss_end_kib: u64,
+    /// CPU seconds the hub used between samples (across a restart: both processes'
+    /// shares that the samples saw).
+    pub cpu_secs: f64,
+    /// Largest CPU use over one sampling interval, in cores.
+    pub cpu_peak_cores: f64,
+}
+
+/// What flapping did.
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
+pub struct FlapReport {
+    /// The per-device, per-second drop probability.
+    pub probability: f64,
+    /// Connections dropped on purpose.
+    pub drops: u64,
+    /// Reconnects that succeeded.
+    pub reconnects: u64,
+    /// Reconnect attempts that failed (and were retried).
+    pub reconnect_failed: u64,
+    /// Devices still reconnecting when the run ended.
+    pub not_back: u64,
+}
+
+impl FlapReport {
+    /// One line for the text report.
+    pub fn text(&self) -> String {
+        format!(
+            "flap       P={}: {} drops, {} reconnects, {} failed reconnect attempts, {} not back at the end",
+            self.probability, self.drops, self.reconnects, self.reconnect_failed, self.not_back
+        )
+    }
+}
+
+/// Failures counted by message (device ids stripped, so alike failures add up).
+#[derive(Debug, Default)]
+pub struct Errors(pub BTreeMap<String, u64>);
+
+impl Errors {
+    /// Counts one failure.
+    pub fn add(&mut self, err: &dyn std::fmt::Display) {
+        let text = err.to_string();
+        // DeviceError messages start with "DEVICE: ".
+        let key = text
+            .split_once(": ")
+            .map_or(text.as_str(), |(_, rest)| rest);
+        *self.0.entry(key.to_string()).or_default() += 1;
+    }
+
+    /// Adds another tally.
+    pub fn merge(&mut self, other: BTreeMap<String, u64>) {
+        for (message, count) in other {
+            *self.0.entry(message).or_default() += count;
+        }
+    }
+
+    /// The five most frequent.
+    pub fn top(&self) -> BTreeMap<String, u64> {
+        let mut counted: Vec<_> = self.0.iter().collect();
+        counted.sort_by(|a, b| b.1.cmp(a.1));
+        counted
+            .into_iter()
+            .take(5)
+            .map(|(m, c)| (m.clone(), *c))
+            .collect()
+    }
+}
+
+/// Latency percentiles and the serialized histogram.
+pub fn latency(h: &Histogram<u64>) -> (Option<Latency>, Option<String>) {
+    (Latency::from_histogram(h), encode_histogram(h))
+}
+
+/// Merges serialized histograms; the percentiles and the merged serialization.
+pub fn merge_hdr<'a>(
+    encoded: impl Iterator<Item = &'a String>,
+) -> Result<(Option<Latency>, Option<String>), String> {
+    let mut merged = histogram();
+    for text in encoded {
+        merged
+            .add(decode_histogram(text)?)
+            .map_err(|err| format!("cannot merge histograms: {err:?}"))?;
+    }
+    Ok(latency(&merged))
 }
 
 #[cfg(test)]

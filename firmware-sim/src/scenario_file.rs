@@ -1,7 +1,8 @@
 //! Scenarios (`--scenario-file FILE`): device groups in TOML, each with its own count,
 //! prefix, rate, QoS, payload and behaviour, plus run-wide globals (duration, ramp,
-//! drain, seed) that flags given on the command line override. Also the groups a run
-//! drives when there is no file: one group made of the flags.
+//! drain, seed) that flags given on the command line override, read into
+//! [`crate::settings::Args`]; and the checks of the groups (the file's, or the one
+//! group the flags make: [`crate::settings::Args::groups`]).
 
 use std::collections::HashSet;
 use std::path::Path;
@@ -11,8 +12,9 @@ use clap::ArgMatches;
 use clap::parser::ValueSource;
 use serde::Deserialize;
 
-use crate::cli::{Args, Auth, Rate, parse_duration, parse_payload, parse_rate};
-use crate::template::Template;
+use crate::settings::{Args, Group};
+use crate::template::parse_payload;
+use crate::values::{Auth, parse_duration, parse_rate};
 
 /// The most devices one run may simulate (as `--devices`).
 const MAX_DEVICES: u64 = 1_000_000;
@@ -96,65 +98,6 @@ struct GroupFile {
     method_fail_rate: Option<f64>,
     auth: Option<String>,
     sdk: Option<bool>,
-}
-
-/// A group of devices that behave alike, resolved from the file and the flags.
-#[derive(Debug, Clone)]
-pub struct Group {
-    /// The group's name in the report.
-    pub name: String,
-    /// Its devices.
-    pub devices: u32,
-    /// Device ids are PREFIX0, PREFIX1, …
-    pub prefix: String,
-    /// Messages per second per device.
-    pub rate: Rate,
-    /// Telemetry QoS.
-    pub qos: u8,
-    /// QoS 1 messages awaiting PUBACK per device.
-    pub inflight: u16,
-    /// The payload.
-    pub payload: Template,
-    /// Reported-properties period (device-sdk path).
-    pub twin_every: Option<Duration>,
-    /// Delay before answering a method.
-    pub method_delay: Duration,
-    /// Fraction of methods answered with 500.
-    pub method_fail_rate: f64,
-    /// How the devices authenticate.
-    pub auth: Auth,
-    /// Whether they run on device-sdk.
-    pub sdk: bool,
-}
-
-impl Group {
-    /// Device `i`'s id.
-    pub fn device_id(&self, i: u32) -> String {
-        format!("{}{i}", self.prefix)
-    }
-}
-
-impl Args {
-    /// The groups of the run: the scenario's, or one named `default` made of the flags.
-    pub fn groups(&self) -> Vec<Group> {
-        if !self.scenario_groups.is_empty() {
-            return self.scenario_groups.clone();
-        }
-        vec![Group {
-            name: "default".into(),
-            devices: self.devices,
-            prefix: self.prefix.clone(),
-            rate: self.rate,
-            qos: self.qos,
-            inflight: self.inflight,
-            payload: self.payload.clone(),
-            twin_every: self.twin_every,
-            method_delay: Duration::from_millis(self.method_delay_ms),
-            method_fail_rate: self.method_fail_rate,
-            auth: self.auth,
-            sdk: self.uses_sdk(),
-        }]
-    }
 }
 
 /// Whether the user gave flag `id` (on the command line or in the environment).
@@ -357,6 +300,7 @@ pub fn validate_groups(args: &Args, groups: &[Group]) -> Result<(), String> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::values::Rate;
     use clap::Parser;
 
     fn base(extra: &[&str]) -> Args {

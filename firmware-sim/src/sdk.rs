@@ -13,11 +13,10 @@ use serde_json::json;
 use tokio::sync::{OwnedSemaphorePermit, mpsc, watch};
 use tokio::time::MissedTickBehavior;
 
-use crate::cli::Args;
-use crate::lean::{
-    DeviceError, Identity, Outcome, Phase, Plan, sleep_until_opt, tick_opt, unix_ns,
-};
+use crate::device::{DeviceError, Identity};
+use crate::lean::{Outcome, Phase, Plan, sleep_until_opt, tick_opt, unix_ns};
 use crate::report::{Counters, histogram};
+use crate::values::Auth;
 
 /// How long a device-sdk client may take to connect.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(30);
@@ -28,7 +27,7 @@ pub struct Behaviour {
     /// The host name signed into SAS tokens.
     pub hostname: String,
     /// How devices authenticate.
-    pub auth: crate::cli::Auth,
+    pub auth: Auth,
     /// Reported-properties period.
     pub twin_every: Option<Duration>,
     /// Delay before answering a method.
@@ -39,34 +38,6 @@ pub struct Behaviour {
     pub token_ttl: Option<Duration>,
     /// With `--tls` or x509: the hub's TLS address, CA, and device certificates.
     pub tls: Option<Arc<crate::tls::Tls>>,
-}
-
-impl Behaviour {
-    /// The behaviour the flags ask for.
-    pub fn from_args(args: &Args) -> Self {
-        Self {
-            hostname: args.hostname.clone(),
-            auth: args.auth,
-            twin_every: args.twin_every,
-            method_delay: Duration::from_millis(args.method_delay_ms),
-            method_fail_rate: args.method_fail_rate,
-            token_ttl: args.sas_ttl,
-            tls: None,
-        }
-    }
-
-    /// The behaviour of a scenario group's devices.
-    pub fn for_group(args: &Args, group: &crate::scenario_file::Group) -> Self {
-        Self {
-            hostname: args.hostname.clone(),
-            auth: group.auth,
-            twin_every: group.twin_every,
-            method_delay: group.method_delay,
-            method_fail_rate: group.method_fail_rate,
-            token_ttl: args.sas_ttl,
-            tls: None,
-        }
-    }
 }
 
 /// One device-sdk device: connects, reports the outcome, behaves while the phase is
@@ -91,7 +62,7 @@ pub async fn run_device(
     let credentials = match (&behaviour.tls, behaviour.auth) {
         // Issued here, in the device's own task, so a large fleet's key generation
         // spreads over the connect ramp instead of delaying the start.
-        (Some(tls), crate::cli::Auth::X509) => match tls.device_credentials(&id) {
+        (Some(tls), Auth::X509) => match tls.device_credentials(&id) {
             Ok(credentials) => credentials,
             Err(err) => {
                 Counters::bump(&counters.connect_failed);

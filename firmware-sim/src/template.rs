@@ -1,7 +1,8 @@
 //! Payloads: a template of literal text and placeholders (`{run}`, `{device}`,
 //! `{seq}`, `{time_ns}`) and generated fields ([`crate::generators`]), parsed once and
 //! rendered per message into one buffer, and parsed back by `--verify`, which
-//! matches the literals in order to recover which message of which run a body is.
+//! matches the literals in order to recover which message of which run a body is;
+//! and [`parse_payload`], `--payload`'s parser (a size or a template).
 
 use std::io::Write;
 
@@ -265,6 +266,20 @@ impl Template {
             seq: seq?,
             time_ns,
         })
+    }
+}
+
+/// A payload size or template.
+pub fn parse_payload(text: &str) -> Result<Template, String> {
+    match text.parse::<usize>() {
+        Ok(size) if size > 256 * 1024 => Err(format!(
+            "{size} bytes is more than the hub's 256 KiB telemetry limit"
+        )),
+        Ok(size) => Ok(Template::sized(size)),
+        Err(_) if text.len() > 64 * 1024 => {
+            Err("a payload template may be at most 64 KiB".to_string())
+        }
+        Err(_) => Template::parse(text).map_err(|err| err.to_string()),
     }
 }
 

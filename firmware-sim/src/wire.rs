@@ -11,7 +11,7 @@ use rumqttc::mqttbytes::v4::{Connect, ConnectReturnCode, Login, Packet};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
-use crate::lean::{DeviceError, Identity};
+use crate::device::{DeviceError, Identity};
 
 /// Largest packet accepted from the broker.
 const MAX_INCOMING: usize = 1 << 20;

@@ -10,13 +10,12 @@ use std::ffi::OsString;
 use std::net::IpAddr;
 use std::process::Stdio;
 
-use crate::cli::Args;
-use crate::flap::FlapReport;
-use crate::report::{Cpu, Report};
-use crate::run::RunError;
-use crate::scenarios::{
-    Errors, Handshakes, Held, RoundTrips, Scenario, ScenarioReport, Storm, merge_hdr,
+use crate::report::{
+    Cpu, Errors, FlapReport, Handshakes, Held, Report, RoundTrips, ScenarioReport, Storm, merge_hdr,
 };
+use crate::run::RunError;
+use crate::settings::Args;
+use crate::values::{Scenario, resolve};
 
 /// Flags the parent sets per child, with whether they take a value.
 const PER_CHILD: &[(&str, bool)] = &[
@@ -112,7 +111,7 @@ fn target_is_loopback(args: &Args) -> bool {
         return addr.ip().is_loopback();
     }
     if let Some(mqtt) = &args.mqtt {
-        return crate::cli::resolve(mqtt).is_ok_and(|a| a.ip().is_loopback());
+        return resolve(mqtt).is_ok_and(|a| a.ip().is_loopback());
     }
     if let Some(dir) = &args.data_dir {
         return crate::api::read_endpoints(dir)

@@ -96,6 +96,17 @@ pub const MAX_C2D_TTL_SECS: u64 = 30 * 24 * 3600;
 pub const MAX_TWIN_PROPERTIES_BYTES: usize = 256 * 1024;
 /// The largest `twins.max_tags_bytes` (64 KiB).
 pub const MAX_TWIN_TAGS_BYTES: usize = 64 * 1024;
+/// The largest record of a telemetry segment (a message plus its metadata); the
+/// telemetry capability's segment format takes its limit from here.
+pub const MAX_TELEMETRY_RECORD_BYTES: usize = 4 * 1024 * 1024;
+/// Bytes a telemetry record may take beyond the message's body and property bag: the
+/// length prefix, the JSON framing and key names, the device id (twice) and the
+/// properties the hub stamps.
+pub const TELEMETRY_RECORD_OVERHEAD: usize = 4096;
+/// The largest `mqtt.max_telemetry_bytes` (body + property bag) whose every message
+/// fits in one segment record: JSON escaping can at most double the property bag
+/// (`%01` → `\u0001`), so body + 2 × bag + overhead must stay within the record limit.
+pub const MAX_TELEMETRY_BYTES: usize = (MAX_TELEMETRY_RECORD_BYTES - TELEMETRY_RECORD_OVERHEAD) / 2;
 
 /// `[commands]`: cloud-to-device messages and their feedback.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -479,14 +490,12 @@ impl Config {
                 "must be ≥ 1 and ≤ mqtt.max_packet_size",
             );
         }
-        if self.mqtt.max_telemetry_bytes > crate::telemetry::message::MAX_TELEMETRY_BYTES {
+        if self.mqtt.max_telemetry_bytes > MAX_TELEMETRY_BYTES {
             return invalid(
                 "mqtt.max_telemetry_bytes",
                 &format!(
-                    "must be ≤ {} (a telemetry segment record holds at most {} bytes, \
-                     properties and metadata included)",
-                    crate::telemetry::message::MAX_TELEMETRY_BYTES,
-                    crate::telemetry::segment::MAX_PAYLOAD
+                    "must be ≤ {MAX_TELEMETRY_BYTES} (a telemetry segment record holds at most \
+                     {MAX_TELEMETRY_RECORD_BYTES} bytes, properties and metadata included)"
                 ),
             );
         }
@@ -738,7 +747,7 @@ mod tests {
             err.starts_with("mqtt.max_telemetry_bytes must be ≤ "),
             "{err}"
         );
-        config.mqtt.max_telemetry_bytes = crate::telemetry::message::MAX_TELEMETRY_BYTES;
+        config.mqtt.max_telemetry_bytes = MAX_TELEMETRY_BYTES;
         config.validate().unwrap();
     }
 

@@ -16,7 +16,6 @@ mod certificates;
 
 pub use certificates::{CertificateError, Reloader};
 
-use crate::api::serve::ConnectionLimits;
 use crate::api::{self, AppState, HttpLimits};
 use crate::auth::device::DeviceAuthenticator;
 use crate::auth::jwt::JwtPolicy;
@@ -27,13 +26,16 @@ use crate::commands::c2d::CommandStore;
 use crate::commands::{CommandLimits, Commands};
 use crate::config::Config;
 use crate::data_dir::{self, DataDir, DataDirError, Endpoints};
+use crate::delivery::SessionStore;
 use crate::gateway::connections::Connections;
 use crate::gateway::metrics::GatewayMetrics;
-use crate::gateway::services::{DeviceServices, SessionStore};
+use crate::gateway::services::DeviceServices;
 use crate::gateway::session::SessionLimits;
 use crate::gateway::tls::{self, TlsError};
 use crate::gateway::{Gateway, GatewayContext, listener};
+use crate::http::serve::ConnectionLimits;
 use crate::registry::{Presence, Registry, RegistryError};
+use crate::storage::{ClusterView, StoreError, StoreHealth};
 use crate::store::embedded::EmbeddedStore;
 use crate::store::embedded_twins::EmbeddedTwins;
 use crate::store::nats::NatsStore;
@@ -45,7 +47,6 @@ use crate::store::nats::secrets;
 use crate::store::nats::sessions::NatsSessions;
 use crate::store::nats::telemetry::JetStreamTelemetry;
 use crate::store::nats::twins::NatsTwins;
-use crate::store::{StoreError, StoreHealth};
 use crate::telemetry::{Telemetry, TelemetryError};
 use crate::twins::document::TwinLimits;
 use crate::twins::{TwinError, TwinStore, Twins};
@@ -113,6 +114,8 @@ pub struct Server {
     https: Option<(TcpListener, Arc<rustls::ServerConfig>)>,
     gateway: Gateway,
     state: AppState,
+    /// The NATS store, in cluster mode.
+    nats: Option<NatsStore>,
     limits: HttpLimits,
     connection_limits: ConnectionLimits,
     retention_interval: Duration,
@@ -232,7 +235,7 @@ impl Server {
         let twins = Twins::start(
             twin_store,
             registry.clone(),
-            connections.clone(),
+            Arc::new(connections.clone()),
             TwinLimits {
                 max_properties_bytes: config.twins.max_properties_bytes,
                 max_tags_bytes: config.twins.max_tags_bytes,
@@ -254,10 +257,15 @@ impl Server {
             }
             None => Arc::new(store.clone()),
         };
-        let commands = Commands::new(command_store, registry.clone(), connections.clone(), limits);
+        let commands = Commands::new(
+            command_store,
+            registry.clone(),
+            Arc::new(connections.clone()),
+            limits,
+        );
         let router = match &nats {
             Some(nats) => {
-                let router = NodeRouter::open(nats, connections.clone()).await?;
+                let router = NodeRouter::open(nats, Arc::new(connections.clone())).await?;
                 commands.set_routing(Arc::new(router.clone()));
                 Some(router)
             }
@@ -352,11 +360,16 @@ impl Server {
             service_key: Arc::new(service_key),
             policies,
             store: health,
-            metrics,
+            metrics: {
+                let metrics = Arc::clone(&metrics);
+                Arc::new(move || metrics.render())
+            },
             telemetry,
             twins,
             commands,
-            nats,
+            cluster: nats
+                .clone()
+                .map(|nats| Arc::new(nats) as Arc<dyn ClusterView>),
         };
         Ok(Self {
             data_dir,
@@ -365,6 +378,7 @@ impl Server {
             https: https.map(|(listener, acceptor, _)| (listener, acceptor)),
             gateway,
             state,
+            nats,
             limits: HttpLimits {
                 max_body_bytes: config.http.max_body_bytes,
                 max_concurrent_requests: config.http.max_concurrent_requests,
@@ -398,7 +412,7 @@ impl Server {
 
     /// Gateway counters.
     pub fn metrics(&self) -> Arc<GatewayMetrics> {
-        Arc::clone(&self.state.metrics)
+        Arc::clone(&self.gateway.context().metrics)
     }
 
     /// Serves until `shutdown` completes, then closes device connections, drains
@@ -425,14 +439,14 @@ impl Server {
             .cert_reloader
             .is_active()
             .then(|| self.cert_reloader.clone().spawn());
-        let policy_tasks = watch_policies(&self.data_dir, &self.state);
+        let policy_tasks = watch_policies(&self.data_dir, &self.state, self.nats.as_ref());
         let router = api::router(self.state, self.limits);
         // Both listeners stop on the one shutdown signal.
         let (stop, stopped) = watch::channel(false);
         let https = self.https.map(|(listener, tls)| {
             let router = router.clone().merge(running.websocket().router());
             let mut stopped = stopped.clone();
-            tokio::spawn(api::serve::serve(
+            tokio::spawn(crate::http::serve::serve(
                 listener,
                 router,
                 self.connection_limits,
@@ -443,7 +457,7 @@ impl Server {
             ))
         });
         let mut http_stopped = stopped;
-        let result = api::serve::serve(
+        let result = crate::http::serve::serve(
             self.http,
             router,
             self.connection_limits,
@@ -506,10 +520,14 @@ impl Server {
 /// policy rotate` while the hub runs takes effect within a second); in cluster
 /// mode a change of the file is also published to the other nodes, and the
 /// cluster's value is watched.
-fn watch_policies(data_dir: &DataDir, state: &AppState) -> Vec<tokio::task::JoinHandle<()>> {
+fn watch_policies(
+    data_dir: &DataDir,
+    state: &AppState,
+    nats: Option<&NatsStore>,
+) -> Vec<tokio::task::JoinHandle<()>> {
     let path = data_dir.policies_path();
     let policies = &state.policies;
-    match &state.nats {
+    match nats {
         None => vec![policies.spawn_file_watch(path, POLICY_POLL, |_| {})],
         Some(nats) => {
             let publisher = nats.clone();

@@ -12,14 +12,14 @@ use std::time::Duration;
 use anyhow::{Context, Result, bail};
 use async_trait::async_trait;
 use bytes::Bytes;
+use hub::commands::{DeliveryAcks, MethodResponses};
+use hub::delivery::DeliveryId;
 use hub::gateway::connections::Connections;
 use hub::gateway::metrics::GatewayMetrics;
-use hub::gateway::services::{
-    DeliveryAcks, DeviceServices, Durable, IngestError, MethodResponses, TelemetryIngest,
-    TelemetryMessage, TwinReply, TwinRequests,
-};
-use hub::gateway::session::{DeliveryId, TwinOp};
+use hub::gateway::services::DeviceServices;
 use hub::registry::{Device, DeviceId, DeviceSpec, Registry};
+use hub::telemetry::{Durable, IngestError, TelemetryIngest, TelemetryMessage};
+use hub::twins::{TwinOp, TwinReply, TwinRequests};
 use hub::{Config, ServeError, Server};
 use tokio::sync::{Notify, oneshot};
 use tokio::task::JoinHandle;
@@ -104,12 +104,12 @@ impl MethodResponses for Recorder {
     }
 }
 
-impl hub::gateway::services::ConnectionEvents for Recorder {
+impl hub::commands::ConnectionEvents for Recorder {
     fn subscriptions(
         &self,
         _device: &DeviceId,
         _connection: u64,
-        _subscriptions: &std::collections::BTreeSet<hub::gateway::topic::Subscription>,
+        _subscriptions: &std::collections::BTreeSet<hub::delivery::Subscription>,
     ) {
     }
     fn disconnected(&self, _device: &DeviceId, _connection: u64) {}

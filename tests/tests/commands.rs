@@ -6,7 +6,7 @@
 use std::time::Duration;
 
 use anyhow::{Context, Result, bail};
-use hub::gateway::topic::PropertyBag;
+use hub::properties::PropertyBag;
 use hub_tests::Hub;
 use hub_tests::mqtt::RawClient;
 use reqwest::StatusCode;

@@ -94,7 +94,7 @@ async fn c2d_and_twin_limits_follow_the_configuration() -> Result<()> {
         Some(Packet::Publish(publish)) => publish,
         other => bail!("expected a C2D message, got {other:?}"),
     };
-    let bag = hub::gateway::topic::PropertyBag::parse(
+    let bag = hub::properties::PropertyBag::parse(
         first
             .topic
             .strip_prefix("devices/meter/messages/devicebound/")

@@ -8,8 +8,10 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Result, bail};
 use bytes::Bytes;
+use hub::delivery::Subscription;
 use hub::gateway::session::Outbound;
-use hub::gateway::topic::{self, PropertyBag, Subscription};
+use hub::gateway::topic;
+use hub::properties::PropertyBag;
 use hub::registry::{DeviceId, DeviceSpec, DeviceStatus, IfMatch};
 use hub_tests::inproc::InProcessHub;
 use hub_tests::mqtt::{self, RawClient, azure_username, sas};
@@ -319,15 +321,13 @@ async fn an_unclean_drop_ingests_the_will_as_telemetry() -> Result<()> {
 struct FailingStore;
 
 #[async_trait::async_trait]
-impl hub::gateway::services::TelemetryIngest for FailingStore {
+impl hub::telemetry::TelemetryIngest for FailingStore {
     async fn submit(
         &self,
-        _messages: Vec<hub::gateway::services::TelemetryMessage>,
-    ) -> Result<hub::gateway::services::Durable, hub::gateway::services::IngestError> {
+        _messages: Vec<hub::telemetry::TelemetryMessage>,
+    ) -> Result<hub::telemetry::Durable, hub::telemetry::IngestError> {
         Ok(Box::pin(async {
-            Err(hub::gateway::services::IngestError::Commit(
-                "injected fault".into(),
-            ))
+            Err(hub::telemetry::IngestError::Commit("injected fault".into()))
         }))
     }
 }

@@ -14,12 +14,14 @@ use std::time::{Duration, Instant};
 use futures_util::StreamExt;
 use tokio::sync::Mutex;
 
-use super::{CpuMark, Errors, Handshakes, Held, Scenario, ScenarioReport, latency, shell};
-use crate::cli::Args;
-use crate::lean::Identity;
-use crate::probe::rss_kib;
-use crate::report::{Counters, cpu_secs, histogram};
-use crate::run::{Fleet, Progress, RunError, run_id};
+use crate::device::Identity;
+use crate::probe::{CpuMark, rss_kib};
+use crate::report::{
+    Counters, Errors, Handshakes, Held, Report, ScenarioReport, cpu_secs, histogram, latency,
+};
+use crate::run::{Fleet, Progress, RunError, run_id, shell};
+use crate::settings::Args;
+use crate::values::Scenario;
 use crate::wire::{self, Conn};
 
 /// How long one handshake may take.
@@ -93,7 +95,7 @@ pub async fn held(
     args: Args,
     fleet: Fleet,
     interrupt: impl std::future::Future<Output = ()>,
-) -> Result<crate::report::Report, RunError> {
+) -> Result<Report, RunError> {
     let mut interrupt = std::pin::pin!(interrupt);
     let counters = Arc::new(Counters::default());
     let progress = Progress::start(vec![Arc::clone(&counters)], u64::from(args.devices));
@@ -186,7 +188,7 @@ pub async fn rate(
     args: Args,
     fleet: Fleet,
     interrupt: impl std::future::Future<Output = ()>,
-) -> Result<crate::report::Report, RunError> {
+) -> Result<Report, RunError> {
     let total = args.total.unwrap_or(u64::from(args.devices));
     let counters = Arc::new(Counters::default());
     let progress = Progress::start(vec![Arc::clone(&counters)], total);

@@ -23,11 +23,14 @@ use serde_json::json;
 use tokio::sync::{Mutex, watch};
 
 use super::connections::{HANDSHAKE_TIMEOUT, open_all};
-use super::{CpuMark, Errors, RoundTrips, Scenario, ScenarioReport, latency, shell};
-use crate::cli::Args;
-use crate::lean::DeviceError;
-use crate::report::{Counters, Report, histogram};
-use crate::run::{Fleet, Progress, RunError, run_id};
+use crate::device::DeviceError;
+use crate::probe::CpuMark;
+use crate::report::{
+    Counters, Cpu, Errors, Report, RoundTrips, ScenarioReport, histogram, latency,
+};
+use crate::run::{Fleet, Progress, RunError, run_id, shell};
+use crate::settings::Args;
+use crate::values::Scenario;
 use crate::wire::Conn;
 
 /// How long the hub may take to answer a method call (it waits for the device).
@@ -136,7 +139,7 @@ async fn stages(
     shared: &Shared,
     stage: &watch::Sender<Stage>,
     interrupt: impl std::future::Future<Output = ()>,
-) -> (f64, bool, Option<crate::report::Cpu>) {
+) -> (f64, bool, Option<Cpu>) {
     let mut interrupt = std::pin::pin!(interrupt);
     let mut interrupted = false;
     if !args.warmup.is_zero() {
@@ -167,7 +170,7 @@ async fn finish(
     fleet: &Fleet,
     name: Scenario,
     shared: &Shared,
-    (window, interrupted, cpu): (f64, bool, Option<crate::report::Cpu>),
+    (window, interrupted, cpu): (f64, bool, Option<Cpu>),
     device_answered: Option<u64>,
 ) -> Report {
     let counters = &shared.counters;
@@ -305,10 +308,13 @@ async fn answer_methods(mut conn: Conn, answered: Arc<AtomicU64>) {
             QoS::AtMostOnce,
             request.payload.to_vec(),
         );
+        // Counted before the answer is written: the caller may have its result (and
+        // the run may stop this task) before the write's await returns here.
+        answered.fetch_add(1, Ordering::Relaxed);
         if conn.send(Packet::Publish(answer)).await.is_err() {
+            answered.fetch_sub(1, Ordering::Relaxed);
             return;
         }
-        answered.fetch_add(1, Ordering::Relaxed);
     }
 }
 

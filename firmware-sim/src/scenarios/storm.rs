@@ -14,13 +14,13 @@ use std::time::{Duration, Instant};
 
 use tokio::sync::{mpsc, watch};
 
-use super::connections::{HANDSHAKE_TIMEOUT, open_all};
-use super::{Errors, Scenario, ScenarioReport, Storm, StormMode, shell};
-use crate::cli::Args;
-use crate::lean::Identity;
+use super::connections::{HANDSHAKE_TIMEOUT, close_all, open_all};
+use crate::device::Identity;
 use crate::probe::{HubProcess, Sampler};
-use crate::report::{Counters, Report};
-use crate::run::{Fleet, Progress, RunError, run_id};
+use crate::report::{Counters, Errors, Report, ScenarioReport, Storm};
+use crate::run::{Fleet, Progress, RunError, run_id, shell};
+use crate::settings::Args;
+use crate::values::{Scenario, StormMode};
 use crate::wire::{self, Conn};
 
 /// First retry delay after a failed reconnect.
@@ -116,7 +116,8 @@ pub async fn run(
     // Each device reports when it lost its connection and when it is back.
     let (lost_tx, mut lost_rx) = mpsc::unbounded_channel::<Instant>();
     let (back_tx, mut back_rx) = mpsc::unbounded_channel::<Instant>();
-    let sampler = HubProcess::from_args(&args).map(Sampler::start);
+    let sampler =
+        HubProcess::from_flags(args.hub_pid_file.as_deref(), args.hub_pid).map(Sampler::start);
     let mut tasks = Vec::with_capacity(conns.len());
     for conn in conns {
         let Some(identity) = identities.get(conn.client_id()).cloned() else {
@@ -226,5 +227,5 @@ pub async fn run(
 }
 
 async fn wire_close(conns: Vec<Conn>) {
-    super::connections::close_all(conns).await;
+    close_all(conns).await;
 }

@@ -7,21 +7,18 @@ use serde_json::{Value, json};
 
 use super::extract::{Authorized, ServiceConnect};
 use super::{ApiError, AppState};
-use crate::store::nats::status::cluster_status;
 
 /// `GET /cluster`.
 pub async fn status(
     _auth: Authorized<ServiceConnect>,
     State(state): State<AppState>,
 ) -> Result<Json<Value>, ApiError> {
-    let Some(nats) = &state.nats else {
+    let Some(cluster) = &state.cluster else {
         return Ok(Json(json!({ "mode": "embedded" })));
     };
-    let status = cluster_status(nats).await.map_err(|err| {
+    let status = cluster.status().await.map_err(|err| {
         tracing::warn!(error = %err, "cluster status unavailable");
         ApiError::Unavailable
     })?;
-    serde_json::to_value(status)
-        .map(Json)
-        .map_err(|err| ApiError::Internal(err.to_string()))
+    Ok(Json(status))
 }

@@ -276,7 +276,7 @@ fn bulk_error(device_id: &str, operation: &str, err: &ApiError) -> Value {
     let (_, code) = err.status_and_code();
     json!({
         "deviceId": device_id,
-        "errorCode": super::error::azure_error_name(code),
+        "errorCode": crate::http::error::azure_error_name(code),
         "errorStatus": err.to_string(),
         "operation": operation,
     })

@@ -5,13 +5,12 @@
 //! Azure's, which its service SDKs turn into typed errors (`DeviceNotFoundError`, …).
 //! Internal details are logged, never sent.
 
-use axum::Json;
 use axum::extract::rejection::{JsonRejection, PathRejection, QueryRejection};
-use axum::http::{HeaderName, HeaderValue, StatusCode, header};
+use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
-use serde_json::json;
 
 use crate::auth::service::Scope;
+use crate::http::error::azure_error;
 use crate::registry::RegistryError;
 
 /// A REST API failure.
@@ -118,75 +117,13 @@ impl ApiError {
     }
 }
 
-/// Response header: Azure's error code name.
-pub const ERROR_CODE_HEADER: HeaderName = HeaderName::from_static("iothub-errorcode");
-
-/// Azure's name for an error code, as in its `Message` (`ErrorCode:<name>;…`) and the
-/// `iothub-errorcode` header. Where Azure has the same number, its name; otherwise the
-/// closest Azure name, so the SDKs' mapping by status still holds.
-pub fn azure_error_name(code: u32) -> &'static str {
-    match code {
-        400004 => "ArgumentInvalid",
-        401002 => "IotHubUnauthorizedAccess",
-        401003 => "IotHubUnauthorized",
-        403001 => "IotHubUnauthorizedAccess",
-        403004 => "DeviceMaximumQueueDepthExceeded",
-        404000 => "NotFound",
-        404001 => "DeviceNotFound",
-        404103 => "DeviceNotOnline",
-        405000 => "MethodNotAllowed",
-        409001 => "DeviceAlreadyExists",
-        410001 => "MessageExpired",
-        412001 => "PreconditionFailed",
-        413001 => "MessageTooLarge",
-        415001 => "InvalidProtocolVersion",
-        429001 => "ThrottlingException",
-        503001 => "ServiceUnavailable",
-        504101 => "GatewayTimeout",
-        _ => "ServerError",
-    }
-}
-
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
         let (status, code) = self.status_and_code();
         if let ApiError::Internal(detail) = &self {
             tracing::error!(error = %detail, "request failed");
         }
-        let name = azure_error_name(code);
-        let message = self.to_string();
-        let body = json!({
-            "errorCode": code,
-            "message": &message,
-            // The SDKs split on `;` and `:`: the message keeps neither out of
-            // Azure's part.
-            "Message": format!("ErrorCode:{name};{}", message.replace(';', ",")),
-            // Azure puts a tracking id and a time here, which no SDK reads; the same
-            // request gets the same answer here, so the message itself.
-            "ExceptionMessage": &message,
-        });
-        let mut response = (status, Json(body)).into_response();
-        response
-            .headers_mut()
-            .insert(ERROR_CODE_HEADER, HeaderValue::from_static(name));
-        if status == StatusCode::PAYLOAD_TOO_LARGE {
-            // The rest of the body was not read, so this connection cannot carry
-            // another request; say so, or a pooling client reuses it and fails.
-            response
-                .headers_mut()
-                .insert(header::CONNECTION, HeaderValue::from_static("close"));
-        }
-        if status == StatusCode::TOO_MANY_REQUESTS {
-            response
-                .headers_mut()
-                .insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
-        }
-        if status == StatusCode::UNAUTHORIZED {
-            response
-                .headers_mut()
-                .insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
-        }
-        response
+        azure_error(status, code, &self.to_string())
     }
 }
 
@@ -228,6 +165,8 @@ impl From<RegistryError> for ApiError {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::http::error::ERROR_CODE_HEADER;
+    use serde_json::json;
 
     #[tokio::test]
     async fn internal_errors_do_not_leak_their_detail() {

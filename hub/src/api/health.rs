@@ -33,7 +33,7 @@ pub async fn metrics(
             axum::http::header::CONTENT_TYPE,
             "text/plain; version=0.0.4",
         )],
-        state.metrics.render()
+        (state.metrics)()
             + &state.telemetry.render_metrics()
             + &long_requests
                 .map(|slots| slots.render())

@@ -1,7 +1,8 @@
 //! The service REST API (axum): routes, shared state, body and concurrency limits,
 //! and the JSON error shape. Handlers live one file per resource; extractors in
-//! [`extract`] turn every rejection into an [`ApiError`]; [`serve`] is the listener
-//! (connection cap, header timeout, graceful shutdown).
+//! [`extract`] turn every rejection into an [`ApiError`]; the listener (connection
+//! cap, header timeout, graceful shutdown) is [`crate::http::serve`], shared with the
+//! other HTTP-based edges.
 //!
 //! Requests fall in three classes with limits of their own, so that one class cannot
 //! starve another: long requests (direct-method calls, telemetry long-polls and
@@ -16,7 +17,6 @@ mod devices;
 mod error;
 mod extract;
 mod health;
-pub mod serve;
 mod streams;
 mod twins;
 
@@ -33,9 +33,8 @@ use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 pub use error::ApiError;
 
 use crate::auth::service::ServiceKey;
-use crate::gateway::metrics::GatewayMetrics;
 use crate::registry::Registry;
-use crate::store::StoreHealth;
+use crate::storage::StoreHealth;
 use crate::telemetry::Telemetry;
 
 /// What handlers share.
@@ -49,17 +48,20 @@ pub struct AppState {
     pub policies: Arc<crate::auth::policy::Policies>,
     /// Answers readiness checks.
     pub store: Arc<dyn StoreHealth>,
-    /// Gateway counters for `/metrics`.
-    pub metrics: Arc<GatewayMetrics>,
+    /// The device edges' counters for `/metrics`.
+    pub metrics: MetricsText,
     /// Telemetry streams.
     pub telemetry: Arc<Telemetry>,
     /// Device twins.
     pub twins: crate::twins::Twins,
     /// Cloud-to-device messages and direct methods.
     pub commands: crate::commands::Commands,
-    /// The NATS cluster, in cluster mode.
-    pub nats: Option<crate::store::nats::NatsStore>,
+    /// The cluster's state for `GET /cluster`, in cluster mode.
+    pub cluster: Option<Arc<dyn crate::storage::ClusterView>>,
 }
+
+/// Renders counters as Prometheus text, for `/metrics`.
+pub type MetricsText = Arc<dyn Fn() -> String + Send + Sync>;
 
 /// Limits of the HTTP edge.
 #[derive(Debug, Clone, Copy)]

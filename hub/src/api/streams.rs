@@ -182,7 +182,7 @@ pub async fn websocket(
     ApiQuery(query): ApiQuery<HashMap<String, String>>,
     upgrade: Result<WebSocketUpgrade, WebSocketUpgradeRejection>,
     long_slot: Option<axum::Extension<super::LongRequestSlot>>,
-    connection_slot: Option<axum::Extension<super::serve::ConnectionSlot>>,
+    connection_slot: Option<axum::Extension<crate::http::serve::ConnectionSlot>>,
 ) -> Result<Response, ApiError> {
     let upgrade = upgrade.map_err(|rejection| ApiError::InvalidArgument(rejection.body_text()))?;
     let partition = parse_partition(&partition)?;

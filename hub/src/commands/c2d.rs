@@ -10,9 +10,10 @@ use serde::{Deserialize, Serialize};
 use time::OffsetDateTime;
 use tokio::time::Instant;
 
-use crate::gateway::topic::PropertyBag;
+use crate::delivery::Delivery;
+use crate::properties::PropertyBag;
 use crate::registry::DeviceId;
-use crate::store::StoreError;
+use crate::storage::StoreError;
 
 /// Azure IoT Hub's cap on a cloud-to-device message, measured by [`C2dMessage::size`]
 /// (64 KiB). The one place the default lives: `CommandLimits::max_message_bytes`
@@ -138,7 +139,17 @@ impl C2dMessage {
         self.body.len() + system + application
     }
 
-    /// The property bag of the devicebound topic.
+    /// The message as a delivery to `device`.
+    pub fn delivery(&self, device: &DeviceId) -> Delivery {
+        Delivery::CloudToDevice {
+            id: self.seq,
+            properties: self.property_bag(device),
+            body: self.body.clone(),
+        }
+    }
+
+    /// The property bag the device receives: system properties as Azure names them
+    /// (`$.mid`, `$.to`, …), `iothub-ack`, then the application properties.
     pub fn property_bag(&self, device: &DeviceId) -> PropertyBag {
         let mut bag = vec![
             ("$.mid".to_string(), self.message_id.clone()),

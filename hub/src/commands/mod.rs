@@ -18,6 +18,7 @@
 //! this node's connections are announced to the other nodes.
 
 pub mod c2d;
+pub mod device_events;
 
 use std::collections::{BTreeSet, HashMap};
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -27,21 +28,18 @@ use std::time::Duration;
 use async_trait::async_trait;
 
 use bytes::Bytes;
-use rumqttc::mqttbytes::QoS;
 use time::OffsetDateTime;
 use tokio::sync::{Notify, oneshot};
 use tokio::time::Instant;
 
-use crate::gateway::connections::Connections;
-use crate::gateway::services::{ConnectionEvents, DeliveryAcks, MethodResponses};
-use crate::gateway::session::{DeliveryId, Outbound};
-use crate::gateway::topic::{self, Subscription};
+use crate::delivery::{Delivery, DeliveryId, DeviceLinks, Subscription};
 use crate::registry::{DeviceId, Registry, RegistryError};
-use crate::store::StoreError;
+use crate::storage::StoreError;
 use c2d::{
     AckMode, C2dMessage, CommandStore, EnqueueError, FeedbackLock, FeedbackRecord, FeedbackStatus,
     MAX_C2D_MESSAGE_BYTES, Removed,
 };
+pub use device_events::{ConnectionEvents, DeliveryAcks, MethodResponses};
 
 /// Limits of cloud-to-device messages and methods.
 #[derive(Debug, Clone, Copy)]
@@ -112,9 +110,6 @@ pub enum CommandError {
     #[error(transparent)]
     Registry(RegistryError),
 }
-
-/// MQTT's limit on a topic name (a two-byte length prefix).
-const MAX_TOPIC_BYTES: usize = u16::MAX as usize;
 
 /// Most expired messages removed in one store transaction.
 pub const EXPIRY_BATCH: usize = 1_000;
@@ -196,7 +191,7 @@ type MethodKey = (DeviceId, String);
 struct Inner {
     store: Arc<dyn CommandStore>,
     registry: Registry,
-    connections: Connections,
+    links: Arc<dyn DeviceLinks>,
     limits: CommandLimits,
     /// Subscriptions of each device's live connection, by connection id.
     online: Mutex<HashMap<DeviceId, (u64, BTreeSet<Subscription>)>>,
@@ -240,14 +235,14 @@ impl Commands {
     pub fn new(
         store: Arc<dyn CommandStore>,
         registry: Registry,
-        connections: Connections,
+        links: Arc<dyn DeviceLinks>,
         limits: CommandLimits,
     ) -> Self {
         Self {
             inner: Arc::new(Inner {
                 store,
                 registry,
-                connections,
+                links,
                 limits,
                 online: Mutex::default(),
                 online_changed: Notify::new(),
@@ -320,15 +315,12 @@ impl Commands {
                 limit: limits.max_message_bytes,
             });
         }
-        // The properties travel percent-encoded in the topic, which MQTT caps: a
-        // message whose topic would be longer could never be delivered.
-        let topic = topic::cloud_to_device(device.as_str(), &message.property_bag(device));
-        if topic.len() > MAX_TOPIC_BYTES {
-            return Err(CommandError::Invalid(format!(
-                "the properties make the devicebound topic {} bytes; MQTT allows {MAX_TOPIC_BYTES}",
-                topic.len()
-            )));
-        }
+        // A message no device connection could carry (its properties travel in a
+        // topic of bounded length) is refused now rather than stored.
+        self.inner
+            .links
+            .admits(device, &message.delivery(device))
+            .map_err(CommandError::Invalid)?;
         let queued = self
             .inner
             .store
@@ -439,14 +431,12 @@ impl Commands {
                 Ok(false) => continue,
                 Err(err) => tracing::warn!(%device, error = %err, "cannot count a C2D delivery"),
             }
-            let outbound = Outbound {
-                topic: topic::cloud_to_device(device.as_str(), &message.property_bag(device)),
-                payload: message.body.clone(),
-                qos: QoS::AtLeastOnce,
-                requires: Some(Subscription::CloudToDevice),
-                id: message.seq,
-            };
-            if self.inner.connections.deliver(device, outbound).is_err() {
+            if self
+                .inner
+                .links
+                .send(device, message.delivery(device))
+                .is_err()
+            {
                 // Gone or too slow: the next connection gets it again.
                 return;
             }
@@ -648,14 +638,12 @@ impl Commands {
                 .subscribed_connection(device, Subscription::Methods)
                 .is_some()
             {
-                let request = Outbound {
-                    topic: topic::method_request(name, &rid),
+                let request = Delivery::MethodRequest {
+                    method: name.to_string(),
+                    rid: rid.clone(),
                     payload: payload.clone(),
-                    qos: QoS::AtMostOnce,
-                    requires: Some(Subscription::Methods),
-                    id: 0,
                 };
-                if self.inner.connections.deliver(device, request).is_ok() {
+                if self.inner.links.send(device, request).is_ok() {
                     break;
                 }
             } else if let Some(routing) = routing
@@ -780,7 +768,7 @@ impl ConnectionEvents for Commands {
 mod tests {
     use super::*;
     use crate::auth::device::{Credential, Proof};
-    use crate::gateway::connections::Registration;
+    use crate::gateway::connections::{Connections, Registration};
     use crate::registry::{DeviceSpec, Presence};
     use crate::store::embedded::EmbeddedStore;
 
@@ -796,7 +784,7 @@ mod tests {
         let commands = Commands::new(
             Arc::new(store),
             registry,
-            connections.clone(),
+            Arc::new(connections.clone()),
             CommandLimits::default(),
         );
         (commands, connections, id)

@@ -34,16 +34,16 @@ use tokio::time::Instant;
 use super::GatewayContext;
 use super::codec::{self, Decoded};
 use super::connections::{Connections, Registration};
-use super::services::{
-    ConnectionEvents, Durable, IngestError, StoredSession, TelemetryMessage, TwinReply,
-    twin_error_code,
-};
 use super::session::{
     Accepted, Action, CloseReason, ConnectRequest, DeliverError, Outbound, Session,
 };
-use super::topic::{self, Subscription};
+use super::topic;
 use crate::auth::device::{AuthMethod, Presented};
+use crate::commands::ConnectionEvents;
+use crate::delivery::{StoredSession, Subscription};
 use crate::registry::{DeviceId, Presence};
+use crate::telemetry::{Durable, IngestError, TelemetryMessage};
+use crate::twins::{TwinReply, twin_error_code};
 
 /// Telemetry messages of one connection waiting to become durable.
 pub const MAX_PENDING_INGESTS: usize = 256;

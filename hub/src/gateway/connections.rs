@@ -10,20 +10,13 @@ use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 
 use tokio::sync::Notify;
 
-use super::session::{CloseReason, Outbound};
+use super::session::{CloseReason, MAX_TOPIC_BYTES, Outbound};
 use crate::auth::device::Credential;
+use crate::delivery::{Delivery, DeviceLinks};
 use crate::registry::DeviceId;
 
-/// Why a delivery did not reach a connection's queue.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
-pub enum QueueError {
-    /// The device has no live connection.
-    #[error("device not connected")]
-    NotConnected,
-    /// The connection's queue is full: it is being closed as a slow consumer.
-    #[error("connection too slow; closed")]
-    SlowConsumer,
-}
+/// Why a delivery did not reach a connection's queue (the delivery port's error).
+pub use crate::delivery::DeliveryError as QueueError;
 
 /// State shared between a connection task and the table.
 #[derive(Debug)]
@@ -242,6 +235,36 @@ impl Connections {
     /// Whether no device is connected.
     pub fn is_empty(&self) -> bool {
         self.lock().is_empty()
+    }
+}
+
+/// The delivery port on one node: capabilities reach the live connections here.
+impl DeviceLinks for Connections {
+    fn send(&self, device: &DeviceId, delivery: Delivery) -> Result<(), QueueError> {
+        self.deliver(device, Outbound::to_device(device, delivery))
+    }
+
+    fn admits(&self, device: &DeviceId, delivery: &Delivery) -> Result<(), String> {
+        let Delivery::CloudToDevice { properties, .. } = delivery else {
+            return Ok(());
+        };
+        // The properties travel percent-encoded in the topic, whose length MQTT caps.
+        let topic = super::topic::cloud_to_device(device.as_str(), properties);
+        if topic.len() > MAX_TOPIC_BYTES {
+            return Err(format!(
+                "the properties make the devicebound topic {} bytes; MQTT allows {MAX_TOPIC_BYTES}",
+                topic.len()
+            ));
+        }
+        Ok(())
+    }
+
+    fn replaced_elsewhere(&self, device: &DeviceId, connection: u64) -> bool {
+        self.close_connection(device, connection, CloseReason::Replaced)
+    }
+
+    fn connected_devices(&self) -> usize {
+        self.len()
     }
 }
 

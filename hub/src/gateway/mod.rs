@@ -27,10 +27,11 @@ use tokio::task::JoinHandle;
 use tokio_rustls::TlsAcceptor;
 
 use crate::auth::device::DeviceAuthenticator;
+use crate::delivery::SessionStore;
 use crate::registry::{DeviceId, Presence, Registry, RegistryError, RegistryEvent};
 use connections::Connections;
 use metrics::GatewayMetrics;
-use services::{DeviceServices, SessionStore};
+use services::DeviceServices;
 use session::{CloseReason, SessionLimits};
 
 /// What every connection task shares.
@@ -258,11 +259,11 @@ mod tests {
     use super::*;
     use crate::auth::jwt::JwtPolicy;
     use crate::auth::x509::DeviceCa;
-    use crate::gateway::services::StoredSession;
+    use crate::delivery::{StoredSession, Subscription};
     use crate::registry::{
         AuthenticationSpec, DeviceSpec, DeviceStatus, IfMatch, SymmetricKeySpec,
     };
-    use crate::store::StoreError;
+    use crate::storage::StoreError;
     use crate::store::embedded::EmbeddedStore;
 
     #[derive(Clone, Copy, Debug)]
@@ -310,7 +311,7 @@ mod tests {
                 Change::StaleSession => {
                     return Ok(Some(StoredSession {
                         generation_id: "an earlier device".into(),
-                        subscriptions: [topic::Subscription::Methods].into(),
+                        subscriptions: [Subscription::Methods].into(),
                     }));
                 }
                 Change::RotatePrimaryKey => {

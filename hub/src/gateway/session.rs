@@ -17,8 +17,11 @@ use rumqttc::mqttbytes::v4::{
 };
 use tokio::time::Instant;
 
-use super::topic::{self, DevicePublish, PropertyBag, Subscription};
+use super::topic::{self, DevicePublish};
+use crate::delivery::{Delivery, DeliveryId, Subscription};
+use crate::properties::PropertyBag;
 use crate::registry::DeviceId;
+use crate::twins::TwinOp;
 
 /// Limits a session enforces.
 #[derive(Debug, Clone, Copy)]
@@ -132,15 +135,6 @@ impl CloseReason {
     }
 }
 
-/// A twin request from the device.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum TwinOp {
-    /// GET the twin.
-    Get,
-    /// PATCH reported properties with this JSON merge patch.
-    PatchReported(Bytes),
-}
-
 /// What the connection task must do.
 #[derive(Debug)]
 pub enum Action {
@@ -183,9 +177,6 @@ pub enum Action {
     Close(CloseReason),
 }
 
-/// Identifies a delivery to its sender, reported back when the device acknowledges.
-pub type DeliveryId = u64;
-
 /// A message for the device.
 #[derive(Debug, Clone)]
 pub struct Outbound {
@@ -200,6 +191,47 @@ pub struct Outbound {
     pub requires: Option<Subscription>,
     /// Reported in [`Action::Delivered`] when a QoS 1 delivery is acknowledged.
     pub id: DeliveryId,
+}
+
+impl Outbound {
+    /// How a capability's delivery to `device` is written on its topics: C2D and
+    /// desired patches at QoS 1, method requests at QoS 0 (the caller's timeout, not a
+    /// redelivery, covers a lost one).
+    pub fn to_device(device: &DeviceId, delivery: Delivery) -> Self {
+        let requires = Some(delivery.requires());
+        let (topic, payload, qos, id) = match delivery {
+            Delivery::CloudToDevice {
+                id,
+                properties,
+                body,
+            } => (
+                topic::cloud_to_device(device.as_str(), &properties),
+                body,
+                QoS::AtLeastOnce,
+                id,
+            ),
+            Delivery::DesiredPatch { version, patch } => {
+                (topic::desired_patch(version), patch, QoS::AtLeastOnce, 0)
+            }
+            Delivery::MethodRequest {
+                method,
+                rid,
+                payload,
+            } => (
+                topic::method_request(&method, &rid),
+                payload,
+                QoS::AtMostOnce,
+                0,
+            ),
+        };
+        Outbound {
+            topic,
+            payload,
+            qos,
+            requires,
+            id,
+        }
+    }
 }
 
 /// Why a delivery was not accepted.

@@ -23,7 +23,7 @@ pub use device_id::{DeviceId, DeviceIdError};
 pub use presence::{DevicePresence, Presence};
 pub use store::{RegistryStore, RegistryStoreError, Removed};
 
-use crate::store::StoreError;
+use crate::storage::StoreError;
 
 /// Why a registry operation failed.
 #[derive(Debug, thiserror::Error)]

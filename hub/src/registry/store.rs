@@ -4,7 +4,7 @@
 use async_trait::async_trait;
 
 use super::{Device, DeviceId};
-use crate::store::StoreError;
+use crate::storage::StoreError;
 
 /// Failures of a registry backend.
 #[derive(Debug, thiserror::Error)]

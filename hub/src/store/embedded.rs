@@ -16,12 +16,12 @@ use redb::{Database, ReadableDatabase, ReadableTable, TableDefinition};
 use time::OffsetDateTime;
 use tokio::time::Instant;
 
-use super::{StoreError, StoreHealth};
 use crate::commands::c2d::{
     C2dMessage, CommandStore, EnqueueError, FeedbackLock, FeedbackRecord, FeedbackStatus, Removed,
 };
-use crate::gateway::services::{SessionStore, StoredSession};
+use crate::delivery::{SessionStore, StoredSession};
 use crate::registry::{Device, DeviceId, RegistryStore, RegistryStoreError};
+use crate::storage::{StoreError, StoreHealth};
 use crate::telemetry::CheckpointStore;
 use crate::twins::document::TwinDocument;
 
@@ -950,7 +950,7 @@ impl EmbeddedStore {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::gateway::topic::Subscription;
+    use crate::delivery::Subscription;
 
     #[test]
     fn a_file_that_is_not_a_database_is_a_clear_open_error() {
@@ -1105,7 +1105,7 @@ mod tests {
         let commands = Commands::new(
             Arc::new(store.clone()),
             Registry::new(Arc::new(store.clone()), Presence::default()),
-            Connections::default(),
+            Arc::new(Connections::default()),
             CommandLimits::default(),
         );
         commands.expire().await;

@@ -16,9 +16,9 @@ use std::sync::{Arc, Mutex, MutexGuard, PoisonError, Weak};
 use async_trait::async_trait;
 use tokio::sync::{mpsc, oneshot};
 
-use super::StoreError;
 use super::embedded::EmbeddedStore;
 use crate::registry::DeviceId;
+use crate::storage::StoreError;
 use crate::twins::document::TwinDocument;
 use crate::twins::{
     PutError, Revision, StoredTwin, TwinChange, TwinSnapshot, TwinStore, TwinWrite,

@@ -10,8 +10,8 @@ use bytes::{Bytes, BytesMut};
 use serde::{Deserialize, Serialize};
 use time::OffsetDateTime;
 
+use super::ingest::TelemetryMessage;
 use crate::auth::device::AuthMethod;
-use crate::gateway::services::TelemetryMessage;
 
 /// Device property-bag keys and the system property names they are stored under
 /// (Azure's names, as its routing and Event Hubs consumers see them).
@@ -173,15 +173,12 @@ pub struct DecodeError {
     reason: String,
 }
 
-/// Bytes a record payload may take beyond the message's body and property bag: the
-/// length prefix, the JSON framing and key names, the device id (twice) and the
-/// properties the hub stamps.
-pub const ENCODING_OVERHEAD: usize = 4096;
+/// Bytes a record payload may take beyond the message's body and property bag (the
+/// configuration's ceiling on `mqtt.max_telemetry_bytes` leaves this much).
+pub use crate::config::TELEMETRY_RECORD_OVERHEAD as ENCODING_OVERHEAD;
 
-/// The largest `mqtt.max_telemetry_bytes` (body + property bag) whose every message
-/// fits in one segment record: JSON escaping can at most double the property bag
-/// (`%01` → `\u0001`), so body + 2 × bag + overhead must stay within the record limit.
-pub const MAX_TELEMETRY_BYTES: usize = (super::segment::MAX_PAYLOAD - ENCODING_OVERHEAD) / 2;
+/// The largest `mqtt.max_telemetry_bytes`, as the configuration bounds it.
+pub use crate::config::MAX_TELEMETRY_BYTES;
 
 /// Encodes a gateway message into a record payload: `meta length | meta JSON | body`,
 /// in one buffer sized up front.
@@ -269,7 +266,7 @@ pub fn to_json(message: &StoredMessage) -> serde_json::Value {
 mod tests {
     use super::*;
     use crate::auth::device::AuthMethod;
-    use crate::gateway::topic::PropertyBag;
+    use crate::properties::PropertyBag;
     use crate::registry::DeviceId;
 
     fn message(bag: &[(&str, &str)], body: &'static [u8]) -> TelemetryMessage {

@@ -10,6 +10,7 @@
 //! [`CheckpointStore`]. Retention removes old records by age and total size.
 
 pub mod appender;
+pub mod ingest;
 pub mod message;
 pub mod partitioner;
 pub mod segment;
@@ -23,8 +24,8 @@ use bytes::Bytes;
 use time::OffsetDateTime;
 
 use crate::config::TelemetryConfig;
-use crate::gateway::services::{Durable, IngestError, TelemetryIngest, TelemetryMessage};
-use crate::store::StoreError;
+use crate::storage::StoreError;
+pub use ingest::{Durable, IngestError, TelemetryIngest, TelemetryMessage};
 use message::StoredMessage;
 use partitioner::Partitioner;
 use segment::{LogError, Record};
@@ -315,7 +316,7 @@ impl TelemetryIngest for Telemetry {
 mod tests {
     use super::*;
     use crate::auth::device::AuthMethod;
-    use crate::gateway::topic::PropertyBag;
+    use crate::properties::PropertyBag;
     use crate::registry::DeviceId;
     use crate::store::embedded::EmbeddedStore;
 

@@ -26,8 +26,9 @@ use bytes::Bytes;
 pub const HEADER_LEN: usize = 4 + 4 + 8 + 8;
 /// A sparse index entry every this many bytes of a segment.
 const INDEX_INTERVAL: u64 = 16 * 1024;
-/// Largest record payload accepted (a telemetry message plus its metadata).
-pub const MAX_PAYLOAD: usize = 4 * 1024 * 1024;
+/// Largest record payload accepted (a telemetry message plus its metadata): the
+/// record size the configuration's ceilings are derived from.
+pub const MAX_PAYLOAD: usize = crate::config::MAX_TELEMETRY_RECORD_BYTES;
 
 /// A stored record.
 #[derive(Debug, Clone, PartialEq, Eq)]

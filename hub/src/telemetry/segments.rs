@@ -12,10 +12,10 @@ use async_trait::async_trait;
 use bytes::Bytes;
 
 use super::appender::{self, AppendError, BatchLimits, Partition};
+use super::ingest::{Durable, IngestError};
 use super::segment::{LogError, Record, SegmentLog};
 use super::{TelemetryError, TelemetryLog};
 use crate::config::TelemetryConfig;
-use crate::gateway::services::{Durable, IngestError};
 
 /// Most bytes one read returns.
 const MAX_READ_BYTES: usize = 4 * 1024 * 1024;

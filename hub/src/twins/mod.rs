@@ -17,6 +17,7 @@
 
 pub mod document;
 pub mod query;
+pub mod requests;
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
@@ -25,20 +26,17 @@ use async_trait::async_trait;
 use base64::Engine;
 use base64::engine::general_purpose::STANDARD_NO_PAD;
 use bytes::Bytes;
-use rumqttc::mqttbytes::QoS;
 use serde_json::{Map, Value, json};
 use time::OffsetDateTime;
 use tokio::sync::mpsc;
 
-use crate::gateway::connections::Connections;
-use crate::gateway::services::{TwinReply, TwinRequests, twin_error_code};
-use crate::gateway::session::{Outbound, TwinOp};
-use crate::gateway::topic::{self, Subscription};
+use crate::delivery::{Delivery, DeviceLinks};
 use crate::registry::{
     AuthType, Device, DeviceId, IfMatch, Registry, RegistryError, RegistryObserver,
 };
-use crate::store::StoreError;
+use crate::storage::StoreError;
 use document::{PatchError, TwinDocument, TwinLimits};
+pub use requests::{TwinOp, TwinReply, TwinRequests, twin_error_code};
 
 /// A twin's revision in its store: grows with every stored change of the twin; `0`
 /// means "never stored" (a new device's twin). Only the store interprets it.
@@ -198,7 +196,7 @@ struct Inner {
     /// desired patches are pushed by the watch, not by the writer.
     shared: bool,
     registry: Registry,
-    connections: Connections,
+    links: Arc<dyn DeviceLinks>,
     limits: TwinLimits,
     /// Bounds the queries scanning at once.
     query_slots: tokio::sync::Semaphore,
@@ -231,7 +229,7 @@ impl Twins {
     pub async fn start(
         store: Arc<dyn TwinStore>,
         registry: Registry,
-        connections: Connections,
+        links: Arc<dyn DeviceLinks>,
         limits: TwinLimits,
     ) -> Result<Self, TwinError> {
         let stored = store
@@ -286,7 +284,7 @@ impl Twins {
             store,
             shared,
             registry: registry.clone(),
-            connections,
+            links,
             limits,
             query_slots: tokio::sync::Semaphore::new(CONCURRENT_QUERIES),
         });
@@ -565,15 +563,12 @@ impl Inner {
         if let Value::Object(map) = &mut patch {
             map.insert("$version".into(), Value::from(version));
         }
-        let message = Outbound {
-            topic: topic::desired_patch(version),
-            payload: Bytes::from(patch.to_string()),
-            qos: QoS::AtLeastOnce,
-            requires: Some(Subscription::DesiredPatches),
-            id: 0,
+        let message = Delivery::DesiredPatch {
+            version,
+            patch: Bytes::from(patch.to_string()),
         };
         // Not connected or not subscribed: the device GETs the twin when it comes back.
-        let _ = self.connections.deliver(id, message);
+        let _ = self.links.send(id, message);
     }
 }
 

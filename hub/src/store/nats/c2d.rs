@@ -50,7 +50,7 @@ use crate::commands::c2d::{
     C2dMessage, CommandStore, EnqueueError, FeedbackLock, FeedbackRecord, FeedbackStatus, Removed,
 };
 use crate::registry::DeviceId;
-use crate::store::StoreError;
+use crate::storage::StoreError;
 
 /// The queues' stream.
 pub const STREAM: &str = "c2d";

@@ -5,7 +5,7 @@ use async_nats::jetstream::kv;
 use async_trait::async_trait;
 
 use super::{NatsStore, keys};
-use crate::store::StoreError;
+use crate::storage::StoreError;
 use crate::telemetry::CheckpointStore;
 
 /// The bucket's name.

@@ -32,8 +32,8 @@ use std::time::Duration;
 use async_nats::jetstream::{self, kv, stream};
 use async_trait::async_trait;
 
-use super::{StoreError, StoreHealth};
 use crate::config::ClusterConfig;
+use crate::storage::{StoreError, StoreHealth};
 
 /// How long one JetStream request (or a KV write's ack) may wait for its answer
 /// before [`NatsStore::retrying`] tries again. Short, because an answer that does not

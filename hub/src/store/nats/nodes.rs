@@ -36,10 +36,9 @@ use tokio::task::JoinHandle;
 
 use super::{NatsStore, keys};
 use crate::commands::{CommandError, Commands, RemoteCallError, Routing};
-use crate::gateway::connections::Connections;
-use crate::gateway::session::CloseReason;
+use crate::delivery::DeviceLinks;
 use crate::registry::DeviceId;
-use crate::store::StoreError;
+use crate::storage::StoreError;
 
 /// The bucket of live hub nodes.
 pub const NODES_BUCKET: &str = "hub-nodes";
@@ -100,7 +99,7 @@ struct Inner {
     store: NatsStore,
     presence: kv::Store,
     nodes: kv::Store,
-    connections: Connections,
+    links: Arc<dyn DeviceLinks>,
     local: Mutex<HashMap<DeviceId, Local>>,
     tasks: Mutex<Vec<JoinHandle<()>>>,
 }
@@ -133,7 +132,7 @@ fn c2d_subject(node: &str) -> String {
 
 impl NodeRouter {
     /// Opens (creating) the buckets; nothing runs until [`NodeRouter::start`].
-    pub async fn open(store: &NatsStore, connections: Connections) -> Result<Self, StoreError> {
+    pub async fn open(store: &NatsStore, links: Arc<dyn DeviceLinks>) -> Result<Self, StoreError> {
         Ok(Self {
             inner: Arc::new(Inner {
                 store: store.clone(),
@@ -141,7 +140,7 @@ impl NodeRouter {
                     .bucket_with_ttl(PRESENCE_BUCKET, 1, PRESENCE_TTL)
                     .await?,
                 nodes: store.bucket_with_ttl(NODES_BUCKET, 1, NODE_TTL).await?,
-                connections,
+                links,
                 local: Mutex::default(),
                 tasks: Mutex::default(),
             }),
@@ -240,7 +239,7 @@ impl NodeRouter {
         loop {
             tokio::select! {
                 _ = beats.tick() => {
-                    info.devices = self.inner.connections.len();
+                    info.devices = self.inner.links.connected_devices();
                     if let Err(err) = self.beat(&info).await {
                         tracing::warn!(error = %err, "cannot write the node heartbeat");
                     }
@@ -329,9 +328,7 @@ impl NodeRouter {
         match outcome {
             // Another node took the device over while this write was in flight.
             Some(true) => {
-                self.inner
-                    .connections
-                    .close_connection(&device, connection, CloseReason::Replaced);
+                self.inner.links.replaced_elsewhere(&device, connection);
             }
             Some(false) => {}
             // The connection ended while its entry was being written.
@@ -396,9 +393,7 @@ impl NodeRouter {
         };
         if let Some(connection) = close {
             tracing::info!(%device, node = holder.node, "device connected to another node; closing here");
-            self.inner
-                .connections
-                .close_connection(&device, connection, CloseReason::Replaced);
+            self.inner.links.replaced_elsewhere(&device, connection);
         }
     }
 

@@ -18,7 +18,7 @@ use super::{NatsStore, keys, sessions};
 use crate::registry::{
     Device, DeviceId, Registry, RegistryStore, RegistryStoreError, Removed, StoredChange,
 };
-use crate::store::StoreError;
+use crate::storage::StoreError;
 
 /// The bucket's name.
 pub const BUCKET: &str = "hub-registry";

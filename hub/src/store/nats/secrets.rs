@@ -28,7 +28,7 @@ use super::NatsStore;
 use crate::auth::policy::{Policies, PolicySet};
 use crate::auth::service::ServiceKey;
 use crate::data_dir::DataDir;
-use crate::store::StoreError;
+use crate::storage::StoreError;
 
 /// The bucket's name.
 pub const BUCKET: &str = "hub-cluster-secrets";

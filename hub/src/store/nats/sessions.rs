@@ -8,9 +8,9 @@ use async_trait::async_trait;
 use bytes::Bytes;
 
 use super::{NatsStore, keys};
-use crate::gateway::services::{SessionStore, StoredSession};
+use crate::delivery::{SessionStore, StoredSession};
 use crate::registry::DeviceId;
-use crate::store::StoreError;
+use crate::storage::StoreError;
 
 /// The bucket's name.
 pub const BUCKET: &str = "hub-sessions";

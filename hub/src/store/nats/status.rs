@@ -7,7 +7,7 @@ use futures_util::StreamExt;
 use serde::Serialize;
 
 use super::NatsStore;
-use crate::store::StoreError;
+use crate::storage::{ClusterView, StoreError};
 
 /// One replica of a stream.
 #[derive(Debug, Clone, Serialize)]
@@ -116,4 +116,12 @@ pub async fn cluster_status(store: &NatsStore) -> Result<ClusterStatus, StoreErr
         nats_nodes: nodes.into_iter().collect(),
         streams,
     })
+}
+
+#[async_trait::async_trait]
+impl ClusterView for NatsStore {
+    async fn status(&self) -> Result<serde_json::Value, StoreError> {
+        let status = cluster_status(self).await?;
+        serde_json::to_value(status).map_err(|err| StoreError::Backend(err.to_string()))
+    }
 }

@@ -37,9 +37,9 @@ use tokio::sync::{mpsc, oneshot};
 
 use super::NatsStore;
 use crate::config::TelemetryConfig;
-use crate::gateway::services::{Durable, IngestError};
-use crate::store::StoreError;
+use crate::storage::StoreError;
 use crate::telemetry::segment::Record;
+use crate::telemetry::{Durable, IngestError};
 use crate::telemetry::{TelemetryError, TelemetryLog};
 
 /// The stream's name.

@@ -25,7 +25,7 @@ use tokio::sync::mpsc;
 
 use super::{NatsStore, keys};
 use crate::registry::DeviceId;
-use crate::store::StoreError;
+use crate::storage::StoreError;
 use crate::twins::document::TwinDocument;
 use crate::twins::{
     PutError, Revision, StoredTwin, TwinChange, TwinSnapshot, TwinStore, TwinWrite,

@@ -36,7 +36,7 @@ use tower::ServiceExt;
 use tower_http::timeout::TimeoutBody;
 
 /// Limits of the HTTP listener itself (the per-request limits are layers of the
-/// router, see [`super::router`]).
+/// router, see `crate::api::router`).
 #[derive(Debug, Clone, Copy)]
 pub struct ConnectionLimits {
     /// Most open connections, WebSockets included.
