@@ -47,6 +47,7 @@ pub mod api;
 pub mod auth;
 pub mod commands;
 pub mod config;
+pub mod console;
 pub mod data_dir;
 pub mod delivery;
 pub mod gateway;

@@ -440,7 +440,7 @@ impl Server {
             .is_active()
             .then(|| self.cert_reloader.clone().spawn());
         let policy_tasks = watch_policies(&self.data_dir, &self.state, self.nats.as_ref());
-        let router = api::router(self.state, self.limits);
+        let router = api::router(self.state, self.limits).merge(crate::console::router());
         // Both listeners stop on the one shutdown signal.
         let (stop, stopped) = watch::channel(false);
         let https = self.https.map(|(listener, tls)| {

@@ -8,6 +8,7 @@ use axum::extract::{FromRequest, FromRequestParts};
 use axum::http::header;
 use axum::http::request::Parts;
 use axum::response::{IntoResponse, Response};
+use base64::Engine;
 
 use super::{ApiError, AppState};
 use crate::auth::policy::PolicyError;
@@ -65,17 +66,51 @@ impl RequiredScope for ServiceConnect {
 #[derive(Debug)]
 pub struct Authorized<S>(PhantomData<S>);
 
+/// The subprotocol a browser's WebSocket names to be served (it cannot set headers on
+/// a WebSocket, so it offers this and its credential as subprotocols).
+pub const WEBSOCKET_PROTOCOL: &str = "hub.v1";
+/// The prefix of the subprotocol carrying the credential: `hub.auth.` + base64url (no
+/// padding) of what the Authorization header would hold.
+const WEBSOCKET_AUTH_PREFIX: &str = "hub.auth.";
+/// The longest credential taken from a subprotocol (a SAS token or a JWT is far
+/// shorter); longer ones are refused before decoding.
+const MAX_WEBSOCKET_CREDENTIAL: usize = 8 * 1024;
+
+/// The credential of a WebSocket upgrade that names it in `Sec-WebSocket-Protocol`
+/// (`hub.auth.<base64url>`), decoded; `None` when no subprotocol carries one.
+fn websocket_credential(headers: &axum::http::HeaderMap) -> Result<Option<String>, ApiError> {
+    let malformed = || ApiError::Unauthenticated("malformed hub.auth subprotocol".into());
+    let offered = headers
+        .get_all(header::SEC_WEBSOCKET_PROTOCOL)
+        .iter()
+        .filter_map(|value| value.to_str().ok())
+        .flat_map(|value| value.split(','))
+        .find_map(|protocol| protocol.trim().strip_prefix(WEBSOCKET_AUTH_PREFIX));
+    let Some(encoded) = offered else {
+        return Ok(None);
+    };
+    if encoded.len() > MAX_WEBSOCKET_CREDENTIAL {
+        return Err(malformed());
+    }
+    let bytes = base64::engine::general_purpose::URL_SAFE_NO_PAD
+        .decode(encoded)
+        .map_err(|_| malformed())?;
+    String::from_utf8(bytes).map(Some).map_err(|_| malformed())
+}
+
 impl<S: RequiredScope> FromRequestParts<AppState> for Authorized<S> {
     type Rejection = ApiError;
 
     async fn from_request_parts(parts: &mut Parts, state: &AppState) -> Result<Self, ApiError> {
-        let value = parts
-            .headers
-            .get(header::AUTHORIZATION)
-            .ok_or_else(|| ApiError::Unauthenticated("missing bearer token".into()))?;
-        let value = value
-            .to_str()
-            .map_err(|_| ApiError::Unauthenticated("malformed Authorization header".into()))?;
+        let value = match parts.headers.get(header::AUTHORIZATION) {
+            Some(value) => value
+                .to_str()
+                .map_err(|_| ApiError::Unauthenticated("malformed Authorization header".into()))?
+                .to_string(),
+            None => websocket_credential(&parts.headers)?
+                .ok_or_else(|| ApiError::Unauthenticated("missing bearer token".into()))?,
+        };
+        let value = value.as_str();
         let (scheme, credential) = value.split_once(' ').unwrap_or((value, ""));
         if scheme.eq_ignore_ascii_case("SharedAccessSignature") {
             let (policy, scopes) = state
@@ -116,5 +151,34 @@ impl<S: RequiredScope> FromRequestParts<AppState> for Authorized<S> {
         }
         tracing::debug!(subject = %claims.sub, scope = %S::SCOPE, "authorized request");
         Ok(Self(PhantomData))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use axum::http::{HeaderMap, HeaderValue};
+
+    fn offered(protocols: &str) -> HeaderMap {
+        let mut headers = HeaderMap::new();
+        headers.insert(
+            header::SEC_WEBSOCKET_PROTOCOL,
+            HeaderValue::from_str(protocols).unwrap(),
+        );
+        headers
+    }
+
+    #[test]
+    fn a_websocket_credential_is_read_from_its_subprotocol_and_bounded() {
+        let encoded = base64::engine::general_purpose::URL_SAFE_NO_PAD.encode("Bearer abc.def");
+        let headers = offered(&format!("hub.v1, hub.auth.{encoded}"));
+        assert_eq!(
+            websocket_credential(&headers).unwrap().as_deref(),
+            Some("Bearer abc.def")
+        );
+        assert_eq!(websocket_credential(&offered("mqtt")).unwrap(), None);
+        assert!(websocket_credential(&offered("hub.v1, hub.auth.!!!")).is_err());
+        let huge = format!("hub.auth.{}", "A".repeat(MAX_WEBSOCKET_CREDENTIAL + 4));
+        assert!(websocket_credential(&offered(&huge)).is_err());
     }
 }

@@ -192,6 +192,9 @@ pub async fn websocket(
         None => state.telemetry.partition_info(partition).await?.end_offset,
         Some(_) => resolve_from(&state, &group, partition, query.get("from")).await?,
     };
+    // A browser offers `hub.v1` (and its credential) as subprotocols and fails the
+    // connection unless one is selected; other clients offer none.
+    let upgrade = upgrade.protocols([super::extract::WEBSOCKET_PROTOCOL]);
     Ok(upgrade.on_upgrade(move |socket| async move {
         // The stream outlives this request and its HTTP connection: it keeps their
         // slots (a long request's and a connection's) until it ends.
