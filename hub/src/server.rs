@@ -34,9 +34,12 @@ use crate::gateway::session::SessionLimits;
 use crate::gateway::tls::{self, TlsError};
 use crate::gateway::{Gateway, GatewayContext, listener};
 use crate::http::serve::ConnectionLimits;
+use crate::provisioning::Provisioning;
+use crate::provisioning::scope::{self, IdScope, ScopeError};
 use crate::registry::{Presence, Registry, RegistryError};
 use crate::storage::{ClusterView, StoreError, StoreHealth};
 use crate::store::embedded::EmbeddedStore;
+use crate::store::embedded_provisioning::EmbeddedProvisioning;
 use crate::store::embedded_twins::EmbeddedTwins;
 use crate::store::nats::NatsStore;
 use crate::store::nats::c2d::NatsCommands;
@@ -81,6 +84,9 @@ pub enum ServeError {
     /// The twins could not be loaded.
     #[error("twins: {0}")]
     Twins(#[from] TwinError),
+    /// The provisioning ID scope file could not be read or written.
+    #[error("provisioning ID scope: {0}")]
+    Scope(#[from] ScopeError),
     /// The telemetry streams could not be opened.
     #[error("telemetry: {0}")]
     Telemetry(#[from] TelemetryError),
@@ -271,6 +277,15 @@ impl Server {
             }
             None => None,
         };
+        // Provisioning records stay in this node's embedded store, in cluster mode
+        // too (DECISIONS.md, "Provisioning (issue 25)").
+        let provisioning = Provisioning::new(
+            Arc::new(EmbeddedProvisioning::open(&store)?),
+            registry.clone(),
+            twins.clone(),
+            config.hostname.clone(),
+            IdScope::load_or_create(&scope::scope_path(data_dir.root()))?,
+        );
         let services = services(DeviceServices {
             telemetry: telemetry.clone(),
             twins: Arc::new(twins.clone()),
@@ -301,6 +316,7 @@ impl Server {
                 ..SessionLimits::default()
             },
             max_packet_size: mqtt.max_packet_size,
+            provisioning: Some(provisioning.clone()),
         };
         let gateway = Gateway::bind(
             context,
@@ -367,6 +383,7 @@ impl Server {
             telemetry,
             twins,
             commands,
+            provisioning,
             cluster: nats
                 .clone()
                 .map(|nats| Arc::new(nats) as Arc<dyn ClusterView>),

@@ -1,0 +1,306 @@
+//! Provisioning through the DPS contract with Azure's own Python device SDK,
+//! unmodified: `ProvisioningDeviceClient.create_from_symmetric_key` with a key
+//! derived from an enrollment group's registers over MQTT/TLS on the hub's 8883
+//! listener, then `IoTHubDeviceClient` connects with the result, sees the group's
+//! initial twin and sends telemetry that is read back. Registering again is
+//! idempotent; a disabled group and a wrong key are refused with nothing created; a
+//! registration id that is no valid device id is answered 400 with an errorCode
+//! (over the HTTPS device route, which the Python SDK does not use).
+//!
+//! Needs a Python with the SDK: `$HUB_AZURE_PYTHON` or `target/azure-venv` (see
+//! `hub_tests::azure::azure_python`).
+
+use std::process::Stdio;
+use std::time::Duration;
+
+use anyhow::{Context, Result, bail};
+use base64::Engine;
+use base64::engine::general_purpose::STANDARD;
+use hub_tests::Hub;
+use hub_tests::azure::{azure_python, start_hub_on_loopback, workspace};
+use serde_json::{Value, json};
+use tokio::io::{AsyncBufReadExt, BufReader};
+use tokio::process::Command;
+
+/// Runs the provisioning device script to its end; returns its events.
+async fn provision(
+    hub: &Hub,
+    host: &str,
+    scope: &str,
+    registration_id: &str,
+    key: &str,
+) -> Result<Vec<Value>> {
+    let python = azure_python().await?;
+    let mut child = Command::new(&python)
+        .arg(workspace().join("tests/compat/azure_provision.py"))
+        .args([host, scope, registration_id, key])
+        .arg(hub.data_dir().join("certs/ca.pem"))
+        .stdout(Stdio::piped())
+        .stderr(Stdio::inherit())
+        .kill_on_drop(true)
+        .spawn()
+        .context("cannot start the Azure SDK provisioning device")?;
+    let stdout = child.stdout.take().context("stdout")?;
+    let mut lines = BufReader::new(stdout).lines();
+    let mut events = Vec::new();
+    let run = async {
+        while let Some(line) = lines.next_line().await? {
+            events.push(
+                serde_json::from_str::<Value>(&line)
+                    .with_context(|| format!("the device said {line:?}"))?,
+            );
+        }
+        anyhow::Ok(())
+    };
+    tokio::time::timeout(Duration::from_secs(90), run)
+        .await
+        .context("the Azure SDK provisioning device did not finish in 90 s")??;
+    let _ = child.wait().await;
+    Ok(events)
+}
+
+fn event<'a>(events: &'a [Value], kind: &str) -> Result<&'a Value> {
+    events
+        .iter()
+        .find(|e| e["event"] == kind)
+        .with_context(|| format!("no {kind} event in {events:?}"))
+}
+
+/// The device key of `registration_id` in a group, computed here (not by the hub):
+/// base64 of HMAC-SHA256 over the id, keyed with the decoded group key.
+fn derive(group_key: &str, registration_id: &str) -> Result<String> {
+    use hmac::{Hmac, Mac};
+    let mut mac = Hmac::<sha2::Sha256>::new_from_slice(&STANDARD.decode(group_key)?)?;
+    mac.update(registration_id.as_bytes());
+    Ok(STANDARD.encode(mac.finalize().into_bytes()))
+}
+
+struct Api<'a> {
+    hub: &'a Hub,
+    token: String,
+}
+
+impl Api<'_> {
+    async fn call(
+        &self,
+        method: reqwest::Method,
+        path: &str,
+        body: Option<Value>,
+    ) -> Result<(u16, Value)> {
+        let mut request = self
+            .hub
+            .http()
+            .request(method, format!("{}{path}", self.hub.url()))
+            .bearer_auth(&self.token);
+        if let Some(body) = body {
+            request = request.json(&body);
+        }
+        let response = request.send().await?;
+        let status = response.status().as_u16();
+        let text = response.text().await?;
+        let body = if text.is_empty() {
+            Value::Null
+        } else {
+            serde_json::from_str(&text).with_context(|| format!("body {text:?}"))?
+        };
+        Ok((status, body))
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_azure_python_sdk_provisions_through_an_enrollment_group() -> Result<()> {
+    let dir = tempfile::tempdir()?;
+    let (hub, host) = start_hub_on_loopback(dir.path(), 200, false).await?;
+    let scope_out = hub.cli(&["dps", "scope"]).await?;
+    let scope = scope_out.stdout.trim().to_string();
+    assert!(
+        scope.starts_with("0ne") && scope.len() == 11,
+        "scope {scope:?}; stderr {}",
+        scope_out.stderr
+    );
+    let api = Api {
+        hub: &hub,
+        token: hub
+            .token(
+                "registry:read,registry:write,service:connect,provisioning:read,provisioning:write",
+            )
+            .await?,
+    };
+
+    // An enrollment group with an initial twin.
+    let (status, group) = api
+        .call(
+            reqwest::Method::PUT,
+            "/enrollmentGroups/fleet?api-version=2021-10-01",
+            Some(json!({
+                "enrollmentGroupId": "fleet",
+                "attestation": {"type": "symmetricKey"},
+                "provisioningStatus": "enabled",
+                "initialTwin": {
+                    "tags": {"site": "lab"},
+                    "properties": {"desired": {"interval": 30}}
+                }
+            })),
+        )
+        .await?;
+    assert_eq!(status, 200, "{group}");
+    let group_key = group["attestation"]["symmetricKey"]["primaryKey"]
+        .as_str()
+        .context("generated group key")?
+        .to_string();
+    let device_key = derive(&group_key, "sensor-1")?;
+    let cli_key = hub.cli(&["dps", "device-key", "fleet", "sensor-1"]).await?;
+    assert_eq!(cli_key.stdout.trim(), device_key, "{}", cli_key.stderr);
+
+    // Register, connect with the result, see the initial twin, send telemetry.
+    let events = provision(&hub, &host, &scope, "sensor-1", &device_key).await?;
+    let registered = event(&events, "registered")?;
+    assert_eq!(registered["status"], "assigned", "{events:?}");
+    assert_eq!(registered["device_id"], "sensor-1");
+    assert_eq!(registered["assigned_hub"], host.as_str());
+    assert_eq!(registered["substatus"], "initialAssignment");
+    let twin = event(&events, "twin")?;
+    assert_eq!(twin["desired"]["interval"], 30, "{twin}");
+    event(&events, "sent")?;
+    let telemetry = hub.read_telemetry(&api.token).await?;
+    let message = telemetry
+        .iter()
+        .find(|m| m["systemProperties"]["message-id"] == "dps-sensor-1")
+        .with_context(|| format!("the provisioned device's telemetry in {telemetry:?}"))?;
+    assert_eq!(message["deviceId"], "sensor-1");
+    assert_eq!(message["body"], json!({"provisioned": "sensor-1"}));
+
+    // The registry device carries the derived key; the twin the group's tags; the
+    // registration is stored.
+    let (status, device) = api
+        .call(reqwest::Method::GET, "/devices/sensor-1", None)
+        .await?;
+    assert_eq!(status, 200);
+    assert_eq!(
+        device["authentication"]["symmetricKey"]["primaryKey"],
+        device_key.as_str()
+    );
+    let (_, twin) = api
+        .call(reqwest::Method::GET, "/twins/sensor-1", None)
+        .await?;
+    assert_eq!(twin["tags"]["site"], "lab");
+    let (status, registration) = api
+        .call(reqwest::Method::GET, "/registrations/sensor-1", None)
+        .await?;
+    assert_eq!(status, 200, "{registration}");
+    assert_eq!(registration["status"], "assigned");
+    assert_eq!(registration["deviceId"], "sensor-1");
+    assert_eq!(registration["symmetricKey"]["enrollmentGroupId"], "fleet");
+    let first_etag = registration["etag"].clone();
+
+    // Registering again is idempotent: same device, twin kept (migrated), new etag.
+    let (status, _) = api
+        .call(
+            reqwest::Method::PATCH,
+            "/twins/sensor-1",
+            Some(json!({"properties": {"desired": {"interval": 60}}})),
+        )
+        .await?;
+    assert_eq!(status, 200);
+    let events = provision(&hub, &host, &scope, "sensor-1", &device_key).await?;
+    let registered = event(&events, "registered")?;
+    assert_eq!(registered["status"], "assigned", "{events:?}");
+    assert_eq!(registered["substatus"], "deviceDataMigrated");
+    assert_eq!(event(&events, "twin")?["desired"]["interval"], 60);
+    let (_, registration) = api
+        .call(reqwest::Method::GET, "/registrations/sensor-1", None)
+        .await?;
+    assert_ne!(registration["etag"], first_etag);
+    let (_, devices) = api.call(reqwest::Method::GET, "/devices", None).await?;
+    assert_eq!(devices.as_array().map(Vec::len), Some(1), "{devices}");
+
+    // A disabled group is refused, and nothing is created.
+    let (status, disabled) = api
+        .call(
+            reqwest::Method::PUT,
+            "/enrollmentGroups/frozen",
+            Some(json!({"provisioningStatus": "disabled"})),
+        )
+        .await?;
+    assert_eq!(status, 200, "{disabled}");
+    let frozen_key = derive(
+        disabled["attestation"]["symmetricKey"]["primaryKey"]
+            .as_str()
+            .context("key")?,
+        "sensor-2",
+    )?;
+    let events = provision(&hub, &host, &scope, "sensor-2", &frozen_key).await?;
+    let refused = event(&events, "error")?;
+    assert!(
+        refused["cause_message"]
+            .as_str()
+            .is_some_and(|m| m.contains("disabled")),
+        "{events:?}"
+    );
+    let (status, _) = api
+        .call(reqwest::Method::GET, "/devices/sensor-2", None)
+        .await?;
+    assert_eq!(status, 404, "a disabled group creates no device");
+    let (_, registration) = api
+        .call(reqwest::Method::GET, "/registrations/sensor-2", None)
+        .await?;
+    assert_eq!(registration["status"], "disabled");
+
+    // A wrong key is refused at CONNECT.
+    let wrong = derive(&group_key, "someone-else")?;
+    let events = provision(&hub, &host, &scope, "sensor-3", &wrong).await?;
+    event(&events, "error")?;
+    let (status, _) = api
+        .call(reqwest::Method::GET, "/devices/sensor-3", None)
+        .await?;
+    assert_eq!(status, 404, "a refused registration creates no device");
+    let (status, _) = api
+        .call(reqwest::Method::GET, "/registrations/sensor-3", None)
+        .await?;
+    assert_eq!(status, 404);
+
+    // The HTTPS device contract answers a registration id that is no device id with
+    // 400 and an errorCode, before any key is looked at.
+    let bad_id = "bad id!";
+    let sr = format!("{scope}/registrations/{bad_id}");
+    let token = hub::auth::sas::sign_resource(&sr, &STANDARD.decode(&group_key)?, u64::MAX / 2);
+    let response = hub
+        .http()
+        .put(format!(
+            "{}/{scope}/registrations/bad%20id%21/register?api-version=2021-06-01",
+            hub.url()
+        ))
+        .header("Authorization", format!("{token}&skn=registration"))
+        .json(&json!({"registrationId": bad_id}))
+        .send()
+        .await?;
+    assert_eq!(response.status().as_u16(), 400);
+    let body: Value = response.json().await?;
+    assert_eq!(body["errorCode"], 400_005, "{body}");
+
+    // Deleting the group leaves its registrations and devices; the list shows it gone.
+    let (status, _) = api
+        .call(reqwest::Method::DELETE, "/enrollmentGroups/frozen", None)
+        .await?;
+    assert_eq!(status, 204);
+    let (status, groups) = api
+        .call(
+            reqwest::Method::POST,
+            "/enrollmentGroups/query",
+            Some(json!({"query": "*"})),
+        )
+        .await?;
+    assert_eq!(status, 200);
+    let ids: Vec<&str> = groups
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter_map(|g| g["enrollmentGroupId"].as_str())
+        .collect();
+    assert_eq!(ids, vec!["fleet"]);
+
+    if !hub.stop().await?.success() {
+        bail!("the hub did not stop cleanly");
+    }
+    Ok(())
+}
