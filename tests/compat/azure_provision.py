@@ -1,10 +1,10 @@
 """A device that provisions through Azure's own Python device SDK (azure-iot-device
 2.x), unmodified, driven by tests/tests/provisioning_sdk.rs.
 
-  azure_provision.py HOST SCOPE REGISTRATION_ID DEVICE_KEY CA_PATH
+  azure_provision.py HOST SCOPE REGISTRATION_ID DEVICE_KEY CA_PATH [websockets]
 
 It registers with ProvisioningDeviceClient.create_from_symmetric_key (MQTT over TLS
-on HOST:8883), prints the registration result as one JSON line, and when assigned
+on HOST:8883, or with `websockets` MQTT over WebSocket on HOST:443), prints the registration result as one JSON line, and when assigned
 connects an IoTHubDeviceClient with the result, prints the twin's desired
 properties, sends one telemetry message and prints that it was sent. Events: registered,
 twin, sent, error.
@@ -22,6 +22,7 @@ def emit(event, **fields):
 
 def main():
     host, scope, registration_id, key, ca_path = sys.argv[1:6]
+    websockets = sys.argv[6:] == ["websockets"]
     with open(ca_path) as f:
         ca = f.read()
     client = ProvisioningDeviceClient.create_from_symmetric_key(
@@ -30,6 +31,7 @@ def main():
         id_scope=scope,
         symmetric_key=key,
         server_verification_cert=ca,
+        websockets=websockets,
     )
     client.provisioning_payload = {"firmware": "1.0"}
     try:
@@ -61,6 +63,7 @@ def main():
         hostname=state.assigned_hub,
         device_id=state.device_id,
         server_verification_cert=ca,
+        websockets=websockets,
     )
     device.connect()
     twin = device.get_twin()

@@ -5,7 +5,10 @@
 //! initial twin and sends telemetry that is read back. Registering again is
 //! idempotent; a disabled group and a wrong key are refused with nothing created; a
 //! registration id that is no valid device id is answered 400 with an errorCode
-//! (over the HTTPS device route, which the Python SDK does not use).
+//! (over the HTTPS device route, which the Python SDK does not use). The same SDK
+//! provisions over MQTT over WebSocket on the HTTPS listener; an individual
+//! enrollment registers through the HTTPS device routes (register, then poll the
+//! operation) and its device then connects over MQTT.
 //!
 //! Needs a Python with the SDK: `$HUB_AZURE_PYTHON` or `target/azure-venv` (see
 //! `hub_tests::azure::azure_python`).
@@ -29,12 +32,14 @@ async fn provision(
     scope: &str,
     registration_id: &str,
     key: &str,
+    websockets: bool,
 ) -> Result<Vec<Value>> {
     let python = azure_python().await?;
     let mut child = Command::new(&python)
         .arg(workspace().join("tests/compat/azure_provision.py"))
         .args([host, scope, registration_id, key])
         .arg(hub.data_dir().join("certs/ca.pem"))
+        .args(websockets.then_some("websockets"))
         .stdout(Stdio::piped())
         .stderr(Stdio::inherit())
         .kill_on_drop(true)
@@ -153,7 +158,7 @@ async fn the_azure_python_sdk_provisions_through_an_enrollment_group() -> Result
     assert_eq!(cli_key.stdout.trim(), device_key, "{}", cli_key.stderr);
 
     // Register, connect with the result, see the initial twin, send telemetry.
-    let events = provision(&hub, &host, &scope, "sensor-1", &device_key).await?;
+    let events = provision(&hub, &host, &scope, "sensor-1", &device_key, false).await?;
     let registered = event(&events, "registered")?;
     assert_eq!(registered["status"], "assigned", "{events:?}");
     assert_eq!(registered["device_id"], "sensor-1");
@@ -202,7 +207,7 @@ async fn the_azure_python_sdk_provisions_through_an_enrollment_group() -> Result
         )
         .await?;
     assert_eq!(status, 200);
-    let events = provision(&hub, &host, &scope, "sensor-1", &device_key).await?;
+    let events = provision(&hub, &host, &scope, "sensor-1", &device_key, false).await?;
     let registered = event(&events, "registered")?;
     assert_eq!(registered["status"], "assigned", "{events:?}");
     assert_eq!(registered["substatus"], "deviceDataMigrated");
@@ -229,7 +234,7 @@ async fn the_azure_python_sdk_provisions_through_an_enrollment_group() -> Result
             .context("key")?,
         "sensor-2",
     )?;
-    let events = provision(&hub, &host, &scope, "sensor-2", &frozen_key).await?;
+    let events = provision(&hub, &host, &scope, "sensor-2", &frozen_key, false).await?;
     let refused = event(&events, "error")?;
     assert!(
         refused["cause_message"]
@@ -248,7 +253,7 @@ async fn the_azure_python_sdk_provisions_through_an_enrollment_group() -> Result
 
     // A wrong key is refused at CONNECT.
     let wrong = derive(&group_key, "someone-else")?;
-    let events = provision(&hub, &host, &scope, "sensor-3", &wrong).await?;
+    let events = provision(&hub, &host, &scope, "sensor-3", &wrong, false).await?;
     event(&events, "error")?;
     let (status, _) = api
         .call(reqwest::Method::GET, "/devices/sensor-3", None)
@@ -302,5 +307,214 @@ async fn the_azure_python_sdk_provisions_through_an_enrollment_group() -> Result
     if !hub.stop().await?.success() {
         bail!("the hub did not stop cleanly");
     }
+    Ok(())
+}
+
+/// MQTT over WebSocket (`websockets=True`): the SDK dials `wss://HOST:443/$iothub/websocket`
+/// for provisioning and for the hub connection alike.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_azure_python_sdk_provisions_over_websockets() -> Result<()> {
+    let dir = tempfile::tempdir()?;
+    let (hub, host) = start_hub_on_loopback(dir.path(), 220, true).await?;
+    let scope = hub.cli(&["dps", "scope"]).await?.stdout.trim().to_string();
+    let api = Api {
+        hub: &hub,
+        token: hub
+            .token("registry:read,service:connect,provisioning:write")
+            .await?,
+    };
+    let (status, group) = api
+        .call(
+            reqwest::Method::PUT,
+            "/enrollmentGroups/ws-fleet",
+            Some(json!({"initialTwin": {"properties": {"desired": {"ws": true}}}})),
+        )
+        .await?;
+    assert_eq!(status, 200, "{group}");
+    let key = derive(
+        group["attestation"]["symmetricKey"]["secondaryKey"]
+            .as_str()
+            .context("key")?,
+        "ws-sensor",
+    )?;
+    let events = provision(&hub, &host, &scope, "ws-sensor", &key, true).await?;
+    let registered = event(&events, "registered")?;
+    assert_eq!(registered["status"], "assigned", "{events:?}");
+    assert_eq!(registered["device_id"], "ws-sensor");
+    assert_eq!(event(&events, "twin")?["desired"]["ws"], true);
+    event(&events, "sent")?;
+    let telemetry = hub.read_telemetry(&api.token).await?;
+    assert!(
+        telemetry
+            .iter()
+            .any(|m| m["systemProperties"]["message-id"] == "dps-ws-sensor"),
+        "{telemetry:?}"
+    );
+    assert!(hub.stop().await?.success());
+    Ok(())
+}
+
+/// An individual enrollment through the HTTPS device contract (what Node's `-http`
+/// transport and IoT Edge use): register → 202 `assigning` with `Retry-After`, poll →
+/// 200 `assigned`; the device then connects with the enrollment's key. Errors carry
+/// Azure's `errorCode`; a disabled enrollment answers `disabled`; a stale If-Match
+/// on the enrollment is 412.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_individual_enrollment_registers_over_the_https_device_routes() -> Result<()> {
+    let dir = tempfile::tempdir()?;
+    let hub = Hub::start(dir.path()).await?;
+    let scope = hub.cli(&["dps", "scope"]).await?.stdout.trim().to_string();
+    let api = Api {
+        hub: &hub,
+        token: hub
+            .token("registry:read,provisioning:read,provisioning:write")
+            .await?,
+    };
+    let key = STANDARD.encode([42u8; 32]);
+    let (status, enrollment) = api
+        .call(
+            reqwest::Method::PUT,
+            "/enrollments/meter-7?api-version=2021-10-01",
+            Some(json!({
+                "registrationId": "meter-7",
+                "attestation": {"type": "symmetricKey", "symmetricKey": {"primaryKey": key}},
+                "initialTwin": {"properties": {"desired": {"mode": "eco"}}}
+            })),
+        )
+        .await?;
+    assert_eq!(status, 200, "{enrollment}");
+    assert_eq!(enrollment["registrationId"], "meter-7");
+
+    let sign = |id: &str, key: &str, scope: &str| -> Result<String> {
+        let token = hub::auth::sas::sign_resource(
+            &format!("{scope}/registrations/{id}"),
+            &STANDARD.decode(key)?,
+            hub::auth::unix_now() + 600,
+        );
+        Ok(format!("{token}&skn=registration"))
+    };
+    let register = |id: &str, token: String, body: Value| {
+        hub.http()
+            .put(format!(
+                "{}/{scope}/registrations/{id}/register?api-version=2021-06-01",
+                hub.url()
+            ))
+            .header("Authorization", token)
+            .json(&body)
+            .send()
+    };
+    let response = register(
+        "meter-7",
+        sign("meter-7", &key, &scope)?,
+        json!({"registrationId": "meter-7", "payload": {"model": "m7"}}),
+    )
+    .await?;
+    assert_eq!(response.status().as_u16(), 202);
+    assert_eq!(
+        response
+            .headers()
+            .get("retry-after")
+            .and_then(|v| v.to_str().ok()),
+        Some("1")
+    );
+    let accepted: Value = response.json().await?;
+    assert_eq!(accepted["status"], "assigning", "{accepted}");
+    let operation = accepted["operationId"].as_str().context("operationId")?;
+    let poll =
+        |operation: &str| {
+            hub.http()
+            .get(format!(
+                "{}/{scope}/registrations/meter-7/operations/{operation}?api-version=2021-06-01",
+                hub.url()
+            ))
+            .header("Authorization", sign("meter-7", &key, &scope).unwrap_or_default())
+            .send()
+        };
+    let response = poll(operation).await?;
+    assert_eq!(response.status().as_u16(), 200);
+    let outcome: Value = response.json().await?;
+    assert_eq!(outcome["status"], "assigned", "{outcome}");
+    let state = &outcome["registrationState"];
+    assert_eq!(state["deviceId"], "meter-7");
+    assert_eq!(state["assignedHub"], "localhost");
+    assert_eq!(state["substatus"], "initialAssignment");
+    assert_eq!(state["symmetricKey"]["registrationId"], "meter-7");
+    let response = poll("5.0000.0000").await?;
+    assert_eq!(response.status().as_u16(), 404);
+    assert_eq!(response.json::<Value>().await?["errorCode"], 404_001);
+
+    // The device connects with the enrollment's key and has the initial twin.
+    let device = hub.connect_device("meter-7", &key, true).await?;
+    drop(device);
+    let (_, twin) = api
+        .call(reqwest::Method::GET, "/twins/meter-7", None)
+        .await?;
+    assert_eq!(twin["properties"]["desired"]["mode"], "eco", "{twin}");
+
+    // Wrong key, wrong scope: 401, nothing created.
+    let other = STANDARD.encode([7u8; 32]);
+    let response = register("meter-7", sign("meter-7", &other, &scope)?, json!({})).await?;
+    assert_eq!(response.status().as_u16(), 401);
+    assert_eq!(response.json::<Value>().await?["errorCode"], 401_002);
+    let response = register("meter-7", sign("meter-7", &key, "0ne00000000")?, json!({})).await?;
+    assert_eq!(response.status().as_u16(), 401);
+
+    // A malformed body: 400, nothing created for a new enrollment.
+    let (status, _) = api
+        .call(
+            reqwest::Method::PUT,
+            "/enrollments/meter-8",
+            Some(json!({"attestation": {"type": "symmetricKey", "symmetricKey": {"primaryKey": key}}})),
+        )
+        .await?;
+    assert_eq!(status, 200);
+    let response = hub
+        .http()
+        .put(format!(
+            "{}/{scope}/registrations/meter-8/register",
+            hub.url()
+        ))
+        .header("Authorization", sign("meter-8", &key, &scope)?)
+        .header("Content-Type", "application/json")
+        .body("{\"registrationId\": ")
+        .send()
+        .await?;
+    assert_eq!(response.status().as_u16(), 400);
+    assert_eq!(response.json::<Value>().await?["errorCode"], 400_004);
+    let (status, _) = api
+        .call(reqwest::Method::GET, "/devices/meter-8", None)
+        .await?;
+    assert_eq!(status, 404);
+
+    // A stale etag is refused; disabling with the current one works, and a
+    // registration then answers `disabled`.
+    let (status, _) = api
+        .call(
+            reqwest::Method::PUT,
+            "/enrollments/meter-7",
+            Some(json!({"provisioningStatus": "disabled", "etag": "stale"})),
+        )
+        .await?;
+    assert_eq!(status, 412);
+    let (status, disabled) = api
+        .call(
+            reqwest::Method::PUT,
+            "/enrollments/meter-7",
+            Some(json!({"provisioningStatus": "disabled", "etag": enrollment["etag"]})),
+        )
+        .await?;
+    assert_eq!(status, 200, "{disabled}");
+    assert_eq!(
+        disabled["attestation"]["symmetricKey"]["primaryKey"],
+        key.as_str(),
+        "an update keeps the keys it does not name"
+    );
+    let response = register("meter-7", sign("meter-7", &key, &scope)?, json!({})).await?;
+    assert_eq!(response.status().as_u16(), 202);
+    let accepted: Value = response.json().await?;
+    let response = poll(accepted["operationId"].as_str().context("operationId")?).await?;
+    let outcome: Value = response.json().await?;
+    assert_eq!(outcome["status"], "disabled", "{outcome}");
+    assert!(hub.stop().await?.success());
     Ok(())
 }
