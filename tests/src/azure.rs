@@ -15,8 +15,9 @@ use crate::{Hub, HubOptions};
 
 /// The SDK packages the Node tests pin (the same list `.ci/run` installs): Azure's
 /// device SDK with its MQTT transport, its service SDK, and its provisioning device
-/// client with the MQTT and HTTP transports and the symmetric-key security client.
-pub const NODE_SDK_PACKAGES: [&str; 7] = [
+/// client with the MQTT and HTTP transports, the symmetric-key security client, and
+/// its provisioning service SDK.
+pub const NODE_SDK_PACKAGES: [&str; 8] = [
     "azure-iot-device@1.18.4",
     "azure-iot-device-mqtt@1.16.4",
     "azure-iothub@1.16.6",
@@ -24,6 +25,7 @@ pub const NODE_SDK_PACKAGES: [&str; 7] = [
     "azure-iot-provisioning-device-mqtt@1.8.1",
     "azure-iot-provisioning-device-http@1.9.1",
     "azure-iot-security-symmetric-key@1.8.2",
+    "azure-iot-provisioning-service@1.11.2",
 ];
 
 /// The Python packages the tests running Azure's Python device SDK pin (the same

@@ -108,3 +108,68 @@ async fn the_azure_node_provisioning_sdk_registers_over_mqtt_mqtt_ws_and_http() 
     assert!(hub.stop().await?.success());
     Ok(())
 }
+
+/// Azure's Node provisioning service SDK (`azure-iot-provisioning-service`) with the
+/// connection string `hub connection-string --provisioning` prints: creates a
+/// symmetric-key enrollment group (keys generated), reads it, lists the groups with
+/// a query, deletes it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_azure_node_provisioning_service_sdk_creates_lists_and_deletes_a_group() -> Result<()> {
+    let modules = azure_node_modules().await?;
+    let dir = tempfile::tempdir()?;
+    // 230+: between the other loopback tests' ranges.
+    let (hub, host) = start_hub_on_loopback(dir.path(), 230, true).await?;
+    let output = hub
+        .cli(&["connection-string", "--provisioning", "--hostname", &host])
+        .await?;
+    assert!(output.status.success(), "{}", output.stderr);
+    let connection_string = output.stdout.trim().to_string();
+    assert!(
+        connection_string.starts_with(&format!(
+            "HostName={host};SharedAccessKeyName=provisioningserviceowner;SharedAccessKey="
+        )),
+        "{connection_string}"
+    );
+    let child = Command::new("node")
+        .arg(workspace().join("tests/compat/azure_provisioning_service.js"))
+        .args([connection_string.as_str(), "node-group"])
+        .env("NODE_PATH", &modules)
+        .env("NODE_EXTRA_CA_CERTS", dir.path().join("certs/ca.pem"))
+        .stdout(Stdio::piped())
+        .stderr(Stdio::inherit())
+        .kill_on_drop(true)
+        .spawn()
+        .context("cannot start node with Azure's provisioning service SDK")?;
+    let output = tokio::time::timeout(Duration::from_secs(60), child.wait_with_output())
+        .await
+        .context("the Node service SDK did not finish in 60 s")??;
+    let events: Vec<Value> = String::from_utf8_lossy(&output.stdout)
+        .lines()
+        .map(serde_json::from_str)
+        .collect::<Result<_, _>>()?;
+    let find = |kind: &str| {
+        events
+            .iter()
+            .find(|e| e["event"] == kind)
+            .with_context(|| format!("no {kind} event in {events:?}"))
+    };
+    let created = find("created")?;
+    assert_eq!(created["id"], "node-group", "{events:?}");
+    assert_eq!(created["has_key"], true);
+    assert_eq!(find("got")?["status"], "enabled");
+    assert_eq!(find("listed")?["ids"], json!(["node-group"]));
+    find("deleted")?;
+    assert_eq!(find("listed_after")?["ids"], json!([]));
+
+    // The policy's signature does not reach the registry routes.
+    let token = hub.token("provisioning:read").await?;
+    let response = hub
+        .http()
+        .get(format!("{}/devices", hub.url()))
+        .bearer_auth(&token)
+        .send()
+        .await?;
+    assert_eq!(response.status().as_u16(), 403);
+    assert!(hub.stop().await?.success());
+    Ok(())
+}
