@@ -34,8 +34,8 @@ use crate::gateway::session::SessionLimits;
 use crate::gateway::tls::{self, TlsError};
 use crate::gateway::{Gateway, GatewayContext, listener};
 use crate::http::serve::ConnectionLimits;
-use crate::provisioning::Provisioning;
 use crate::provisioning::scope::{self, IdScope, ScopeError};
+use crate::provisioning::{Provisioning, ProvisioningStore};
 use crate::registry::{Presence, Registry, RegistryError};
 use crate::storage::{ClusterView, StoreError, StoreHealth};
 use crate::store::embedded::EmbeddedStore;
@@ -45,6 +45,7 @@ use crate::store::nats::NatsStore;
 use crate::store::nats::c2d::NatsCommands;
 use crate::store::nats::checkpoints::NatsCheckpoints;
 use crate::store::nats::nodes::NodeRouter;
+use crate::store::nats::provisioning::NatsProvisioning;
 use crate::store::nats::registry::NatsRegistry;
 use crate::store::nats::secrets;
 use crate::store::nats::sessions::NatsSessions;
@@ -277,14 +278,23 @@ impl Server {
             }
             None => None,
         };
-        // Provisioning records stay in this node's embedded store, in cluster mode
-        // too (DECISIONS.md, "Provisioning (issue 25)").
+        let scope_path = scope::scope_path(data_dir.root());
+        let local_scope = IdScope::load_or_create(&scope_path)?;
+        let (provisioning_store, id_scope): (Arc<dyn ProvisioningStore>, IdScope) = match &nats {
+            Some(nats) => {
+                tracing::info!("cluster mode: enrollments and registrations on NATS JetStream");
+                let store = NatsProvisioning::open(nats).await?;
+                let scope = store.adopt_scope(local_scope, &scope_path).await?;
+                (Arc::new(store), scope)
+            }
+            None => (Arc::new(EmbeddedProvisioning::open(&store)?), local_scope),
+        };
         let provisioning = Provisioning::new(
-            Arc::new(EmbeddedProvisioning::open(&store)?),
+            provisioning_store,
             registry.clone(),
             twins.clone(),
             config.hostname.clone(),
-            IdScope::load_or_create(&scope::scope_path(data_dir.root()))?,
+            id_scope,
         );
         let services = services(DeviceServices {
             telemetry: telemetry.clone(),
