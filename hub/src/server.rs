@@ -295,6 +295,7 @@ impl Server {
             twins.clone(),
             config.hostname.clone(),
             id_scope,
+            Duration::from_secs(config.mqtt.sas_max_lifetime_secs),
         );
         let services = services(DeviceServices {
             telemetry: telemetry.clone(),

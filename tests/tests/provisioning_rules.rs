@@ -145,6 +145,25 @@ async fn a_refused_initial_twin_leaves_nothing_and_reset_policies_reset() -> Res
         .await?;
     assert_eq!(device.status().as_u16(), 404, "nothing half created");
 
+    // A registration token valid for longer than mqtt.sas_max_lifetime_secs (a year
+    // by default) is refused like a device token.
+    let forever = hub::auth::sas::sign_resource(
+        &format!("{scope}/registrations/bad-twin"),
+        &STANDARD.decode(&key)?,
+        u64::MAX / 2,
+    );
+    let response = hub
+        .http()
+        .put(format!(
+            "{}/{scope}/registrations/bad-twin/register",
+            hub.url()
+        ))
+        .header("Authorization", format!("{forever}&skn=registration"))
+        .json(&json!({}))
+        .send()
+        .await?;
+    assert_eq!(response.status().as_u16(), 401);
+
     // migrateDeviceData = false: a second registration resets the twin.
     let response = put(
         "/enrollments/resettable".into(),

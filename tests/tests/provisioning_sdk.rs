@@ -268,7 +268,11 @@ async fn the_azure_python_sdk_provisions_through_an_enrollment_group() -> Result
     // 400 and an errorCode, before any key is looked at.
     let bad_id = "bad id!";
     let sr = format!("{scope}/registrations/{bad_id}");
-    let token = hub::auth::sas::sign_resource(&sr, &STANDARD.decode(&group_key)?, u64::MAX / 2);
+    let token = hub::auth::sas::sign_resource(
+        &sr,
+        &STANDARD.decode(&group_key)?,
+        hub::auth::unix_now() + 600,
+    );
     let response = hub
         .http()
         .put(format!(

@@ -276,9 +276,10 @@ pub async fn serve<S: Transport>(
         &mut wbuf,
     );
     let started = Instant::now();
-    let token_end =
-        started + Duration::from_secs(attested.expires_at.saturating_sub(crate::auth::unix_now()));
-    let hard_end = (started + MAX_CONNECTION).min(token_end);
+    let token_left =
+        Duration::from_secs(attested.expires_at.saturating_sub(crate::auth::unix_now()));
+    // The token's remaining life is bounded before it is added: no Instant overflow.
+    let hard_end = started + MAX_CONNECTION.min(token_left);
     let mut session = DpsSession::new(connect.keep_alive, started);
     let mut steps = Vec::new();
     loop {

@@ -146,6 +146,7 @@ struct Inner {
     twins: Twins,
     hostname: String,
     scope: IdScope,
+    max_token_lifetime: std::time::Duration,
     registrations: Semaphore,
 }
 
@@ -158,13 +159,16 @@ impl std::fmt::Debug for Provisioning {
 }
 
 impl Provisioning {
-    /// The capability for this hub (`hostname` is what devices are assigned to).
+    /// The capability for this hub (`hostname` is what devices are assigned to;
+    /// registration tokens valid for longer than `max_token_lifetime` are refused, as
+    /// device tokens are by `mqtt.sas_max_lifetime_secs`).
     pub fn new(
         store: Arc<dyn ProvisioningStore>,
         registry: Registry,
         twins: Twins,
         hostname: String,
         scope: IdScope,
+        max_token_lifetime: std::time::Duration,
     ) -> Self {
         Self {
             inner: Arc::new(Inner {
@@ -173,6 +177,7 @@ impl Provisioning {
                 twins,
                 hostname,
                 scope,
+                max_token_lifetime,
                 registrations: Semaphore::new(MAX_CONCURRENT_REGISTRATIONS),
             }),
         }
@@ -351,6 +356,10 @@ impl Provisioning {
         let token = SasToken::parse(token).map_err(unauthorized)?;
         if token.expiry <= now {
             return Err(unauthorized(SasError::Expired));
+        }
+        let max = self.inner.max_token_lifetime.as_secs();
+        if token.expiry.saturating_sub(now) > max {
+            return Err(unauthorized(SasError::LifetimeTooLong(max)));
         }
         let expected = format!("{}/registrations/{registration_id}", self.inner.scope);
         let resource = token.resource().map_err(unauthorized)?;
