@@ -3,6 +3,10 @@
 
   azure_provision.py HOST SCOPE REGISTRATION_ID DEVICE_KEY CA_PATH [websockets]
 
+DEVICE_KEY `x509:CERT_PEM_PATH:KEY_PATH` registers with
+create_from_x509_certificate instead, and connects the hub client with the same
+certificate.
+
 It registers with ProvisioningDeviceClient.create_from_symmetric_key (MQTT over TLS
 on HOST:8883, or with `websockets` MQTT over WebSocket on HOST:443), prints the registration result as one JSON line, and when assigned
 connects an IoTHubDeviceClient with the result, prints the twin's desired
@@ -13,7 +17,7 @@ twin, sent, error.
 import json
 import sys
 
-from azure.iot.device import IoTHubDeviceClient, Message, ProvisioningDeviceClient
+from azure.iot.device import X509, IoTHubDeviceClient, Message, ProvisioningDeviceClient
 
 
 def emit(event, **fields):
@@ -25,14 +29,27 @@ def main():
     websockets = sys.argv[6:] == ["websockets"]
     with open(ca_path) as f:
         ca = f.read()
-    client = ProvisioningDeviceClient.create_from_symmetric_key(
-        provisioning_host=host,
-        registration_id=registration_id,
-        id_scope=scope,
-        symmetric_key=key,
-        server_verification_cert=ca,
-        websockets=websockets,
-    )
+    x509 = None
+    if key.startswith("x509:"):
+        _, cert_file, key_file = key.split(":", 2)
+        x509 = X509(cert_file=cert_file, key_file=key_file)
+        client = ProvisioningDeviceClient.create_from_x509_certificate(
+            provisioning_host=host,
+            registration_id=registration_id,
+            id_scope=scope,
+            x509=x509,
+            server_verification_cert=ca,
+            websockets=websockets,
+        )
+    else:
+        client = ProvisioningDeviceClient.create_from_symmetric_key(
+            provisioning_host=host,
+            registration_id=registration_id,
+            id_scope=scope,
+            symmetric_key=key,
+            server_verification_cert=ca,
+            websockets=websockets,
+        )
     client.provisioning_payload = {"firmware": "1.0"}
     try:
         result = client.register()
@@ -58,13 +75,22 @@ def main():
     )
     if result.status != "assigned":
         return
-    device = IoTHubDeviceClient.create_from_symmetric_key(
-        symmetric_key=key,
-        hostname=state.assigned_hub,
-        device_id=state.device_id,
-        server_verification_cert=ca,
-        websockets=websockets,
-    )
+    if x509 is not None:
+        device = IoTHubDeviceClient.create_from_x509_certificate(
+            x509=x509,
+            hostname=state.assigned_hub,
+            device_id=state.device_id,
+            server_verification_cert=ca,
+            websockets=websockets,
+        )
+    else:
+        device = IoTHubDeviceClient.create_from_symmetric_key(
+            symmetric_key=key,
+            hostname=state.assigned_hub,
+            device_id=state.device_id,
+            server_verification_cert=ca,
+            websockets=websockets,
+        )
     device.connect()
     twin = device.get_twin()
     emit("twin", desired=twin.get("desired", {}))

@@ -522,3 +522,65 @@ async fn an_individual_enrollment_registers_over_the_https_device_routes() -> Re
     assert!(hub.stop().await?.success());
     Ok(())
 }
+
+/// Issues a device certificate from the hub's CA (`hub cert device`); the script's
+/// `x509:CERT:KEY` credential.
+async fn issue(hub: &Hub, id: &str) -> Result<String> {
+    let out = hub.cli(&["cert", "device", id]).await?;
+    anyhow::ensure!(out.status.success(), "{}", out.stderr);
+    let pem = std::path::PathBuf::from(out.stdout.trim());
+    let key = pem.with_extension("key");
+    Ok(format!("x509:{}:{}", pem.display(), key.display()))
+}
+
+/// An X.509 enrollment group: the group holds a CA certificate (here the hub's own
+/// development CA, which `hub cert device` issues from); the unmodified SDK registers
+/// with `create_from_x509_certificate` (no password, the certificate at the TLS
+/// handshake, CN = registration id) and connects with the same certificate; the
+/// registry device authenticates by the certificate's thumbprint. A certificate that
+/// chains to no X.509 group is refused.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_azure_python_sdk_provisions_with_a_certificate_under_a_group_ca() -> Result<()> {
+    let dir = tempfile::tempdir()?;
+    // 90+: below the other loopback tests' ranges.
+    let (hub, host) = start_hub_on_loopback(dir.path(), 90, false).await?;
+    let scope = hub.cli(&["dps", "scope"]).await?.stdout.trim().to_string();
+    let api = Api {
+        hub: &hub,
+        token: hub
+            .token("registry:read,service:connect,provisioning:write")
+            .await?,
+    };
+    // Before any X.509 group exists, the certificate is refused.
+    let stray = issue(&hub, "cam-0").await?;
+    let events = provision(&hub, &host, &scope, "cam-0", &stray, false).await?;
+    event(&events, "error")?;
+
+    let ca = std::fs::read_to_string(dir.path().join("certs/ca.pem"))?;
+    let (status, group) = api
+        .call(
+            reqwest::Method::PUT,
+            "/enrollmentGroups/cameras",
+            Some(json!({
+                "attestation": {"type": "x509", "x509": {"signingCertificates": {"primary": {"certificate": ca}}}},
+                "initialTwin": {"properties": {"desired": {"fps": 25}}}
+            })),
+        )
+        .await?;
+    assert_eq!(status, 200, "{group}");
+    assert_eq!(group["attestation"]["type"], "x509");
+
+    let credential = issue(&hub, "cam-1").await?;
+    let events = provision(&hub, &host, &scope, "cam-1", &credential, false).await?;
+    let registered = event(&events, "registered")?;
+    assert_eq!(registered["status"], "assigned", "{events:?}");
+    assert_eq!(registered["device_id"], "cam-1");
+    assert_eq!(event(&events, "twin")?["desired"]["fps"], 25);
+    event(&events, "sent")?;
+    let (_, device) = api
+        .call(reqwest::Method::GET, "/devices/cam-1", None)
+        .await?;
+    assert_eq!(device["authentication"]["type"], "selfSigned", "{device}");
+    assert!(hub.stop().await?.success());
+    Ok(())
+}

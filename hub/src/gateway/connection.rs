@@ -229,7 +229,7 @@ pub async fn serve<S: Transport>(
             return;
         }
         if provisioning::is_provisioning_connect(&rbuf, ctx.max_packet_size) {
-            provisioning::serve(stream, rbuf, ctx, shutdown).await;
+            provisioning::serve(stream, rbuf, certificates, ctx, shutdown).await;
             return;
         }
     }

@@ -14,6 +14,7 @@ use rumqttc::mqttbytes::v4::{
     ConnAck, Connect, ConnectReturnCode, Packet, PubAck, Publish, SubAck, SubscribeReasonCode,
     UnsubAck,
 };
+use rustls::pki_types::CertificateDer;
 use tokio::io::AsyncWriteExt;
 use tokio::sync::watch;
 use tokio::time::Instant;
@@ -241,6 +242,7 @@ fn refusal(err: &ProvisioningError) -> ConnectReturnCode {
 pub async fn serve<S: Transport>(
     mut stream: S,
     mut rbuf: BytesMut,
+    certificates: Vec<CertificateDer<'static>>,
     ctx: Arc<GatewayContext>,
     mut shutdown: watch::Receiver<bool>,
 ) {
@@ -252,7 +254,7 @@ pub async fn serve<S: Transport>(
         _ => return,
     };
     let mut wbuf = BytesMut::new();
-    let attested = match attest(&provisioning, &connect).await {
+    let attested = match attest(&provisioning, &connect, &certificates).await {
         Ok(attested) => attested,
         Err(err) => {
             tracing::info!(client = %connect.client_id, error = %err, "refused provisioning CONNECT");
@@ -340,6 +342,7 @@ pub async fn serve<S: Transport>(
 async fn attest(
     provisioning: &Provisioning,
     connect: &Connect,
+    certificates: &[CertificateDer<'static>],
 ) -> Result<Attested, ProvisioningError> {
     let login = connect
         .login
@@ -352,6 +355,12 @@ async fn attest(
             id: connect.client_id.clone(),
             reason: "the client id must be the registration id of the username".into(),
         });
+    }
+    // No password: an X.509 device, proven by the TLS handshake's certificate.
+    if login.password.is_empty() {
+        return provisioning
+            .attest_certificate(scope, registration_id, certificates)
+            .await;
     }
     provisioning
         .attest(

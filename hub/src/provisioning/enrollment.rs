@@ -72,16 +72,67 @@ impl std::fmt::Debug for SymmetricKeys {
     }
 }
 
-/// How devices of an enrollment prove who they are. Only symmetric keys so far.
+/// How devices of an enrollment prove who they are: `symmetricKey`, or (enrollment
+/// groups) `x509` with a signing (CA) certificate.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase")]
 pub struct Attestation {
-    /// `symmetricKey` (the only type this hub accepts so far).
+    /// `symmetricKey` or `x509`.
     #[serde(rename = "type")]
     pub kind: String,
     /// The keys.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub symmetric_key: Option<SymmetricKeys>,
+    /// The CA certificates of an X.509 enrollment group.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub x509: Option<X509Attestation>,
+}
+
+/// `x509` of an enrollment group: `{"signingCertificates": {"primary": {"certificate": PEM}}}`.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct X509Attestation {
+    /// The CA certificates a device certificate must chain to.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub signing_certificates: Option<X509Certificates>,
+}
+
+/// A primary and optional secondary certificate.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct X509Certificates {
+    /// The primary certificate.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub primary: Option<X509Certificate>,
+    /// The secondary certificate.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub secondary: Option<X509Certificate>,
+}
+
+/// One certificate, PEM.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct X509Certificate {
+    /// The PEM text.
+    #[serde(default)]
+    pub certificate: String,
+}
+
+impl Attestation {
+    /// The CA certificates (PEM) of an X.509 group.
+    pub fn signing_certificates(&self) -> Vec<&str> {
+        let Some(certs) = self
+            .x509
+            .as_ref()
+            .and_then(|x| x.signing_certificates.as_ref())
+        else {
+            return Vec::new();
+        };
+        [&certs.primary, &certs.secondary]
+            .into_iter()
+            .flatten()
+            .map(|c| c.certificate.as_str())
+            .filter(|pem| !pem.trim().is_empty())
+            .collect()
+    }
 }
 
 /// The twin a device gets when it is first registered.
@@ -268,14 +319,31 @@ impl Enrollment {
         let attestation = spec.attestation.unwrap_or(Attestation {
             kind: "symmetricKey".into(),
             symmetric_key: None,
+            x509: None,
         });
-        if attestation.kind != "symmetricKey" {
-            return Err(format!(
-                "attestation type {:?} is not supported by this hub (only symmetricKey)",
-                attestation.kind
-            ));
-        }
-        let given = attestation.symmetric_key.unwrap_or_default();
+        let x509 = match (attestation.kind.as_str(), kind) {
+            ("symmetricKey", _) => None,
+            ("x509", EnrollmentKind::Group) => {
+                let pems = attestation.signing_certificates();
+                if pems.is_empty() {
+                    return Err("an x509 enrollment group needs \
+                         x509.signingCertificates.primary.certificate (PEM)"
+                        .into());
+                }
+                for pem in &pems {
+                    crate::auth::x509::DeviceCa::from_pem(pem)
+                        .map_err(|err| format!("x509.signingCertificates: {err}"))?;
+                }
+                attestation.x509.clone()
+            }
+            (other, _) => {
+                return Err(format!(
+                    "attestation type {other:?} is not supported here \
+                     (symmetricKey; x509 for enrollment groups)"
+                ));
+            }
+        };
+        let given = attestation.symmetric_key.clone().unwrap_or_default();
         let kept = current.and_then(Enrollment::keys);
         let mut keys = SymmetricKeys::default();
         for (field, given, kept, slot) in [
@@ -308,13 +376,22 @@ impl Enrollment {
                 "initialTwin is {size} bytes; the limit is {MAX_INITIAL_TWIN_BYTES}"
             ));
         }
+        let attestation = match x509 {
+            Some(x509) => Attestation {
+                kind: "x509".into(),
+                symmetric_key: None,
+                x509: Some(x509),
+            },
+            None => Attestation {
+                kind: "symmetricKey".into(),
+                symmetric_key: Some(keys),
+                x509: None,
+            },
+        };
         Ok(Self {
             id: id.to_string(),
             device_id,
-            attestation: Attestation {
-                kind: "symmetricKey".into(),
-                symmetric_key: Some(keys),
-            },
+            attestation,
             provisioning_status: spec.provisioning_status.unwrap_or_default(),
             initial_twin,
             reprovision_policy: spec.reprovision_policy.unwrap_or_default(),
@@ -416,6 +493,7 @@ mod tests {
             attestation: Some(Attestation {
                 kind: "tpm".into(),
                 symmetric_key: None,
+                x509: None,
             }),
             ..EnrollmentSpec::default()
         };

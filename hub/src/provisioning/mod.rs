@@ -21,8 +21,8 @@ use tokio::sync::Semaphore;
 
 use crate::auth::sas::{SasError, SasToken};
 use crate::registry::{
-    AuthType, AuthenticationSpec, DeviceId, DeviceSpec, IfMatch, Registry, RegistryError,
-    SymmetricKeySpec,
+    AuthType, Authentication, AuthenticationSpec, DeviceId, DeviceSpec, IfMatch, Registry,
+    RegistryError, SymmetricKeySpec, X509Thumbprint,
 };
 use crate::twins::{TwinError, Twins};
 pub use enrollment::{Enrollment, EnrollmentKind, EnrollmentSpec, derive_device_key};
@@ -128,10 +128,89 @@ pub struct Attested {
     pub enrollment: Enrollment,
     /// Group or individual.
     pub kind: EnrollmentKind,
-    /// The device's primary and secondary keys (derived for groups).
-    pub device_keys: (String, String),
-    /// The token's expiry (Unix seconds).
+    /// What the hub device is created with.
+    pub credential: Credential,
+    /// The token's (or certificate's) expiry (Unix seconds).
     pub expires_at: u64,
+}
+
+/// The credential a registered device connects to the hub with.
+#[derive(Clone, PartialEq, Eq)]
+pub enum Credential {
+    /// SAS keys: the individual enrollment's, or derived from a group's.
+    Keys {
+        /// Primary key, base64.
+        primary: String,
+        /// Secondary key, base64.
+        secondary: String,
+    },
+    /// The device certificate of an X.509 group (its SHA-256 thumbprint).
+    Certificate {
+        /// Lower-case hex SHA-256 of the device certificate.
+        thumbprint: String,
+    },
+}
+
+impl std::fmt::Debug for Credential {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Credential::Keys { .. } => f.write_str("Keys(<redacted>)"),
+            Credential::Certificate { thumbprint } => write!(f, "Certificate({thumbprint})"),
+        }
+    }
+}
+
+impl Credential {
+    fn spec(&self) -> AuthenticationSpec {
+        match self {
+            Credential::Keys { primary, secondary } => AuthenticationSpec {
+                kind: Some(AuthType::Sas),
+                symmetric_key: Some(SymmetricKeySpec {
+                    primary_key: Some(primary.clone()),
+                    secondary_key: Some(secondary.clone()),
+                }),
+                ..AuthenticationSpec::default()
+            },
+            Credential::Certificate { thumbprint } => AuthenticationSpec {
+                kind: Some(AuthType::SelfSigned),
+                x509_thumbprint: Some(X509Thumbprint {
+                    primary_thumbprint: Some(thumbprint.clone()),
+                    secondary_thumbprint: None,
+                }),
+                ..AuthenticationSpec::default()
+            },
+        }
+    }
+
+    /// Whether a stored device already authenticates with this credential.
+    fn held_by(&self, auth: &Authentication) -> bool {
+        match self {
+            Credential::Keys { primary, secondary } => {
+                auth.kind == AuthType::Sas
+                    && auth
+                        .symmetric_key
+                        .as_ref()
+                        .is_some_and(|k| k.primary_key == *primary && k.secondary_key == *secondary)
+            }
+            Credential::Certificate { thumbprint } => {
+                auth.kind == AuthType::SelfSigned
+                    && auth.x509_thumbprint.primary_thumbprint.as_deref() == Some(thumbprint)
+            }
+        }
+    }
+}
+
+/// The request that puts `auth` back (undoing a credential change).
+fn restore_spec(auth: Authentication) -> AuthenticationSpec {
+    AuthenticationSpec {
+        kind: Some(auth.kind),
+        symmetric_key: auth.symmetric_key.map(|k| SymmetricKeySpec {
+            primary_key: Some(k.primary_key),
+            secondary_key: Some(k.secondary_key),
+        }),
+        public_keys: Some(auth.public_keys),
+        x509_thumbprint: Some(auth.x509_thumbprint),
+    }
 }
 
 /// The provisioning capability.
@@ -385,12 +464,15 @@ impl Provisioning {
         {
             let (primary, secondary) = (decode(&keys.primary_key), decode(&keys.secondary_key));
             if token.signed_by(&[&primary, &secondary]).is_some() {
-                let device_keys = (keys.primary_key.clone(), keys.secondary_key.clone());
+                let credential = Credential::Keys {
+                    primary: keys.primary_key.clone(),
+                    secondary: keys.secondary_key.clone(),
+                };
                 return Ok(Attested {
                     registration_id: registration_id.to_string(),
                     enrollment,
                     kind: EnrollmentKind::Individual,
-                    device_keys,
+                    credential,
                     expires_at: token.expiry,
                 });
             }
@@ -411,12 +493,65 @@ impl Provisioning {
                     registration_id: registration_id.to_string(),
                     enrollment: group,
                     kind: EnrollmentKind::Group,
-                    device_keys: (primary, secondary),
+                    credential: Credential::Keys { primary, secondary },
                     expires_at: token.expiry,
                 });
             }
         }
         Err(unauthorized(SasError::BadSignature))
+    }
+
+    /// Checks a device that presented an X.509 certificate chain (end entity first) at
+    /// the TLS handshake: its CN must be the registration id and the chain must lead
+    /// to the signing certificate of an X.509 enrollment group, valid now.
+    pub async fn attest_certificate(
+        &self,
+        scope: &str,
+        registration_id: &str,
+        chain: &[rustls::pki_types::CertificateDer<'_>],
+    ) -> Result<Attested, ProvisioningError> {
+        if !scope.eq_ignore_ascii_case(self.inner.scope.as_str()) {
+            return Err(ProvisioningError::Unauthorized(format!(
+                "unknown ID scope {scope:?}"
+            )));
+        }
+        DeviceId::parse(registration_id).map_err(|err| {
+            ProvisioningError::InvalidRegistrationId {
+                id: registration_id.to_string(),
+                reason: err.to_string(),
+            }
+        })?;
+        let leaf = chain.first().ok_or_else(|| {
+            ProvisioningError::Unauthorized("no client certificate and no SAS token".into())
+        })?;
+        if crate::auth::x509::common_name(leaf).as_deref() != Some(registration_id) {
+            return Err(ProvisioningError::Unauthorized(
+                "the certificate's CN is not the registration id".into(),
+            ));
+        }
+        let expires_at = x509_parser::parse_x509_certificate(leaf)
+            .ok()
+            .map(|(_, cert)| cert.validity().not_after.timestamp())
+            .and_then(|at| u64::try_from(at).ok())
+            .unwrap_or(0);
+        for group in self.inner.store.enrollments(EnrollmentKind::Group).await? {
+            let issued = group.attestation.signing_certificates().iter().any(|pem| {
+                crate::auth::x509::DeviceCa::from_pem(pem).is_ok_and(|ca| ca.issued(chain))
+            });
+            if issued {
+                let (thumbprint, _) = crate::auth::x509::thumbprints(leaf);
+                return Ok(Attested {
+                    registration_id: registration_id.to_string(),
+                    enrollment: group,
+                    kind: EnrollmentKind::Group,
+                    credential: Credential::Certificate { thumbprint },
+                    expires_at,
+                });
+            }
+        }
+        Err(ProvisioningError::Unauthorized(
+            "the certificate chains to no X.509 enrollment group".into(),
+        ))
     }
 
     /// Registers an attested device: creates (or finds) its registry device with
@@ -545,23 +680,16 @@ impl Provisioning {
         }
     }
 
-    /// Makes sure the registry holds `device_id` with the attested keys. Returns
-    /// whether it was created, and the keys it had before if they were replaced.
+    /// Makes sure the registry holds `device_id` with the attested credential.
+    /// Returns whether it was created, and its credentials before if they were
+    /// replaced.
     async fn ensure_device(
         &self,
         device_id: &DeviceId,
         attested: &Attested,
-    ) -> Result<(bool, Option<(String, String)>), ProvisioningError> {
-        let (primary, secondary) = &attested.device_keys;
+    ) -> Result<(bool, Option<Authentication>), ProvisioningError> {
         let spec = || DeviceSpec {
-            authentication: Some(AuthenticationSpec {
-                kind: Some(AuthType::Sas),
-                symmetric_key: Some(SymmetricKeySpec {
-                    primary_key: Some(primary.clone()),
-                    secondary_key: Some(secondary.clone()),
-                }),
-                ..AuthenticationSpec::default()
-            }),
+            authentication: Some(attested.credential.spec()),
             ..DeviceSpec::default()
         };
         let registry = &self.inner.registry;
@@ -579,21 +707,14 @@ impl Provisioning {
                     Err(err) => return Err(registry_failed(err)),
                 }
             };
-            let current = existing
-                .authentication
-                .symmetric_key
-                .as_ref()
-                .map(|k| (k.primary_key.clone(), k.secondary_key.clone()));
-            if existing.authentication.kind == AuthType::Sas
-                && current.as_ref() == Some(&attested.device_keys)
-            {
+            if attested.credential.held_by(&existing.authentication) {
                 return Ok((false, None));
             }
             registry
                 .update(device_id.clone(), spec(), IfMatch::Etag(existing.etag()))
                 .await
                 .map_err(registry_failed)?;
-            return Ok((false, current));
+            return Ok((false, Some(existing.authentication)));
         }
         Err(ProvisioningError::Internal(format!(
             "device {device_id} changed while being registered; retry"
@@ -601,19 +722,13 @@ impl Provisioning {
     }
 
     /// Takes back what a failed registration did to the registry.
-    async fn undo(&self, device_id: &DeviceId, created: bool, replaced: Option<(String, String)>) {
+    async fn undo(&self, device_id: &DeviceId, created: bool, replaced: Option<Authentication>) {
         let registry = &self.inner.registry;
         let undone = if created {
             registry.delete(device_id, None).await.map(|_| ())
-        } else if let Some((primary, secondary)) = replaced {
+        } else if let Some(previous) = replaced {
             let spec = DeviceSpec {
-                authentication: Some(AuthenticationSpec {
-                    symmetric_key: Some(SymmetricKeySpec {
-                        primary_key: Some(primary),
-                        secondary_key: Some(secondary),
-                    }),
-                    ..AuthenticationSpec::default()
-                }),
+                authentication: Some(restore_spec(previous)),
                 ..DeviceSpec::default()
             };
             registry
