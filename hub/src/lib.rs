@@ -37,6 +37,9 @@
 //! - [`twins`] owns the device twins: documents, merge patch with versions and
 //!   metadata, the query language, compare-and-set writes to their store.
 //! - [`commands`] owns cloud-to-device queues with feedback and direct methods.
+//! - [`provisioning`] owns DPS-style enrollments and registrations: it attests a
+//!   registering device, creates its registry device and initial twin, and answers
+//!   the provisioning device contract for the MQTT and HTTPS edges.
 //!
 //! Ground
 //! - [`config`] is the configuration tree, its defaults and validation;
@@ -53,6 +56,7 @@ pub mod delivery;
 pub mod gateway;
 pub mod http;
 pub mod properties;
+pub mod provisioning;
 pub mod registry;
 pub mod server;
 pub mod storage;

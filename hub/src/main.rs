@@ -1,6 +1,6 @@
 //! `hub`: the server (`hub serve`) and its admin CLI (`print-config`, `token`,
 //! `device …`, `twin …`, `c2d …`, `invoke`, `tail`, `cert device`, `connection-string`,
-//! `policy …`). Start-up failures print one clear line; a bad configuration exits with
+//! `policy …`, `dps …`). Start-up failures print one clear line; a bad configuration exits with
 //! code 2.
 
 mod cli;
@@ -54,6 +54,10 @@ enum Command {
     /// Shared access policies: list, rotate a key.
     #[command(subcommand)]
     Policy(cli::PolicyCommand),
+    /// Provisioning (DPS): ID scope, enrollment groups, enrollments, device keys,
+    /// registrations.
+    #[command(subcommand)]
+    Dps(cli::DpsCommand),
     /// Issue certificates from the data dir's development CA.
     #[command(subcommand)]
     Cert(cli::CertCommand),
@@ -158,6 +162,7 @@ fn main() -> ExitCode {
         Command::Cert(command) => report(cli::cert(command)),
         Command::ConnectionString(args) => report(cli::connection_string(&args)),
         Command::Policy(command) => report(cli::policy(command)),
+        Command::Dps(command) => report(runtime.block_on(cli::dps(command))),
     }
 }
 

@@ -34,14 +34,18 @@ use crate::gateway::session::SessionLimits;
 use crate::gateway::tls::{self, TlsError};
 use crate::gateway::{Gateway, GatewayContext, listener};
 use crate::http::serve::ConnectionLimits;
+use crate::provisioning::scope::{self, IdScope, ScopeError};
+use crate::provisioning::{Provisioning, ProvisioningStore};
 use crate::registry::{Presence, Registry, RegistryError};
 use crate::storage::{ClusterView, StoreError, StoreHealth};
 use crate::store::embedded::EmbeddedStore;
+use crate::store::embedded_provisioning::EmbeddedProvisioning;
 use crate::store::embedded_twins::EmbeddedTwins;
 use crate::store::nats::NatsStore;
 use crate::store::nats::c2d::NatsCommands;
 use crate::store::nats::checkpoints::NatsCheckpoints;
 use crate::store::nats::nodes::NodeRouter;
+use crate::store::nats::provisioning::NatsProvisioning;
 use crate::store::nats::registry::NatsRegistry;
 use crate::store::nats::secrets;
 use crate::store::nats::sessions::NatsSessions;
@@ -81,6 +85,9 @@ pub enum ServeError {
     /// The twins could not be loaded.
     #[error("twins: {0}")]
     Twins(#[from] TwinError),
+    /// The provisioning ID scope file could not be read or written.
+    #[error("provisioning ID scope: {0}")]
+    Scope(#[from] ScopeError),
     /// The telemetry streams could not be opened.
     #[error("telemetry: {0}")]
     Telemetry(#[from] TelemetryError),
@@ -271,6 +278,25 @@ impl Server {
             }
             None => None,
         };
+        let scope_path = scope::scope_path(data_dir.root());
+        let local_scope = IdScope::load_or_create(&scope_path)?;
+        let (provisioning_store, id_scope): (Arc<dyn ProvisioningStore>, IdScope) = match &nats {
+            Some(nats) => {
+                tracing::info!("cluster mode: enrollments and registrations on NATS JetStream");
+                let store = NatsProvisioning::open(nats).await?;
+                let scope = store.adopt_scope(local_scope, &scope_path).await?;
+                (Arc::new(store), scope)
+            }
+            None => (Arc::new(EmbeddedProvisioning::open(&store)?), local_scope),
+        };
+        let provisioning = Provisioning::new(
+            provisioning_store,
+            registry.clone(),
+            twins.clone(),
+            config.hostname.clone(),
+            id_scope,
+            Duration::from_secs(config.mqtt.sas_max_lifetime_secs),
+        );
         let services = services(DeviceServices {
             telemetry: telemetry.clone(),
             twins: Arc::new(twins.clone()),
@@ -301,6 +327,7 @@ impl Server {
                 ..SessionLimits::default()
             },
             max_packet_size: mqtt.max_packet_size,
+            provisioning: Some(provisioning.clone()),
         };
         let gateway = Gateway::bind(
             context,
@@ -367,6 +394,7 @@ impl Server {
             telemetry,
             twins,
             commands,
+            provisioning,
             cluster: nats
                 .clone()
                 .map(|nats| Arc::new(nats) as Arc<dyn ClusterView>),

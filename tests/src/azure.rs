@@ -1,4 +1,5 @@
-//! What the tests running Azure's own Node.js SDKs share: the pinned npm packages (one
+//! What the tests running Azure's own SDKs share: a Python with the device SDK
+//! ([`azure_python`]); the pinned npm packages (one
 //! `node_modules` for the device and the service SDK), installed into
 //! `target/azure-node` when missing, and a hub on a loopback address of its own whose
 //! MQTT/TLS listener is on 8883 and HTTPS listener on 443 — the ports Azure's SDKs
@@ -13,12 +14,74 @@ use tokio::process::Command;
 use crate::{Hub, HubOptions};
 
 /// The SDK packages the Node tests pin (the same list `.ci/run` installs): Azure's
-/// device SDK with its MQTT transport, and its service SDK.
-pub const NODE_SDK_PACKAGES: [&str; 3] = [
+/// device SDK with its MQTT transport, its service SDK, and its provisioning device
+/// client with the MQTT and HTTP transports, the symmetric-key security client, and
+/// its provisioning service SDK.
+pub const NODE_SDK_PACKAGES: [&str; 8] = [
     "azure-iot-device@1.18.4",
     "azure-iot-device-mqtt@1.16.4",
     "azure-iothub@1.16.6",
+    "azure-iot-provisioning-device@1.9.1",
+    "azure-iot-provisioning-device-mqtt@1.8.1",
+    "azure-iot-provisioning-device-http@1.9.1",
+    "azure-iot-security-symmetric-key@1.8.2",
+    "azure-iot-provisioning-service@1.11.2",
 ];
+
+/// The Python packages the tests running Azure's Python device SDK pin (the same
+/// `.ci/run` installs into `target/azure-venv`).
+pub const PYTHON_SDK_PACKAGES: [&str; 2] = ["azure-iot-device>=2.12,<3", "paho-mqtt==1.6.1"];
+
+/// A Python with Azure's device SDK: `$HUB_AZURE_PYTHON`, or `target/azure-venv`,
+/// created from PyPI when it does not exist yet (`.ci/run` creates it beforehand).
+/// Fails saying how to install it.
+pub async fn azure_python() -> Result<PathBuf> {
+    if let Some(python) = std::env::var_os("HUB_AZURE_PYTHON") {
+        return Ok(PathBuf::from(python));
+    }
+    let venv = workspace().join("target/azure-venv");
+    let python = venv.join("bin/python3");
+    let install_hint = || {
+        format!(
+            "the Azure SDK compatibility tests need Python 3 with Azure's device SDK; create it with\n  \
+             python3 -m venv target/azure-venv && target/azure-venv/bin/pip install '{}' '{}'\n\
+             (.ci/run does this), or point HUB_AZURE_PYTHON at such an interpreter",
+            PYTHON_SDK_PACKAGES[0], PYTHON_SDK_PACKAGES[1]
+        )
+    };
+    if !python.exists() {
+        let created = Command::new("python3")
+            .args(["-m", "venv"])
+            .arg(&venv)
+            .status()
+            .await;
+        let installed = match created {
+            Ok(status) if status.success() => {
+                Command::new(venv.join("bin/pip"))
+                    .args(["install", "--quiet"])
+                    .args(PYTHON_SDK_PACKAGES)
+                    .status()
+                    .await
+            }
+            other => other,
+        };
+        if !matches!(installed, Ok(status) if status.success()) {
+            bail!("{}", install_hint());
+        }
+    }
+    let check = Command::new(&python)
+        .args(["-c", "import azure.iot.device, paho.mqtt"])
+        .status()
+        .await;
+    if !matches!(check, Ok(status) if status.success()) {
+        bail!(
+            "{} has no azure-iot-device: {}",
+            python.display(),
+            install_hint()
+        );
+    }
+    Ok(python)
+}
 
 /// The workspace root.
 pub fn workspace() -> PathBuf {

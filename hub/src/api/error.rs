@@ -53,6 +53,13 @@ pub enum ApiError {
     /// 404 / 404001: no such device.
     #[error("device {0} not found")]
     DeviceNotFound(String),
+    /// 404 / 404000: no such resource (enrollment, group, registration); the message
+    /// names it.
+    #[error("{0}")]
+    NotFound(String),
+    /// 403 / 403002: a quota of the hub (enrollment groups) is reached.
+    #[error("{0}")]
+    QuotaExceeded(String),
     /// 405 / 405000: the route exists but not with this method.
     #[error("method not allowed on this route")]
     MethodNotAllowed,
@@ -103,6 +110,8 @@ impl ApiError {
             ApiError::MethodTimeout(_) => (StatusCode::GATEWAY_TIMEOUT, 504101),
             ApiError::RouteNotFound(_) => (StatusCode::NOT_FOUND, 404000),
             ApiError::DeviceNotFound(_) => (StatusCode::NOT_FOUND, 404001),
+            ApiError::NotFound(_) => (StatusCode::NOT_FOUND, 404000),
+            ApiError::QuotaExceeded(_) => (StatusCode::FORBIDDEN, 403002),
             ApiError::MethodNotAllowed => (StatusCode::METHOD_NOT_ALLOWED, 405000),
             ApiError::DeviceExists(_) => (StatusCode::CONFLICT, 409001),
             ApiError::Gone(_) => (StatusCode::GONE, 410001),

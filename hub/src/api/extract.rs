@@ -62,6 +62,20 @@ impl RequiredScope for ServiceConnect {
     const SCOPE: Scope = Scope::ServiceConnect;
 }
 
+/// Marker: the route needs `provisioning:read`.
+#[derive(Debug)]
+pub struct ProvisioningRead;
+impl RequiredScope for ProvisioningRead {
+    const SCOPE: Scope = Scope::ProvisioningRead;
+}
+
+/// Marker: the route needs `provisioning:write`.
+#[derive(Debug)]
+pub struct ProvisioningWrite;
+impl RequiredScope for ProvisioningWrite {
+    const SCOPE: Scope = Scope::ProvisioningWrite;
+}
+
 /// Proof that the request carries a valid service token with scope `S`.
 #[derive(Debug)]
 pub struct Authorized<S>(PhantomData<S>);

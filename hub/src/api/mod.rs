@@ -17,6 +17,7 @@ mod devices;
 mod error;
 mod extract;
 mod health;
+mod provisioning;
 mod streams;
 mod twins;
 
@@ -56,6 +57,8 @@ pub struct AppState {
     pub twins: crate::twins::Twins,
     /// Cloud-to-device messages and direct methods.
     pub commands: crate::commands::Commands,
+    /// Enrollments and registrations (service API and HTTPS device contract).
+    pub provisioning: crate::provisioning::Provisioning,
     /// The cluster's state for `GET /cluster`, in cluster mode.
     pub cluster: Option<Arc<dyn crate::storage::ClusterView>>,
 }
@@ -173,6 +176,36 @@ pub fn router(state: AppState, limits: HttpLimits) -> Router {
         .route(
             "/twins/{id}",
             get(twins::get).patch(twins::patch).put(twins::put),
+        )
+        .route(
+            "/enrollmentGroups/{id}",
+            get(provisioning::get_group)
+                .put(provisioning::put_group)
+                .delete(provisioning::delete_group),
+        )
+        .route("/enrollmentGroups/query", post(provisioning::query_groups))
+        .route(
+            "/enrollments/{id}",
+            get(provisioning::get_individual)
+                .put(provisioning::put_individual)
+                .delete(provisioning::delete_individual),
+        )
+        .route("/enrollments/query", post(provisioning::query_individuals))
+        .route(
+            "/registrations/{id}",
+            get(provisioning::get_registration).delete(provisioning::delete_registration),
+        )
+        .route(
+            "/registrations/{id}/query",
+            post(provisioning::query_registrations),
+        )
+        .route(
+            "/{scope}/registrations/{id}/register",
+            put(provisioning::device_register),
+        )
+        .route(
+            "/{scope}/registrations/{id}/operations/{operation}",
+            get(provisioning::device_operation),
         )
         .route("/streams/telemetry", get(streams::info))
         .route(

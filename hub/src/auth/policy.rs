@@ -1,5 +1,6 @@
 //! Shared access policies, as Azure IoT Hub has them: `iothubowner`, `service`,
-//! `registryRead` and `registryReadWrite`, each with a primary and a secondary key
+//! `registryRead` and `registryReadWrite` (and Azure's provisioning service's
+//! `provisioningserviceowner`), each with a primary and a secondary key
 //! (32 random bytes, base64), kept in `DIR/policies.json` (0600); their mapping onto
 //! the service [`Scope`]s; and the check of a service SAS token
 //! `SharedAccessSignature sr=<host>&sig=<sig>&se=<expiry>&skn=<policy>`.
@@ -25,7 +26,7 @@ use super::service::Scope;
 /// The policies a hub has, Azure's built-in ones, with the scopes each grants.
 /// Azure's `iothubowner` also has "device connect", which is no service scope here
 /// (devices authenticate with their own keys).
-pub const POLICIES: [(&str, &[Scope]); 4] = [
+pub const POLICIES: [(&str, &[Scope]); 5] = [
     (
         "iothubowner",
         &[
@@ -40,7 +41,29 @@ pub const POLICIES: [(&str, &[Scope]); 4] = [
         "registryReadWrite",
         &[Scope::RegistryRead, Scope::RegistryWrite],
     ),
+    // Azure's provisioning service has this policy of its own; here it signs for the
+    // provisioning routes of the same REST API.
+    (
+        "provisioningserviceowner",
+        &[Scope::ProvisioningRead, Scope::ProvisioningWrite],
+    ),
 ];
+
+/// Policies added after policy files were first written (issue 25). A set without
+/// one gets it, with keys derived from the set's `iothubowner` keys, so that every
+/// reader of the same old set (each node of a cluster, the CLI, the hub) completes it
+/// identically without writing anything; a rotation later gives it random keys.
+const ADDED_LATER: [&str; 1] = ["provisioningserviceowner"];
+
+/// The key a policy added later gets in an older set: base64 of HMAC-SHA256 over
+/// `"{policy}/{slot}"` under the decoded `iothubowner` key of that slot.
+fn derived_key(owner_key: &str, policy: &str, slot: &str) -> Option<String> {
+    use hmac::{Hmac, Mac};
+    let key = STANDARD.decode(owner_key).ok()?;
+    let mut mac = Hmac::<sha2::Sha256>::new_from_slice(&key).ok()?;
+    mac.update(format!("{policy}/{slot}").as_bytes());
+    Some(STANDARD.encode(mac.finalize().into_bytes()))
+}
 
 /// The scopes of policy `name`, if it is one of [`POLICIES`].
 pub fn scopes_of(name: &str) -> Option<&'static [Scope]> {
@@ -85,7 +108,8 @@ pub enum PolicyFileError {
     },
     /// No such policy.
     #[error(
-        "unknown policy {0:?} (expected iothubowner, service, registryRead or registryReadWrite)"
+        "unknown policy {0:?} (expected iothubowner, service, registryRead, registryReadWrite \
+         or provisioningserviceowner)"
     )]
     UnknownPolicy(String),
 }
@@ -173,10 +197,30 @@ impl PolicySet {
         Ok(())
     }
 
-    /// Parses and checks a policy set: every built-in policy present, no other, and
-    /// every key base64 of at least 16 bytes.
+    /// Parses and checks a policy set: every built-in policy present (those added
+    /// later are completed, see [`ADDED_LATER`]), no other, and every key base64 of
+    /// at least 16 bytes.
     pub fn from_json(bytes: &[u8]) -> Result<Self, String> {
-        let set: Self = serde_json::from_slice(bytes).map_err(|err| err.to_string())?;
+        let mut set: Self = serde_json::from_slice(bytes).map_err(|err| err.to_string())?;
+        if let Some(owner) = set.policies.get("iothubowner").cloned() {
+            for name in ADDED_LATER {
+                if set.policies.contains_key(name) {
+                    continue;
+                }
+                if let (Some(primary_key), Some(secondary_key)) = (
+                    derived_key(&owner.primary_key, name, "primary"),
+                    derived_key(&owner.secondary_key, name, "secondary"),
+                ) {
+                    set.policies.insert(
+                        name.to_string(),
+                        PolicyKeys {
+                            primary_key,
+                            secondary_key,
+                        },
+                    );
+                }
+            }
+        }
         for (name, _) in POLICIES {
             if !set.policies.contains_key(name) {
                 return Err(format!("policy {name} is missing"));
@@ -437,6 +481,32 @@ mod tests {
     }
 
     #[test]
+    fn a_set_from_before_the_provisioning_policy_is_completed_the_same_way_everywhere() {
+        let set = PolicySet::generate();
+        let mut old: serde_json::Value = serde_json::from_slice(&set.to_json()).unwrap();
+        old.as_object_mut()
+            .unwrap()
+            .remove("provisioningserviceowner");
+        let old = serde_json::to_vec(&old).unwrap();
+        let first = PolicySet::from_json(&old).unwrap();
+        let again = PolicySet::from_json(&old).unwrap();
+        assert_eq!(first, again, "every reader completes it identically");
+        let added = first.get("provisioningserviceowner").unwrap();
+        let owner = first.get("iothubowner").unwrap();
+        assert_ne!(added.primary_key, owner.primary_key);
+        assert_ne!(added.primary_key, added.secondary_key);
+        assert_eq!(
+            scopes_of("provisioningserviceowner"),
+            Some(&[Scope::ProvisioningRead, Scope::ProvisioningWrite][..])
+        );
+        // A fresh set has random keys of its own for it.
+        assert_ne!(
+            set.get("provisioningserviceowner").unwrap().primary_key,
+            added.primary_key
+        );
+    }
+
+    #[test]
     fn either_key_of_a_policy_signs_and_its_scopes_come_back() {
         let (policies, set) = policies();
         for slot in [KeySlot::Primary, KeySlot::Secondary] {
@@ -454,7 +524,14 @@ mod tests {
             NOW + 60,
         );
         let (_, scopes) = policies.verify(&t, "/twins/d", NOW).unwrap();
-        assert_eq!(scopes, &Scope::ALL[..]);
+        assert_eq!(
+            scopes,
+            &[
+                Scope::RegistryRead,
+                Scope::RegistryWrite,
+                Scope::ServiceConnect
+            ][..]
+        );
     }
 
     #[test]

@@ -24,14 +24,20 @@ pub enum Scope {
     RegistryWrite,
     /// Talk to devices: C2D messages, direct methods, telemetry reads.
     ServiceConnect,
+    /// Read enrollments, enrollment groups and registrations (provisioning).
+    ProvisioningRead,
+    /// Create, update and delete enrollments, groups and registrations.
+    ProvisioningWrite,
 }
 
 impl Scope {
     /// Every scope, e.g. for an owner token.
-    pub const ALL: [Scope; 3] = [
+    pub const ALL: [Scope; 5] = [
         Scope::RegistryRead,
         Scope::RegistryWrite,
         Scope::ServiceConnect,
+        Scope::ProvisioningRead,
+        Scope::ProvisioningWrite,
     ];
 
     /// The name used in tokens and on the command line.
@@ -40,6 +46,8 @@ impl Scope {
             Scope::RegistryRead => "registry:read",
             Scope::RegistryWrite => "registry:write",
             Scope::ServiceConnect => "service:connect",
+            Scope::ProvisioningRead => "provisioning:read",
+            Scope::ProvisioningWrite => "provisioning:write",
         }
     }
 }
@@ -58,7 +66,10 @@ impl FromStr for Scope {
             .into_iter()
             .find(|scope| scope.as_str() == s)
             .ok_or_else(|| {
-                format!("unknown scope {s:?} (expected registry:read, registry:write or service:connect)")
+                format!(
+                    "unknown scope {s:?} (expected registry:read, registry:write, \
+                     service:connect, provisioning:read or provisioning:write)"
+                )
             })
     }
 }

@@ -1,12 +1,14 @@
 //! The admin CLI: `hub token`, `hub device …`, `hub twin …`, `hub c2d …`, `hub invoke`
 //! `hub cluster status` and `hub tail` (clients of the REST API, authorized with short-lived tokens minted from the data dir's owner key), and
-//! `hub cert device`, and `hub connection-string` and `hub policy …` (the shared access
+//! `hub dps …` (provisioning: the ID scope from the data dir, enrollments and
+//! registrations through the REST API), `hub cert device`, and `hub connection-string` and `hub policy …` (the shared access
 //! policies in the data dir).
 
 mod client;
 mod cluster;
 mod commands;
 mod device;
+mod dps;
 mod policy;
 mod tail;
 mod twin;
@@ -23,6 +25,7 @@ use hub::data_dir;
 pub use cluster::{ClusterCommand, cluster};
 pub use commands::{C2dCommand, InvokeArgs, c2d, invoke};
 pub use device::{DeviceCommand, device};
+pub use dps::{DpsCommand, dps};
 pub use policy::{ConnectionStringArgs, PolicyCommand, connection_string, policy};
 pub use tail::{TailArgs, tail};
 pub use twin::{TwinCommand, twin};

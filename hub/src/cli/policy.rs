@@ -20,6 +20,10 @@ pub struct ConnectionStringArgs {
     /// Print the secondary key instead of the primary.
     #[arg(long, value_enum, default_value_t = Slot::Primary)]
     key: Slot,
+    /// The provisioning service's connection string (Azure's provisioning service
+    /// SDKs): the `provisioningserviceowner` policy.
+    #[arg(long, conflicts_with = "policy")]
+    provisioning: bool,
     /// The hub's config file and data dir, as `hub serve` takes them.
     #[command(flatten)]
     location: HubLocation,
@@ -77,12 +81,16 @@ pub fn connection_string(args: &ConnectionStringArgs) -> Result<()> {
         ..Overrides::default()
     })?;
     let set = PolicySet::load(&data_dir::policies_path(&config.data_dir))?;
+    let name = match args.provisioning {
+        true => "provisioningserviceowner",
+        false => args.policy.as_str(),
+    };
     let keys = set
-        .get(&args.policy)
-        .ok_or_else(|| PolicyFileError::UnknownPolicy(args.policy.clone()))?;
+        .get(name)
+        .ok_or_else(|| PolicyFileError::UnknownPolicy(name.to_string()))?;
     println!(
         "{}",
-        policy::connection_string(&config.hostname, &args.policy, keys.key(args.key.into()))
+        policy::connection_string(&config.hostname, name, keys.key(args.key.into()))
     );
     Ok(())
 }

@@ -34,6 +34,7 @@ use tokio::time::Instant;
 use super::GatewayContext;
 use super::codec::{self, Decoded};
 use super::connections::{Connections, Registration};
+use super::provisioning;
 use super::session::{
     Accepted, Action, CloseReason, ConnectRequest, DeliverError, Outbound, Session,
 };
@@ -196,7 +197,10 @@ impl Transport for tokio_rustls::server::TlsStream<tokio::net::TcpStream> {
 }
 
 /// Reads into `buf`, allocating it only once the stream has bytes.
-async fn read_some<S: Transport>(stream: &mut S, buf: &mut BytesMut) -> std::io::Result<usize> {
+pub(super) async fn read_some<S: Transport>(
+    stream: &mut S,
+    buf: &mut BytesMut,
+) -> std::io::Result<usize> {
     if buf.capacity() - buf.len() < 512 {
         stream.ready().await?;
         buf.reserve(READ_CHUNK);
@@ -211,16 +215,31 @@ pub async fn serve<S: Transport>(
     stream: S,
     certificates: Vec<CertificateDer<'static>>,
     ctx: Arc<GatewayContext>,
-    shutdown: watch::Receiver<bool>,
+    mut shutdown: watch::Receiver<bool>,
     accepted_at: Instant,
 ) {
+    let mut stream = stream;
+    let mut rbuf = BytesMut::new();
+    if ctx.provisioning.is_some() {
+        // Read the CONNECT first: a provisioning client's goes to its own session.
+        // The device path then decodes the same bytes; nothing read is lost, and a
+        // timeout, close or garbage here is met there as before.
+        if !read_connect(&mut stream, &mut rbuf, &ctx, accepted_at, &mut shutdown).await {
+            // The hub is shutting down (the signal is consumed here): close.
+            return;
+        }
+        if provisioning::is_provisioning_connect(&rbuf, ctx.max_packet_size) {
+            provisioning::serve(stream, rbuf, certificates, ctx, shutdown).await;
+            return;
+        }
+    }
     let session = Session::new(ctx.limits, accepted_at);
     let mut connection = Connection {
         stream,
         certificates,
         ctx,
         session,
-        rbuf: BytesMut::new(),
+        rbuf,
         wbuf: BytesMut::new(),
         actions: Vec::new(),
         ingests: VecDeque::new(),
@@ -236,6 +255,34 @@ pub async fn serve<S: Transport>(
     };
     let reason = connection.run(shutdown).await;
     connection.finish(reason).await;
+}
+
+/// Reads until `rbuf` holds a whole first packet (or what can be told of it), the
+/// CONNECT deadline passes or the peer closes; `false` when the hub shuts down.
+async fn read_connect<S: Transport>(
+    stream: &mut S,
+    rbuf: &mut BytesMut,
+    ctx: &GatewayContext,
+    accepted_at: Instant,
+    shutdown: &mut watch::Receiver<bool>,
+) -> bool {
+    let deadline = accepted_at + ctx.limits.connect_timeout;
+    loop {
+        let mut probe = rbuf.clone();
+        match codec::decode(&mut probe, ctx.max_packet_size, true) {
+            Ok(Decoded::Incomplete(needed)) => rbuf.reserve(needed),
+            _ => return true,
+        }
+        tokio::select! {
+            // Cancel-safe: read_buf loses nothing; the device path reads on.
+            _ = shutdown.changed() => return false,
+            () = tokio::time::sleep_until(deadline) => return true,
+            read = read_some(stream, rbuf) => match read {
+                Ok(0) | Err(_) => return true,
+                Ok(_) => {}
+            },
+        }
+    }
 }
 
 /// The outcome of the oldest pending batch, once it has one (pending while there is

@@ -3,7 +3,8 @@
 //! Bytes flow [`listener`] → [`connection`] (one task per connection) → [`codec`]
 //! (bytes ↔ packets) → [`session`] (the protocol, without I/O; [`topic`] is the topic
 //! contract) → actions that the connection executes against the capability
-//! [`services`]. [`connections`] is the table of live connections that other
+//! [`services`]. A CONNECT with a provisioning username goes to [`provisioning`]
+//! instead (the DPS device contract). [`connections`] is the table of live connections that other
 //! capabilities deliver through and that revocations close.
 
 pub mod codec;
@@ -11,6 +12,7 @@ pub mod connection;
 pub mod connections;
 pub mod listener;
 pub mod metrics;
+pub mod provisioning;
 pub mod services;
 pub mod session;
 pub mod tls;
@@ -52,6 +54,9 @@ pub struct GatewayContext {
     pub limits: SessionLimits,
     /// Largest MQTT packet accepted.
     pub max_packet_size: usize,
+    /// Answers provisioning clients (`{idScope}/registrations/…` usernames); without
+    /// it such a CONNECT is handled as a device's.
+    pub provisioning: Option<crate::provisioning::Provisioning>,
 }
 
 impl std::fmt::Debug for GatewayContext {
@@ -374,6 +379,7 @@ mod tests {
             metrics: Arc::default(),
             limits: SessionLimits::default(),
             max_packet_size: 64 * 1024,
+            provisioning: None,
         });
         let (_stop, stopped) = watch::channel(false);
         tokio::spawn(revoke_on_registry_change(

@@ -20,6 +20,7 @@ pub fn azure_error_name(code: u32) -> &'static str {
         401002 => "IotHubUnauthorizedAccess",
         401003 => "IotHubUnauthorized",
         403001 => "IotHubUnauthorizedAccess",
+        403002 => "IotHubQuotaExceeded",
         403004 => "DeviceMaximumQueueDepthExceeded",
         404000 => "NotFound",
         404001 => "DeviceNotFound",

@@ -17,7 +17,7 @@ use tokio::sync::broadcast;
 
 pub use device::{
     AuthType, Authentication, AuthenticationSpec, Device, DeviceSpec, DeviceStatus, SymmetricKey,
-    SymmetricKeySpec, X509Thumbprint,
+    SymmetricKeySpec, X509Thumbprint, generate_key, validate_key,
 };
 pub use device_id::{DeviceId, DeviceIdError};
 pub use presence::{DevicePresence, Presence};

@@ -125,6 +125,11 @@ impl EmbeddedStore {
         })
     }
 
+    /// The database, for the backend's other tables (provisioning).
+    pub(crate) fn database(&self) -> Arc<Database> {
+        Arc::clone(&self.db)
+    }
+
     async fn blocking<T, E>(
         &self,
         op: impl FnOnce(&Database) -> Result<T, E> + Send + 'static,

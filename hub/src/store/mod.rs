@@ -4,5 +4,6 @@
 //! never a backend's tables.
 
 pub mod embedded;
+pub mod embedded_provisioning;
 pub mod embedded_twins;
 pub mod nats;

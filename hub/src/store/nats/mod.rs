@@ -18,6 +18,7 @@ pub mod c2d;
 pub mod checkpoints;
 pub mod keys;
 pub mod nodes;
+pub mod provisioning;
 pub mod registry;
 pub mod secrets;
 pub mod sessions;
