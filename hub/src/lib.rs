@@ -27,6 +27,7 @@
 //!
 //! - [`commands`] owns cloud-to-device queues with feedback and direct methods.
 
+pub mod amqp;
 pub mod api;
 pub mod auth;
 pub mod commands;

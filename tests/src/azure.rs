@@ -6,18 +6,24 @@
 
 use std::path::{Path, PathBuf};
 
-use anyhow::{Result, bail};
+use std::process::Stdio;
+use std::time::Duration;
+
+use anyhow::{Context, Result, bail};
 use serde_json::Value;
+use tokio::io::{AsyncBufReadExt, BufReader};
 use tokio::process::Command;
 
 use crate::{Hub, HubOptions};
 
 /// The SDK packages the Node tests pin (the same list `.ci/run` installs): Azure's
-/// device SDK with its MQTT transport, and its service SDK.
-pub const NODE_SDK_PACKAGES: [&str; 3] = [
+/// device SDK with its MQTT transport, its service SDK, and the Event Hubs SDK that
+/// reads the Event Hub-compatible endpoint.
+pub const NODE_SDK_PACKAGES: [&str; 4] = [
     "azure-iot-device@1.18.4",
     "azure-iot-device-mqtt@1.16.4",
     "azure-iothub@1.16.6",
+    "@azure/event-hubs@6.0.4",
 ];
 
 /// The workspace root.
@@ -72,7 +78,8 @@ pub async fn azure_node_modules() -> Result<PathBuf> {
 }
 
 /// Starts a hub whose MQTT/TLS listener is on 127.0.0.N:8883 (the port the device
-/// SDKs always dial) and, with `https`, whose HTTPS listener is on 127.0.0.N:443
+/// SDKs always dial), whose AMQP/TLS listener is on 127.0.0.N:5671 (where the service
+/// SDK's `Amqp` transport and the Event Hubs SDKs dial) and, with `https`, whose HTTPS listener is on 127.0.0.N:443
 /// (where `MqttWs` and the service SDKs dial), named `--hostname 127.0.0.N`. N's third
 /// octet starts at `third` and a few are tried in case one is taken; each test picks
 /// its own range (DECISIONS.md, "HTTPS listener and MQTT over WebSockets") so tests
@@ -84,6 +91,7 @@ pub async fn start_hub_on_loopback(dir: &Path, third: u32, https: bool) -> Resul
         let host = format!("127.0.{}.{}", third + i, base);
         let mut options = HubOptions::new(dir)
             .mqtts(&format!("{host}:8883"))
+            .amqps(&format!("{host}:5671"))
             .args(["--hostname", host.as_str()]);
         if https {
             options = options.args(["--https", &format!("{host}:443")]);
@@ -94,4 +102,50 @@ pub async fn start_hub_on_loopback(dir: &Path, third: u32, https: bool) -> Resul
         }
     }
     Err(last.unwrap_or_else(|| anyhow::anyhow!("no address to try")))
+}
+
+/// Runs `tests/compat/SCRIPT` with the Azure SDKs, the hub's CA `ca` trusted, and
+/// `args`; the script prints one JSON object a line (`{"event":"step","name"}`,
+/// `{"event":"done"}`, `{"event":"error"}`). Returns the steps it finished.
+pub async fn run_node_script(
+    script: &str,
+    args: &[&str],
+    ca: &std::path::Path,
+    timeout: Duration,
+) -> Result<Vec<String>> {
+    let modules = azure_node_modules().await?;
+    let mut child = Command::new("node")
+        .arg(workspace().join("tests/compat").join(script))
+        .args(args)
+        .env("NODE_PATH", &modules)
+        // The SDKs have no CA option: Node adds this file to its trust store.
+        .env("NODE_EXTRA_CA_CERTS", ca)
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::inherit())
+        .kill_on_drop(true)
+        .spawn()
+        .context("cannot start node (is node installed? apt-get install nodejs npm)")?;
+    let stdout = child.stdout.take().context("stdout")?;
+    let mut lines = BufReader::new(stdout).lines();
+    let mut steps = Vec::new();
+    let mut done = false;
+    let deadline = tokio::time::Instant::now() + timeout;
+    while let Some(line) = tokio::time::timeout_at(deadline, lines.next_line())
+        .await
+        .with_context(|| format!("{script} did not finish; steps {steps:?}"))??
+    {
+        let event: Value =
+            serde_json::from_str(&line).with_context(|| format!("{script} said {line:?}"))?;
+        match event["event"].as_str() {
+            Some("step") => steps.push(event["name"].as_str().unwrap_or_default().to_string()),
+            Some("done") => done = true,
+            Some("error") => bail!("{script} failed after steps {steps:?}: {}", event["error"]),
+            _ => bail!("unexpected output from {script}: {line}"),
+        }
+    }
+    let status = tokio::time::timeout_at(deadline, child.wait()).await??;
+    anyhow::ensure!(status.success(), "{script} exited with {status}");
+    anyhow::ensure!(done, "{script} ended without finishing; steps {steps:?}");
+    Ok(steps)
 }

@@ -26,6 +26,11 @@ pub struct ConnectionStringArgs {
     /// The hub's host name, as in `hub serve --hostname` (default localhost).
     #[arg(long, env = "HUB_HOSTNAME")]
     hostname: Option<String>,
+    /// Print the Event Hub-compatible connection string (for `@azure/event-hubs`,
+    /// `azure-eventhub` and other Event Hubs clients reading telemetry over AMQP)
+    /// instead of the IoT Hub one.
+    #[arg(long)]
+    event_hub: bool,
 }
 
 /// Which key of a policy.
@@ -80,10 +85,23 @@ pub fn connection_string(args: &ConnectionStringArgs) -> Result<()> {
     let keys = set
         .get(&args.policy)
         .ok_or_else(|| PolicyFileError::UnknownPolicy(args.policy.clone()))?;
-    println!(
-        "{}",
-        policy::connection_string(&config.hostname, &args.policy, keys.key(args.key.into()))
-    );
+    let key = keys.key(args.key.into());
+    if args.event_hub {
+        println!(
+            "{}",
+            policy::event_hub_connection_string(
+                &config.hostname,
+                &args.policy,
+                key,
+                &config.event_hub_name()
+            )
+        );
+    } else {
+        println!(
+            "{}",
+            policy::connection_string(&config.hostname, &args.policy, key)
+        );
+    }
     Ok(())
 }
 
