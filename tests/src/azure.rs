@@ -104,28 +104,56 @@ pub async fn start_hub_on_loopback(dir: &Path, third: u32, https: bool) -> Resul
     Err(last.unwrap_or_else(|| anyhow::anyhow!("no address to try")))
 }
 
-/// Runs `tests/compat/SCRIPT` with the Azure SDKs, the hub's CA `ca` trusted, and
-/// `args`; the script prints one JSON object a line (`{"event":"step","name"}`,
-/// `{"event":"done"}`, `{"event":"error"}`). Returns the steps it finished.
+/// Runs `tests/compat/SCRIPT` with node and the Azure SDKs, the hub's CA `ca` trusted,
+/// and `args`. See [`run_steps`].
 pub async fn run_node_script(
     script: &str,
     args: &[&str],
-    ca: &std::path::Path,
+    ca: &Path,
     timeout: Duration,
 ) -> Result<Vec<String>> {
     let modules = azure_node_modules().await?;
-    let mut child = Command::new("node")
+    let mut command = Command::new("node");
+    command
         .arg(workspace().join("tests/compat").join(script))
         .args(args)
         .env("NODE_PATH", &modules)
         // The SDKs have no CA option: Node adds this file to its trust store.
-        .env("NODE_EXTRA_CA_CERTS", ca)
+        .env("NODE_EXTRA_CA_CERTS", ca);
+    run_steps(command, script, timeout).await
+}
+
+/// Runs `tests/compat/SCRIPT` with the Python that has `azure-eventhub`
+/// ([`azure_eventhub_python`]) and `args`. See [`run_steps`].
+pub async fn run_python_script(
+    script: &str,
+    args: &[&str],
+    timeout: Duration,
+) -> Result<Vec<String>> {
+    let python = azure_eventhub_python().await?;
+    let mut command = Command::new(python);
+    command
+        .arg(workspace().join("tests/compat").join(script))
+        .args(args);
+    run_steps(command, script, timeout).await
+}
+
+/// Runs `command` (a script named `script`), which prints one JSON object a line
+/// (`{"event":"step","name"}`, `{"event":"done"}`, `{"event":"error"}`), within
+/// `timeout`. Returns the steps it finished; fails at its error or when it does not
+/// finish.
+pub async fn run_steps(
+    mut command: Command,
+    script: &str,
+    timeout: Duration,
+) -> Result<Vec<String>> {
+    let mut child = command
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
         .stderr(Stdio::inherit())
         .kill_on_drop(true)
         .spawn()
-        .context("cannot start node (is node installed? apt-get install nodejs npm)")?;
+        .with_context(|| format!("cannot start {script} (is its interpreter installed?)"))?;
     let stdout = child.stdout.take().context("stdout")?;
     let mut lines = BufReader::new(stdout).lines();
     let mut steps = Vec::new();
@@ -148,4 +176,61 @@ pub async fn run_node_script(
     anyhow::ensure!(status.success(), "{script} exited with {status}");
     anyhow::ensure!(done, "{script} ended without finishing; steps {steps:?}");
     Ok(steps)
+}
+
+/// The Python packages the Event Hubs test pins (the same `.ci/run` installs into
+/// `target/azure-venv`): Azure's Event Hubs SDK, and paho-mqtt to publish telemetry.
+pub const PYTHON_EVENTHUB_PACKAGES: [&str; 2] = ["azure-eventhub==5.15.1", "paho-mqtt==1.6.1"];
+
+/// A Python with `azure-eventhub` and `paho-mqtt`: `$HUB_AZURE_PYTHON`, or
+/// `target/azure-venv` (created when missing; the packages installed from PyPI when
+/// they do not import). Fails saying how to install them.
+pub async fn azure_eventhub_python() -> Result<PathBuf> {
+    let python = match std::env::var_os("HUB_AZURE_PYTHON") {
+        Some(python) => PathBuf::from(python),
+        None => workspace().join("target/azure-venv/bin/python3"),
+    };
+    let hint = || {
+        format!(
+            "the Event Hubs compatibility test needs Python 3 with Azure's Event Hubs SDK; \
+             install it with\n  python3 -m venv target/azure-venv && target/azure-venv/bin/pip install {}\n\
+             (.ci/run does this; apt-get install python3-venv if venv is missing), or point \
+             HUB_AZURE_PYTHON at such an interpreter",
+            PYTHON_EVENTHUB_PACKAGES.map(|p| format!("'{p}'")).join(" ")
+        )
+    };
+    let imports = || async {
+        Command::new(&python)
+            .args(["-c", "import azure.eventhub, paho.mqtt"])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .status()
+            .await
+            .is_ok_and(|status| status.success())
+    };
+    if imports().await {
+        return Ok(python);
+    }
+    if std::env::var_os("HUB_AZURE_PYTHON").is_none() {
+        let venv = workspace().join("target/azure-venv");
+        if !python.exists() {
+            let created = Command::new("python3")
+                .args(["-m", "venv"])
+                .arg(&venv)
+                .status()
+                .await;
+            if !matches!(created, Ok(status) if status.success()) {
+                bail!("{}", hint());
+            }
+        }
+        let installed = Command::new(venv.join("bin/pip"))
+            .args(["install", "--quiet"])
+            .args(PYTHON_EVENTHUB_PACKAGES)
+            .status()
+            .await;
+        if matches!(installed, Ok(status) if status.success()) && imports().await {
+            return Ok(python);
+        }
+    }
+    bail!("{}", hint())
 }

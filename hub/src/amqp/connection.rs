@@ -18,7 +18,7 @@ use fe2o3_amqp::acceptor::{
 use fe2o3_amqp::link::delivery::Delivery;
 use fe2o3_amqp::link::delivery::DeliveryFut;
 use fe2o3_amqp::link::{RecvError, SendError};
-use fe2o3_amqp::types::definitions::{self, AmqpError, ErrorCondition, LinkError, Role};
+use fe2o3_amqp::types::definitions::{self, AmqpError, ErrorCondition, Fields, LinkError, Role};
 use fe2o3_amqp::types::messaging::{Body, FilterSet, Message, Outcome, TargetArchetype};
 use fe2o3_amqp::types::primitives::{Symbol, Value};
 use fe2o3_amqp::{Receiver, Sendable, Sender};
@@ -93,7 +93,8 @@ pub async fn serve_stream<S>(
         .container_id(format!("hub-{}", context.hostname))
         .max_frame_size(limits.max_frame_size)
         .channel_max(limits.max_sessions.saturating_sub(1))
-        .idle_time_out(IDLE_TIMEOUT_MS);
+        .idle_time_out(IDLE_TIMEOUT_MS)
+        .properties(product_properties());
     let opened = timeout(limits.handshake_timeout, async {
         match classify(&header) {
             Header::Sasl => {
@@ -125,6 +126,7 @@ pub async fn serve_stream<S>(
     });
     let session_acceptor = SessionAcceptor::builder()
         .handle_max(limits.max_links_per_session.saturating_sub(1))
+        .properties(product_properties())
         .build();
     let mut sessions = JoinSet::new();
     let mut session_ids = 0u64;
@@ -156,6 +158,20 @@ pub async fn serve_stream<S>(
     let _ = timeout(CLOSE_WAIT, connection.close()).await;
     sessions.abort_all();
     tracing::debug!(%peer, "amqp connection closed");
+}
+
+/// The `properties` of the hub's open, begin and attach. Never empty: fe2o3 leaves
+/// trailing null fields out of a performative, and Python's pyamqp reads `open`,
+/// `begin` and `attach` by index up to their last field (`properties`), so without it
+/// the Python Event Hubs SDK fails with an IndexError.
+fn product_properties() -> Fields {
+    let mut fields = Fields::new();
+    fields.insert(Symbol::from("product"), Value::String("hub".to_string()));
+    fields.insert(
+        Symbol::from("version"),
+        Value::String(env!("CARGO_PKG_VERSION").to_string()),
+    );
+    fields
 }
 
 /// What the links of one connection share.
@@ -285,6 +301,7 @@ async fn run_session(
 ) {
     let acceptor = LinkAcceptor::builder()
         .max_message_size(context.limits.max_message_bytes)
+        .properties(product_properties())
         .build();
     let mut links = JoinSet::new();
     while let Some(attach) = session.next_incoming_attach().await {
