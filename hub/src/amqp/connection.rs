@@ -124,6 +124,8 @@ pub async fn serve_stream<S>(
         claims,
         replies: Replies::default(),
     });
+    // `handle-max` is announced (pyamqp needs it in `begin`); the bound itself is
+    // enforced by the session task (`run_session`), which refuses with a condition.
     let session_acceptor = SessionAcceptor::builder()
         .handle_max(limits.max_links_per_session.saturating_sub(1))
         .properties(product_properties())
@@ -134,6 +136,19 @@ pub async fn serve_stream<S>(
         tokio::select! {
             incoming = connection.next_incoming_session() => {
                 let Some(incoming) = incoming else { break };
+                while sessions.try_join_next().is_some() {}
+                // fe2o3 does not hold a peer to the channel-max it was sent: over the
+                // bound, the connection is closed with the condition.
+                if sessions.len() >= usize::from(limits.max_sessions) {
+                    tracing::debug!(%peer, "amqp: too many sessions; closing the connection");
+                    let err = error(
+                        AmqpError::ResourceLimitExceeded,
+                        format!("at most {} sessions per connection", limits.max_sessions),
+                    );
+                    let _ = timeout(CLOSE_WAIT, connection.close_with_error(err)).await;
+                    sessions.abort_all();
+                    return;
+                }
                 match session_acceptor.accept_incoming_session(incoming, &mut connection).await {
                     Ok(session) => {
                         session_ids += 1;
@@ -343,6 +358,21 @@ async fn run_session(
                 continue;
             }
         };
+        while links.try_join_next().is_some() {}
+        tracing::debug!(name = %info.name, node = ?info.node, links = links.len(), "amqp attach");
+        // fe2o3 does not hold a peer to the handle-max it was sent: over the bound,
+        // the new link is refused and the others stay.
+        if links.len() >= context.limits.max_links_per_session as usize {
+            let err = error(
+                AmqpError::ResourceLimitExceeded,
+                format!(
+                    "at most {} links per session",
+                    context.limits.max_links_per_session
+                ),
+            );
+            links.spawn(refuse(link, err));
+            continue;
+        }
         links.spawn(run_link(
             Arc::clone(&context),
             Arc::clone(&state),
