@@ -804,6 +804,53 @@ mod tests {
     }
 
     #[test]
+    fn amqp_defaults_overrides_and_validation() {
+        let config = Config::default();
+        assert_eq!(config.amqp.tls_listen.to_string(), "127.0.0.1:5671");
+        assert_eq!(config.amqp.tcp_listen, None, "plain AMQP is off by default");
+        assert_eq!(config.event_hub_name(), "localhost");
+        let mut config = Config {
+            hostname: "myhub.example.com".into(),
+            ..Config::default()
+        };
+        assert_eq!(config.event_hub_name(), "myhub");
+        config.hostname = "127.0.0.5".into();
+        assert_eq!(config.event_hub_name(), "iothub");
+        config.amqp.event_hub_name = Some("telemetry".into());
+        assert_eq!(config.event_hub_name(), "telemetry");
+        config.apply(&Overrides {
+            amqps: Some("127.0.0.1:0".parse().unwrap()),
+            amqp: Some("127.0.0.1:0".parse().unwrap()),
+            ..Overrides::default()
+        });
+        assert_eq!(config.amqp.tls_listen.to_string(), "127.0.0.1:0");
+        assert_eq!(config.amqp.tcp_listen, Some("127.0.0.1:0".parse().unwrap()));
+        config.validate().unwrap();
+        for (toml, key) in [
+            ("[amqp]\nmax_sessions = 0\n", "amqp.max_sessions"),
+            (
+                "[amqp]\nmax_links_per_session = 0\n",
+                "amqp.max_links_per_session",
+            ),
+            ("[amqp]\nmax_frame_size = 100\n", "amqp.max_frame_size"),
+            ("[amqp]\nmax_message_bytes = 10\n", "amqp.max_message_bytes"),
+            ("[amqp]\nmax_connections = 0\n", "amqp.max_connections"),
+            (
+                "[amqp]\nhandshake_timeout_secs = 0\n",
+                "amqp.handshake_timeout_secs",
+            ),
+            ("[amqp]\nevent_hub_name = 'a/b'\n", "amqp.event_hub_name"),
+        ] {
+            let err = Config::from_toml(toml)
+                .unwrap()
+                .validate()
+                .unwrap_err()
+                .to_string();
+            assert!(err.contains(key), "{toml}: {err}");
+        }
+    }
+
+    #[test]
     fn validation_errors_name_the_key() {
         let mut config = Config::default();
         config.mqtt.max_packet_size = 10;
