@@ -16,7 +16,7 @@ mod certificates;
 
 pub use certificates::{CertificateError, Reloader};
 
-use crate::amqp::{AmqpContext, AmqpListeners};
+use crate::amqp::{self, AmqpContext, AmqpListeners};
 use crate::api::serve::ConnectionLimits;
 use crate::api::{self, AppState, HttpLimits};
 use crate::auth::device::DeviceAuthenticator;
@@ -461,9 +461,36 @@ impl Server {
         // Every listener stops on the one shutdown signal.
         let (stop, stopped) = watch::channel(false);
         let (amqp_listeners, amqp_context) = self.amqp;
+        let (amqp_ws_iothub, amqp_ws_servicebus) =
+            amqp::websocket::routers(Arc::new(amqp_context.clone()), stopped.clone());
         let amqp = amqp_listeners.spawn(amqp_context, stopped.clone());
         let https = self.https.map(|(listener, tls)| {
-            let router = router.clone().merge(running.websocket().router());
+            // `/$iothub/websocket` is MQTT unless the client asks for AMQP
+            // (`AMQPWSB10`, Azure's `AmqpWs` transports); `/$servicebus/websocket` is
+            // AMQP only.
+            let amqp_iothub = amqp_ws_iothub.clone();
+            let router = router
+                .clone()
+                .merge(running.websocket().router())
+                .layer(axum::middleware::from_fn(
+                    move |request: axum::extract::Request, next: axum::middleware::Next| {
+                        let amqp_iothub = amqp_iothub.clone();
+                        async move {
+                            if request.uri().path() == amqp::websocket::IOTHUB_PATH
+                                && amqp::websocket::wants_amqp(request.headers())
+                            {
+                                use tower::ServiceExt;
+                                match amqp_iothub.oneshot(request).await {
+                                    Ok(response) => response,
+                                    Err(never) => match never {},
+                                }
+                            } else {
+                                next.run(request).await
+                            }
+                        }
+                    },
+                ))
+                .merge(amqp_ws_servicebus.clone());
             let mut stopped = stopped.clone();
             tokio::spawn(api::serve::serve(
                 listener,

@@ -4,7 +4,8 @@
 // azure-iot-device-mqtt, port 8883), reading the feedback, and seeing the typed error
 // for an unknown device. Driven by tests/tests/amqp_service.rs.
 //
-// Usage: node azure_amqp_service.js <service connection string> <device connection string>
+// Usage: node azure_amqp_service.js <service connection string> <device connection string> [Amqp|AmqpWs]
+// (AmqpWs: AMQP over WebSockets on port 443, /$iothub/websocket.)
 //
 // The hub's CA comes in through NODE_EXTRA_CA_CERTS. Every step is checked; the first
 // that fails prints {"event":"error",…} and the process exits 1. Progress is one JSON
@@ -12,7 +13,7 @@
 // {"event":"done"} at the end.
 'use strict';
 
-const { Client: ServiceClient } = require('azure-iothub');
+const { Client: ServiceClient, Amqp, AmqpWs } = require('azure-iothub');
 const { Client: DeviceClient, Message } = require('azure-iot-device');
 const { Mqtt } = require('azure-iot-device-mqtt');
 
@@ -55,7 +56,8 @@ function withTimeout(promise, ms, what) {
 }
 
 async function main() {
-  const [serviceCs, deviceCs] = process.argv.slice(2);
+  const [serviceCs, deviceCs, transportName] = process.argv.slice(2);
+  const Transport = transportName === 'AmqpWs' ? AmqpWs : Amqp;
   const deviceId = /DeviceId=([^;]+)/.exec(deviceCs)[1];
 
   const device = DeviceClient.fromConnectionString(deviceCs, Mqtt);
@@ -69,7 +71,7 @@ async function main() {
   await device.open();
   step('device_open');
 
-  const service = ServiceClient.fromConnectionString(serviceCs);
+  const service = ServiceClient.fromConnectionString(serviceCs, Transport);
   await withTimeout(service.open(), 30000, 'service open over AMQP');
   step('service_open');
 

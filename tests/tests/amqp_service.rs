@@ -3,7 +3,8 @@
 //! on 127.0.0.N:5671 with a connection string from `hub connection-string`, sends
 //! cloud-to-device messages to a device on Azure's Node device SDK, which receives
 //! them with their properties; the feedback receiver gets `Success`; a send to an
-//! unknown device fails with DeviceNotFoundError and the client goes on sending.
+//! unknown device fails with DeviceNotFoundError and the client goes on sending. The
+//! same again over `AmqpWs` (AMQP over WebSockets on 127.0.0.N:443).
 //! The script is `tests/compat/azure_amqp_service.js`.
 //!
 //! Needs node and npm, and the SDKs in `target/azure-node` (`hub_tests::azure`).
@@ -30,7 +31,7 @@ async fn connection_string(hub: &Hub, host: &str, policy: &str) -> Result<String
 async fn azure_iothub_sends_c2d_over_amqp_and_reads_feedback() -> Result<()> {
     let dir = tempfile::tempdir()?;
     // 200+: other tests bind 127.0.100+ … 180+.
-    let (hub, host) = start_hub_on_loopback(dir.path(), 200, false).await?;
+    let (hub, host) = start_hub_on_loopback(dir.path(), 200, true).await?;
     let amqps = hub.endpoint("amqps").context("hub ready has amqps=")?;
     assert_eq!(amqps.to_string(), format!("{host}:5671"));
     let endpoints: Value =
@@ -42,26 +43,31 @@ async fn azure_iothub_sends_c2d_over_amqp_and_reads_feedback() -> Result<()> {
     let device_cs = format!("HostName={host};DeviceId=amqp-dev;SharedAccessKey={key}");
     let service_cs = connection_string(&hub, &host, "service").await?;
 
-    let steps = run_node_script(
-        "azure_amqp_service.js",
-        &[&service_cs, &device_cs],
-        &dir.path().join("certs/ca.pem"),
-        SCRIPT_TIMEOUT,
-    )
-    .await
-    .with_context(|| format!("hub stderr:\n{}", hub.stderr()))?;
-    assert_eq!(
-        steps,
-        [
-            "device_open",
-            "service_open",
-            "send",
-            "device_receives",
-            "feedback",
-            "unknown_device",
-            "send_after_refusal"
-        ]
-    );
+    // `Amqp` on 5671, then `AmqpWs` on 443 (`/$iothub/websocket`, which MQTT over
+    // WebSockets shares).
+    for transport in ["Amqp", "AmqpWs"] {
+        let steps = run_node_script(
+            "azure_amqp_service.js",
+            &[&service_cs, &device_cs, transport],
+            &dir.path().join("certs/ca.pem"),
+            SCRIPT_TIMEOUT,
+        )
+        .await
+        .with_context(|| format!("{transport}; hub stderr:\n{}", hub.stderr()))?;
+        assert_eq!(
+            steps,
+            [
+                "device_open",
+                "service_open",
+                "send",
+                "device_receives",
+                "feedback",
+                "unknown_device",
+                "send_after_refusal"
+            ],
+            "{transport}"
+        );
+    }
     let status = hub.stop().await?;
     assert!(status.success(), "the hub stops cleanly: {status}");
     Ok(())

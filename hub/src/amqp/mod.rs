@@ -12,7 +12,8 @@
 //! - [`cbs`]: `$cbs` put-token → a claim; [`c2d`]: `/messages/devicebound` →
 //!   the Commands capability; [`feedback`]: `/messages/serviceBound/feedback` ←
 //!   Commands; [`eventhub`]: `$management` READ and partition receivers ← Telemetry,
-//!   starting where the selector [`filter`] says.
+//!   starting where the selector [`filter`] says;
+//! - [`websocket`]: the same over WebSockets (`AMQPWSB10`) on the HTTPS listener.
 //!
 //! The edge uses the capabilities only (auth policies, commands, telemetry), never
 //! another edge or a backend.
@@ -27,6 +28,7 @@ pub mod feedback;
 pub mod filter;
 pub mod io;
 pub mod sasl;
+pub mod websocket;
 
 use std::net::SocketAddr;
 use std::sync::Arc;
