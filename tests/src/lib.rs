@@ -10,6 +10,7 @@
 //! JetStream cluster (loopback, free ports, temp dirs) for the cluster-mode tests.
 //! [`azure`] holds what the tests running Azure's Node.js SDKs share.
 
+pub mod amqp;
 pub mod azure;
 pub mod haproxy;
 pub mod inproc;

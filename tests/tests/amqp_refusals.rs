@@ -7,34 +7,20 @@
 //! condition, and the hub serving the next client unaffected.
 
 use std::net::SocketAddr;
-use std::time::Duration;
 
-use anyhow::{Context, Result, bail};
+use anyhow::{Context, Result};
 use fe2o3_amqp::sasl_profile::SaslProfile;
-use fe2o3_amqp::types::messaging::{
-    AmqpValue, ApplicationProperties, Body, Data, Message, MessageId, Outcome, Properties,
-};
-use fe2o3_amqp::types::primitives::{Binary, SimpleValue, Value};
-use fe2o3_amqp::{Connection, Receiver, Sender, Session};
-use hub::auth::policy::{PolicySet, sign};
+use fe2o3_amqp::types::messaging::{Body, Message, Outcome};
+use fe2o3_amqp::types::primitives::Value;
+use fe2o3_amqp::{Receiver, Sender, Session};
+use hub_tests::amqp::{STEP, data, key, message, open, put_token, token};
 use hub_tests::{Hub, HubOptions};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio::time::timeout;
 
-/// Bound on every client step.
-const STEP: Duration = Duration::from_secs(10);
-
-fn unix_now() -> u64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_secs())
-        .unwrap_or_default()
-}
-
 /// A hub named `localhost` (so its Event Hub-compatible entity is `localhost`) with
-/// the plain AMQP listener and small session and link
-/// bounds.
+/// the plain AMQP listener and small session and link bounds.
 async fn start() -> Result<(Hub, tempfile::TempDir, SocketAddr)> {
     let dir = tempfile::tempdir()?;
     let config = dir.path().join("amqp-limits.toml");
@@ -49,124 +35,6 @@ async fn start() -> Result<(Hub, tempfile::TempDir, SocketAddr)> {
         .await?;
     let amqp = hub.endpoint("amqp").context("hub ready has amqp=")?;
     Ok((hub, dir, amqp))
-}
-
-/// `policy`'s primary key.
-fn key(dir: &std::path::Path, policy: &str) -> Result<String> {
-    let set = PolicySet::load(&dir.join("policies.json"))?;
-    Ok(set
-        .get(policy)
-        .context("policy")?
-        .key(hub::auth::policy::KeySlot::Primary)
-        .to_string())
-}
-
-fn token(resource: &str, policy: &str, key: &str, ttl: i64) -> Result<String> {
-    let expiry = (unix_now() as i64 + ttl).max(1) as u64;
-    sign(resource, policy, key, expiry).context("sign")
-}
-
-fn message(
-    to: Option<&str>,
-    props: &[(&str, &str)],
-    body: Body<Value>,
-    message_id: Option<&str>,
-) -> Message<Body<Value>> {
-    let mut app = ApplicationProperties::default();
-    for (k, v) in props {
-        app.0
-            .insert(k.to_string(), SimpleValue::String(v.to_string()));
-    }
-    Message {
-        header: None,
-        delivery_annotations: None,
-        message_annotations: None,
-        properties: Some(Properties {
-            to: to.map(str::to_string),
-            message_id: message_id.map(|id| MessageId::String(id.to_string())),
-            reply_to: Some("cbs-reply".to_string()),
-            ..Properties::default()
-        }),
-        application_properties: Some(app),
-        body,
-        footer: None,
-    }
-}
-
-fn data(bytes: &[u8]) -> Body<Value> {
-    Body::Data(vec![Data(Binary::from(bytes.to_vec()))].into())
-}
-
-/// A connection (bare AMQP header, as azure-iothub; or SASL) with one session.
-async fn open(
-    addr: SocketAddr,
-    sasl: Option<SaslProfile>,
-) -> Result<(
-    fe2o3_amqp::connection::ConnectionHandle<()>,
-    fe2o3_amqp::session::SessionHandle<()>,
-)> {
-    let builder = Connection::builder().container_id("refusals");
-    let builder = match sasl {
-        Some(profile) => builder.sasl_profile(profile),
-        None => builder,
-    };
-    let mut connection = timeout(STEP, builder.open(format!("amqp://{addr}").as_str()))
-        .await
-        .context("open timed out")??;
-    let session = timeout(STEP, Session::begin(&mut connection))
-        .await
-        .context("begin timed out")??;
-    Ok((connection, session))
-}
-
-/// Puts `token` for `audience` on `$cbs`; returns the reply's status code.
-async fn put_token(
-    session: &mut fe2o3_amqp::session::SessionHandle<()>,
-    audience: &str,
-    token: &str,
-) -> Result<i64> {
-    let mut sender = Sender::attach(session, "cbs-sender", "$cbs").await?;
-    let mut receiver = Receiver::attach(session, "cbs-reply", "$cbs").await?;
-    let mut request = message(
-        Some("$cbs"),
-        &[
-            ("operation", "put-token"),
-            ("type", "servicebus.windows.net:sastoken"),
-            ("name", audience),
-        ],
-        Body::Value(AmqpValue(Value::String(token.to_string()))),
-        Some("req-1"),
-    );
-    if let Some(props) = &mut request.properties {
-        props.message_id = Some(MessageId::String("req-1".into()));
-    }
-    timeout(STEP, sender.send(request))
-        .await
-        .context("cbs send")??;
-    let reply: fe2o3_amqp::link::delivery::Delivery<Body<Value>> = timeout(STEP, receiver.recv())
-        .await
-        .context("cbs reply")??;
-    receiver.accept(&reply).await?;
-    let message = reply.message();
-    let correlation = message
-        .properties
-        .as_ref()
-        .and_then(|p| p.correlation_id.clone());
-    anyhow::ensure!(
-        correlation == Some(MessageId::String("req-1".into())),
-        "the reply echoes the message id: {correlation:?}"
-    );
-    let status = message
-        .application_properties
-        .as_ref()
-        .and_then(|app| app.0.get("status-code"))
-        .context("no status-code")?;
-    let _ = sender.close().await;
-    let _ = receiver.close().await;
-    match status {
-        SimpleValue::Int(code) => Ok(i64::from(*code)),
-        other => bail!("status-code is not an int: {other:?}"),
-    }
 }
 
 /// The error a sender attach ends with (refused at attach or detached right after).
