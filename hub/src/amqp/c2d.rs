@@ -228,6 +228,25 @@ pub fn to_request(
 mod tests {
     use super::*;
     use fe2o3_amqp::types::messaging::{ApplicationProperties, Data, Properties};
+    use proptest::prelude::*;
+
+    proptest! {
+        #[test]
+        fn any_to_parses_or_is_refused_without_panicking(to in ".{0,300}") {
+            let _ = device_of(&to);
+        }
+
+        #[test]
+        fn an_encoded_device_id_comes_back(id in "[A-Za-z0-9\\-:.+%_#*?!(),=@;$']{1,128}") {
+            let encoded: String = percent_encoding::utf8_percent_encode(
+                &id,
+                percent_encoding::NON_ALPHANUMERIC,
+            )
+            .to_string();
+            let device = device_of(&format!("/devices/{encoded}/messages/devicebound"));
+            prop_assert_eq!(device.map(|d| d.as_str().to_string()), Ok(id));
+        }
+    }
     use fe2o3_amqp::types::primitives::{Binary, Timestamp, Uuid};
 
     fn message(to: &str) -> Message<Body<Value>> {
