@@ -155,6 +155,17 @@ async function main() {
   step('from_latest', { sent });
 
   await client.close();
+
+  // The same entity over WebSockets (`/$servicebus/websocket` on 443).
+  const wsClient = new EventHubConsumerClient('$Default', ehCs, { webSocketOptions: { webSocket: require('ws') } });
+  const wsIds = await wsClient.getPartitionIds();
+  check(JSON.stringify(wsIds) === JSON.stringify(ids), 'partition ids over WebSockets', wsIds);
+  const overWs = await collect(wsClient, deviceId, undefined, { startPosition: earliestEventPosition },
+    (events) => events.length >= 3, 30000);
+  check(overWs.events.length >= 3, 'events from earliest over WebSockets', { n: overWs.events.length, errors: overWs.errors });
+  await wsClient.close();
+  step('websocket');
+
   await device.close();
   emit('done');
 }

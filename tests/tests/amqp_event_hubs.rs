@@ -4,7 +4,8 @@
 //! 127.0.0.N:5671, lists the partition ids and receives telemetry sent by a device on
 //! Azure's Node device SDK from the earliest position, from a sequence number
 //! (inclusive and exclusive) and from the latest, with `iothub-connection-device-id`,
-//! Azure's other annotations and the device's application properties. The script is
+//! Azure's other annotations and the device's application properties; and over
+//! WebSockets (127.0.0.N:443, `/$servicebus/websocket`). The script is
 //! `tests/compat/azure_event_hubs.js`. Python's `azure-eventhub` 5.15 reads the same
 //! over the plain listener (`tests/compat/azure_eventhub.py`).
 //!
@@ -24,7 +25,7 @@ const SCRIPT_TIMEOUT: Duration = Duration::from_secs(150);
 async fn event_hubs_consumer_reads_telemetry_over_amqp() -> Result<()> {
     let dir = tempfile::tempdir()?;
     // 220+: other tests bind 127.0.100+ … 200+.
-    let (hub, host) = start_hub_on_loopback(dir.path(), 220, false).await?;
+    let (hub, host) = start_hub_on_loopback(dir.path(), 220, true).await?;
     let token = hub.owner_token().await?;
     let key = hub.create_device(&token, "eh-dev").await?;
     let device_cs = format!("HostName={host};DeviceId=eh-dev;SharedAccessKey={key}");
@@ -62,7 +63,8 @@ async fn event_hubs_consumer_reads_telemetry_over_amqp() -> Result<()> {
             "partition_ids",
             "from_earliest",
             "from_sequence_number",
-            "from_latest"
+            "from_latest",
+            "websocket"
         ]
     );
     let status = hub.stop().await?;
