@@ -179,8 +179,14 @@ pub async fn run_steps(
 }
 
 /// The Python packages the Event Hubs test pins (the same `.ci/run` installs into
-/// `target/azure-venv`): Azure's Event Hubs SDK, and paho-mqtt to publish telemetry.
-pub const PYTHON_EVENTHUB_PACKAGES: [&str; 2] = ["azure-eventhub==5.15.1", "paho-mqtt==1.6.1"];
+/// `target/azure-venv`): Azure's Event Hubs SDK, and paho-mqtt to publish telemetry;
+/// with the device SDK the venv is shared with (`azure_sdk_compat.rs`), so a venv
+/// created here serves that test too.
+pub const PYTHON_EVENTHUB_PACKAGES: [&str; 3] = [
+    "azure-eventhub==5.15.1",
+    "paho-mqtt==1.6.1",
+    "azure-iot-device>=2.12,<3",
+];
 
 /// A Python with `azure-eventhub` and `paho-mqtt`: `$HUB_AZURE_PYTHON`, or
 /// `target/azure-venv` (created when missing; the packages installed from PyPI when
