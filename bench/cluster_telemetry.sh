@@ -45,7 +45,7 @@ wait_ready() { # file
 start_hub() { # label, extra serve args... → sets HUB_PID, HUB_DIR
     local label=$1; shift
     HUB_DIR=$WORK/$label
-    "$BIN/hub" serve --data-dir "$HUB_DIR" --http 127.0.0.1:0 --mqtt 127.0.0.1:0 --mqtts 127.0.0.1:0 "$@" \
+    HUB_AMQPS=127.0.0.1:0 "$BIN/hub" serve --data-dir "$HUB_DIR" --http 127.0.0.1:0 --mqtt 127.0.0.1:0 --mqtts 127.0.0.1:0 "$@" \
         > "$WORK/$label.out" 2> "$WORK/$label.err" &
     HUB_PID=$!
     PIDS+=("$HUB_PID")

@@ -47,7 +47,7 @@ for round in $(seq "$ROUNDS"); do
                 --hub-pid "$pid" --json > "$run.json" 2> /dev/null
         else
             # shellcheck disable=SC2086
-            "${SERVER[@]}" "$server" serve ${HUB_EXTRA:-} --data-dir "$run" --http 127.0.0.1:0 \
+            HUB_AMQPS=127.0.0.1:0 "${SERVER[@]}" "$server" serve ${HUB_EXTRA:-} --data-dir "$run" --http 127.0.0.1:0 \
                 --mqtt 127.0.0.1:0 --mqtts 127.0.0.1:0 > "$run.out" 2> "$run.err" &
             pid=$!
             for _ in $(seq 100); do grep -q "hub ready" "$run.out" 2> /dev/null && break; sleep 0.1; done

@@ -71,7 +71,7 @@ start_hub() {
     local name=$1 http=$2 mqtt=$3
     shift 3
     HUB_DIR=$RESULTS/$name.data
-    "$BIN/hub" serve --data-dir "$HUB_DIR" --http "127.0.0.1:$http" --mqtt "127.0.0.1:$mqtt" \
+    HUB_AMQPS=127.0.0.1:0 "$BIN/hub" serve --data-dir "$HUB_DIR" --http "127.0.0.1:$http" --mqtt "127.0.0.1:$mqtt" \
         --mqtts 127.0.0.1:0 "$@" > "$RESULTS/$name.out" 2>> "$RESULTS/$name.err" &
     HUB_PID=$!
     PIDS+=("$HUB_PID")

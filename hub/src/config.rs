@@ -65,6 +65,72 @@ pub struct Config {
     pub twins: TwinsConfig,
     /// Operator-supplied certificates (unset: the development CA in the data dir).
     pub tls: TlsConfig,
+    /// The AMQP 1.0 service endpoint (C2D sends, feedback, Event Hub-compatible reads).
+    pub amqp: AmqpConfig,
+}
+
+/// `[amqp]`: the AMQP 1.0 service endpoint and its bounds (DECISIONS.md, "AMQP 1.0
+/// service endpoint" and "Limits and abuse").
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct AmqpConfig {
+    /// AMQP over TLS (implicit TLS, the server certificate). Default
+    /// `127.0.0.1:5671`, the port Azure's SDKs always dial; port 0 picks a free port.
+    pub tls_listen: SocketAddr,
+    /// Plain AMQP (for `UseDevelopmentEmulator=true` clients). Off unless set.
+    pub tcp_listen: Option<SocketAddr>,
+    /// The Event Hub-compatible entity name (`EntityPath=`). Default: the first label
+    /// of the hostname (`iothub` for `localhost`-like names that are IP addresses).
+    pub event_hub_name: Option<String>,
+    /// Most open AMQP connections; over it new ones wait in the listen backlog.
+    /// Default 1024.
+    pub max_connections: usize,
+    /// Most sessions per connection (`channel-max` + 1). Default 32.
+    pub max_sessions: u16,
+    /// Most links per session (`handle-max` + 1). Default 64.
+    pub max_links_per_session: u32,
+    /// Largest frame, in bytes (`max-frame-size`). Default 65536 (512–1 MiB).
+    pub max_frame_size: u32,
+    /// Largest message a client may send on a link, in bytes (a C2D message is
+    /// further held to the C2D limit and refused per message). Default 1 MiB.
+    pub max_message_bytes: u64,
+    /// Seconds a client has for TLS and its protocol header. Default 10.
+    pub handshake_timeout_secs: u64,
+}
+
+impl Default for AmqpConfig {
+    fn default() -> Self {
+        Self {
+            tls_listen: SocketAddr::from(([127, 0, 0, 1], 5671)),
+            tcp_listen: None,
+            event_hub_name: None,
+            max_connections: 1024,
+            max_sessions: 32,
+            max_links_per_session: 64,
+            max_frame_size: 65_536,
+            max_message_bytes: 1024 * 1024,
+            handshake_timeout_secs: 10,
+        }
+    }
+}
+
+impl Config {
+    /// The Event Hub-compatible entity name: `amqp.event_hub_name`, else the first
+    /// label of the hostname (`iothub` when the hostname is an IP address).
+    pub fn event_hub_name(&self) -> String {
+        if let Some(name) = &self.amqp.event_hub_name {
+            return name.clone();
+        }
+        if self.hostname.parse::<std::net::IpAddr>().is_ok() {
+            return "iothub".to_string();
+        }
+        self.hostname
+            .split('.')
+            .next()
+            .filter(|label| !label.is_empty())
+            .unwrap_or("iothub")
+            .to_string()
+    }
 }
 
 /// `[tls]`: the operator's certificates, reloaded on SIGHUP and when the files change.
@@ -315,6 +381,7 @@ impl Default for Config {
             commands: CommandsConfig::default(),
             twins: TwinsConfig::default(),
             tls: TlsConfig::default(),
+            amqp: AmqpConfig::default(),
         }
     }
 }
@@ -367,6 +434,10 @@ pub struct Overrides {
     pub https: Option<SocketAddr>,
     /// `--cluster` / `HUB_CLUSTER`: comma-separated NATS URLs.
     pub cluster: Option<Vec<String>>,
+    /// `--amqps` / `HUB_AMQPS`.
+    pub amqps: Option<SocketAddr>,
+    /// `--amqp` / `HUB_AMQP`.
+    pub amqp: Option<SocketAddr>,
 }
 
 /// Default `mqtt.sas_max_lifetime_secs`: 365 days.
@@ -430,6 +501,12 @@ impl Config {
         }
         if let Some(urls) = &overrides.cluster {
             self.cluster.nats.clone_from(urls);
+        }
+        if let Some(addr) = overrides.amqps {
+            self.amqp.tls_listen = addr;
+        }
+        if let Some(addr) = overrides.amqp {
+            self.amqp.tcp_listen = Some(addr);
         }
     }
 
@@ -617,6 +694,40 @@ impl Config {
         if c.max_pending_publishes == 0 {
             return invalid("cluster.max_pending_publishes", "must be ≥ 1");
         }
+        let a = &self.amqp;
+        if let Some(name) = &a.event_hub_name
+            && (name.is_empty()
+                || name.len() > 256
+                || !name
+                    .chars()
+                    .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.')))
+        {
+            return invalid(
+                "amqp.event_hub_name",
+                "must be 1–256 letters, digits, '-', '_' or '.'",
+            );
+        }
+        if a.max_connections == 0 {
+            return invalid("amqp.max_connections", "must be ≥ 1");
+        }
+        if a.max_sessions == 0 {
+            return invalid("amqp.max_sessions", "must be ≥ 1");
+        }
+        if !(1..=65_536).contains(&a.max_links_per_session) {
+            return invalid("amqp.max_links_per_session", "must be from 1 to 65536");
+        }
+        if !(512..=1024 * 1024).contains(&a.max_frame_size) {
+            return invalid("amqp.max_frame_size", "must be from 512 to 1048576");
+        }
+        if !(1024..=256 * 1024 * 1024).contains(&a.max_message_bytes) {
+            return invalid(
+                "amqp.max_message_bytes",
+                "must be from 1024 to 268435456 (256 MiB)",
+            );
+        }
+        if !(1..=300).contains(&a.handshake_timeout_secs) {
+            return invalid("amqp.handshake_timeout_secs", "must be from 1 to 300");
+        }
         Ok(())
     }
 
@@ -699,6 +810,53 @@ mod tests {
             config.http.https_listen,
             Some("127.0.0.1:0".parse().unwrap())
         );
+    }
+
+    #[test]
+    fn amqp_defaults_overrides_and_validation() {
+        let config = Config::default();
+        assert_eq!(config.amqp.tls_listen.to_string(), "127.0.0.1:5671");
+        assert_eq!(config.amqp.tcp_listen, None, "plain AMQP is off by default");
+        assert_eq!(config.event_hub_name(), "localhost");
+        let mut config = Config {
+            hostname: "myhub.example.com".into(),
+            ..Config::default()
+        };
+        assert_eq!(config.event_hub_name(), "myhub");
+        config.hostname = "127.0.0.5".into();
+        assert_eq!(config.event_hub_name(), "iothub");
+        config.amqp.event_hub_name = Some("telemetry".into());
+        assert_eq!(config.event_hub_name(), "telemetry");
+        config.apply(&Overrides {
+            amqps: Some("127.0.0.1:0".parse().unwrap()),
+            amqp: Some("127.0.0.1:0".parse().unwrap()),
+            ..Overrides::default()
+        });
+        assert_eq!(config.amqp.tls_listen.to_string(), "127.0.0.1:0");
+        assert_eq!(config.amqp.tcp_listen, Some("127.0.0.1:0".parse().unwrap()));
+        config.validate().unwrap();
+        for (toml, key) in [
+            ("[amqp]\nmax_sessions = 0\n", "amqp.max_sessions"),
+            (
+                "[amqp]\nmax_links_per_session = 0\n",
+                "amqp.max_links_per_session",
+            ),
+            ("[amqp]\nmax_frame_size = 100\n", "amqp.max_frame_size"),
+            ("[amqp]\nmax_message_bytes = 10\n", "amqp.max_message_bytes"),
+            ("[amqp]\nmax_connections = 0\n", "amqp.max_connections"),
+            (
+                "[amqp]\nhandshake_timeout_secs = 0\n",
+                "amqp.handshake_timeout_secs",
+            ),
+            ("[amqp]\nevent_hub_name = 'a/b'\n", "amqp.event_hub_name"),
+        ] {
+            let err = Config::from_toml(toml)
+                .unwrap()
+                .validate()
+                .unwrap_err()
+                .to_string();
+            assert!(err.contains(key), "{toml}: {err}");
+        }
     }
 
     #[test]

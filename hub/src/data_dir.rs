@@ -224,6 +224,12 @@ pub struct Endpoints {
     /// The service REST API over TLS and MQTT over WebSocket, when bound.
     #[serde(skip_serializing_if = "Option::is_none", default)]
     pub https: Option<SocketAddr>,
+    /// AMQP over TLS, when bound.
+    #[serde(skip_serializing_if = "Option::is_none", default)]
+    pub amqps: Option<SocketAddr>,
+    /// Plain AMQP, when bound.
+    #[serde(skip_serializing_if = "Option::is_none", default)]
+    pub amqp: Option<SocketAddr>,
 }
 
 impl Endpoints {
@@ -237,8 +243,14 @@ impl Endpoints {
             line.push_str(&format!(" mqtts={addr}"));
         }
         line.push_str(&format!(" http={}", self.http));
+        if let Some(addr) = self.amqps {
+            line.push_str(&format!(" amqps={addr}"));
+        }
         if let Some(addr) = self.https {
             line.push_str(&format!(" https={addr}"));
+        }
+        if let Some(addr) = self.amqp {
+            line.push_str(&format!(" amqp={addr}"));
         }
         line
     }
@@ -429,6 +441,8 @@ mod tests {
             mqtts: None,
             http: "[::1]:8080".parse().unwrap(),
             https: None,
+            amqps: None,
+            amqp: None,
         };
         data.write_endpoints(&endpoints).unwrap();
         assert_eq!(Endpoints::read(dir.path()).unwrap(), endpoints);
@@ -445,6 +459,18 @@ mod tests {
         assert_eq!(
             endpoints.ready_line(),
             "hub ready mqtt=127.0.0.1:1883 http=[::1]:8080 https=127.0.0.1:443"
+        );
+        let endpoints = Endpoints {
+            amqps: Some("127.0.0.1:5671".parse().unwrap()),
+            amqp: Some("127.0.0.1:5672".parse().unwrap()),
+            ..endpoints
+        };
+        data.write_endpoints(&endpoints).unwrap();
+        assert_eq!(Endpoints::read(dir.path()).unwrap(), endpoints);
+        assert_eq!(
+            endpoints.ready_line(),
+            "hub ready mqtt=127.0.0.1:1883 http=[::1]:8080 amqps=127.0.0.1:5671 \
+             https=127.0.0.1:443 amqp=127.0.0.1:5672"
         );
     }
 }

@@ -46,6 +46,7 @@
 //!   [`storage`] the storage error and health ports; [`properties`] a message's
 //!   property bag; [`data_dir`] the data directory's files.
 
+pub mod amqp;
 pub mod api;
 pub mod auth;
 pub mod commands;

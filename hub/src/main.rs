@@ -89,6 +89,13 @@ struct ConfigArgs {
     /// (nats://a:4222,nats://b:4222,nats://c:4222).
     #[arg(long, env = "HUB_CLUSTER", value_delimiter = ',')]
     cluster: Option<Vec<String>>,
+    /// AMQP over TLS listen address: C2D sends, feedback and Event Hub-compatible
+    /// reads (default 127.0.0.1:5671).
+    #[arg(long, env = "HUB_AMQPS")]
+    amqps: Option<std::net::SocketAddr>,
+    /// Plain AMQP listen address (off unless given; for UseDevelopmentEmulator=true).
+    #[arg(long, env = "HUB_AMQP")]
+    amqp: Option<std::net::SocketAddr>,
 }
 
 impl ConfigArgs {
@@ -101,6 +108,8 @@ impl ConfigArgs {
             http: self.http,
             https: self.https,
             cluster: self.cluster.clone(),
+            amqps: self.amqps,
+            amqp: self.amqp,
         })
     }
 }

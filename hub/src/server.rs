@@ -16,6 +16,7 @@ mod certificates;
 
 pub use certificates::{CertificateError, Reloader};
 
+use crate::amqp::{self, AmqpContext, AmqpListeners};
 use crate::api::{self, AppState, HttpLimits};
 use crate::auth::device::DeviceAuthenticator;
 use crate::auth::jwt::JwtPolicy;
@@ -130,6 +131,8 @@ pub struct Server {
     registry_feed: Option<tokio::task::JoinHandle<()>>,
     /// Cluster mode: presence, heartbeat and routing to the other hub nodes.
     router: Option<NodeRouter>,
+    /// The AMQP listeners and what their connections use.
+    amqp: (AmqpListeners, AmqpContext),
     /// Reloads the operator's certificates (`[tls]`) into the live TLS and device CA.
     cert_reloader: Reloader,
 }
@@ -183,9 +186,11 @@ impl Server {
                     config.mqtt.tcp_listen,
                     config.mqtt.tls_listen,
                     config.http.listen,
+                    config.amqp.tls_listen,
                 ]
                 .into_iter()
-                .chain(config.http.https_listen),
+                .chain(config.http.https_listen)
+                .chain(config.amqp.tcp_listen),
             ),
         );
         // The operator's certificates when configured, else the development ones.
@@ -198,8 +203,9 @@ impl Server {
             }
         };
         let tls_config = tls::server_config_with(&server_cert)?;
-        // The HTTPS listener presents the same server certificate as MQTT/TLS.
+        // The HTTPS and AMQPS listeners present the same server certificate as MQTT/TLS.
         let https_tls = Arc::clone(&tls_config);
+        let amqps_tls = Arc::clone(&tls_config);
         let operator_ca = certificates::load_device_ca(&config.tls)?;
         let device_ca = match &operator_ca {
             Some(bundle) => bundle.clone(),
@@ -368,11 +374,35 @@ impl Server {
             }
             None => None,
         };
+        let amqp_listeners =
+            AmqpListeners::bind(&config, amqps_tls)
+                .await
+                .map_err(|(listener, addr, source)| ServeError::Bind {
+                    listener,
+                    addr,
+                    source,
+                })?;
+        let (amqps_addr, amqp_addr) =
+            amqp_listeners
+                .local_addrs()
+                .map_err(|source| ServeError::Bind {
+                    listener: "amqps",
+                    addr: config.amqp.tls_listen,
+                    source,
+                })?;
+        let amqp_context = AmqpContext::new(
+            &config,
+            Arc::clone(&policies),
+            commands.clone(),
+            Arc::clone(&telemetry),
+        );
         let endpoints = Endpoints {
             mqtt: Some(mqtt_addr),
             mqtts: Some(mqtts_addr),
             http: http.local_addr().map_err(bind_err)?,
             https: https.as_ref().map(|(_, _, addr)| *addr),
+            amqps: Some(amqps_addr),
+            amqp: amqp_addr,
         };
         if let Some(router) = &router {
             // Joins before the listeners accept: every connection is announced.
@@ -419,6 +449,7 @@ impl Server {
             retention_interval: Duration::from_secs(config.telemetry.retention_interval_secs),
             registry_feed,
             router,
+            amqp: (amqp_listeners, amqp_context),
             cert_reloader,
         })
     }
@@ -469,10 +500,39 @@ impl Server {
             .then(|| self.cert_reloader.clone().spawn());
         let policy_tasks = watch_policies(&self.data_dir, &self.state, self.nats.as_ref());
         let router = api::router(self.state, self.limits).merge(crate::console::router());
-        // Both listeners stop on the one shutdown signal.
+        // Every listener stops on the one shutdown signal.
         let (stop, stopped) = watch::channel(false);
+        let (amqp_listeners, amqp_context) = self.amqp;
+        let (amqp_ws_iothub, amqp_ws_servicebus) =
+            amqp::websocket::routers(Arc::new(amqp_context.clone()), stopped.clone());
+        let amqp = amqp_listeners.spawn(amqp_context, stopped.clone());
         let https = self.https.map(|(listener, tls)| {
-            let router = router.clone().merge(running.websocket().router());
+            // `/$iothub/websocket` is MQTT unless the client asks for AMQP
+            // (`AMQPWSB10`, Azure's `AmqpWs` transports); `/$servicebus/websocket` is
+            // AMQP only.
+            let amqp_iothub = amqp_ws_iothub.clone();
+            let router = router
+                .clone()
+                .merge(running.websocket().router())
+                .layer(axum::middleware::from_fn(
+                    move |request: axum::extract::Request, next: axum::middleware::Next| {
+                        let amqp_iothub = amqp_iothub.clone();
+                        async move {
+                            if request.uri().path() == amqp::websocket::IOTHUB_PATH
+                                && amqp::websocket::wants_amqp(request.headers())
+                            {
+                                use tower::ServiceExt;
+                                match amqp_iothub.oneshot(request).await {
+                                    Ok(response) => response,
+                                    Err(never) => match never {},
+                                }
+                            } else {
+                                next.run(request).await
+                            }
+                        }
+                    },
+                ))
+                .merge(amqp_ws_servicebus.clone());
             let mut stopped = stopped.clone();
             tokio::spawn(crate::http::serve::serve(
                 listener,
@@ -515,6 +575,7 @@ impl Server {
             },
             None => result,
         };
+        let _ = amqp.await;
         running.shutdown().await;
         if let Some(router) = &self.router {
             router.stop().await;

@@ -155,6 +155,7 @@ pub fn test_config(data_dir: &Path) -> Config {
     config.http.listen = SocketAddr::from(([127, 0, 0, 1], 0));
     config.mqtt.tcp_listen = SocketAddr::from(([127, 0, 0, 1], 0));
     config.mqtt.tls_listen = SocketAddr::from(([127, 0, 0, 1], 0));
+    config.amqp.tls_listen = SocketAddr::from(([127, 0, 0, 1], 0));
     config
 }
 

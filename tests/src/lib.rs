@@ -10,6 +10,7 @@
 //! JetStream cluster (loopback, free ports, temp dirs) for the cluster-mode tests.
 //! [`azure`] holds what the tests running Azure's Node.js SDKs share.
 
+pub mod amqp;
 pub mod azure;
 pub mod haproxy;
 pub mod inproc;
@@ -110,6 +111,7 @@ pub struct HubOptions {
     http: String,
     mqtt: String,
     mqtts: String,
+    amqps: String,
     args: Vec<String>,
     env: Vec<(String, String)>,
 }
@@ -123,6 +125,7 @@ impl HubOptions {
             http: "127.0.0.1:0".to_string(),
             mqtt: "127.0.0.1:0".to_string(),
             mqtts: "127.0.0.1:0".to_string(),
+            amqps: "127.0.0.1:0".to_string(),
             args: Vec::new(),
             env: Vec::new(),
         }
@@ -135,6 +138,12 @@ impl HubOptions {
         S: Into<String>,
     {
         self.wrapper = command.into_iter().map(Into::into).collect();
+        self
+    }
+
+    /// Listens for AMQP over TLS on `addr` instead of an ephemeral port.
+    pub fn amqps(mut self, addr: &str) -> Self {
+        self.amqps = addr.to_string();
         self
     }
 
@@ -196,6 +205,7 @@ impl HubOptions {
             .arg(&self.data_dir)
             .args(["--http", &self.http])
             .args(["--mqtt", &self.mqtt, "--mqtts", &self.mqtts])
+            .args(["--amqps", &self.amqps])
             .args(&self.args)
             .env("RUST_LOG", "info")
             .stdin(Stdio::null())

@@ -289,6 +289,19 @@ pub fn connection_string(hostname: &str, policy: &str, key: &str) -> String {
     format!("HostName={hostname};SharedAccessKeyName={policy};SharedAccessKey={key}")
 }
 
+/// `Endpoint=sb://<hostname>/;SharedAccessKeyName=<policy>;SharedAccessKey=<key>;EntityPath=<entity>`:
+/// the Event Hub-compatible endpoint's connection string.
+pub fn event_hub_connection_string(
+    hostname: &str,
+    policy: &str,
+    key: &str,
+    entity: &str,
+) -> String {
+    format!(
+        "Endpoint=sb://{hostname}/;SharedAccessKeyName={policy};SharedAccessKey={key};EntityPath={entity}"
+    )
+}
+
 /// Why a service SAS token was refused.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum PolicyError {
@@ -324,6 +337,19 @@ fn resource_matches(resource: &str, hostname: &str, request_path: &str) -> bool 
         || path
             .strip_prefix(prefix)
             .is_some_and(|rest| rest.starts_with('/'))
+}
+
+/// What a verified policy token grants (see [`Policies::verify_any_resource`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PolicyGrant {
+    /// The policy (`skn`).
+    pub policy: String,
+    /// Its scopes.
+    pub scopes: &'static [Scope],
+    /// `sr`, URL-decoded.
+    pub resource: String,
+    /// `se`, Unix seconds.
+    pub expiry: u64,
 }
 
 /// The live policies a hub checks service SAS tokens against.
@@ -404,6 +430,55 @@ impl Policies {
             Some(_) => Ok((name, scopes)),
             None => Err(PolicyError::BadSignature),
         }
+    }
+
+    /// Checks a shared access policy's SAS token as AMQP clients send it (CBS
+    /// put-token, SASL PLAIN, a `$management` `security_token`) at `now` (Unix
+    /// seconds): the signature may be made with the policy key base64-decoded (Azure's
+    /// IoT SDKs) or with the key string's UTF-8 bytes (the Event Hubs SDKs), and `sr`
+    /// may be any resource, checked by the caller against what is asked (an
+    /// `sb://HOST/…` or `HOST/…` path). Returns the policy's grant.
+    pub fn verify_any_resource(&self, token: &str, now: u64) -> Result<PolicyGrant, PolicyError> {
+        let token = SasToken::parse(token).map_err(|err| match err {
+            SasError::Malformed(reason) => PolicyError::Malformed(reason.to_string()),
+            other => PolicyError::Malformed(other.to_string()),
+        })?;
+        let name = token
+            .policy()
+            .ok_or_else(|| PolicyError::Malformed("missing skn".into()))?
+            .to_string();
+        let set = self.current();
+        let (Some(keys), Some(scopes)) = (set.get(&name), scopes_of(&name)) else {
+            return Err(PolicyError::UnknownPolicy(name));
+        };
+        if token.expiry <= now {
+            return Err(PolicyError::Expired);
+        }
+        let resource = token
+            .resource()
+            .map_err(|err| PolicyError::Malformed(err.to_string()))?;
+        let mut candidates: Vec<Vec<u8>> = Vec::with_capacity(4);
+        for key in [&keys.primary_key, &keys.secondary_key] {
+            if let Ok(decoded) = STANDARD.decode(key) {
+                candidates.push(decoded);
+            }
+            candidates.push(key.as_bytes().to_vec());
+        }
+        let raw: Vec<&[u8]> = candidates.iter().map(Vec::as_slice).collect();
+        match token.signed_by(&raw) {
+            Some(_) => Ok(PolicyGrant {
+                policy: name,
+                scopes,
+                resource,
+                expiry: token.expiry,
+            }),
+            None => Err(PolicyError::BadSignature),
+        }
+    }
+
+    /// The hub's hostname, as tokens' `sr` must name it.
+    pub fn hostname(&self) -> &str {
+        &self.hostname
     }
 
     /// Polls `path` every `interval` and swaps in its contents when its modification

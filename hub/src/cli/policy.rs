@@ -30,6 +30,11 @@ pub struct ConnectionStringArgs {
     /// The hub's host name, as in `hub serve --hostname` (default localhost).
     #[arg(long, env = "HUB_HOSTNAME")]
     hostname: Option<String>,
+    /// Print the Event Hub-compatible connection string (for `@azure/event-hubs`,
+    /// `azure-eventhub` and other Event Hubs clients reading telemetry over AMQP)
+    /// instead of the IoT Hub one.
+    #[arg(long)]
+    event_hub: bool,
 }
 
 /// Which key of a policy.
@@ -88,10 +93,20 @@ pub fn connection_string(args: &ConnectionStringArgs) -> Result<()> {
     let keys = set
         .get(name)
         .ok_or_else(|| PolicyFileError::UnknownPolicy(name.to_string()))?;
-    println!(
-        "{}",
-        policy::connection_string(&config.hostname, name, keys.key(args.key.into()))
-    );
+    let key = keys.key(args.key.into());
+    if args.event_hub {
+        println!(
+            "{}",
+            policy::event_hub_connection_string(
+                &config.hostname,
+                name,
+                key,
+                &config.event_hub_name()
+            )
+        );
+    } else {
+        println!("{}", policy::connection_string(&config.hostname, name, key));
+    }
     Ok(())
 }
 
