@@ -3,7 +3,7 @@
 //! in with a token and with a connection string, create a device, edit its twin (and
 //! see the conflict when it changed underneath), watch live telemetry from a sending
 //! device (a `<script>` body must stay text), invoke a method, send a C2D message, run
-//! a query, sign out. Any JavaScript error fails the test. Screenshots of each page at
+//! a query, create an enrollment group, sign out. Any JavaScript error fails the test. Screenshots of each page at
 //! 1280×800 and 390×844 go to `$CONSOLE_SCREENSHOTS` (default
 //! `target/console-screenshots`).
 
@@ -187,7 +187,9 @@ fn device(hub: &Hub, id: &str, key: &str) -> Result<(DeviceClient, DeviceEvents)
 async fn the_console_operates_a_hub_in_a_real_browser() -> Result<()> {
     let dir = tempfile::tempdir()?;
     let hub = Hub::start(dir.path()).await?;
-    let token = hub.owner_token().await?;
+    let token = hub
+        .token("registry:read,registry:write,service:connect,provisioning:read,provisioning:write")
+        .await?;
     let driver = Driver::start().await?;
     let profile = tempfile::tempdir()?;
     let browser = driver.session(profile.path()).await?;
@@ -358,6 +360,15 @@ async fn drive(hub: &Hub, token: &str, browser: &Client) -> Result<()> {
     browser.goto(&format!("{console}#/devices")).await?;
     wait_text(browser, "[data-testid=device-row-console-1]", "enabled").await?;
     screenshots(browser, "devices").await?;
+
+    // Provisioning: create a symmetric-key enrollment group.
+    browser.goto(&format!("{console}#/provisioning")).await?;
+    set_value(browser, "[data-testid=new-group]", "factory-a").await?;
+    click(browser, "[data-testid=create-group]").await?;
+    wait_text(browser, "[data-testid=group-row-factory-a]", "symmetricKey").await?;
+    let group = hub.get_json(token, "/enrollmentGroups/factory-a").await?;
+    assert_eq!(group["provisioningStatus"], "enabled", "{group}");
+    screenshots(browser, "provisioning").await?;
 
     // Sign out, then in again with a connection string (signed in the page).
     click(browser, "[data-testid=sign-out]").await?;

@@ -64,8 +64,10 @@ async function api(method, path, { body, headers = {} } = {}) {
   if (text) {
     try { parsed = JSON.parse(text); } catch { parsed = text; }
   }
-  if (response.status === 401) {
-    signOut(`signed out: ${parsed && parsed.message ? parsed.message : 'the credential was refused'}`);
+  // An expired credential signs out; a 401 for a permission the credential lacks (a
+  // policy without provisioning rights, say) is shown where it happened.
+  if (response.status === 401 && parsed && parsed.errorCode === 401003) {
+    signOut(`signed out: ${parsed.message}`);
     throw new ApiError(401, parsed);
   }
   if (!response.ok) throw new ApiError(response.status, parsed);
@@ -535,6 +537,91 @@ function c2dSection(id) {
       el('button', { type: 'submit', testid: 'c2d-send' }, 'Send')), sent);
 }
 
+// ---------- provisioning ----------
+
+function provisioningView() {
+  const groups = el('tbody', { testid: 'groups' });
+  const individuals = el('tbody', { testid: 'enrollments' });
+  const registrations = el('div', { testid: 'registrations' });
+  const error = el('div');
+  const showRegistrations = async (group) => {
+    try {
+      const answer = await api('POST', `/registrations/${encodeURIComponent(group)}/query`, { body: {} });
+      const items = Array.isArray(answer.body) ? answer.body : [];
+      registrations.replaceChildren(el('h3', {}, `Registrations through ${group}`),
+        items.length ? el('ul', { class: 'results' }, items.map((item) => el('li', {},
+          el('a', { href: `#/devices/${encodeURIComponent(item.deviceId || item.registrationId)}` }, item.registrationId),
+          ` ${item.status}${item.substatus ? ` (${item.substatus})` : ''} ${item.lastUpdatedDateTimeUtc || ''}`)))
+          : el('p', { class: 'muted' }, 'none yet'));
+    } catch (err) {
+      registrations.replaceChildren(notice(err.message));
+    }
+  };
+  const row = (kind, enrollment, refresh) => {
+    const id = kind === 'group' ? enrollment.enrollmentGroupId : enrollment.registrationId;
+    const path = kind === 'group' ? '/enrollmentGroups/' : '/enrollments/';
+    const enabled = enrollment.provisioningStatus !== 'disabled';
+    const attestation = enrollment.attestation ? enrollment.attestation.type : '';
+    return el('tr', { testid: `${kind}-row-${id}` },
+      el('td', {}, id), el('td', {}, attestation), el('td', {}, enrollment.provisioningStatus || 'enabled'),
+      el('td', { class: 'actions' },
+        kind === 'group' ? el('button', { type: 'button', onclick: () => showRegistrations(id) }, 'Registrations') : null,
+        el('button', { type: 'button', onclick: async () => {
+          try {
+            await api('PUT', `${path}${encodeURIComponent(id)}`, {
+              body: { ...enrollment, provisioningStatus: enabled ? 'disabled' : 'enabled' },
+              headers: { 'If-Match': enrollment.etag },
+            });
+            refresh();
+          } catch (err) { error.replaceChildren(notice(err.message)); }
+        } }, enabled ? 'Disable' : 'Enable'),
+        el('button', { type: 'button', class: 'danger', onclick: async () => {
+          if (!window.confirm(`Delete ${id}?`)) return;
+          try {
+            await api('DELETE', `${path}${encodeURIComponent(id)}`, { headers: { 'If-Match': '*' } });
+            refresh();
+          } catch (err) { error.replaceChildren(notice(err.message)); }
+        } }, 'Delete')));
+  };
+  const load = async () => {
+    try {
+      const [g, i] = await Promise.all([
+        api('POST', '/enrollmentGroups/query', { body: { query: '*' } }),
+        api('POST', '/enrollments/query', { body: { query: '*' } }),
+      ]);
+      groups.replaceChildren(...(g.body || []).map((group) => row('group', group, load)));
+      individuals.replaceChildren(...(i.body || []).map((one) => row('individual', one, load)));
+      error.replaceChildren();
+      document.body.dataset.ready = '1';
+    } catch (err) {
+      error.replaceChildren(notice(err.status === 401 || err.status === 403
+        ? `${err.message} (the provisioning pages need provisioning:read and provisioning:write, or the provisioningserviceowner policy)`
+        : err.message));
+    }
+  };
+  const newGroup = el('input', { id: 'new-group', testid: 'new-group', required: true, maxlength: 128, placeholder: 'factory-a' });
+  const create = el('form', { class: 'inline', onsubmit: async (event) => {
+    event.preventDefault();
+    const id = newGroup.value.trim();
+    try {
+      await api('PUT', `/enrollmentGroups/${encodeURIComponent(id)}`, {
+        body: { enrollmentGroupId: id, attestation: { type: 'symmetricKey' }, provisioningStatus: 'enabled' },
+      });
+      newGroup.value = '';
+      load();
+    } catch (err) {
+      error.replaceChildren(notice(err.message));
+    }
+  } }, el('label', { for: 'new-group' }, 'New symmetric-key enrollment group'), newGroup,
+  el('button', { type: 'submit', testid: 'create-group' }, 'Create'));
+  const table = (body) => el('div', { class: 'scroll' }, el('table', {},
+    el('thead', {}, el('tr', {}, el('th', {}, 'Id'), el('th', {}, 'Attestation'), el('th', {}, 'Status'), el('th', {}, ''))), body));
+  show(el('h1', {}, 'Provisioning'), create, error,
+    el('section', { class: 'card' }, el('h2', {}, 'Enrollment groups'), table(groups), registrations),
+    el('section', { class: 'card' }, el('h2', {}, 'Individual enrollments'), table(individuals)));
+  load();
+}
+
 // ---------- routing ----------
 
 function route() {
@@ -545,12 +632,15 @@ function route() {
   }
   const hash = location.hash.replace(/^#/, '') || '/';
   for (const link of document.querySelectorAll('#nav a')) {
-    link.toggleAttribute('aria-current', hash === link.getAttribute('href').slice(1) || (link.dataset.prefix && hash.startsWith(link.dataset.prefix)));
+    const prefix = link.dataset.prefix;
+    const current = hash === link.getAttribute('href').slice(1) || Boolean(prefix && hash.startsWith(prefix));
+    link.toggleAttribute('aria-current', current);
   }
   const device = /^\/devices\/(.+)$/.exec(hash);
   if (device) deviceView(decodeURIComponent(device[1]));
   else if (hash === '/devices') devicesView();
   else if (hash === '/query') queryView();
+  else if (hash === '/provisioning') provisioningView();
   else overviewView();
 }
 
