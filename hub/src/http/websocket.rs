@@ -36,6 +36,14 @@ pub struct WsStream<W = WebSocket> {
     pending: Bytes,
 }
 
+impl<W> std::fmt::Debug for WsStream<W> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("WsStream")
+            .field("pending", &self.pending.len())
+            .finish_non_exhaustive()
+    }
+}
+
 impl<W> WsStream<W> {
     /// Wraps an open WebSocket.
     pub fn new(ws: W) -> Self {
