@@ -14,6 +14,7 @@ use std::process::Stdio;
 use std::time::Duration;
 
 use anyhow::{Context, Result, bail};
+use hub_tests::azure::azure_python;
 use hub_tests::{Hub, HubOptions};
 use serde_json::{Value, json};
 use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader, Lines};
@@ -24,58 +25,6 @@ fn workspace() -> PathBuf {
         .parent()
         .map(PathBuf::from)
         .unwrap_or_default()
-}
-
-/// The SDK versions the test pins.
-const SDK_PACKAGES: [&str; 2] = ["azure-iot-device>=2.12,<3", "paho-mqtt==1.6.1"];
-
-/// A Python with the SDK: `$HUB_AZURE_PYTHON`, or `target/azure-venv`, created here
-/// from PyPI when it does not exist yet (`.ci/run` creates it beforehand).
-async fn azure_python() -> Result<PathBuf> {
-    if let Some(python) = std::env::var_os("HUB_AZURE_PYTHON") {
-        return Ok(PathBuf::from(python));
-    }
-    let venv = workspace().join("target/azure-venv");
-    let python = venv.join("bin/python3");
-    let install_hint = || {
-        format!(
-            "the Azure SDK compatibility test needs Python 3 with Azure's device SDK; create it with\n  \
-             python3 -m venv target/azure-venv && target/azure-venv/bin/pip install '{}' '{}'\n\
-             (.ci/run does this), or point HUB_AZURE_PYTHON at such an interpreter",
-            SDK_PACKAGES[0], SDK_PACKAGES[1]
-        )
-    };
-    if !python.exists() {
-        let created = Command::new("python3")
-            .args(["-m", "venv"])
-            .arg(&venv)
-            .status()
-            .await;
-        let installed = match created {
-            Ok(status) if status.success() => {
-                Command::new(venv.join("bin/pip"))
-                    .args(["install", "--quiet", SDK_PACKAGES[0], SDK_PACKAGES[1]])
-                    .status()
-                    .await
-            }
-            other => other,
-        };
-        if !matches!(installed, Ok(status) if status.success()) {
-            bail!("{}", install_hint());
-        }
-    }
-    let check = Command::new(&python)
-        .args(["-c", "import azure.iot.device, paho.mqtt"])
-        .status()
-        .await;
-    if !matches!(check, Ok(status) if status.success()) {
-        bail!(
-            "{} has no azure-iot-device: {}",
-            python.display(),
-            install_hint()
-        );
-    }
-    Ok(python)
 }
 
 struct SdkDevice {
