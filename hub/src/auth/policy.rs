@@ -359,6 +359,15 @@ pub struct Policies {
     current: RwLock<Arc<PolicySet>>,
 }
 
+/// A token whose policy is known and which has not expired (see `Policies::check`).
+struct Checked {
+    token: SasToken,
+    name: String,
+    keys: PolicyKeys,
+    scopes: &'static [Scope],
+    resource: String,
+}
+
 impl Policies {
     /// Policies for a hub named `hostname`.
     pub fn new(hostname: &str, set: PolicySet) -> Self {
@@ -390,14 +399,9 @@ impl Policies {
         true
     }
 
-    /// Checks `token` (the Authorization header's value) for a request to
-    /// `request_path` at `now` (Unix seconds); returns the policy's name and scopes.
-    pub fn verify(
-        &self,
-        token: &str,
-        request_path: &str,
-        now: u64,
-    ) -> Result<(String, &'static [Scope]), PolicyError> {
+    /// What every verification starts with: the token parsed, its policy known, not
+    /// expired, and its resource decoded; the signature is the caller's to check.
+    fn check(&self, token: &str, now: u64) -> Result<Checked, PolicyError> {
         let token = SasToken::parse(token).map_err(|err| match err {
             SasError::Malformed(reason) => PolicyError::Malformed(reason.to_string()),
             other => PolicyError::Malformed(other.to_string()),
@@ -416,6 +420,30 @@ impl Policies {
         let resource = token
             .resource()
             .map_err(|err| PolicyError::Malformed(err.to_string()))?;
+        Ok(Checked {
+            keys: keys.clone(),
+            token,
+            name,
+            scopes,
+            resource,
+        })
+    }
+
+    /// Checks `token` (the Authorization header's value) for a request to
+    /// `request_path` at `now` (Unix seconds); returns the policy's name and scopes.
+    pub fn verify(
+        &self,
+        token: &str,
+        request_path: &str,
+        now: u64,
+    ) -> Result<(String, &'static [Scope]), PolicyError> {
+        let Checked {
+            token,
+            name,
+            keys,
+            scopes,
+            resource,
+        } = self.check(token, now)?;
         if !resource_matches(&resource, &self.hostname, request_path) {
             return Err(PolicyError::WrongResource);
         }
@@ -439,24 +467,13 @@ impl Policies {
     /// may be any resource, checked by the caller against what is asked (an
     /// `sb://HOST/…` or `HOST/…` path). Returns the policy's grant.
     pub fn verify_any_resource(&self, token: &str, now: u64) -> Result<PolicyGrant, PolicyError> {
-        let token = SasToken::parse(token).map_err(|err| match err {
-            SasError::Malformed(reason) => PolicyError::Malformed(reason.to_string()),
-            other => PolicyError::Malformed(other.to_string()),
-        })?;
-        let name = token
-            .policy()
-            .ok_or_else(|| PolicyError::Malformed("missing skn".into()))?
-            .to_string();
-        let set = self.current();
-        let (Some(keys), Some(scopes)) = (set.get(&name), scopes_of(&name)) else {
-            return Err(PolicyError::UnknownPolicy(name));
-        };
-        if token.expiry <= now {
-            return Err(PolicyError::Expired);
-        }
-        let resource = token
-            .resource()
-            .map_err(|err| PolicyError::Malformed(err.to_string()))?;
+        let Checked {
+            token,
+            name,
+            keys,
+            scopes,
+            resource,
+        } = self.check(token, now)?;
         let mut candidates: Vec<Vec<u8>> = Vec::with_capacity(4);
         for key in [&keys.primary_key, &keys.secondary_key] {
             if let Ok(decoded) = STANDARD.decode(key) {
