@@ -373,9 +373,7 @@ impl Provisioning {
             .store
             .registration(registration_id)
             .await?
-            .ok_or_else(|| {
-                ProvisioningError::NotFound(format!("registration {registration_id} not found"))
-            })
+            .ok_or_else(|| registration_not_found(registration_id))
     }
 
     /// Every registration (of group `group`, when given).
@@ -402,9 +400,7 @@ impl Provisioning {
             .store
             .delete_registration(registration_id)
             .await?
-            .ok_or_else(|| {
-                ProvisioningError::NotFound(format!("registration {registration_id} not found"))
-            })
+            .ok_or_else(|| registration_not_found(registration_id))
     }
 
     // ---- the device contract ----
@@ -749,6 +745,11 @@ fn not_found(kind: EnrollmentKind, id: &str) -> ProvisioningError {
         EnrollmentKind::Group => format!("enrollment group {id} not found"),
         EnrollmentKind::Individual => format!("enrollment {id} not found"),
     })
+}
+
+/// The refusal for a registration id the store does not hold.
+fn registration_not_found(registration_id: &str) -> ProvisioningError {
+    ProvisioningError::NotFound(format!("registration {registration_id} not found"))
 }
 
 fn registry_failed(err: RegistryError) -> ProvisioningError {
