@@ -77,19 +77,57 @@ impl Credentials {
 
 /// A SAS token for `device` on `host`, expiring at `expiry` (Unix seconds).
 pub fn sas_token(host: &str, device: &str, key_b64: &str, expiry: u64) -> Result<String, Error> {
+    resource_token(&format!("{host}/devices/{device}"), key_b64, expiry, None)
+}
+
+/// The SAS token a device registering with the Device Provisioning Service signs
+/// (`sr` = `{idScope}/registrations/{registrationId}`, `skn=registration`), as Azure's
+/// provisioning SDKs make it.
+pub fn provisioning_sas_token(
+    id_scope: &str,
+    registration_id: &str,
+    key_b64: &str,
+    expiry: u64,
+) -> Result<String, Error> {
+    resource_token(
+        &format!("{id_scope}/registrations/{registration_id}"),
+        key_b64,
+        expiry,
+        Some("registration"),
+    )
+}
+
+/// A device's key under an enrollment group: base64 of HMAC-SHA256 over the
+/// registration id, keyed with the base64-decoded group key (Azure's derivation).
+pub fn derive_device_key(group_key_b64: &str, registration_id: &str) -> Result<String, Error> {
+    Ok(STANDARD.encode(sign(group_key_b64, registration_id)?))
+}
+
+/// `SharedAccessSignature sr=…&sig=…&se=…[&skn=…]` over `resource`.
+fn resource_token(
+    resource: &str,
+    key_b64: &str,
+    expiry: u64,
+    key_name: Option<&str>,
+) -> Result<String, Error> {
+    let resource = utf8_percent_encode(resource, NON_ALPHANUMERIC).to_string();
+    let signature = STANDARD.encode(sign(key_b64, &format!("{resource}\n{expiry}"))?);
+    let signature = utf8_percent_encode(&signature, NON_ALPHANUMERIC);
+    let key_name = key_name.map_or(String::new(), |name| format!("&skn={name}"));
+    Ok(format!(
+        "SharedAccessSignature sr={resource}&sig={signature}&se={expiry}{key_name}"
+    ))
+}
+
+/// HMAC-SHA256 of `text` keyed with the base64-decoded `key_b64`.
+fn sign(key_b64: &str, text: &str) -> Result<Vec<u8>, Error> {
     let key = STANDARD
         .decode(key_b64)
-        .map_err(|_| Error::Credentials("the device key is not base64".into()))?;
-    let resource =
-        utf8_percent_encode(&format!("{host}/devices/{device}"), NON_ALPHANUMERIC).to_string();
+        .map_err(|_| Error::Credentials("the key is not base64".into()))?;
     let mut mac =
         Hmac::<Sha256>::new_from_slice(&key).map_err(|err| Error::Credentials(err.to_string()))?;
-    mac.update(format!("{resource}\n{expiry}").as_bytes());
-    let signature = STANDARD.encode(mac.finalize().into_bytes());
-    let signature = utf8_percent_encode(&signature, NON_ALPHANUMERIC);
-    Ok(format!(
-        "SharedAccessSignature sr={resource}&sig={signature}&se={expiry}"
-    ))
+    mac.update(text.as_bytes());
+    Ok(mac.finalize().into_bytes().to_vec())
 }
 
 #[cfg(test)]
@@ -105,6 +143,29 @@ mod tests {
         );
         assert!(token.ends_with("&se=1900000000"));
         assert!(sas_token("hub", "d1", "not base64!", 1).is_err());
+    }
+
+    #[test]
+    fn provisioning_tokens_and_derived_keys_match_azure() {
+        // Azure's documented derivation: base64(HMAC-SHA256(base64dec(group), id)),
+        // the value the hub's provisioning tests check against the Python SDK.
+        let group = STANDARD.encode(b"a group key of enough length....");
+        let derived = derive_device_key(&group, "dev-1").unwrap();
+        let mut mac = Hmac::<Sha256>::new_from_slice(b"a group key of enough length....").unwrap();
+        mac.update(b"dev-1");
+        assert_eq!(derived, STANDARD.encode(mac.finalize().into_bytes()));
+        assert!(derive_device_key("not base64!", "dev-1").is_err());
+        let token =
+            provisioning_sas_token("0ne00000001", "dev-1", &derived, 1_900_000_000).unwrap();
+        assert!(
+            token
+                .starts_with("SharedAccessSignature sr=0ne00000001%2Fregistrations%2Fdev%2D1&sig="),
+            "{token}"
+        );
+        assert!(
+            token.ends_with("&se=1900000000&skn=registration"),
+            "{token}"
+        );
     }
 
     #[test]

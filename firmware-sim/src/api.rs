@@ -97,7 +97,8 @@ pub fn hub_binary(explicit: Option<&Path>) -> PathBuf {
 
 /// Mints a one-hour owner token with `hub token --data-dir DIR` (the hub's key format
 /// stays the hub's business: the simulator does not link the hub crate).
-pub async fn mint_token(hub_bin: &Path, data_dir: &Path) -> Result<String, ApiError> {
+/// `scopes` is a comma-separated list (`registry:read,…`).
+pub async fn mint_token(hub_bin: &Path, data_dir: &Path, scopes: &str) -> Result<String, ApiError> {
     let fail = |reason: String| ApiError::Token {
         bin: hub_bin.to_path_buf(),
         reason,
@@ -106,7 +107,7 @@ pub async fn mint_token(hub_bin: &Path, data_dir: &Path) -> Result<String, ApiEr
         .arg("token")
         .arg("--data-dir")
         .arg(data_dir)
-        .args(["--scope", "registry:read,registry:write,service:connect"])
+        .args(["--scope", scopes])
         .args(["--ttl", "86400"])
         .stdin(std::process::Stdio::null())
         .output()
@@ -191,6 +192,19 @@ impl Api {
         Ok((status, value))
     }
 
+    /// `GET url`'s body; a status other than 2xx is [`ApiError::Status`].
+    async fn get_ok(&self, what: String, url: &str) -> Result<Value, ApiError> {
+        let (status, body) = self.request(what.clone(), self.http.get(url)).await?;
+        if !(200..=299).contains(&status) {
+            return Err(ApiError::Status {
+                what,
+                status,
+                body: body.to_string(),
+            });
+        }
+        Ok(body)
+    }
+
     /// Creates the device, or reads it when it exists; returns its primary key.
     pub async fn ensure_device(&self, id: &str) -> Result<DeviceCredentials, ApiError> {
         self.ensure_device_as(id, false).await
@@ -217,14 +231,7 @@ impl Api {
             200..=299 => (what, body),
             409 => {
                 let what = format!("GET /devices/{id}");
-                let (status, body) = self.request(what.clone(), self.http.get(&url)).await?;
-                if !(200..=299).contains(&status) {
-                    return Err(ApiError::Status {
-                        what,
-                        status,
-                        body: body.to_string(),
-                    });
-                }
+                let body = self.get_ok(what.clone(), &url).await?;
                 (what, body)
             }
             _ => {
@@ -263,6 +270,24 @@ impl Api {
     pub async fn provision(&self, ids: Vec<String>) -> Result<Vec<DeviceCredentials>, ApiError> {
         self.provision_as(ids.into_iter().map(|id| (id, false)).collect())
             .await
+    }
+
+    /// The primary key of the symmetric-key enrollment group `name` (provisioning
+    /// service API; the token needs `provisioning:read`).
+    pub async fn enrollment_group_key(&self, name: &str) -> Result<String, ApiError> {
+        let url = format!(
+            "{}/enrollmentGroups/{name}?api-version=2021-10-01",
+            self.base
+        );
+        let what = format!("GET /enrollmentGroups/{name}");
+        let body = self.get_ok(what.clone(), &url).await?;
+        match body["attestation"]["symmetricKey"]["primaryKey"].as_str() {
+            Some(key) => Ok(key.to_string()),
+            None => Err(ApiError::Shape {
+                what: format!("{what} (not a symmetric-key group?)"),
+                body: body.to_string(),
+            }),
+        }
     }
 
     /// Provisions every `(id, x509)` (see [`Api::ensure_device_as`]), in order.
@@ -318,14 +343,7 @@ impl Api {
     pub async fn partitions(&self) -> Result<Vec<PartitionOffsets>, ApiError> {
         let what = "GET /streams/telemetry".to_string();
         let url = format!("{}/streams/telemetry", self.base);
-        let (status, body) = self.request(what.clone(), self.http.get(url)).await?;
-        if !(200..=299).contains(&status) {
-            return Err(ApiError::Status {
-                what,
-                status,
-                body: body.to_string(),
-            });
-        }
+        let body = self.get_ok(what.clone(), &url).await?;
         let shape = || ApiError::Shape {
             what: what.clone(),
             body: body.to_string(),

@@ -4,7 +4,7 @@
 //! are [`crate::values`]'s.
 
 use crate::settings::Args;
-use crate::values::{Auth, Scenario};
+use crate::values::{Auth, Provision, Scenario};
 
 impl Args {
     /// Checks the combinations clap cannot express.
@@ -53,9 +53,41 @@ impl Args {
                 return Err("--scenario-file runs in one process; drop --workers".into());
             }
         }
+        self.validate_provision()?;
         // Per group: with no scenario file, the one group made of the flags.
         crate::scenario_file::validate_groups(self, &self.groups())?;
         crate::scenarios::validate(self)
+    }
+}
+
+impl Args {
+    /// `--provision dps` and its flags.
+    fn validate_provision(&self) -> Result<(), String> {
+        let dps = self.provision == Provision::Dps;
+        if !dps {
+            if self.group.is_some() || self.group_key.is_some() || self.id_scope.is_some() {
+                return Err("--group, --group-key and --id-scope belong to --provision dps".into());
+            }
+            return Ok(());
+        }
+        if self.group.is_none() {
+            return Err("--provision dps needs --group NAME: the enrollment group the devices register under".into());
+        }
+        if self.target.is_some() || self.credentials.is_some() || self.scenario_file.is_some() {
+            return Err("--provision dps registers the fleet with the hub itself; it does not combine with --target, --credentials or --scenario-file".into());
+        }
+        if self.workers.is_some_and(|k| k > 1) {
+            return Err(
+                "--provision dps registers the fleet from one process; drop --workers".into(),
+            );
+        }
+        if self.auth == Auth::X509 || self.tls {
+            return Err("--provision dps registers with group-derived symmetric keys over MQTT/TCP; drop --auth x509 and --tls".into());
+        }
+        if self.id_scope.is_none() && self.data_dir.is_none() {
+            return Err("--provision dps needs the ID scope: --id-scope SCOPE or --data-dir DIR (DIR/dps-scope)".into());
+        }
+        Ok(())
     }
 }
 
@@ -94,5 +126,23 @@ mod tests {
         .unwrap_err();
         assert!(err.contains("{seq}"), "{err}");
         assert!(args(&["--hub", "http://x", "--token", "t", "--twin-every", "5s"]).is_ok());
+    }
+
+    #[test]
+    fn dps_provisioning_needs_a_group_and_a_scope() {
+        let hub = ["--hub", "http://x", "--token", "t"];
+        let with = |extra: &[&str]| args(&[&hub[..], extra].concat());
+        assert!(with(&["--provision", "dps", "--group", "g", "--id-scope", "0ne1"]).is_ok());
+        let dps = ["--provision", "dps", "--group", "g", "--id-scope", "s"];
+        for (extra, named) in [
+            (&["--provision", "dps", "--id-scope", "s"][..], "--group"),
+            (&["--provision", "dps", "--group", "g"][..], "--id-scope"),
+            (&["--group", "g"][..], "--provision dps"),
+            (&[&dps[..], &["--workers", "2"]].concat()[..], "--workers"),
+            (&[&dps[..], &["--auth", "x509"]].concat()[..], "x509"),
+        ] {
+            let err = with(extra).unwrap_err();
+            assert!(err.contains(named), "{extra:?}: {err}");
+        }
     }
 }

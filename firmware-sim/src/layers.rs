@@ -27,9 +27,9 @@ const LAYERS: &[(&str, &[&str])] = &[
     ),
     (
         "run and fleet",
-        &["run", "workers", "settings", "api", "verify"],
+        &["run", "workers", "settings", "api", "verify", "provision"],
     ),
-    ("device paths", &["lean", "sdk", "credentials"]),
+    ("device paths", &["lean", "sdk", "credentials", "dps"]),
     (
         "wire and net",
         &[

@@ -25,11 +25,15 @@
 //!    - [`api`]: the hub's service API — endpoints.json, a service token, idempotent
 //!      provisioning of `PREFIX0…PREFIXn`, reading the telemetry stream.
 //!    - [`verify`]: counting lost and duplicated messages in the stream.
+//!    - [`provision`]: the fleet registering through the provisioning contract
+//!      (`--provision dps`), registrations/s and latency.
 //! 4. **Device paths** — one simulated device each:
 //!    - [`lean`]: the lean publish path, MQTT on rumqttc's packet codec over TCP, with
 //!      [`lean::Inflight`] pairing PUBACKs to sends without I/O.
 //!    - [`sdk`]: the full-behaviour path on device-sdk (twin, methods, C2D).
 //!    - [`credentials`]: SAS (via device-sdk) and device JWT passwords.
+//!    - [`dps`]: one device's registration through the Device Provisioning Service
+//!      contract over MQTT (register, poll with `retry-after`, assigned).
 //! 5. **Wire and net** — connections and payloads:
 //!    - [`device`]: a device's identity on the wire and its connection errors.
 //!    - [`wire`]: one MQTT connection on the packet codec, for the scenarios.
@@ -48,6 +52,7 @@ pub mod api;
 pub mod cli;
 pub mod credentials;
 pub mod device;
+pub mod dps;
 pub mod flap;
 pub mod generators;
 #[cfg(test)]
@@ -55,6 +60,7 @@ mod layers;
 pub mod lean;
 pub mod net;
 pub mod probe;
+pub mod provision;
 pub mod report;
 pub mod run;
 pub mod scenario_file;

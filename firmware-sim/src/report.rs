@@ -384,6 +384,63 @@ pub struct Report {
     /// Per group, with `--scenario-file` (the totals above are their sums).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub groups: Vec<GroupReport>,
+    /// The fleet's registrations through the provisioning contract (`--provision dps`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub provisioning: Option<ProvisioningReport>,
+}
+
+/// How the fleet registered through the Device Provisioning Service contract.
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
+pub struct ProvisioningReport {
+    /// The enrollment group.
+    pub group: String,
+    /// Registrations made.
+    pub attempted: u64,
+    /// Registrations that ended `assigned`.
+    pub registered: u64,
+    /// Registrations that did not.
+    pub failed: u64,
+    /// 429 answers waited out (the hub's registration flood limit).
+    pub throttled: u64,
+    /// Operation-status polls.
+    pub polls: u64,
+    /// Registrations in flight at once (at most).
+    pub in_flight: u64,
+    /// From the first CONNECT to the last registration's answer.
+    pub secs: f64,
+    /// Registrations assigned per second over `secs`.
+    pub per_sec: f64,
+    /// One registration, CONNECT to `assigned` (retry-after waits included).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub latency_ms: Option<Latency>,
+    /// Failures by message.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub errors: BTreeMap<String, u64>,
+}
+
+impl ProvisioningReport {
+    /// Lines for the text report.
+    pub fn text(&self) -> String {
+        let mut out = format!(
+            "provision  dps group {}: {} assigned of {} ({} failed) in {:.2} s, {:.0} registrations/s; {} in flight, {} throttled (429), {} polls\n",
+            self.group,
+            self.registered,
+            self.attempted,
+            self.failed,
+            self.secs,
+            self.per_sec,
+            self.in_flight,
+            self.throttled,
+            self.polls
+        );
+        if let Some(latency) = &self.latency_ms {
+            out.push_str(&format!("register   {}\n", latency.line()));
+        }
+        for (error, count) in &self.errors {
+            out.push_str(&format!("  {count} × {error}\n"));
+        }
+        out
+    }
 }
 
 fn is_zero(value: &f64) -> bool {
@@ -409,6 +466,9 @@ impl Report {
                 ""
             }
         ));
+        if let Some(provisioning) = &self.provisioning {
+            line(provisioning.text().trim_end().to_string());
+        }
         if let Some(scenario) = &self.scenario {
             // A scenario has no telemetry: its own section says what it measured.
             if let Some(workers) = self.workers {

@@ -14,7 +14,7 @@ use crate::api::{self, Api, ApiError};
 use crate::device::Identity;
 use crate::report::{Counters, Report};
 use crate::settings::{Args, Group};
-use crate::values::{Auth, Scenario, resolve};
+use crate::values::{Auth, Provision, Scenario, resolve};
 
 /// Why a run could not be made.
 #[derive(Debug, thiserror::Error)]
@@ -31,6 +31,9 @@ pub enum RunError {
     /// A device credential could not be made.
     #[error(transparent)]
     Credential(#[from] crate::credentials::CredentialError),
+    /// Devices failed to register through the provisioning contract.
+    #[error("not every device registered:\n{0}")]
+    Registration(String),
 }
 
 /// Where devices go and how they authenticate.
@@ -47,6 +50,8 @@ pub struct Fleet {
     pub keys: Vec<String>,
     /// The service API (hub targets).
     pub api: Option<Api>,
+    /// How the fleet registered (`--provision dps`).
+    pub provisioning: Option<crate::report::ProvisioningReport>,
 }
 
 /// The fleet, each device given its source address (`--source-addrs`, or automatic).
@@ -132,6 +137,7 @@ fn hub_fleet(
         keys,
         tls,
         api,
+        provisioning: None,
     })
 }
 
@@ -146,7 +152,12 @@ async fn service_api(args: &Args, endpoints: Option<&api::Endpoints>) -> Result<
     let token = match (&args.token, &args.data_dir) {
         (Some(token), _) => token.clone(),
         (None, Some(dir)) => {
-            api::mint_token(&api::hub_binary(args.hub_bin.as_deref()), dir).await?
+            let scopes = match args.provision {
+                Provision::Api => "registry:read,registry:write,service:connect",
+                // The group's key is read through the provisioning service API.
+                Provision::Dps => "registry:read,registry:write,service:connect,provisioning:read",
+            };
+            api::mint_token(&api::hub_binary(args.hub_bin.as_deref()), dir, scopes).await?
         }
         (None, None) => return Err(RunError::Config("no --token and no --data-dir".into())),
     };
@@ -196,6 +207,7 @@ async fn provisioned_fleet(args: &Args, groups: &[Group]) -> Result<Fleet, RunEr
             keys: Vec::new(),
             tls,
             api: None,
+            provisioning: None,
         });
     }
     let endpoints = args
@@ -212,6 +224,9 @@ async fn provisioned_fleet(args: &Args, groups: &[Group]) -> Result<Fleet, RunEr
         .next()
         .unwrap_or("localhost");
     let mqtt = mqtt_address(args, endpoints.as_ref(), Some(host))?;
+    if args.provision == Provision::Dps {
+        return dps_fleet(args, &ids, &auths, mqtt, api).await;
+    }
     let credentials = api
         .provision_as(
             ids.into_iter()
@@ -232,6 +247,59 @@ async fn provisioned_fleet(args: &Args, groups: &[Group]) -> Result<Fleet, RunEr
         .zip(auths)
         .map(|(device, auth)| (args.hostname.clone(), auth, device.id, device.key));
     hub_fleet(mqtt, devices, tls, Some(api))
+}
+
+/// The fleet of `--provision dps`: each device registers through the provisioning
+/// contract with its key derived from the group's, then connects as the device id it
+/// was assigned, signing for the hub it was assigned.
+async fn dps_fleet(
+    args: &Args,
+    ids: &[String],
+    auths: &[Auth],
+    mqtt: SocketAddr,
+    api: Api,
+) -> Result<Fleet, RunError> {
+    let group = args
+        .group
+        .clone()
+        .ok_or_else(|| RunError::Config("--provision dps needs --group".into()))?;
+    let group_key = match &args.group_key {
+        Some(key) => key.clone(),
+        None => api.enrollment_group_key(&group).await?,
+    };
+    let id_scope = match (&args.id_scope, &args.data_dir) {
+        (Some(scope), _) => scope.clone(),
+        (None, Some(dir)) => {
+            let path = dir.join("dps-scope");
+            std::fs::read_to_string(&path)
+                .map(|text| text.trim().to_string())
+                .map_err(|err| RunError::Config(format!("cannot read {}: {err}", path.display())))?
+        }
+        (None, None) => return Err(RunError::Config("--provision dps needs --id-scope".into())),
+    };
+    let explicit = args.source_addrs.as_ref().map(|s| s.0.as_slice());
+    let sources = crate::net::sources(explicit, mqtt, ids.len() as u64);
+    let enrollment = crate::dps::GroupEnrollment {
+        id_scope,
+        group_key,
+    };
+    let in_flight = args.connect_inflight as usize;
+    let registered =
+        crate::provision::register_fleet(mqtt, sources, &group, enrollment, ids, in_flight).await;
+    let report = registered.report;
+    if report.failed > 0 {
+        return Err(RunError::Registration(report.text()));
+    }
+    let devices: Vec<_> = registered
+        .devices
+        .into_iter()
+        .flatten()
+        .zip(auths)
+        .map(|(device, &auth)| (device.hub, auth, device.device_id, device.key))
+        .collect();
+    let mut fleet = hub_fleet(mqtt, devices.into_iter(), None, Some(api))?;
+    fleet.provisioning = Some(report);
+    Ok(fleet)
 }
 
 /// A short id for this run, stamped into every payload so `--verify` reads only
@@ -276,6 +344,7 @@ pub fn shell(args: &Args, fleet: &Fleet, run: String) -> Report {
         scenario: None,
         flap: None,
         workers: None,
+        provisioning: fleet.provisioning.clone(),
     }
 }
 

@@ -11,7 +11,7 @@ use clap::Parser;
 
 use crate::template::{Template, parse_payload};
 use crate::values::{
-    Auth, Rate, Scenario, StormMode, parse_duration, parse_fraction, parse_positive_f64,
+    Auth, Provision, Rate, Scenario, StormMode, parse_duration, parse_fraction, parse_positive_f64,
     parse_rate, parse_target,
 };
 
@@ -179,6 +179,26 @@ pub struct Args {
     /// reconnect with a fresh one at 80 % of it. Implies the device-sdk path.
     #[arg(long, value_name = "DURATION", value_parser = parse_duration)]
     pub sas_ttl: Option<Duration>,
+    /// How the fleet gets its identities: `api` (created through the service API) or
+    /// `dps` (each device registers through the provisioning contract with a key
+    /// derived from enrollment group `--group`, and the report gains registrations/s).
+    #[arg(long, value_enum, default_value_t = Provision::Api)]
+    pub provision: Provision,
+    /// With `--provision dps`: the symmetric-key enrollment group the devices belong to.
+    #[arg(long, value_name = "NAME")]
+    pub group: Option<String>,
+    /// With `--provision dps`: the group's primary key (default: read through the
+    /// provisioning service API with the token).
+    #[arg(
+        long,
+        value_name = "KEY",
+        env = "FIRMWARE_SIM_GROUP_KEY",
+        hide_env_values = true
+    )]
+    pub group_key: Option<String>,
+    /// With `--provision dps`: the ID scope (default: DATA_DIR/dps-scope).
+    #[arg(long, value_name = "SCOPE")]
+    pub id_scope: Option<String>,
     /// The scenario's groups, once read (`scenario_file::apply`).
     #[arg(skip)]
     pub scenario_groups: Vec<Group>,

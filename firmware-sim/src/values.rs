@@ -29,6 +29,18 @@ pub enum Auth {
     X509,
 }
 
+/// How a hub fleet gets its device identities.
+#[derive(clap::ValueEnum, Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Provision {
+    /// Devices are created (or found) through the service API, `PUT /devices/{id}`.
+    #[default]
+    Api,
+    /// Each device registers through the Device Provisioning Service contract over
+    /// MQTT with its key derived from enrollment group `--group`'s key, then connects
+    /// to the hub it was assigned as the device id it was given.
+    Dps,
+}
+
 /// What a run measures.
 #[derive(clap::ValueEnum, Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "kebab-case")]

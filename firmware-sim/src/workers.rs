@@ -314,6 +314,8 @@ pub fn merge(reports: Vec<Report>) -> Result<Report, String> {
             not_back: flaps.iter().map(|f| f.not_back).sum(),
         }),
         workers: None,
+        // `--provision dps` runs in one process (`Args::validate`).
+        provisioning: None,
     })
 }
 

@@ -1302,3 +1302,118 @@ async fn devices_from_a_credentials_file_connect_without_provisioning() -> Resul
     ensure!(!ok && stderr.contains("holds 3 devices"), "{stderr}");
     Ok(())
 }
+
+/// `--provision dps`: the fleet registers through the provisioning contract with keys
+/// derived from a group's key — all at once, beyond the hub's 64 registration slots —
+/// then sends telemetry as the devices it was assigned; every registration is stored
+/// and the initial twin applied. A wrong group key registers nothing and says why.
+#[tokio::test]
+async fn a_fleet_provisions_through_dps_then_sends_telemetry() -> Result<()> {
+    let dir = tempfile::tempdir()?;
+    let hub = Hub::start(dir.path()).await?;
+    let data_dir = dir.path().to_string_lossy().into_owned();
+    let group = hub
+        .cli(&[
+            "dps",
+            "group",
+            "create",
+            "line-a",
+            "--initial-twin",
+            r#"{"tags": {"line": "a"}}"#,
+        ])
+        .await?;
+    ensure!(group.status.success(), "{}", group.stderr);
+    let devices = 150;
+    let dps = [
+        "--data-dir",
+        &data_dir,
+        "--provision",
+        "dps",
+        "--group",
+        "line-a",
+    ];
+    let fleet = devices.to_string();
+    let report = report(
+        &[
+            &dps[..],
+            &[
+                "--prefix",
+                "unit-",
+                "--devices",
+                &fleet,
+                "--connect-inflight",
+                &fleet,
+                "--duration",
+                "2s",
+                "--rate",
+                "5",
+                "--verify",
+            ],
+        ]
+        .concat(),
+    )
+    .await?;
+    let provisioning = &report["provisioning"];
+    assert_eq!(n(provisioning, "attempted"), devices, "{report:#}");
+    assert_eq!(n(provisioning, "registered"), devices, "{report:#}");
+    assert_eq!(n(provisioning, "failed"), 0, "{report:#}");
+    assert!(n(provisioning, "polls") >= devices, "{report:#}");
+    assert!(f(&provisioning["per_sec"]) > 0.0, "{report:#}");
+    assert_eq!(
+        n(&provisioning["latency_ms"], "count"),
+        devices,
+        "{report:#}"
+    );
+    assert_eq!(n(&report, "connected"), devices, "{report:#}");
+    assert_eq!(n(&report["verify"], "lost"), 0, "{report:#}");
+    assert_eq!(
+        n(&report["verify"], "read"),
+        n(&report, "acked"),
+        "{report:#}"
+    );
+
+    let listed = hub
+        .cli(&["dps", "registrations", "--group", "line-a"])
+        .await?;
+    ensure!(listed.status.success(), "{}", listed.stderr);
+    let registrations: Value = serde_json::from_str(&listed.stdout)?;
+    let registrations = registrations.as_array().context("a list")?;
+    assert_eq!(registrations.len() as u64, devices);
+    assert!(
+        registrations
+            .iter()
+            .all(|r| r["status"] == "assigned" && r["assignedHub"] == "localhost"),
+        "{registrations:?}"
+    );
+    let twin = hub.cli(&["twin", "get", "unit-149"]).await?;
+    ensure!(twin.status.success(), "{}", twin.stderr);
+    let twin: Value = serde_json::from_str(&twin.stdout)?;
+    assert_eq!(twin["tags"]["line"], "a", "{twin:#}");
+
+    // A key that is not the group's: every registration refused, nothing created.
+    let (ok, _, stderr) = run_sim(
+        &[
+            &dps[..],
+            &[
+                "--group-key",
+                "d3Jvbmcgd3Jvbmcgd3Jvbmcgd3Jvbmcgd3Jvbmc=",
+                "--prefix",
+                "stranger-",
+                "--devices",
+                "3",
+                "--duration",
+                "1s",
+            ],
+        ]
+        .concat(),
+    )
+    .await?;
+    assert!(!ok, "{stderr}");
+    assert!(stderr.contains("not every device registered"), "{stderr}");
+    assert!(stderr.contains("0 assigned of 3 (3 failed)"), "{stderr}");
+    let all: Value = serde_json::from_str(&hub.cli(&["dps", "registrations"]).await?.stdout)?;
+    assert_eq!(all.as_array().map(Vec::len), Some(devices as usize));
+    let stranger = hub.cli(&["device", "get", "stranger-0"]).await?;
+    assert!(!stranger.status.success(), "{}", stranger.stdout);
+    Ok(())
+}

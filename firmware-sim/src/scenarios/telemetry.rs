@@ -346,6 +346,7 @@ pub async fn run(
         scenario: None,
         flap: None,
         workers: None,
+        provisioning: fleet.provisioning.clone(),
     };
     if let (Some(api), Some(from)) = (&fleet.api, start_offsets) {
         let devices: HashMap<String, usize> = fleet

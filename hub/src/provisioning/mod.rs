@@ -8,6 +8,7 @@
 //! the service API) both call [`Provisioning`]. Storage is the [`ProvisioningStore`]
 //! port; the ID scope lives in the data dir ([`scope`]).
 
+pub mod admission;
 pub mod device;
 pub mod enrollment;
 pub mod registration;
@@ -17,7 +18,6 @@ pub mod store;
 use std::sync::Arc;
 
 use time::OffsetDateTime;
-use tokio::sync::Semaphore;
 
 use crate::auth::sas::{SasError, SasToken};
 use crate::registry::{
@@ -30,9 +30,7 @@ pub use registration::{Registration, RegistrationStatus, Source, Substatus};
 pub use scope::IdScope;
 pub use store::{ProvisioningStore, ProvisioningStoreError};
 
-/// Registrations processed at once; more are answered 429 with `retry-after`, which
-/// the SDKs honour (a fleet powering on together is spread out, not queued).
-pub const MAX_CONCURRENT_REGISTRATIONS: usize = 64;
+pub use admission::{MAX_CONCURRENT_REGISTRATIONS, MAX_REGISTRATION_WAIT};
 /// Largest register request body (`registrationId` and the device's `payload`).
 pub const MAX_REGISTER_BODY_BYTES: usize = 16 * 1024;
 /// Most enrollment groups: a symmetric-key registration tries each enabled group's
@@ -226,7 +224,7 @@ struct Inner {
     hostname: String,
     scope: IdScope,
     max_token_lifetime: std::time::Duration,
-    registrations: Semaphore,
+    registrations: admission::Admission,
 }
 
 impl std::fmt::Debug for Provisioning {
@@ -257,7 +255,7 @@ impl Provisioning {
                 hostname,
                 scope,
                 max_token_lifetime,
-                registrations: Semaphore::new(MAX_CONCURRENT_REGISTRATIONS),
+                registrations: admission::Admission::default(),
             }),
         }
     }
@@ -560,11 +558,7 @@ impl Provisioning {
         attested: &Attested,
         payload: Option<serde_json::Value>,
     ) -> Result<Registration, ProvisioningError> {
-        let _permit = self
-            .inner
-            .registrations
-            .try_acquire()
-            .map_err(|_| ProvisioningError::Throttled)?;
+        let _slot = self.inner.registrations.admit().await?;
         let id = &attested.registration_id;
         let previous = self.inner.store.registration(id).await?;
         let now = OffsetDateTime::now_utc();
