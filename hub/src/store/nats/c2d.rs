@@ -744,7 +744,7 @@ impl CommandStore for NatsCommands {
     }
 
     async fn acknowledge_feedback(&self, token: &str) -> Result<bool, StoreError> {
-        let Some(lock) = self.read_lock(token).await? else {
+        let Some(lock) = self.claim_lock(token).await? else {
             return Ok(false);
         };
         self.settle(token, &lock, b"+ACK").await?;
@@ -752,7 +752,7 @@ impl CommandStore for NatsCommands {
     }
 
     async fn abandon_feedback(&self, token: &str) -> Result<bool, StoreError> {
-        let Some(lock) = self.read_lock(token).await? else {
+        let Some(lock) = self.claim_lock(token).await? else {
             return Ok(false);
         };
         // A NAK redelivers at once (an ack would delete).
@@ -762,26 +762,43 @@ impl CommandStore for NatsCommands {
 }
 
 impl NatsCommands {
-    /// The live lock under `token`, if any.
-    async fn read_lock(&self, token: &str) -> Result<Option<StoredLock>, StoreError> {
+    /// The live lock under `token`, taken for this call alone: it is read, then
+    /// deleted on the condition that it is still the revision read. A read may come
+    /// from a replica that has not seen an earlier claim yet (KV direct gets), so the
+    /// conditional delete — decided by the stream's leader — is what makes a second
+    /// acknowledgement of the same token find nothing.
+    async fn claim_lock(&self, token: &str) -> Result<Option<StoredLock>, StoreError> {
         // Lock tokens are hex; anything else names no lock (and no KV key).
         if token.is_empty() || !token.bytes().all(|b| b.is_ascii_hexdigit()) {
             return Ok(None);
         }
-        let stored = self
+        let entry = self
             .store
-            .retrying("read a C2D feedback lock", || self.locks.get(token))
+            .retrying("read a C2D feedback lock", || self.locks.entry(token))
             .await?;
-        let Some(stored) = stored else {
+        let Some(entry) = entry.filter(|e| e.operation == kv::Operation::Put) else {
             return Ok(None);
         };
         let lock: StoredLock =
-            serde_json::from_slice(&stored).map_err(|e| StoreError::Corrupt {
+            serde_json::from_slice(&entry.value).map_err(|e| StoreError::Corrupt {
                 table: LOCKS_BUCKET,
                 key: token.to_string(),
                 reason: e.to_string(),
             })?;
-        Ok((lock.until_ms > unix_ms()).then_some(lock))
+        if lock.until_ms <= unix_ms() {
+            return Ok(None);
+        }
+        match self
+            .locks
+            .delete_expect_revision(token, Some(entry.revision))
+            .await
+        {
+            Ok(()) => Ok(Some(lock)),
+            Err(err) if err.kind() == kv::DeleteErrorKind::WrongLastRevision => Ok(None),
+            Err(err) => Err(StoreError::Backend(format!(
+                "claim C2D feedback lock {token}: {err}"
+            ))),
+        }
     }
 
     /// Answers every record of a lock with `reply` (`+ACK` deletes, `-NAK`
