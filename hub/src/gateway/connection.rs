@@ -80,6 +80,12 @@ impl Future for PendingIngest {
     }
 }
 
+/// An action that waits for a store.
+enum StoreStep {
+    Authenticate(ConnectRequest),
+    SaveSubscriptions(BTreeSet<Subscription>),
+}
+
 /// Telemetry decoded from the read buffer but not yet handed to the store.
 #[derive(Default)]
 struct Staged {
@@ -153,14 +159,18 @@ struct Connection<S> {
     session: Session,
     rbuf: BytesMut,
     wbuf: BytesMut,
+    /// What the session asked for and the connection has not done yet.
     actions: Vec<Action>,
+    /// The actions being run (taken from `actions`), oldest first.
+    batch: VecDeque<Action>,
     /// Oldest first. One connection's batches go to one partition, whose commits
     /// complete in order, so only the oldest is polled (no per-batch task node).
     ingests: VecDeque<PendingIngest>,
     /// Messages in `ingests` (each entry is a batch).
     pending_messages: usize,
     staged: Staged,
-    twins: FuturesUnordered<TwinFuture>,
+    /// Created with the first twin request: most connections make none.
+    twins: Option<FuturesUnordered<TwinFuture>>,
     device: Option<Authenticated>,
     closing: Option<CloseReason>,
     /// The session's next deadline as one long-lived timer: creating a `Sleep` per
@@ -223,13 +233,31 @@ pub async fn serve<S: Transport>(
     if ctx.provisioning.is_some() {
         // Read the CONNECT first: a provisioning client's goes to its own session.
         // The device path then decodes the same bytes; nothing read is lost, and a
-        // timeout, close or garbage here is met there as before.
-        if !read_connect(&mut stream, &mut rbuf, &ctx, accepted_at, &mut shutdown).await {
+        // timeout, close or garbage here is met there as before. Boxed, once per
+        // connection: its timer and read would otherwise stay in the task for the
+        // connection's life.
+        let read = Box::pin(read_connect(
+            &mut stream,
+            &mut rbuf,
+            &ctx,
+            accepted_at,
+            &mut shutdown,
+        ));
+        if !read.await {
             // The hub is shutting down (the signal is consumed here): close.
             return;
         }
         if provisioning::is_provisioning_connect(&rbuf, ctx.max_packet_size) {
-            provisioning::serve(stream, rbuf, certificates, ctx, shutdown).await;
+            // Boxed: inline, the provisioning session's future would be part of every
+            // device connection's task for as long as it is open.
+            Box::pin(provisioning::serve(
+                stream,
+                rbuf,
+                certificates,
+                ctx,
+                shutdown,
+            ))
+            .await;
             return;
         }
     }
@@ -242,10 +270,11 @@ pub async fn serve<S: Transport>(
         rbuf,
         wbuf: BytesMut::new(),
         actions: Vec::new(),
+        batch: VecDeque::new(),
         ingests: VecDeque::new(),
         pending_messages: 0,
         staged: Staged::default(),
-        twins: FuturesUnordered::new(),
+        twins: None,
         device: None,
         closing: None,
         timer: Box::pin(tokio::time::sleep_until(accepted_at)),
@@ -296,6 +325,16 @@ fn oldest_durable(
     })
 }
 
+/// The next twin reply; pending while there are no twin requests.
+async fn next_twin(
+    twins: &mut Option<FuturesUnordered<TwinFuture>>,
+) -> Option<(String, TwinReply)> {
+    match twins {
+        Some(twins) => twins.next().await,
+        None => std::future::pending().await,
+    }
+}
+
 /// Completes when the mailbox signal fires; never without one (before CONNECT).
 async fn mail_wait(signal: &mut Option<Pin<Box<dyn Future<Output = ()> + Send>>>) {
     match signal {
@@ -323,7 +362,7 @@ impl<S: Transport> Connection<S> {
                 self.take_mail();
             }
             self.decode_buffered().await;
-            self.run_actions().await;
+            self.run_all_actions().await;
             // Before a close is honoured: what was read is stored (and, QoS 1,
             // acknowledged if the connection is still there when it is durable).
             self.submit_staged().await;
@@ -362,7 +401,7 @@ impl<S: Transport> Connection<S> {
                     }
                     self.count_stored(stored);
                 }
-                Some((rid, reply)) = self.twins.next(), if !self.twins.is_empty() => {
+                Some((rid, reply)) = next_twin(&mut self.twins), if self.twins.as_ref().is_some_and(|t| !t.is_empty()) => {
                     self.twin_reply(&rid, reply);
                 }
                 () = &mut self.timer, if self.timer_at.is_some() => {
@@ -448,7 +487,7 @@ impl<S: Transport> Connection<S> {
                     self.session
                         .on_packet(packet, Instant::now(), &mut self.actions);
                     // Authentication must finish before the next packet is read.
-                    self.run_actions().await;
+                    self.run_all_actions().await;
                 }
                 Ok(Decoded::UnsupportedProtocol(level)) => {
                     tracing::info!(level, "refused CONNECT: unsupported protocol level");
@@ -475,16 +514,65 @@ impl<S: Transport> Connection<S> {
         }
     }
 
-    async fn run_actions(&mut self) {
-        while !self.actions.is_empty() {
-            let batch = std::mem::take(&mut self.actions);
-            for action in batch {
-                self.run_action(action).await;
+    /// Runs the session's actions, in order, including those they lead to.
+    async fn run_all_actions(&mut self) {
+        while let Some(step) = self.run_actions() {
+            // Boxed: these steps are rare (once per CONNECT, per SUBSCRIBE of a
+            // persistent session), and inline their futures would grow every
+            // connection's task for its whole life.
+            Box::pin(self.run_store_step(step)).await;
+        }
+    }
+
+    /// Runs actions until one waits for a store: that one is returned (the actions
+    /// after it stay queued and run next).
+    fn run_actions(&mut self) -> Option<StoreStep> {
+        loop {
+            if self.batch.is_empty() {
+                if self.actions.is_empty() {
+                    return None;
+                }
+                self.batch = std::mem::take(&mut self.actions).into();
+            }
+            while let Some(action) = self.batch.pop_front() {
+                if let Some(step) = self.run_action(action) {
+                    return Some(step);
+                }
+            }
+            // Idle connections hold no action queues.
+            self.batch = VecDeque::new();
+        }
+    }
+
+    async fn run_store_step(&mut self, step: StoreStep) {
+        match step {
+            StoreStep::Authenticate(request) => {
+                let result = self.authenticate(request).await;
+                self.session
+                    .on_auth(result, Instant::now(), &mut self.actions);
+            }
+            StoreStep::SaveSubscriptions(subscriptions) => {
+                if let Some(device) = &self.device
+                    && let Err(err) = self
+                        .ctx
+                        .sessions
+                        .save(
+                            &device.device,
+                            &StoredSession {
+                                generation_id: device.generation_id.clone(),
+                                subscriptions,
+                            },
+                        )
+                        .await
+                {
+                    tracing::warn!(device = %device.device, error = %err, "cannot persist subscriptions");
+                }
             }
         }
     }
 
-    async fn run_action(&mut self, action: Action) {
+    /// Runs one action; one that waits for a store is handed back instead.
+    fn run_action(&mut self, action: Action) -> Option<StoreStep> {
         match action {
             Action::Send(packet) => {
                 if matches!(packet, Packet::Publish(_)) {
@@ -497,18 +585,16 @@ impl<S: Transport> Connection<S> {
                     tracing::warn!(error = %err, "cannot encode packet");
                 }
             }
-            Action::Authenticate(request) => {
-                let result = self.authenticate(request).await;
-                self.session
-                    .on_auth(result, Instant::now(), &mut self.actions);
-            }
+            Action::Authenticate(request) => return Some(StoreStep::Authenticate(request)),
             Action::Ingest {
                 properties,
                 payload,
                 ack,
                 will,
             } => {
-                let Some(device) = &self.device else { return };
+                let Some(device) = &self.device else {
+                    return None;
+                };
                 let message = TelemetryMessage {
                     device_id: device.device.clone(),
                     auth_method: device.method,
@@ -530,7 +616,7 @@ impl<S: Transport> Connection<S> {
                             tracing::warn!(device = %id, error = %err, "cannot store will message");
                         }
                     });
-                    return;
+                    return None;
                 }
                 // Staged in packet order and submitted once the read buffer is
                 // decoded (submit_staged).
@@ -538,20 +624,27 @@ impl<S: Transport> Connection<S> {
                 self.staged.acks.extend(ack);
             }
             Action::Twin { rid, op } => {
-                let Some(device) = &self.device else { return };
-                if self.twins.len() >= MAX_PENDING_TWIN {
+                let Some(device) = &self.device else {
+                    return None;
+                };
+                if self
+                    .twins
+                    .as_ref()
+                    .is_some_and(|t| t.len() >= MAX_PENDING_TWIN)
+                {
                     let reply = TwinReply::error(
                         429,
                         twin_error_code::THROTTLED,
                         "too many twin requests in flight",
                     );
                     self.twin_reply(&rid, reply);
-                    return;
+                    return None;
                 }
-                let twins = Arc::clone(&self.ctx.services.twins);
+                let service = Arc::clone(&self.ctx.services.twins);
                 let id = device.device.clone();
-                self.twins.push(Box::pin(async move {
-                    let reply = twins.request(&id, op).await;
+                let twins = self.twins.get_or_insert_with(FuturesUnordered::new);
+                twins.push(Box::pin(async move {
+                    let reply = service.request(&id, op).await;
                     (rid, reply)
                 }));
             }
@@ -573,26 +666,13 @@ impl<S: Transport> Connection<S> {
                 }
             }
             Action::SaveSubscriptions(subscriptions) => {
-                if let Some(device) = &self.device
-                    && let Err(err) = self
-                        .ctx
-                        .sessions
-                        .save(
-                            &device.device,
-                            &StoredSession {
-                                generation_id: device.generation_id.clone(),
-                                subscriptions,
-                            },
-                        )
-                        .await
-                {
-                    tracing::warn!(device = %device.device, error = %err, "cannot persist subscriptions");
-                }
+                return Some(StoreStep::SaveSubscriptions(subscriptions));
             }
             Action::Close(reason) => {
                 self.closing.get_or_insert(reason);
             }
         }
+        None
     }
 
     async fn authenticate(

@@ -18,9 +18,13 @@ use crate::registry::DeviceId;
 /// Why a delivery did not reach a connection's queue (the delivery port's error).
 pub use crate::delivery::DeliveryError as QueueError;
 
-/// State shared between a connection task and the table.
+/// State shared between a connection task and the table; the table's entry of the
+/// device is this (the connection's id and credential live here rather than beside it
+/// in the table, whose slots are paid for about twice over: issue 28).
 #[derive(Debug)]
 pub struct Mailbox {
+    connection: u64,
+    credential: Credential,
     state: Mutex<MailboxState>,
     wake: Notify,
     capacity: usize,
@@ -33,8 +37,10 @@ struct MailboxState {
 }
 
 impl Mailbox {
-    fn new(capacity: usize) -> Self {
+    fn new(connection: u64, credential: Credential, capacity: usize) -> Self {
         Self {
+            connection,
+            credential,
             state: Mutex::new(MailboxState::default()),
             wake: Notify::new(),
             capacity,
@@ -81,17 +87,10 @@ impl Mailbox {
     }
 }
 
-#[derive(Debug)]
-struct Entry {
-    connection: u64,
-    mailbox: Arc<Mailbox>,
-    credential: Credential,
-}
-
 /// Live connections by device.
 #[derive(Debug, Clone, Default)]
 pub struct Connections {
-    inner: Arc<Mutex<HashMap<DeviceId, Entry>>>,
+    inner: Arc<Mutex<HashMap<DeviceId, Arc<Mailbox>>>>,
     next_id: Arc<AtomicU64>,
 }
 
@@ -108,7 +107,7 @@ pub struct Registration {
 const MAILBOX_CAPACITY: usize = 128;
 
 impl Connections {
-    fn lock(&self) -> MutexGuard<'_, HashMap<DeviceId, Entry>> {
+    fn lock(&self) -> MutexGuard<'_, HashMap<DeviceId, Arc<Mailbox>>> {
         self.inner.lock().unwrap_or_else(PoisonError::into_inner)
     }
 
@@ -116,17 +115,10 @@ impl Connections {
     /// one it replaces.
     pub fn register(&self, device: &DeviceId, credential: Credential) -> Registration {
         let connection = self.next_id.fetch_add(1, Ordering::Relaxed);
-        let mailbox = Arc::new(Mailbox::new(MAILBOX_CAPACITY));
-        let previous = self.lock().insert(
-            device.clone(),
-            Entry {
-                connection,
-                mailbox: Arc::clone(&mailbox),
-                credential,
-            },
-        );
+        let mailbox = Arc::new(Mailbox::new(connection, credential, MAILBOX_CAPACITY));
+        let previous = self.lock().insert(device.clone(), Arc::clone(&mailbox));
         if let Some(previous) = previous {
-            previous.mailbox.close(CloseReason::Replaced);
+            previous.close(CloseReason::Replaced);
         }
         Registration {
             connection,
@@ -172,7 +164,7 @@ impl Connections {
     ) -> bool {
         match self.lock().get(device) {
             Some(entry) if revoked(&entry.credential) => {
-                entry.mailbox.close(reason);
+                entry.close(reason);
                 true
             }
             _ => false,
@@ -184,7 +176,7 @@ impl Connections {
         let mailbox = self
             .lock()
             .get(device)
-            .map(|e| Arc::clone(&e.mailbox))
+            .map(Arc::clone)
             .ok_or(QueueError::NotConnected)?;
         mailbox.push(message)
     }
@@ -193,7 +185,7 @@ impl Connections {
     pub fn close(&self, device: &DeviceId, reason: CloseReason) -> bool {
         match self.lock().get(device) {
             Some(entry) => {
-                entry.mailbox.close(reason);
+                entry.close(reason);
                 true
             }
             None => false,
@@ -210,7 +202,7 @@ impl Connections {
     ) -> bool {
         match self.lock().get(device) {
             Some(entry) if entry.connection == connection => {
-                entry.mailbox.close(reason);
+                entry.close(reason);
                 true
             }
             _ => false,

@@ -347,6 +347,32 @@ mod tests {
         }
     }
 
+    /// A gateway context over `registry` with `sessions`.
+    fn context(
+        registry: Registry,
+        presence: Presence,
+        sessions: Arc<dyn SessionStore>,
+    ) -> Arc<GatewayContext> {
+        let ca = certs::Ca::generate("test CA").unwrap();
+        Arc::new(GatewayContext {
+            authenticator: DeviceAuthenticator::new(
+                registry,
+                "localhost".into(),
+                DeviceCa::from_pem(ca.cert_pem()).unwrap(),
+                JwtPolicy::default(),
+                Duration::from_secs(3600),
+            ),
+            sessions,
+            connections: Connections::default(),
+            services: DeviceServices::not_yet_available(),
+            presence,
+            metrics: Arc::default(),
+            limits: SessionLimits::default(),
+            max_packet_size: 64 * 1024,
+            provisioning: None,
+        })
+    }
+
     /// Connects a SAS device (primary key) while `change` lands in the window; returns
     /// the CONNACK code, whether the hub then closed the connection, and the gateway.
     async fn connect_while(change: Change) -> (ConnectReturnCode, bool, Arc<GatewayContext>, bool) {
@@ -360,27 +386,14 @@ mod tests {
             .await
             .unwrap();
         let key = device.authentication.symmetric_key.unwrap().primary_key;
-        let ca = certs::Ca::generate("test CA").unwrap();
-        let ctx = Arc::new(GatewayContext {
-            authenticator: DeviceAuthenticator::new(
-                registry.clone(),
-                "localhost".into(),
-                DeviceCa::from_pem(ca.cert_pem()).unwrap(),
-                JwtPolicy::default(),
-                Duration::from_secs(3600),
-            ),
-            sessions: Arc::new(ChangingSessions {
+        let ctx = context(
+            registry.clone(),
+            presence.clone(),
+            Arc::new(ChangingSessions {
                 registry: registry.clone(),
                 change,
             }),
-            connections: Connections::default(),
-            services: DeviceServices::not_yet_available(),
-            presence: presence.clone(),
-            metrics: Arc::default(),
-            limits: SessionLimits::default(),
-            max_packet_size: 64 * 1024,
-            provisioning: None,
-        });
+        );
         let (_stop, stopped) = watch::channel(false);
         tokio::spawn(revoke_on_registry_change(
             registry.clone(),
@@ -485,5 +498,34 @@ mod tests {
             !session_present,
             "the earlier device's session was restored"
         );
+    }
+
+    /// The task of an idle plain-TCP connection is most of what the hub holds per
+    /// connection (issue 28): its future stays small; the large futures of rare steps
+    /// (authentication, provisioning) are boxed while they run.
+    #[tokio::test]
+    async fn a_plain_tcp_connection_task_is_small() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Arc::new(EmbeddedStore::open(&dir.path().join("hub.redb")).unwrap());
+        let presence = Presence::default();
+        let registry = Registry::new(store.clone(), presence.clone());
+        let ctx = context(registry, presence, store);
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let _client = TcpStream::connect(listener.local_addr().unwrap())
+            .await
+            .unwrap();
+        let (stream, _) = listener.accept().await.unwrap();
+        let (_stop, stopped) = watch::channel(false);
+        let task = connection::serve(
+            stream,
+            Vec::new(),
+            ctx,
+            stopped,
+            tokio::time::Instant::now(),
+        );
+        let size = std::mem::size_of_val(&task);
+        // Debug build: 5,512 bytes with authentication, the first read and the
+        // provisioning session inline; 1,360 with them boxed.
+        assert!(size <= 1440, "a connection task's future is {size} bytes");
     }
 }

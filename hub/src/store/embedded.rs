@@ -29,6 +29,14 @@ use crate::twins::document::TwinDocument;
 /// a lower one is migrated at open. 2: the C2D expiry index (`c2d_expiry`).
 const SCHEMA_VERSION: u64 = 2;
 
+/// redb's page cache (reads, and the write buffer within half of it). redb's default
+/// is 1 GiB, kept until full: every page ever read stays, so the start-up scans of the
+/// registry and the twins made the whole database resident, ~0.7 KiB per registered
+/// device (issue 28). The registry and the twins keep their own in-memory copies, so
+/// redb's cache serves writes and the few reads they miss; 4 MiB holds the upper
+/// levels of every table.
+const PAGE_CACHE_BYTES: usize = 4 << 20;
+
 const META: TableDefinition<&str, u64> = TableDefinition::new("meta");
 const DEVICES: TableDefinition<&str, &[u8]> = TableDefinition::new("devices");
 /// Cloud-to-device queues: `{device}\0{seq, 20 digits}` → JSON message.
@@ -73,7 +81,10 @@ impl EmbeddedStore {
             path: path.to_path_buf(),
             reason,
         };
-        let db = Database::create(path).map_err(|err| open_err(err.to_string()))?;
+        let db = Database::builder()
+            .set_cache_size(PAGE_CACHE_BYTES)
+            .create(path)
+            .map_err(|err| open_err(err.to_string()))?;
         let txn = db.begin_write().map_err(|err| open_err(err.to_string()))?;
         {
             let mut meta = txn

@@ -183,9 +183,13 @@ struct Cached {
     epoch: u64,
 }
 
-/// A new device's twin, as the base of a change.
+/// A new device's twin, as the base of a change. One document shared by every
+/// device that never had a change (a change replaces the `Arc`, never edits through
+/// it): a registered device costs its map entry, not a document (issue 28).
 fn fresh() -> (Arc<TwinDocument>, Revision) {
-    (Arc::new(TwinDocument::new()), 0)
+    static FRESH: std::sync::LazyLock<Arc<TwinDocument>> =
+        std::sync::LazyLock::new(|| Arc::new(TwinDocument::new()));
+    (Arc::clone(&FRESH), 0)
 }
 
 struct Inner {
