@@ -322,6 +322,8 @@ pub struct SegmentLog {
     segment_bytes: u64,
     /// Set when a failed write could not be cut back: no append is accepted after it.
     stopped: Option<String>,
+    /// Bytes of the active segment its persisted index covered when last written.
+    indexed_at: u64,
     #[cfg(test)]
     faults: Faults,
 }
@@ -383,6 +385,7 @@ impl SegmentLog {
             active,
             segment_bytes,
             stopped: None,
+            indexed_at: 0,
             #[cfg(test)]
             faults: Faults::default(),
         })
@@ -392,9 +395,10 @@ impl SegmentLog {
     /// by walking it ([`Self::walk_segment`]) and, if it is sealed, writing its index
     /// for the next start.
     ///
-    /// The `last` segment's index exists only after a clean shutdown
-    /// ([`Self::close`]); it is removed once read, because appends follow and a crash
-    /// after them must be met by a walk that finds the torn tail.
+    /// The `last` segment's index describes a prefix of it: all of it after a clean
+    /// shutdown ([`Self::close`]), what had been appended at the last checkpoint
+    /// otherwise (see [`SegmentLog::append`]). Only what follows that prefix is
+    /// walked, which finds and cuts a torn tail after a crash.
     fn load_segment(dir: &Path, base: u64, last: bool) -> Result<Segment, LogError> {
         let path = segment_path(dir, base);
         let file = OpenOptions::new()
@@ -406,32 +410,34 @@ impl SegmentLog {
             .open(&path)
             .map_err(io_err(&path))?;
         let file_len = file.metadata().map_err(io_err(&path))?.len();
-        match SegmentIndex::load(dir, base, file_len) {
-            Ok(stored) => {
-                if last {
-                    segment_index::remove(dir, base).map_err(io_err(dir))?;
-                }
-                if !stored.holes.is_empty() {
-                    tracing::warn!(
-                        path = %path.display(),
-                        holes = stored.holes.len(),
-                        "segment has damaged records found earlier; reads skip them"
-                    );
-                }
-                return Ok(Segment::indexed(path, file, stored));
-            }
-            Err(IndexError::Io { source, .. }) if source.kind() == io::ErrorKind::NotFound => {}
+        let usable = match SegmentIndex::load(dir, base, file_len, last) {
+            Ok(stored) => Some(stored),
+            Err(IndexError::Io { source, .. }) if source.kind() == io::ErrorKind::NotFound => None,
             Err(err) => {
                 tracing::warn!(error = %err, "not using a segment's index; reading the segment instead");
+                None
+            }
+        };
+        if let Some(stored) = &usable
+            && !stored.holes.is_empty()
+        {
+            tracing::warn!(
+                path = %path.display(),
+                holes = stored.holes.len(),
+                "segment has damaged records found earlier; reads skip them"
+            );
+        }
+        match usable {
+            Some(stored) if !last => Ok(Segment::indexed(path, file, stored)),
+            Some(stored) => Self::walk_segment(Segment::indexed(path, file, stored), true),
+            None => {
+                let segment = Self::walk_segment(Segment::empty(base, path, file), last)?;
+                if !last {
+                    segment.store_index(dir);
+                }
+                Ok(segment)
             }
         }
-        let segment = Self::walk_segment(path, file, base, last)?;
-        if last {
-            segment_index::remove(dir, base).map_err(io_err(dir))?;
-        } else {
-            segment.store_index(dir);
-        }
-        Ok(segment)
     }
 
     /// Reads a segment's records to build its index.
@@ -443,46 +449,51 @@ impl SegmentLog {
     /// If there is none, the damage is a tail: in the `last` segment a torn tail left
     /// by a crash mid-write (never acknowledged), cut off; in a sealed segment,
     /// acknowledged records that can no longer be read, kept out of reads and logged.
-    fn walk_segment(path: PathBuf, file: File, base: u64, last: bool) -> Result<Segment, LogError> {
-        let bytes = fs::read(&path).map_err(io_err(&path))?;
-        let mut segment = Segment::empty(base, path.clone(), file);
+    fn walk_segment(mut segment: Segment, last: bool) -> Result<Segment, LogError> {
+        let path = segment.path.clone();
+        // Walk from the end of what an index already describes (0 without one).
+        let start = segment.size;
+        let len = segment.file.metadata().map_err(io_err(&path))?.len();
+        let mut bytes = vec![0u8; len.saturating_sub(start) as usize];
+        segment
+            .file
+            .read_exact_at(&mut bytes, start)
+            .map_err(io_err(&path))?;
+        let at = |position: usize| start + position as u64;
         let mut position = 0usize;
         while position < bytes.len() {
             match decode_record(&bytes[position..]) {
                 Some((record, len)) if record.offset >= segment.end => {
-                    segment.note(record.offset, position as u64, record.time, len as u64);
+                    segment.note(record.offset, at(position), record.time, len as u64);
                     position += len;
                 }
                 _ => match resync(&bytes, position, segment.end) {
                     Some(next) => {
                         tracing::error!(
                             path = %path.display(),
-                            from = position,
-                            to = next,
+                            from = at(position),
+                            to = at(next),
                             after_offset = segment.end,
                             "skipping a damaged record; the records after it are kept"
                         );
-                        segment.holes().insert(position as u64, next as u64);
+                        segment.holes().insert(at(position), at(next));
                         position = next;
                     }
                     None if last => {
                         tracing::warn!(
                             path = %path.display(),
-                            kept = position,
+                            kept = at(position),
                             dropped = bytes.len() - position,
                             "truncating a torn tail left by a crash"
                         );
-                        segment
-                            .file
-                            .set_len(position as u64)
-                            .map_err(io_err(&path))?;
+                        segment.file.set_len(at(position)).map_err(io_err(&path))?;
                         segment.file.sync_all().map_err(io_err(&path))?;
                         break;
                     }
                     None => {
                         tracing::error!(
                             path = %path.display(),
-                            from = position,
+                            from = at(position),
                             lost = bytes.len() - position,
                             "the end of a sealed segment is damaged; its records are lost"
                         );
@@ -558,6 +569,13 @@ impl SegmentLog {
         for (i, (position, time, len)) in placed.into_iter().enumerate() {
             active.note(first + i as u64, position, time, len);
         }
+        // A checkpoint of the active segment's index every quarter segment: after a
+        // crash only what follows it is walked. Written after the batch is durable,
+        // so it never covers a record that is not.
+        if active.size >= self.indexed_at + (self.segment_bytes / 4).max(1) {
+            active.store_index(&self.dir);
+            self.indexed_at = active.size;
+        }
         if active.size >= self.segment_bytes
             && let Err(err) = self.roll()
         {
@@ -605,6 +623,7 @@ impl SegmentLog {
             .map_err(io_err(&self.dir))?;
         let reader = File::open(&path).map_err(io_err(&path))?;
         self.active = file;
+        self.indexed_at = 0;
         // The sealed segment never changes again: its index lets the next start
         // skip reading it.
         if let Some(sealed) = self.segments.values().next_back() {
@@ -616,9 +635,8 @@ impl SegmentLog {
     }
 
     /// Persists the active segment's index after the last append (a clean
-    /// shutdown), so the next start reads no segment at all. The next open uses
-    /// it only if the file still has the length recorded, and removes it before
-    /// appending again.
+    /// shutdown), so the next start reads no segment at all (the next open walks
+    /// only what the file holds beyond the length the index records).
     pub fn close(&mut self) {
         if self.stopped.is_some() {
             // The file may end in garbage: the next start must walk it.
@@ -986,10 +1004,6 @@ mod tests {
                 "{base}"
             );
         }
-        assert!(
-            !segment_index::index_path(dir.path(), 16).exists(),
-            "the active segment has none until a clean close"
-        );
         // Damage a sealed record the index already describes: an open that used the
         // index did not read it, so it finds no hole.
         let sealed = segment_path(dir.path(), 4);
@@ -1058,7 +1072,7 @@ mod tests {
         // found (the hole in segment 0, the garbage after segment 8's records).
         for base in [0, 4, 8, 12] {
             let len = fs::metadata(segment_path(dir.path(), base)).unwrap().len();
-            let stored = SegmentIndex::load(dir.path(), base, len).unwrap();
+            let stored = SegmentIndex::load(dir.path(), base, len, false).unwrap();
             assert_eq!(stored.end, base + 4, "{base}");
             assert_eq!(stored.holes.len(), usize::from(base == 0), "{base}");
             assert_eq!(stored.size, 4 * 74, "{base}");
@@ -1073,7 +1087,7 @@ mod tests {
     }
 
     #[test]
-    fn a_clean_close_spares_the_next_open_a_walk_but_a_crash_after_it_does_not() {
+    fn a_clean_close_spares_the_next_open_a_walk_and_a_crash_after_it_cuts_the_torn_tail() {
         let dir = tempfile::tempdir().unwrap();
         let mut log = sealed_log(dir.path());
         log.close();
@@ -1082,7 +1096,6 @@ mod tests {
         assert!(active.exists(), "written by the clean close");
         let mut log = SegmentLog::open(dir.path(), 1 << 20).unwrap();
         assert_eq!(log.end_offset(), 18);
-        assert!(!active.exists(), "removed before appending again");
         log.append(&batch(1, 50, 1)).unwrap();
         drop(log);
         // A crash mid-write: the next open walks the active segment and cuts the
@@ -1101,6 +1114,58 @@ mod tests {
         assert_eq!(log.end_offset(), 19);
         assert_eq!(fs::metadata(&path).unwrap().len(), good_len);
         assert_eq!(offsets(&log, 0), (0..19).collect::<Vec<_>>());
+    }
+
+    #[test]
+    fn a_crash_walks_the_active_segment_only_past_its_last_checkpoint() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = segment_path(dir.path(), 0);
+        {
+            // A checkpoint every 256 KiB of a 1 MiB segment; 8 batches of ~52 KB.
+            let mut log = SegmentLog::open(dir.path(), 1 << 20).unwrap();
+            for _ in 0..8 {
+                log.append(&batch(100, 500, 1)).unwrap();
+            }
+        }
+        let len = fs::metadata(&path).unwrap().len();
+        let checkpoint = SegmentIndex::load(dir.path(), 0, len, true).unwrap();
+        assert!(
+            checkpoint.size >= 256 * 1024 && checkpoint.size < len,
+            "{} of {len}",
+            checkpoint.size
+        );
+        // Damage inside the checkpointed prefix (not walked again: found by the
+        // read that meets it) and a torn write after it (walked: cut off).
+        let mut bytes = fs::read(&path).unwrap();
+        bytes[position(1, 500) + HEADER_LEN + 5] ^= 0x04;
+        let mut torn = Vec::new();
+        encode_record(&mut torn, 800, 1, &[9u8; 500]);
+        bytes.extend_from_slice(&torn[..100]);
+        fs::write(&path, &bytes).unwrap();
+
+        let mut log = SegmentLog::open(dir.path(), 1 << 20).unwrap();
+        assert_eq!(log.end_offset(), 800);
+        assert_eq!(
+            fs::metadata(&path).unwrap().len(),
+            len,
+            "the torn write is cut"
+        );
+        assert!(
+            log.segments[&0].holes().is_empty(),
+            "the prefix was not walked"
+        );
+        let mut expected: Vec<u64> = (0..800).collect();
+        expected.retain(|&o| o != 1);
+        assert_eq!(offsets(&log, 0), expected);
+        assert_eq!(log.append(&batch(1, 500, 1)).unwrap(), 800);
+        // A checkpoint longer than the file (the file was cut below it) is not used.
+        drop(log);
+        let file = OpenOptions::new().write(true).open(&path).unwrap();
+        file.set_len(checkpoint.size - 10).unwrap();
+        drop(file);
+        let log = SegmentLog::open(dir.path(), 1 << 20).unwrap();
+        assert!(log.end_offset() < 800);
+        assert_eq!(log.segments[&0].holes().len(), 1, "walked from the start");
     }
 
     #[test]

@@ -185,8 +185,10 @@ impl SegmentIndex {
     }
 
     /// Reads the index of the segment at `base` in `dir` and checks it against the
-    /// segment file's current length `file_len`.
-    pub fn load(dir: &Path, base: u64, file_len: u64) -> Result<Self, IndexError> {
+    /// segment file's current length `file_len`: equal for a sealed segment; for the
+    /// last one (`prefix`) the index may describe a prefix of the file (appends
+    /// followed it), whole records up to its recorded length.
+    pub fn load(dir: &Path, base: u64, file_len: u64, prefix: bool) -> Result<Self, IndexError> {
         let path = index_path(dir, base);
         let bytes = fs::read(&path).map_err(|source| IndexError::Io {
             path: path.clone(),
@@ -202,7 +204,12 @@ impl SegmentIndex {
                 reason: "another segment's base",
             });
         }
-        if index.file_len != file_len {
+        let fits = if prefix {
+            index.size == index.file_len && index.file_len <= file_len
+        } else {
+            index.file_len == file_len
+        };
+        if !fits {
             return Err(IndexError::Stale {
                 path,
                 reason: "the segment's length changed",
@@ -307,25 +314,47 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let index = sample();
         assert!(matches!(
-            SegmentIndex::load(dir.path(), 100, 70_000),
+            SegmentIndex::load(dir.path(), 100, 70_000, false),
             Err(IndexError::Io { .. })
         ));
         index.store(dir.path()).unwrap();
-        assert_eq!(SegmentIndex::load(dir.path(), 100, 70_000).unwrap(), index);
+        assert_eq!(
+            SegmentIndex::load(dir.path(), 100, 70_000, false).unwrap(),
+            index
+        );
         assert!(matches!(
-            SegmentIndex::load(dir.path(), 100, 70_001),
+            SegmentIndex::load(dir.path(), 100, 70_001, false),
             Err(IndexError::Stale { .. })
         ));
+        // The last segment's index may cover a prefix of whole records only.
+        assert!(matches!(
+            SegmentIndex::load(dir.path(), 100, 70_001, true),
+            Err(IndexError::Stale { .. })
+        ));
+        let prefix = SegmentIndex {
+            file_len: 65_000,
+            ..index.clone()
+        };
+        prefix.store(dir.path()).unwrap();
+        assert_eq!(
+            SegmentIndex::load(dir.path(), 100, 70_000, true).unwrap(),
+            prefix
+        );
+        assert!(matches!(
+            SegmentIndex::load(dir.path(), 100, 64_999, true),
+            Err(IndexError::Stale { .. })
+        ));
+        index.store(dir.path()).unwrap();
         fs::rename(index_path(dir.path(), 100), index_path(dir.path(), 5)).unwrap();
         assert!(matches!(
-            SegmentIndex::load(dir.path(), 5, 70_000),
+            SegmentIndex::load(dir.path(), 5, 70_000, false),
             Err(IndexError::Stale { .. })
         ));
         let path = index_path(dir.path(), 5);
         let bytes = fs::read(&path).unwrap();
         fs::write(&path, &bytes[..bytes.len() / 2]).unwrap();
         assert!(matches!(
-            SegmentIndex::load(dir.path(), 5, 70_000),
+            SegmentIndex::load(dir.path(), 5, 70_000, false),
             Err(IndexError::Damaged { .. })
         ));
         remove(dir.path(), 5).unwrap();
