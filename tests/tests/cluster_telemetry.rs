@@ -472,6 +472,24 @@ async fn a_cluster_with_the_shared_stream_keeps_it_until_it_is_removed() -> Resu
             got.len() == 1 && got[0]["offset"] == last + 1,
             "the first new message follows the group's checkpoint: {page}"
         );
+        // Later starts keep the streams as they were created.
+        drop(device);
+        hub.stop().await?;
+        let hub = cluster_hub(dir.path(), &cluster).await?;
+        let token = hub.owner_token().await?;
+        let messages = hub
+            .get_json(
+                &token,
+                &format!(
+                    "/streams/telemetry/partitions/{p}/messages?from={}",
+                    last + 1
+                ),
+            )
+            .await?;
+        ensure!(
+            messages["messages"].as_array().map(Vec::len) == Some(1),
+            "after another restart: {messages}"
+        );
         Ok(())
     }
     .await;
