@@ -1,11 +1,13 @@
 //! Cluster mode (issue 12), telemetry: hubs started with `--cluster` keep telemetry
-//! and consumer-group checkpoints in a real 3-node NATS JetStream cluster (R3).
-//! Telemetry sent through hub A is read through hub B; checkpoints survive a hub
-//! restart; and SIGKILLing a NATS node while 20 devices publish QoS 1 loses no
-//! acknowledged message: publishing resumes within 2 s when the node led nothing and
-//! within 10 s when it led the telemetry stream, and the node catches up on restart.
+//! (a stream per partition, issue 28) and consumer-group checkpoints in a real 3-node
+//! NATS JetStream cluster (R3). Telemetry sent through hub A is read through hub B;
+//! checkpoints survive a hub restart; the partitions' stream leaders are spread over
+//! the nodes; and SIGKILLing a NATS node while 20 devices publish QoS 1 loses no
+//! acknowledged message: a partition's publishing resumes within 2 s when the node
+//! did not lead its stream and within 10 s when it did, and the node catches up on
+//! restart.
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeMap, BTreeSet};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -19,8 +21,17 @@ use rumqttc::mqttbytes::v4::Packet;
 use serde_json::{Value, json};
 use tokio::time::Instant;
 
-/// The telemetry stream's name (DESIGN section 4).
-const STREAM: &str = "telemetry";
+/// Telemetry partitions (the default).
+const PARTITIONS: u32 = 4;
+
+/// The stream of a telemetry partition (DESIGN section 4).
+fn stream(partition: u32) -> String {
+    format!("telemetry-{partition}")
+}
+
+fn partition_of(device: &str) -> u32 {
+    hub::telemetry::partitioner::Partitioner::new(PARTITIONS).partition(device)
+}
 
 async fn cluster_hub(dir: &std::path::Path, cluster: &NatsCluster) -> Result<Hub> {
     cluster.start_hub(dir).await
@@ -116,8 +127,8 @@ async fn telemetry_sent_through_one_hub_is_read_through_another() -> Result<()> 
             );
         }
 
-        // `hub cluster status` names the NATS nodes and the telemetry stream's leader
-        // and replicas.
+        // `hub cluster status` names the NATS nodes and each partition stream's
+        // leader and replicas; the leaders are spread over the three nodes.
         let out = b.cli(&["cluster", "status", "--json"]).await?;
         ensure!(out.status.success(), "cluster status: {}", out.stderr);
         let status: Value = serde_json::from_str(&out.stdout)?;
@@ -125,17 +136,33 @@ async fn telemetry_sent_through_one_hub_is_read_through_another() -> Result<()> 
             status["nats_nodes"] == json!(["n0", "n1", "n2"]),
             "{status}"
         );
-        let telemetry = status["streams"]
-            .as_array()
-            .context("streams")?
-            .iter()
-            .find(|s| s["name"] == STREAM)
-            .context("the telemetry stream")?;
+        let mut leaders = BTreeSet::new();
+        for partition in 0..PARTITIONS {
+            let telemetry = status["streams"]
+                .as_array()
+                .context("streams")?
+                .iter()
+                .find(|s| s["name"] == stream(partition))
+                .with_context(|| format!("the stream of partition {partition}: {status}"))?;
+            ensure!(
+                telemetry["replicas"] == 3
+                    && telemetry["leader"].is_string()
+                    && telemetry["peers"].as_array().map(Vec::len) == Some(3),
+                "{telemetry}"
+            );
+            leaders.insert(telemetry["leader"].to_string());
+        }
         ensure!(
-            telemetry["replicas"] == 3
-                && telemetry["leader"].is_string()
-                && telemetry["peers"].as_array().map(Vec::len) == Some(3),
-            "{telemetry}"
+            leaders.len() == 3,
+            "leaders spread over the nodes: {leaders:?}"
+        );
+        ensure!(
+            !status["streams"]
+                .as_array()
+                .context("streams")?
+                .iter()
+                .any(|s| s["name"] == "telemetry"),
+            "no shared stream in a new cluster: {status}"
         );
         let table = b.cli(&["cluster", "status"]).await?;
         ensure!(table.stdout.contains("telemetry"), "{}", table.stdout);
@@ -178,8 +205,8 @@ async fn telemetry_sent_through_one_hub_is_read_through_another() -> Result<()> 
 struct Published {
     /// Every acknowledged message id.
     acked: BTreeSet<String>,
-    /// When each PUBACK arrived.
-    ack_times: Vec<Instant>,
+    /// When each PUBACK arrived, by the device's partition.
+    ack_times: BTreeMap<u32, Vec<Instant>>,
 }
 
 /// One device publishing QoS 1 messages one after another until `stop`.
@@ -212,7 +239,11 @@ async fn publish_until(
         }
         let mut published = published.lock().map_err(|_| anyhow::anyhow!("poisoned"))?;
         published.acked.insert(body);
-        published.ack_times.push(Instant::now());
+        published
+            .ack_times
+            .entry(partition_of(&id))
+            .or_default()
+            .push(Instant::now());
         n += 1;
     }
     Ok(())
@@ -246,13 +277,15 @@ async fn losing_a_node(cluster: &mut NatsCluster) -> Result<()> {
     }
     tokio::time::sleep(Duration::from_secs(1)).await;
 
-    // A follower: publishing barely pauses. The telemetry stream's leader: publishing
-    // stalls until a new one is elected.
+    // The partition of the first device, watched through its stream: killing a
+    // node that does not lead that stream barely pauses its publishing; killing the
+    // stream's leader stalls it until a new one is elected.
+    let watched = partition_of("pump-00");
     let stalls = cluster
-        .kill_follower_then_leader(STREAM, || {
+        .kill_follower_then_leader(&stream(watched), || {
             published
                 .lock()
-                .map(|p| p.ack_times.clone())
+                .map(|p| p.ack_times.get(&watched).cloned().unwrap_or_default())
                 .unwrap_or_default()
         })
         .await?;
@@ -263,7 +296,7 @@ async fn losing_a_node(cluster: &mut NatsCluster) -> Result<()> {
         device.await??;
     }
     eprintln!(
-        "stall after killing a follower: {follower_gap:?}; after killing the telemetry stream's leader: {leader_gap:?} (first PUBACK {:?} after the kill)",
+        "partition {watched}: stall after killing a follower of its stream: {follower_gap:?}; after killing its stream's leader: {leader_gap:?} (first PUBACK {:?} after the kill)",
         stalls.first_ack_after_leader_kill
     );
 
@@ -307,21 +340,158 @@ async fn losing_a_node(cluster: &mut NatsCluster) -> Result<()> {
         "publishing paused {leader_gap:?} when the stream leader died"
     );
 
-    // The killed node comes back and catches up.
+    // The killed node comes back and catches up: its copies of the partitions'
+    // streams hold every stored message.
     cluster.restart(leader).await?;
     let deadline = Instant::now() + Duration::from_secs(20);
     loop {
-        let copy = cluster.stream_detail(leader, STREAM).await?;
-        let messages = copy.as_ref().and_then(|d| d["state"]["messages"].as_u64());
-        if messages == Some(stored.len() as u64) {
+        let mut messages = 0;
+        for partition in 0..PARTITIONS {
+            let copy = cluster.stream_detail(leader, &stream(partition)).await?;
+            messages += copy
+                .as_ref()
+                .and_then(|d| d["state"]["messages"].as_u64())
+                .unwrap_or(0);
+        }
+        if messages == stored.len() as u64 {
             break;
         }
         ensure!(
             Instant::now() < deadline,
-            "the restarted node holds {messages:?} of {} messages",
+            "the restarted node holds {messages} of {} messages",
             stored.len()
         );
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
     Ok(())
+}
+
+/// A cluster created before issue 28 has the one stream `telemetry` (subjects
+/// `telemetry.*`): a newer hub keeps writing and reading it. Once the operator removes
+/// it, the next start creates a stream per partition, starting after the highest
+/// consumer-group checkpoint so that a group that had read everything goes on.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_cluster_with_the_shared_stream_keeps_it_until_it_is_removed() -> Result<()> {
+    let cluster = NatsCluster::start(3).await?;
+    let result = async {
+        let client = async_nats::connect(cluster.urls().as_slice()).await?;
+        let js = async_nats::jetstream::new(client);
+        js.create_stream(async_nats::jetstream::stream::Config {
+            name: "telemetry".to_string(),
+            subjects: vec!["telemetry.*".to_string()],
+            num_replicas: 3,
+            storage: async_nats::jetstream::stream::StorageType::File,
+            max_bytes: 268_435_456,
+            ..Default::default()
+        })
+        .await?;
+        let dir = tempfile::tempdir()?;
+        let hub = cluster_hub(dir.path(), &cluster).await?;
+        let token = hub.owner_token().await?;
+        let key = hub.create_device(&token, "old-meter").await?;
+        let mut device = hub.connect_device("old-meter", &key, true).await?;
+        for n in 0..10 {
+            device
+                .publish_acked(
+                    "devices/old-meter/messages/events/",
+                    format!("{n}").as_bytes(),
+                )
+                .await?;
+        }
+        drop(device);
+        let messages = hub.read_telemetry(&token).await?;
+        ensure!(messages.len() == 10, "{messages:?}");
+        let shared = js.get_stream("telemetry").await?.get_info().await?;
+        ensure!(shared.state.messages == 10, "{:?}", shared.state);
+        ensure!(
+            js.get_stream(stream(0)).await.is_err(),
+            "no partition streams beside the shared one"
+        );
+
+        // A group has read everything; the operator removes the shared stream.
+        let p = partition_of("old-meter");
+        let last = messages
+            .last()
+            .and_then(|m| m["offset"].as_u64())
+            .context("offset")?;
+        let put = hub
+            .http()
+            .put(format!(
+                "{}/streams/telemetry/consumergroups/billing/partitions/{p}/checkpoint",
+                hub.url()
+            ))
+            .bearer_auth(&token)
+            .json(&json!({ "offset": last + 1 }))
+            .send()
+            .await?;
+        ensure!(put.status().is_success(), "checkpoint: {}", put.status());
+        hub.stop().await?;
+        js.delete_stream("telemetry").await?;
+
+        let hub = cluster_hub(dir.path(), &cluster).await?;
+        let token = hub.owner_token().await?;
+        for partition in 0..PARTITIONS {
+            js.get_stream(stream(partition))
+                .await
+                .with_context(|| format!("the stream of partition {partition}"))?;
+        }
+        let read = |path: String| {
+            let (http, url, token) = (hub.http().clone(), hub.url(), token.clone());
+            async move {
+                let response = http
+                    .get(format!("{url}{path}"))
+                    .bearer_auth(&token)
+                    .send()
+                    .await?;
+                ensure!(
+                    response.status().is_success(),
+                    "{path}: {}",
+                    response.status()
+                );
+                anyhow::Ok(response.json::<Value>().await?)
+            }
+        };
+        let page = read(format!(
+            "/streams/telemetry/partitions/{p}/messages?consumerGroup=billing"
+        ))
+        .await?;
+        ensure!(
+            page["messages"] == json!([]) && page["nextOffset"] == last + 1,
+            "the group goes on where it was: {page}"
+        );
+        let mut device = hub.connect_device("old-meter", &key, true).await?;
+        device
+            .publish_acked("devices/old-meter/messages/events/", b"after")
+            .await?;
+        let page = read(format!(
+            "/streams/telemetry/partitions/{p}/messages?consumerGroup=billing"
+        ))
+        .await?;
+        let got = page["messages"].as_array().context("messages")?;
+        ensure!(
+            got.len() == 1 && got[0]["offset"] == last + 1,
+            "the first new message follows the group's checkpoint: {page}"
+        );
+        // Later starts keep the streams as they were created.
+        drop(device);
+        hub.stop().await?;
+        let hub = cluster_hub(dir.path(), &cluster).await?;
+        let token = hub.owner_token().await?;
+        let messages = hub
+            .get_json(
+                &token,
+                &format!(
+                    "/streams/telemetry/partitions/{p}/messages?from={}",
+                    last + 1
+                ),
+            )
+            .await?;
+        ensure!(
+            messages["messages"].as_array().map(Vec::len) == Some(1),
+            "after another restart: {messages}"
+        );
+        Ok(())
+    }
+    .await;
+    cluster.with_logs(result)
 }

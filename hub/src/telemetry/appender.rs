@@ -37,6 +37,9 @@ pub trait PartitionStore: Send + Sync + 'static {
     fn end_offset(&self) -> u64;
     /// Drops old segments (see [`SegmentLog::apply_retention`]).
     fn apply_retention(&mut self, older_than: i64, max_bytes: u64) -> Result<usize, LogError>;
+    /// Called once after the last append (a clean shutdown): leaves what lets the
+    /// next open skip work (see [`SegmentLog::close`]).
+    fn close(&mut self) {}
 }
 
 impl PartitionStore for SegmentLog {
@@ -54,6 +57,9 @@ impl PartitionStore for SegmentLog {
     }
     fn apply_retention(&mut self, older_than: i64, max_bytes: u64) -> Result<usize, LogError> {
         SegmentLog::apply_retention(self, older_than, max_bytes)
+    }
+    fn close(&mut self) {
+        SegmentLog::close(self);
     }
 }
 
@@ -422,6 +428,13 @@ fn commit_loop(slots: &[Slot], mut rx: mpsc::UnboundedReceiver<Append>, limits: 
                 commit(slot, share, &mut records);
             }
         }
+    }
+    // Closed and drained: nothing is appended after this.
+    for slot in slots {
+        slot.store
+            .write()
+            .unwrap_or_else(PoisonError::into_inner)
+            .close();
     }
 }
 

@@ -14,6 +14,7 @@ pub mod ingest;
 pub mod message;
 pub mod partitioner;
 pub mod segment;
+pub mod segment_index;
 pub mod segments;
 
 use std::sync::Arc;

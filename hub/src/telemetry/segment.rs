@@ -1,11 +1,17 @@
 //! One partition's log on disk: append-only segment files of framed records, each
-//! with a CRC, and an in-memory sparse offset index. On open every segment is
-//! checked record by record: a torn tail of the last one (a crash mid-write) is cut
-//! off; a damaged record with valid records after it (a bad sector, a flipped bit) is
-//! skipped as a hole, and the records after it are kept (see `load_segment`).
+//! with a CRC, and an in-memory sparse offset index. A sealed segment's index is
+//! persisted beside it ([`super::segment_index`]) when the next segment starts, so
+//! opening a partition reads one small index file per sealed segment instead of its
+//! records. A segment without a usable index (missing, torn, damaged, stale) is
+//! checked record by record, as is the last segment after a crash: a torn tail of the
+//! last one (a crash mid-write) is cut off; a damaged record with valid records after
+//! it (a bad sector, a flipped bit) is skipped as a hole, and the records after it
+//! are kept (see `walk_segment`). Damage that appears in a segment after its index
+//! was written is found by the read that meets it and skipped the same way.
 //!
 //! ```text
 //! DIR/telemetry/p{N}/{base offset, 20 digits}.log
+//! DIR/telemetry/p{N}/{base offset, 20 digits}.idx   (see segment_index)
 //! record = len: u32 | crc32(offset, time, payload): u32 | offset: u64 | time: i64 | payload
 //! ```
 //!
@@ -18,9 +24,11 @@ use std::fs::{self, File, OpenOptions};
 use std::io::{self, Write};
 use std::os::unix::fs::{FileExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex, PoisonError};
 
 use bytes::Bytes;
+
+use super::segment_index::{self, IndexError, SegmentIndex};
 
 /// Bytes before the payload in every record.
 pub const HEADER_LEN: usize = 4 + 4 + 8 + 8;
@@ -106,8 +114,10 @@ struct Segment {
     index: Vec<(u64, u64)>,
     /// Latest record time in the segment (for retention by age).
     newest: i64,
-    /// Damaged byte ranges found on open (start → end), skipped by reads.
-    holes: BTreeMap<u64, u64>,
+    /// Damaged byte ranges (start → end), skipped by reads: found by a walk on open,
+    /// kept in the persisted index, or met by a read (hence the lock: reads share
+    /// the log).
+    holes: Mutex<BTreeMap<u64, u64>>,
 }
 
 impl Segment {
@@ -120,16 +130,112 @@ impl Segment {
             end: base,
             index: Vec::new(),
             newest: i64::MIN,
-            holes: BTreeMap::new(),
+            holes: Mutex::new(BTreeMap::new()),
         }
     }
 
-    fn position_of(&self, offset: u64) -> u64 {
-        match self.index.binary_search_by_key(&offset, |(o, _)| *o) {
-            Ok(i) => self.index[i].1,
-            Err(0) => 0,
-            Err(i) => self.index[i - 1].1,
+    /// The segment as its persisted index describes it.
+    fn indexed(path: PathBuf, file: File, stored: SegmentIndex) -> Self {
+        Self {
+            base: stored.base,
+            path,
+            file: Arc::new(file),
+            size: stored.size,
+            end: stored.end,
+            index: stored.entries,
+            newest: stored.newest,
+            holes: Mutex::new(stored.holes),
         }
+    }
+
+    /// What to persist about this segment, whose file is `file_len` bytes long.
+    fn to_index(&self, file_len: u64) -> SegmentIndex {
+        SegmentIndex {
+            base: self.base,
+            file_len,
+            size: self.size,
+            end: self.end,
+            newest: self.newest,
+            entries: self.index.clone(),
+            holes: self.holes().clone(),
+        }
+    }
+
+    fn holes(&self) -> std::sync::MutexGuard<'_, BTreeMap<u64, u64>> {
+        self.holes.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// The indexed (offset, byte position) at or before `offset`: where a read of
+    /// `offset` starts, and the offset of the record there.
+    fn entry_for(&self, offset: u64) -> (u64, u64) {
+        match self.index.binary_search_by_key(&offset, |(o, _)| *o) {
+            Ok(i) => self.index[i],
+            Err(0) => (self.base, 0),
+            Err(i) => self.index[i - 1],
+        }
+    }
+
+    /// Persists this segment's index, for the file's current length. A failure
+    /// costs only a walk of the segment at the next open, so it is logged, not
+    /// returned.
+    fn store_index(&self, dir: &Path) {
+        let stored = self
+            .file
+            .metadata()
+            .and_then(|meta| self.to_index(meta.len()).store(dir));
+        if let Err(err) = stored {
+            tracing::warn!(
+                path = %self.path.display(),
+                error = %err,
+                "cannot write a segment's index; the next start reads the segment instead"
+            );
+        }
+    }
+
+    /// The whole, CRC-valid record at `position` if it ends by `limit` (read on
+    /// its own: it may be larger than a read's chunk).
+    fn whole_record_at(
+        &self,
+        position: u64,
+        limit: u64,
+    ) -> Result<Option<(Record, usize)>, LogError> {
+        let mut header = [0u8; HEADER_LEN];
+        if position + HEADER_LEN as u64 > limit {
+            return Ok(None);
+        }
+        self.file
+            .read_exact_at(&mut header, position)
+            .map_err(io_err(&self.path))?;
+        let len = u32::from_le_bytes([header[0], header[1], header[2], header[3]]) as usize;
+        if len > MAX_PAYLOAD || position + (HEADER_LEN + len) as u64 > limit {
+            return Ok(None);
+        }
+        let mut whole = vec![0u8; HEADER_LEN + len];
+        self.file
+            .read_exact_at(&mut whole, position)
+            .map_err(io_err(&self.path))?;
+        Ok(decode_record(&whole))
+    }
+
+    /// Skips damage met by a read at `position` (not a known hole): finds the next
+    /// whole record before `limit` whose offset could follow `expected` (see
+    /// [`resync`]), records the damaged range as a hole and returns where reading
+    /// goes on (`limit` when nothing readable follows); always past `position`.
+    fn skip_damage(&self, position: u64, limit: u64, expected: u64) -> Result<u64, LogError> {
+        let mut rest = vec![0u8; (limit - position) as usize];
+        self.file
+            .read_exact_at(&mut rest, position)
+            .map_err(io_err(&self.path))?;
+        let next = resync(&rest, 0, expected).map_or(limit, |at| position + at as u64);
+        tracing::error!(
+            path = %self.path.display(),
+            from = position,
+            to = next,
+            after_offset = expected,
+            "skipping a damaged record found by a read; the records after it are kept"
+        );
+        self.holes().insert(position, next);
+        Ok(next)
     }
 
     fn note(&mut self, offset: u64, position: u64, time: i64, record_len: u64) {
@@ -216,6 +322,8 @@ pub struct SegmentLog {
     segment_bytes: u64,
     /// Set when a failed write could not be cut back: no append is accepted after it.
     stopped: Option<String>,
+    /// Bytes of the active segment its persisted index covered when last written.
+    indexed_at: u64,
     #[cfg(test)]
     faults: Faults,
 }
@@ -230,21 +338,35 @@ struct Faults {
 }
 
 impl SegmentLog {
-    /// Opens (or creates) the log in `dir`, recovering a torn tail of the last
-    /// segment. Segments roll over at `segment_bytes`.
+    /// Opens (or creates) the log in `dir`: sealed segments from their persisted
+    /// indexes where those are usable, the others (and the last segment after a
+    /// crash) by walking their records, recovering a torn tail of the last segment.
+    /// Segments roll over at `segment_bytes`.
     pub fn open(dir: &Path, segment_bytes: u64) -> Result<Self, LogError> {
         crate::data_dir::create_private_dir_all(dir).map_err(io_err(dir))?;
-        let mut bases: Vec<u64> = fs::read_dir(dir)
-            .map_err(io_err(dir))?
-            .filter_map(|entry| entry.ok())
-            .filter_map(|entry| {
-                let name = entry.file_name().into_string().ok()?;
-                name.strip_suffix(".log")?.parse().ok()
-            })
-            .collect();
+        let mut bases: Vec<u64> = Vec::new();
+        let mut indexes: Vec<u64> = Vec::new();
+        for entry in fs::read_dir(dir).map_err(io_err(dir))?.flatten() {
+            let Ok(name) = entry.file_name().into_string() else {
+                continue;
+            };
+            if let Some(base) = name.strip_suffix(".log").and_then(|b| b.parse().ok()) {
+                bases.push(base);
+            } else if let Some(base) = name.strip_suffix(".idx").and_then(|b| b.parse().ok()) {
+                indexes.push(base);
+            }
+        }
         bases.sort_unstable();
         if bases.is_empty() {
             bases.push(0);
+        }
+        // An index whose segment is gone (retention removes the index first, but a
+        // crash or an operator may leave one) would only mislead a later segment
+        // of that base.
+        for base in indexes {
+            if bases.binary_search(&base).is_err() {
+                segment_index::remove(dir, base).map_err(io_err(dir))?;
+            }
         }
         let last = bases.last().copied().unwrap_or(0);
         let mut segments = BTreeMap::new();
@@ -263,9 +385,59 @@ impl SegmentLog {
             active,
             segment_bytes,
             stopped: None,
+            indexed_at: 0,
             #[cfg(test)]
             faults: Faults::default(),
         })
+    }
+
+    /// Loads one segment: from its persisted index when that is usable, otherwise
+    /// by walking it ([`Self::walk_segment`]) and, if it is sealed, writing its index
+    /// for the next start.
+    ///
+    /// The `last` segment's index describes a prefix of it: all of it after a clean
+    /// shutdown ([`Self::close`]), what had been appended at the last checkpoint
+    /// otherwise (see [`SegmentLog::append`]). Only what follows that prefix is
+    /// walked, which finds and cuts a torn tail after a crash.
+    fn load_segment(dir: &Path, base: u64, last: bool) -> Result<Segment, LogError> {
+        let path = segment_path(dir, base);
+        let file = OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(false)
+            .mode(crate::data_dir::PRIVATE_FILE_MODE)
+            .open(&path)
+            .map_err(io_err(&path))?;
+        let file_len = file.metadata().map_err(io_err(&path))?.len();
+        let usable = match SegmentIndex::load(dir, base, file_len, last) {
+            Ok(stored) => Some(stored),
+            Err(IndexError::Io { source, .. }) if source.kind() == io::ErrorKind::NotFound => None,
+            Err(err) => {
+                tracing::warn!(error = %err, "not using a segment's index; reading the segment instead");
+                None
+            }
+        };
+        if let Some(stored) = &usable
+            && !stored.holes.is_empty()
+        {
+            tracing::warn!(
+                path = %path.display(),
+                holes = stored.holes.len(),
+                "segment has damaged records found earlier; reads skip them"
+            );
+        }
+        match usable {
+            Some(stored) if !last => Ok(Segment::indexed(path, file, stored)),
+            Some(stored) => Self::walk_segment(Segment::indexed(path, file, stored), true),
+            None => {
+                let segment = Self::walk_segment(Segment::empty(base, path, file), last)?;
+                if !last {
+                    segment.store_index(dir);
+                }
+                Ok(segment)
+            }
+        }
     }
 
     /// Reads a segment's records to build its index.
@@ -277,55 +449,51 @@ impl SegmentLog {
     /// If there is none, the damage is a tail: in the `last` segment a torn tail left
     /// by a crash mid-write (never acknowledged), cut off; in a sealed segment,
     /// acknowledged records that can no longer be read, kept out of reads and logged.
-    fn load_segment(dir: &Path, base: u64, last: bool) -> Result<Segment, LogError> {
-        let path = segment_path(dir, base);
-        let file = OpenOptions::new()
-            .read(true)
-            .write(true)
-            .create(true)
-            .truncate(false)
-            .mode(crate::data_dir::PRIVATE_FILE_MODE)
-            .open(&path)
+    fn walk_segment(mut segment: Segment, last: bool) -> Result<Segment, LogError> {
+        let path = segment.path.clone();
+        // Walk from the end of what an index already describes (0 without one).
+        let start = segment.size;
+        let len = segment.file.metadata().map_err(io_err(&path))?.len();
+        let mut bytes = vec![0u8; len.saturating_sub(start) as usize];
+        segment
+            .file
+            .read_exact_at(&mut bytes, start)
             .map_err(io_err(&path))?;
-        let bytes = fs::read(&path).map_err(io_err(&path))?;
-        let mut segment = Segment::empty(base, path.clone(), file);
+        let at = |position: usize| start + position as u64;
         let mut position = 0usize;
         while position < bytes.len() {
             match decode_record(&bytes[position..]) {
                 Some((record, len)) if record.offset >= segment.end => {
-                    segment.note(record.offset, position as u64, record.time, len as u64);
+                    segment.note(record.offset, at(position), record.time, len as u64);
                     position += len;
                 }
                 _ => match resync(&bytes, position, segment.end) {
                     Some(next) => {
                         tracing::error!(
                             path = %path.display(),
-                            from = position,
-                            to = next,
+                            from = at(position),
+                            to = at(next),
                             after_offset = segment.end,
                             "skipping a damaged record; the records after it are kept"
                         );
-                        segment.holes.insert(position as u64, next as u64);
+                        segment.holes().insert(at(position), at(next));
                         position = next;
                     }
                     None if last => {
                         tracing::warn!(
                             path = %path.display(),
-                            kept = position,
+                            kept = at(position),
                             dropped = bytes.len() - position,
                             "truncating a torn tail left by a crash"
                         );
-                        segment
-                            .file
-                            .set_len(position as u64)
-                            .map_err(io_err(&path))?;
+                        segment.file.set_len(at(position)).map_err(io_err(&path))?;
                         segment.file.sync_all().map_err(io_err(&path))?;
                         break;
                     }
                     None => {
                         tracing::error!(
                             path = %path.display(),
-                            from = position,
+                            from = at(position),
                             lost = bytes.len() - position,
                             "the end of a sealed segment is damaged; its records are lost"
                         );
@@ -401,6 +569,13 @@ impl SegmentLog {
         for (i, (position, time, len)) in placed.into_iter().enumerate() {
             active.note(first + i as u64, position, time, len);
         }
+        // A checkpoint of the active segment's index every quarter segment: after a
+        // crash only what follows it is walked. Written after the batch is durable,
+        // so it never covers a record that is not.
+        if active.size >= self.indexed_at + (self.segment_bytes / 4).max(1) {
+            active.store_index(&self.dir);
+            self.indexed_at = active.size;
+        }
         if active.size >= self.segment_bytes
             && let Err(err) = self.roll()
         {
@@ -448,9 +623,28 @@ impl SegmentLog {
             .map_err(io_err(&self.dir))?;
         let reader = File::open(&path).map_err(io_err(&path))?;
         self.active = file;
+        self.indexed_at = 0;
+        // The sealed segment never changes again: its index lets the next start
+        // skip reading it.
+        if let Some(sealed) = self.segments.values().next_back() {
+            sealed.store_index(&self.dir);
+        }
         self.segments
             .insert(base, Segment::empty(base, path, reader));
         Ok(())
+    }
+
+    /// Persists the active segment's index after the last append (a clean
+    /// shutdown), so the next start reads no segment at all (the next open walks
+    /// only what the file holds beyond the length the index records).
+    pub fn close(&mut self) {
+        if self.stopped.is_some() {
+            // The file may end in garbage: the next start must walk it.
+            return;
+        }
+        if let Some(segment) = self.segments.values().next_back() {
+            segment.store_index(&self.dir);
+        }
     }
 
     /// Up to `max` records from `from`, at most about `max_bytes` of payload.
@@ -480,22 +674,28 @@ impl SegmentLog {
             if next >= segment.end {
                 continue;
             }
-            let mut position = segment.position_of(next);
+            let (mut expected, mut position) = segment.entry_for(next);
             let mut chunk = Vec::new();
             while position < segment.size && out.len() < max && bytes < max_bytes {
-                // Holes found on open hold no records: jump over them, and never read
-                // a chunk across the start of one.
-                if let Some((_, &end)) = segment.holes.range(..=position).next_back()
-                    && end > position
-                {
+                // Holes hold no records: jump over them, and never read a chunk
+                // across the start of one.
+                let (inside, limit) = {
+                    let holes = segment.holes();
+                    let inside = holes
+                        .range(..=position)
+                        .next_back()
+                        .map(|(_, &end)| end)
+                        .filter(|&end| end > position);
+                    let limit = holes
+                        .range(position..)
+                        .next()
+                        .map_or(segment.size, |(&start, _)| start.min(segment.size));
+                    (inside, limit)
+                };
+                if let Some(end) = inside {
                     position = end;
                     continue;
                 }
-                let limit = segment
-                    .holes
-                    .range(position..)
-                    .next()
-                    .map_or(segment.size, |(&start, _)| start.min(segment.size));
                 let want = (limit - position).min(256 * 1024) as usize;
                 chunk.resize(want, 0);
                 segment
@@ -508,6 +708,7 @@ impl SegmentLog {
                         break;
                     };
                     at += len;
+                    expected = record.offset + 1;
                     if record.offset < next {
                         continue;
                     }
@@ -518,41 +719,25 @@ impl SegmentLog {
                         break;
                     }
                 }
-                if at == 0 {
-                    // A record larger than the chunk: read exactly it.
-                    let mut header = [0u8; HEADER_LEN];
-                    segment
-                        .file
-                        .read_exact_at(&mut header, position)
-                        .map_err(io_err(&segment.path))?;
-                    let len =
-                        u32::from_le_bytes([header[0], header[1], header[2], header[3]]) as usize;
-                    if len > MAX_PAYLOAD || HEADER_LEN + len <= chunk.len() {
-                        return Err(LogError::Corrupt {
-                            path: segment.path.clone(),
-                            position,
-                        });
-                    }
-                    chunk.resize(HEADER_LEN + len, 0);
-                    segment
-                        .file
-                        .read_exact_at(&mut chunk, position)
-                        .map_err(io_err(&segment.path))?;
-                    let Some((record, len)) = decode_record(&chunk) else {
-                        return Err(LogError::Corrupt {
-                            path: segment.path.clone(),
-                            position,
-                        });
-                    };
-                    position += len as u64;
-                    if record.offset >= next {
-                        bytes += record.payload.len();
-                        next = record.offset + 1;
-                        out.push(record);
-                    }
+                if at > 0 {
+                    position += at as u64;
                     continue;
                 }
-                position += at as u64;
+                // Not even one record in the chunk: one larger than the chunk, or
+                // damage that no walk has seen (it appeared after the segment's index
+                // was written), skipped as the walk would have.
+                match segment.whole_record_at(position, limit)? {
+                    Some((record, len)) => {
+                        position += len as u64;
+                        expected = record.offset + 1;
+                        if record.offset >= next {
+                            bytes += record.payload.len();
+                            next = record.offset + 1;
+                            out.push(record);
+                        }
+                    }
+                    None => position = segment.skip_damage(position, limit, expected)?,
+                }
             }
             if out.len() >= max || bytes >= max_bytes {
                 break;
@@ -580,6 +765,9 @@ impl SegmentLog {
             }
             let path = oldest.path.clone();
             self.segments.remove(&base);
+            // The index first: an index left without its segment is removed at the
+            // next open, a segment left without its index is only walked.
+            segment_index::remove(&self.dir, base).map_err(io_err(&self.dir))?;
             fs::remove_file(&path).map_err(io_err(&path))?;
             removed += 1;
         }
@@ -782,6 +970,219 @@ mod tests {
             .map(|r| r.offset)
             .collect();
         assert_eq!(offsets, [0, 1, 3, 4, 5, 6]);
+    }
+
+    fn offsets(log: &SegmentLog, from: u64) -> Vec<u64> {
+        log.read(from, 1000, usize::MAX)
+            .unwrap()
+            .iter()
+            .map(|r| r.offset)
+            .collect()
+    }
+
+    /// A log of 4 sealed segments of 4 records (50-byte payloads, 74-byte records)
+    /// and an active one holding offsets 16 and 17.
+    fn sealed_log(dir: &Path) -> SegmentLog {
+        let mut log = SegmentLog::open(dir, 4 * 74).unwrap();
+        for _ in 0..4 {
+            log.append(&batch(4, 50, 1)).unwrap();
+        }
+        log.append(&batch(2, 50, 1)).unwrap();
+        assert_eq!(log.segments.len(), 5);
+        log
+    }
+
+    #[test]
+    fn sealed_segments_reopen_from_their_indexes_without_reading_records() {
+        let dir = tempfile::tempdir().unwrap();
+        let log = sealed_log(dir.path());
+        let before: Vec<SegmentIndex> = log.segments.values().map(|s| s.to_index(0)).collect();
+        drop(log);
+        for base in [0, 4, 8, 12] {
+            assert!(
+                segment_index::index_path(dir.path(), base).exists(),
+                "{base}"
+            );
+        }
+        // Damage a sealed record the index already describes: an open that used the
+        // index did not read it, so it finds no hole.
+        let sealed = segment_path(dir.path(), 4);
+        let mut bytes = fs::read(&sealed).unwrap();
+        bytes[HEADER_LEN + 3] ^= 0x01;
+        fs::write(&sealed, &bytes).unwrap();
+
+        let log = SegmentLog::open(dir.path(), 4 * 74).unwrap();
+        let after: Vec<SegmentIndex> = log.segments.values().map(|s| s.to_index(0)).collect();
+        assert_eq!(after, before);
+        assert!(
+            log.segments[&4].holes().is_empty(),
+            "segment 4 was not walked"
+        );
+        // The read that meets the damage skips it, as a walk would have.
+        let mut expected: Vec<u64> = (0..18).collect();
+        expected.retain(|&o| o != 4);
+        assert_eq!(offsets(&log, 0), expected);
+        assert_eq!(
+            log.segments[&4].holes().len(),
+            1,
+            "remembered for later reads"
+        );
+        assert_eq!(offsets(&log, 4)[0], 5);
+        assert_eq!(offsets(&log, 0), expected);
+    }
+
+    #[test]
+    fn a_damaged_or_torn_index_is_detected_and_its_segment_walked_again() {
+        let dir = tempfile::tempdir().unwrap();
+        drop(sealed_log(dir.path()));
+        // Segment 0: a flipped bit in its index, and a damaged record (the walk that
+        // replaces the index must find it). Segment 4: a torn index. Segment 8: an
+        // index of another length (the segment grew garbage). Segment 12: no index.
+        let index0 = segment_index::index_path(dir.path(), 0);
+        let mut bytes = fs::read(&index0).unwrap();
+        bytes[20] ^= 0x40;
+        fs::write(&index0, &bytes).unwrap();
+        let segment0 = segment_path(dir.path(), 0);
+        let mut bytes = fs::read(&segment0).unwrap();
+        bytes[position(1, 50) + HEADER_LEN + 9] ^= 0x02;
+        fs::write(&segment0, &bytes).unwrap();
+        let index4 = segment_index::index_path(dir.path(), 4);
+        let bytes = fs::read(&index4).unwrap();
+        fs::write(&index4, &bytes[..bytes.len() - 3]).unwrap();
+        let segment8 = segment_path(dir.path(), 8);
+        OpenOptions::new()
+            .append(true)
+            .open(&segment8)
+            .unwrap()
+            .write_all(&[0xee; 30])
+            .unwrap();
+        fs::remove_file(segment_index::index_path(dir.path(), 12)).unwrap();
+
+        let log = SegmentLog::open(dir.path(), 4 * 74).unwrap();
+        assert_eq!(
+            log.segments[&0].holes().len(),
+            1,
+            "the walk found the damaged record"
+        );
+        let mut expected: Vec<u64> = (0..18).collect();
+        expected.retain(|&o| o != 1);
+        assert_eq!(offsets(&log, 0), expected);
+        assert_eq!(log.end_offset(), 18);
+        // Every sealed segment has a usable index again, describing what the walk
+        // found (the hole in segment 0, the garbage after segment 8's records).
+        for base in [0, 4, 8, 12] {
+            let len = fs::metadata(segment_path(dir.path(), base)).unwrap().len();
+            let stored = SegmentIndex::load(dir.path(), base, len, false).unwrap();
+            assert_eq!(stored.end, base + 4, "{base}");
+            assert_eq!(stored.holes.len(), usize::from(base == 0), "{base}");
+            assert_eq!(stored.size, 4 * 74, "{base}");
+        }
+        drop(log);
+        let log = SegmentLog::open(dir.path(), 4 * 74).unwrap();
+        assert_eq!(
+            offsets(&log, 0),
+            expected,
+            "the rebuilt indexes read the same"
+        );
+    }
+
+    #[test]
+    fn a_clean_close_spares_the_next_open_a_walk_and_a_crash_after_it_cuts_the_torn_tail() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut log = sealed_log(dir.path());
+        log.close();
+        drop(log);
+        let active = segment_index::index_path(dir.path(), 16);
+        assert!(active.exists(), "written by the clean close");
+        let mut log = SegmentLog::open(dir.path(), 1 << 20).unwrap();
+        assert_eq!(log.end_offset(), 18);
+        log.append(&batch(1, 50, 1)).unwrap();
+        drop(log);
+        // A crash mid-write: the next open walks the active segment and cuts the
+        // torn tail.
+        let path = segment_path(dir.path(), 16);
+        let good_len = fs::metadata(&path).unwrap().len();
+        let mut torn = Vec::new();
+        encode_record(&mut torn, 19, 1, &[9u8; 50]);
+        OpenOptions::new()
+            .append(true)
+            .open(&path)
+            .unwrap()
+            .write_all(&torn[..40])
+            .unwrap();
+        let log = SegmentLog::open(dir.path(), 1 << 20).unwrap();
+        assert_eq!(log.end_offset(), 19);
+        assert_eq!(fs::metadata(&path).unwrap().len(), good_len);
+        assert_eq!(offsets(&log, 0), (0..19).collect::<Vec<_>>());
+    }
+
+    #[test]
+    fn a_crash_walks_the_active_segment_only_past_its_last_checkpoint() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = segment_path(dir.path(), 0);
+        {
+            // A checkpoint every 256 KiB of a 1 MiB segment; 8 batches of ~52 KB.
+            let mut log = SegmentLog::open(dir.path(), 1 << 20).unwrap();
+            for _ in 0..8 {
+                log.append(&batch(100, 500, 1)).unwrap();
+            }
+        }
+        let len = fs::metadata(&path).unwrap().len();
+        let checkpoint = SegmentIndex::load(dir.path(), 0, len, true).unwrap();
+        assert!(
+            checkpoint.size >= 256 * 1024 && checkpoint.size < len,
+            "{} of {len}",
+            checkpoint.size
+        );
+        // Damage inside the checkpointed prefix (not walked again: found by the
+        // read that meets it) and a torn write after it (walked: cut off).
+        let mut bytes = fs::read(&path).unwrap();
+        bytes[position(1, 500) + HEADER_LEN + 5] ^= 0x04;
+        let mut torn = Vec::new();
+        encode_record(&mut torn, 800, 1, &[9u8; 500]);
+        bytes.extend_from_slice(&torn[..100]);
+        fs::write(&path, &bytes).unwrap();
+
+        let mut log = SegmentLog::open(dir.path(), 1 << 20).unwrap();
+        assert_eq!(log.end_offset(), 800);
+        assert_eq!(
+            fs::metadata(&path).unwrap().len(),
+            len,
+            "the torn write is cut"
+        );
+        assert!(
+            log.segments[&0].holes().is_empty(),
+            "the prefix was not walked"
+        );
+        let mut expected: Vec<u64> = (0..800).collect();
+        expected.retain(|&o| o != 1);
+        assert_eq!(offsets(&log, 0), expected);
+        assert_eq!(log.append(&batch(1, 500, 1)).unwrap(), 800);
+        // A checkpoint longer than the file (the file was cut below it) is not used.
+        drop(log);
+        let file = OpenOptions::new().write(true).open(&path).unwrap();
+        file.set_len(checkpoint.size - 10).unwrap();
+        drop(file);
+        let log = SegmentLog::open(dir.path(), 1 << 20).unwrap();
+        assert!(log.end_offset() < 800);
+        assert_eq!(log.segments[&0].holes().len(), 1, "walked from the start");
+    }
+
+    #[test]
+    fn retention_removes_indexes_with_their_segments_and_open_removes_orphans() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut log = sealed_log(dir.path());
+        log.apply_retention(i64::MAX, 0).unwrap();
+        assert_eq!(log.first_offset(), 16);
+        for base in [0, 4, 8, 12] {
+            assert!(!segment_index::index_path(dir.path(), base).exists());
+        }
+        drop(log);
+        let orphan = segment_index::index_path(dir.path(), 2);
+        fs::write(&orphan, b"left behind").unwrap();
+        let log = SegmentLog::open(dir.path(), 4 * 74).unwrap();
+        assert!(!orphan.exists());
+        assert_eq!(offsets(&log, 16), [16, 17]);
     }
 
     #[test]

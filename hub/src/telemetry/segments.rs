@@ -122,10 +122,11 @@ impl SegmentPartitions {
     }
 }
 
-/// Opens partitions `p0` … `p{count-1}` of `dir`, in order. Opening walks every
-/// retained segment of a partition (its index is rebuilt from the records), so the
-/// partitions recover side by side, as many at once as there are cores (each holds
-/// one segment in memory while it is scanned).
+/// Opens partitions `p0` … `p{count-1}` of `dir`, in order. Sealed segments open
+/// from their persisted indexes; a segment that has to be walked (no usable index,
+/// or the last one after a crash) is read whole, so the partitions recover side by
+/// side, as many at once as there are cores (each holds one segment in memory while
+/// it is scanned).
 fn open_partitions(
     dir: &Path,
     count: u32,

@@ -34,6 +34,43 @@ impl NatsCheckpoints {
     }
 }
 
+impl NatsCheckpoints {
+    /// The highest checkpoint of any group, per partition that has one (read when
+    /// a partition's stream is created, see `telemetry_streams`).
+    pub async fn highest_per_partition(
+        &self,
+    ) -> Result<std::collections::BTreeMap<u32, u64>, StoreError> {
+        use futures_util::TryStreamExt;
+        let keys: Vec<String> = self
+            .store
+            .retrying("list checkpoints", || async {
+                let keys = self.bucket.keys().await.map_err(|err| err.to_string())?;
+                keys.try_collect::<Vec<String>>()
+                    .await
+                    .map_err(|err| err.to_string())
+            })
+            .await?;
+        let mut highest = std::collections::BTreeMap::new();
+        for key in keys {
+            let Some(partition) = key.split('.').next().and_then(|p| p.parse::<u32>().ok()) else {
+                continue;
+            };
+            let value = self
+                .store
+                .retrying("read checkpoint", || self.bucket.get(key.as_str()))
+                .await?;
+            let Some(offset) =
+                value.and_then(|bytes| std::str::from_utf8(&bytes).ok()?.parse::<u64>().ok())
+            else {
+                continue;
+            };
+            let entry = highest.entry(partition).or_insert(offset);
+            *entry = (*entry).max(offset);
+        }
+        Ok(highest)
+    }
+}
+
 fn key(group: &str, partition: u32) -> String {
     format!("{partition}.{}", keys::encode(group))
 }

@@ -1,5 +1,5 @@
 //! The cluster-mode backend: the hub's state in NATS JetStream (DESIGN section 4).
-//! Telemetry is one replicated stream with a subject per partition ([`telemetry`]);
+//! Telemetry is a replicated stream per partition ([`telemetry`], [`telemetry_streams`]);
 //! consumer-group checkpoints are a replicated KV bucket ([`checkpoints`]); device
 //! identities ([`registry`]), device twins ([`twins`]) and persistent MQTT sessions
 //! ([`sessions`]) are KV buckets with compare-and-set on the revision where writers
@@ -24,6 +24,7 @@ pub mod secrets;
 pub mod sessions;
 pub mod status;
 pub mod telemetry;
+pub mod telemetry_streams;
 pub mod twins;
 
 use std::future::Future;

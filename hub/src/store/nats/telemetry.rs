@@ -1,12 +1,16 @@
-//! Telemetry on JetStream: one stream, `telemetry`, with the subject
-//! `telemetry.{partition}` per partition, the configured replicas, file storage, and
-//! retention as stream limits (age and bytes).
+//! Telemetry on JetStream: a stream per partition (`telemetry-{p}`, subject
+//! `telemetry.{p}`, leaders spread over the NATS nodes; which streams, and the single
+//! stream `telemetry` of clusters created before, in [`super::telemetry_streams`]),
+//! with the configured replicas, file storage, and retention as stream limits (age,
+//! and the partition's share of the bytes).
 //!
-//! Offsets: a message's offset is its stream sequence minus one. Along a partition
-//! offsets increase, but they are not consecutive (the other partitions' messages
-//! take the sequences between); a reader continues from `nextOffset`, as Event Hubs
-//! readers do. The first offset of every partition is the stream's first sequence
-//! minus one: what retention removed lies before it.
+//! Offsets: a message's offset is its stream sequence minus one. With a stream per
+//! partition, a partition's offsets are consecutive (retention removes from the
+//! front); in the shared stream of an older cluster they increase but are not
+//! consecutive (the other partitions' messages take the sequences between). Either
+//! way a reader continues from `nextOffset`, as Event Hubs readers do, and a
+//! partition's first offset is its stream's first sequence minus one: what retention
+//! removed lies before it.
 //!
 //! Publishing: each partition has one publisher task per hub process, fed by a
 //! bounded queue (the backpressure that stops device connections reading). It keeps up
@@ -29,21 +33,21 @@ use std::time::{Duration, Instant};
 use async_nats::jetstream::consumer::{AckPolicy, DeliverPolicy, pull};
 use async_nats::jetstream::context::{PublishAckFuture, PublishError, PublishErrorKind};
 use async_nats::jetstream::message::PublishMessage;
-use async_nats::jetstream::stream::{self, DirectGetErrorKind, DiscardPolicy, StorageType};
+use async_nats::jetstream::stream::{self, DirectGetErrorKind};
 use async_trait::async_trait;
 use bytes::Bytes;
 use futures_util::StreamExt;
 use tokio::sync::{mpsc, oneshot};
 
 use super::NatsStore;
+pub use super::telemetry_streams::subject;
+use super::telemetry_streams::{self, Layout};
 use crate::config::TelemetryConfig;
 use crate::storage::StoreError;
 use crate::telemetry::segment::Record;
 use crate::telemetry::{Durable, IngestError};
 use crate::telemetry::{TelemetryError, TelemetryLog};
 
-/// The stream's name.
-pub const STREAM: &str = "telemetry";
 /// Publishes per partition awaiting their ack at once.
 const WINDOW: usize = 1024;
 /// Header carrying the hub's receipt time (Unix nanoseconds).
@@ -52,16 +56,9 @@ const TIME_HEADER: &str = "Hub-Enqueued-Nanos";
 const READ_ATTEMPTS: u32 = 5;
 /// Most bytes one read returns.
 const MAX_READ_BYTES: usize = 4 * 1024 * 1024;
-/// JetStream drops a message whose id it saw within this window.
-const DUPLICATE_WINDOW: Duration = Duration::from_secs(120);
 /// Pauses between tries of a publish that failed (first, longest).
 const PUBLISH_BACKOFF: (Duration, Duration) =
     (Duration::from_millis(50), Duration::from_millis(500));
-
-/// The subject of `partition`.
-pub fn subject(partition: u32) -> String {
-    format!("{STREAM}.{partition}")
-}
 
 /// A message waiting for its ack.
 struct Pending {
@@ -83,10 +80,11 @@ struct PublishStats {
     failed: AtomicU64,
 }
 
-/// The telemetry partitions of a cluster, on one JetStream stream.
+/// The telemetry partitions of a cluster, on JetStream streams.
 pub struct JetStreamTelemetry {
     store: NatsStore,
-    stream: stream::Stream,
+    /// Each partition's stream, in partition order.
+    streams: Vec<stream::Stream>,
     partitions: u32,
     queues: Mutex<Option<Vec<mpsc::Sender<Pending>>>>,
     publishers: Mutex<Vec<tokio::task::JoinHandle<()>>>,
@@ -103,28 +101,20 @@ impl std::fmt::Debug for JetStreamTelemetry {
 }
 
 impl JetStreamTelemetry {
-    /// Creates (or updates the limits of) the stream and starts one publisher per
-    /// partition. `max_pending` messages per partition may wait for an ack before
-    /// appends wait.
+    /// Creates (or updates the limits of) the partitions' streams and starts one
+    /// publisher per partition. `max_pending` messages per partition may wait for an
+    /// ack before appends wait.
     pub async fn open(
         store: &NatsStore,
         config: &TelemetryConfig,
         max_pending: usize,
     ) -> Result<Self, StoreError> {
-        let stream = store
-            .stream(stream::Config {
-                name: STREAM.to_string(),
-                subjects: vec![format!("{STREAM}.*")],
-                num_replicas: store.replicas(),
-                storage: StorageType::File,
-                max_age: Duration::from_secs(config.retention_secs),
-                max_bytes: i64::try_from(config.retention_bytes).unwrap_or(i64::MAX),
-                discard: DiscardPolicy::Old,
-                duplicate_window: DUPLICATE_WINDOW,
-                allow_direct: true,
-                ..Default::default()
-            })
-            .await?;
+        let (layout, streams) = telemetry_streams::open_streams(store, config).await?;
+        tracing::info!(
+            shared = layout == Layout::Shared,
+            partitions = config.partitions,
+            "telemetry streams open"
+        );
         let stats = Arc::new(PublishStats::default());
         let mut queues = Vec::new();
         let mut publishers = Vec::new();
@@ -140,7 +130,7 @@ impl JetStreamTelemetry {
         }
         Ok(Self {
             store: store.clone(),
-            stream,
+            streams,
             partitions: config.partitions,
             queues: Mutex::new(Some(queues)),
             publishers: Mutex::new(publishers),
@@ -160,13 +150,22 @@ impl JetStreamTelemetry {
         }
     }
 
-    /// The stream's first sequence minus one: the first offset of every partition.
-    async fn first_offset(&self) -> Result<u64, TelemetryError> {
+    /// The stream of `partition` (checked by the caller).
+    fn stream(&self, partition: u32) -> Result<&stream::Stream, TelemetryError> {
+        self.streams
+            .get(partition as usize)
+            .ok_or(TelemetryError::NoSuchPartition(
+                partition,
+                self.partitions.saturating_sub(1),
+            ))
+    }
+
+    /// The partition's stream's first sequence minus one: its first offset.
+    async fn first_offset(&self, partition: u32) -> Result<u64, TelemetryError> {
+        let stream = self.stream(partition)?;
         let info = self
             .store
-            .retrying("read the telemetry stream's state", || {
-                self.stream.get_info()
-            })
+            .retrying("read the telemetry stream's state", || stream.get_info())
             .await
             .map_err(|err| TelemetryError::Stream(err.to_string()))?;
         Ok(info.state.first_sequence.saturating_sub(1))
@@ -182,10 +181,11 @@ impl JetStreamTelemetry {
         wait: Duration,
     ) -> Result<Vec<Record>, TelemetryError> {
         let stream_error = |err: &dyn std::fmt::Display| TelemetryError::Stream(err.to_string());
+        let stream = self.stream(partition)?;
         let consumer: async_nats::jetstream::consumer::PullConsumer = self
             .store
             .retrying("create a telemetry reader", || {
-                self.stream.create_consumer(pull::Config {
+                stream.create_consumer(pull::Config {
                     filter_subject: subject(partition),
                     deliver_policy: DeliverPolicy::ByStartSequence { start_sequence },
                     ack_policy: AckPolicy::None,
@@ -233,7 +233,7 @@ impl JetStreamTelemetry {
         }
         .await;
         // The consumer would expire by itself; deleting it now frees it at once.
-        let stream = self.stream.clone();
+        let stream = stream.clone();
         let name = consumer.cached_info().name.clone();
         tokio::spawn(async move {
             let _ = stream.delete_consumer(&name).await;
@@ -328,15 +328,12 @@ impl TelemetryLog for JetStreamTelemetry {
 
     async fn bounds(&self, partition: u32) -> Result<(u64, u64), TelemetryError> {
         self.check(partition)?;
-        let first = self.first_offset().await?;
+        let first = self.first_offset(partition).await?;
+        let stream = self.stream(partition)?;
         let last = self
             .store
             .retrying("read a partition's last message", || async {
-                match self
-                    .stream
-                    .direct_get_last_for_subject(subject(partition))
-                    .await
-                {
+                match stream.direct_get_last_for_subject(subject(partition)).await {
                     Ok(message) => Ok(Some(message.sequence)),
                     Err(err) if err.kind() == DirectGetErrorKind::NotFound => Ok(None),
                     Err(err) => Err(err),
@@ -356,7 +353,7 @@ impl TelemetryLog for JetStreamTelemetry {
         wait: Duration,
     ) -> Result<Vec<Record>, TelemetryError> {
         self.check(partition)?;
-        let first = self.first_offset().await?;
+        let first = self.first_offset(partition).await?;
         if from < first {
             return Err(TelemetryError::BeforeRetention {
                 requested: from,
