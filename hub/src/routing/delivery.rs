@@ -262,6 +262,28 @@ const CURSOR_EVERY: Duration = Duration::from_millis(200);
 /// The first pause after a failed attempt.
 const FIRST_BACKOFF: Duration = Duration::from_millis(100);
 
+/// A worker's position in its log: the next offset to look at, and what is stored.
+struct Cursor {
+    group: String,
+    next: u64,
+    stored: u64,
+    last_store: Instant,
+}
+
+impl Cursor {
+    /// Stores the position if it moved and [`CURSOR_EVERY`] passed (or `now`).
+    async fn store(&mut self, log: &Telemetry, partition: u32, endpoint: &str, now: bool) {
+        if self.next == self.stored || !(now || self.last_store.elapsed() >= CURSOR_EVERY) {
+            return;
+        }
+        match log.set_checkpoint(&self.group, partition, self.next).await {
+            Ok(()) => self.stored = self.next,
+            Err(err) => tracing::error!(%endpoint, %err, "routing: cannot store the cursor"),
+        }
+        self.last_store = Instant::now();
+    }
+}
+
 /// Why a worker stopped delivering a batch.
 enum Interrupted {
     /// Told to stop.
@@ -279,7 +301,7 @@ impl Worker {
         let group = cursor_group(&self.endpoint_name);
         let log = Arc::clone(&self.source.log);
         let partition = self.partition;
-        let mut cursor = loop {
+        let cursor = loop {
             let stored = log.checkpoint(&group, partition).await;
             let end = log.partition_info(partition).await;
             match (stored, end) {
@@ -298,19 +320,23 @@ impl Worker {
                 }
             }
         };
-        let mut stored = cursor;
-        let mut last_store = Instant::now();
+        let mut cursor = Cursor {
+            group,
+            next: cursor,
+            stored: cursor,
+            last_store: Instant::now(),
+        };
         let label = self.label();
         loop {
             let read = tokio::select! {
                 _ = stop.wait_for(|s| *s) => break,
-                read = log.read(partition, cursor, READ_MAX, READ_WAIT) => read,
+                read = log.read(partition, cursor.next, READ_MAX, READ_WAIT) => read,
             };
             let messages = match read {
                 Ok(messages) => messages,
                 Err(TelemetryError::BeforeRetention { first, requested }) => {
                     tracing::error!(endpoint = %self.endpoint_name, lost = first - requested, "routing: messages removed by retention before delivery");
-                    cursor = first;
+                    cursor.next = first;
                     continue;
                 }
                 Err(err) => {
@@ -321,42 +347,43 @@ impl Worker {
                     }
                 }
             };
-            if let Some(last) = messages.last() {
-                let next = last.offset + 1;
-                let outgoing = self.select(messages);
-                let mut interrupted = false;
-                for batch in outgoing.chunks(self.endpoint.max_batch().max(1)) {
-                    if let Err(Interrupted::Stopped) = self.deliver(batch, &mut stop).await {
-                        interrupted = true;
-                        break;
-                    }
-                }
-                if interrupted {
+            let Some(last) = messages.last() else {
+                cursor
+                    .store(&log, partition, &self.endpoint_name, false)
+                    .await;
+                continue;
+            };
+            let end_of_read = last.offset + 1;
+            let outgoing = self.select(messages);
+            let mut interrupted = false;
+            for batch in outgoing.chunks(self.endpoint.max_batch().max(1)) {
+                if let Err(Interrupted::Stopped) = self.deliver(batch, &mut stop).await {
+                    interrupted = true;
                     break;
                 }
-                cursor = next;
-            }
-            if cursor != stored
-                && (last_store.elapsed() >= CURSOR_EVERY || !self.busy(cursor).await)
-            {
-                match log.set_checkpoint(&group, partition, cursor).await {
-                    Ok(()) => stored = cursor,
-                    Err(err) => {
-                        tracing::error!(endpoint = %self.endpoint_name, %err, "routing: cannot store the cursor")
-                    }
+                if let Some(last) = batch.last() {
+                    cursor.next = last.message.offset + 1;
+                    cursor
+                        .store(&log, partition, &self.endpoint_name, false)
+                        .await;
                 }
-                last_store = Instant::now();
             }
+            if interrupted {
+                break;
+            }
+            cursor.next = end_of_read;
+            let idle = !self.busy(cursor.next).await;
+            cursor
+                .store(&log, partition, &self.endpoint_name, idle)
+                .await;
             if let Ok(info) = log.partition_info(partition).await {
                 self.metrics
-                    .set_lag(&label, info.end_offset.saturating_sub(cursor));
+                    .set_lag(&label, info.end_offset.saturating_sub(cursor.next));
             }
         }
-        if cursor != stored
-            && let Err(err) = log.set_checkpoint(&group, partition, cursor).await
-        {
-            tracing::error!(endpoint = %self.endpoint_name, %err, "routing: cannot store the cursor");
-        }
+        cursor
+            .store(&log, partition, &self.endpoint_name, true)
+            .await;
     }
 
     /// Whether more is waiting behind `cursor`.
