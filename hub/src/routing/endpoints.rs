@@ -1,5 +1,6 @@
 //! The endpoint kinds a routed message goes to: webhooks (CloudEvents 1.0
-//! structured JSON or Event Grid schema, over reqwest), NATS subjects (async-nats;
+//! structured JSON or Event Grid schema, over hyper's pooled client with rustls),
+//! NATS subjects (async-nats;
 //! the CloudEvents JSON), and named streams inside the hub; and the shapes they
 //! carry (Event Grid's telemetry and device event data).
 
@@ -164,21 +165,57 @@ pub fn event_grid_event(hostname: &str, outgoing: &Outgoing) -> Value {
     })
 }
 
+/// The HTTP(S) client webhooks share: pooled connections, rustls for `https://`.
+pub type HttpClient = hyper_util::client::legacy::Client<
+    hyper_rustls::HttpsConnector<hyper_util::client::legacy::connect::HttpConnector>,
+    http_body_util::Full<bytes::Bytes>,
+>;
+
+/// Builds the webhooks' client with `tls` for `https://` URLs; connecting may take
+/// up to `connect_timeout`.
+pub fn http_client(tls: rustls::ClientConfig, connect_timeout: Duration) -> HttpClient {
+    let mut http = hyper_util::client::legacy::connect::HttpConnector::new();
+    http.enforce_http(false);
+    http.set_connect_timeout(Some(connect_timeout));
+    http.set_nodelay(true);
+    let connector = hyper_rustls::HttpsConnectorBuilder::new()
+        .with_tls_config(tls)
+        .https_or_http()
+        .enable_http1()
+        .wrap_connector(http);
+    hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
+        .pool_max_idle_per_host(16)
+        .build(connector)
+}
+
 /// A webhook: one POST per batch.
 pub struct Webhook {
     config: WebhookEndpoint,
+    uri: hyper::Uri,
     hostname: String,
-    client: reqwest::Client,
+    client: HttpClient,
+    timeout: Duration,
 }
 
 impl Webhook {
-    /// A webhook posting with `client` (whose timeout is `routing.webhook_timeout`).
-    pub fn new(config: WebhookEndpoint, hostname: String, client: reqwest::Client) -> Self {
-        Self {
+    /// A webhook posting with `client`; an attempt may take up to `timeout`.
+    pub fn new(
+        config: WebhookEndpoint,
+        hostname: String,
+        client: HttpClient,
+        timeout: Duration,
+    ) -> Result<Self, SendError> {
+        let uri = config
+            .url
+            .parse()
+            .map_err(|err: hyper::http::uri::InvalidUri| SendError::Transport(err.to_string()))?;
+        Ok(Self {
             config,
+            uri,
             hostname,
             client,
-        }
+            timeout,
+        })
     }
 
     /// The body and content type of one POST.
@@ -212,34 +249,43 @@ impl Webhook {
             }
         }
     }
+
+    async fn post(&self, batch: &[Outgoing]) -> Result<(), SendError> {
+        use http_body_util::BodyExt;
+        let (body, content_type) = self.body(batch);
+        let mut request = hyper::Request::post(self.uri.clone())
+            .header(hyper::header::CONTENT_TYPE, content_type);
+        if self.config.schema == WebhookSchema::EventGrid {
+            request = request.header("aeg-event-type", "Notification");
+        }
+        for (key, value) in &self.config.headers {
+            request = request.header(key.as_str(), value.as_str());
+        }
+        let request = request
+            .body(http_body_util::Full::new(bytes::Bytes::from(body)))
+            .map_err(|err| SendError::Transport(err.to_string()))?;
+        let response = self
+            .client
+            .request(request)
+            .await
+            .map_err(|err| SendError::Transport(transport_error(&err)))?;
+        let status = response.status();
+        // Read the (small) answer so the connection goes back to the pool.
+        let _ = response.into_body().collect().await;
+        if status.is_success() {
+            Ok(())
+        } else {
+            Err(SendError::Status(status.as_u16()))
+        }
+    }
 }
 
 #[async_trait]
 impl Endpoint for Webhook {
     async fn deliver(&self, batch: &[Outgoing]) -> Result<(), SendError> {
-        let (body, content_type) = self.body(batch);
-        let mut request = self
-            .client
-            .post(&self.config.url)
-            .header(reqwest::header::CONTENT_TYPE, content_type);
-        if self.config.schema == WebhookSchema::EventGrid {
-            request = request.header("aeg-event-type", "Notification");
-        }
-        for (key, value) in &self.config.headers {
-            request = request.header(key, value);
-        }
-        let response = request
-            .body(body)
-            .send()
-            .await
-            .map_err(|err| SendError::Transport(without_url(&err)))?;
-        let status = response.status();
-        // The answer's body is not needed; reading it lets the connection be reused.
-        let _ = response.bytes().await;
-        if status.is_success() {
-            Ok(())
-        } else {
-            Err(SendError::Status(status.as_u16()))
+        match tokio::time::timeout(self.timeout, self.post(batch)).await {
+            Ok(result) => result,
+            Err(_) => Err(SendError::Transport("no answer in time".into())),
         }
     }
 
@@ -248,11 +294,10 @@ impl Endpoint for Webhook {
     }
 }
 
-/// A reqwest error without its URL (a URL may carry a secret in its query).
-fn without_url(err: &reqwest::Error) -> String {
-    let kind = if err.is_timeout() {
-        "no answer in time"
-    } else if err.is_connect() {
+/// A client error with its cause but without the URL (a URL's query may carry a
+/// secret).
+fn transport_error(err: &hyper_util::client::legacy::Error) -> String {
+    let kind = if err.is_connect() {
         "cannot connect"
     } else {
         "request failed"

@@ -177,11 +177,10 @@ impl Sequence {
     }
 }
 
-/// Where the capabilities' observers put events: a bounded queue to the writer.
-pub struct EventSink {
+/// A bounded queue of events to the writer; full, it drops and counts.
+pub struct EventQueue {
     hub_name: String,
     queue: mpsc::Sender<TelemetryMessage>,
-    twins: Twins,
     sequence: Sequence,
     /// Events dropped because the queue was full.
     pub dropped: AtomicU64,
@@ -189,31 +188,16 @@ pub struct EventSink {
     pub emitted: AtomicU64,
 }
 
-impl std::fmt::Debug for EventSink {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("EventSink").finish_non_exhaustive()
-    }
-}
-
-impl EventSink {
-    /// A sink whose writer appends to `log`; `capacity` bounds the queue.
-    pub fn start(
-        hub_name: String,
-        twins: Twins,
-        log: Arc<Telemetry>,
-        capacity: usize,
-    ) -> (Arc<Self>, tokio::task::JoinHandle<()>) {
-        let (queue, receiver) = mpsc::channel(capacity.max(1));
-        let sink = Arc::new(Self {
+impl EventQueue {
+    /// Events of hub `hub_name` into `queue`.
+    pub fn new(hub_name: String, queue: mpsc::Sender<TelemetryMessage>) -> Self {
+        Self {
             hub_name,
             queue,
-            twins,
             sequence: Sequence::default(),
             dropped: AtomicU64::new(0),
             emitted: AtomicU64::new(0),
-        });
-        let writer = tokio::spawn(write_events(receiver, log));
-        (sink, writer)
+        }
     }
 
     /// Queues an event; when the queue is full it is dropped and counted (an
@@ -248,6 +232,42 @@ impl EventSink {
             self.emitted.load(Ordering::Relaxed),
             self.dropped.load(Ordering::Relaxed),
         )
+    }
+}
+
+/// Where the capabilities' observers put events: the queue, and the twins that
+/// lifecycle events carry.
+pub struct EventSink {
+    /// The queue to the writer.
+    pub queue: EventQueue,
+    twins: Twins,
+}
+
+impl std::fmt::Debug for EventSink {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("EventSink").finish_non_exhaustive()
+    }
+}
+
+impl EventSink {
+    /// A sink whose writer appends to `log`; `capacity` bounds the queue.
+    pub fn start(
+        hub_name: String,
+        twins: Twins,
+        log: Arc<Telemetry>,
+        capacity: usize,
+    ) -> (Arc<Self>, tokio::task::JoinHandle<()>) {
+        let (queue, receiver) = mpsc::channel(capacity.max(1));
+        let sink = Arc::new(Self {
+            queue: EventQueue::new(hub_name, queue),
+            twins,
+        });
+        let writer = tokio::spawn(write_events(receiver, log));
+        (sink, writer)
+    }
+
+    fn emit(&self, device: &DeviceId, kind: EventKind, body: &Value, at: OffsetDateTime) {
+        self.queue.emit(device, kind, body, at);
     }
 }
 
@@ -288,7 +308,7 @@ impl RegistryObserver for EventSink {
 
 impl PresenceObserver for EventSink {
     fn connection_changed(&self, id: &DeviceId, connected: bool, at: OffsetDateTime) {
-        let body = json!({ "sequenceNumber": self.sequence.next(at) });
+        let body = json!({ "sequenceNumber": self.queue.sequence.next(at) });
         let kind = match connected {
             true => EventKind::Connected,
             false => EventKind::Disconnected,
@@ -336,6 +356,25 @@ mod tests {
         let c = sequence.next(at - time::Duration::seconds(5));
         assert!(a < b && b < c, "{a} {b} {c}");
         assert_eq!(a.len(), 64);
+    }
+
+    #[test]
+    fn a_full_queue_drops_and_counts_instead_of_blocking() {
+        let (sender, _receiver) = mpsc::channel(16);
+        let queue = EventQueue::new("hub".into(), sender);
+        let device = DeviceId::parse("d1").unwrap();
+        let at = OffsetDateTime::now_utc();
+        for _ in 0..20 {
+            queue.emit(&device, EventKind::Connected, &json!({}), at);
+        }
+        assert_eq!(queue.emitted.load(Ordering::Relaxed), 16);
+        assert_eq!(queue.dropped.load(Ordering::Relaxed), 4);
+        assert!(!queue.drained());
+        assert!(
+            queue
+                .render_metrics()
+                .contains("hub_routing_events_dropped_total 4")
+        );
     }
 
     #[test]

@@ -160,7 +160,7 @@ struct Inner {
     running: tokio::sync::Mutex<Option<Running>>,
     metrics: RoutingMetrics,
     sink: Arc<EventSink>,
-    http: reqwest::Client,
+    http: endpoints::HttpClient,
     background: Mutex<Vec<tokio::task::JoinHandle<()>>>,
 }
 
@@ -229,17 +229,13 @@ impl Routing {
         };
         let table =
             Arc::new(Table::compile(&config, &settings.hostname).map_err(RoutingError::Stored)?);
-        let http = reqwest::Client::builder()
-            .timeout(settings.webhook_timeout)
-            .connect_timeout(settings.webhook_timeout)
-            .pool_max_idle_per_host(16)
-            .build()
-            .map_err(|err| {
-                RoutingError::Invalid(ConfigError {
-                    path: "$".into(),
-                    message: format!("cannot build the HTTP client: {err}"),
-                })
-            })?;
+        let tls = webhook_tls().map_err(|err| {
+            RoutingError::Invalid(ConfigError {
+                path: "$".into(),
+                message: format!("cannot set up TLS for webhooks: {err}"),
+            })
+        })?;
+        let http = endpoints::http_client(tls, settings.webhook_timeout);
         let routing = Self {
             inner: Arc::new(Inner {
                 settings,
@@ -413,14 +409,18 @@ impl Routing {
         let settings = &self.inner.settings;
         let mut out: Vec<(String, Arc<dyn endpoints::Endpoint>)> = Vec::new();
         for hook in &config.endpoints.webhooks {
-            out.push((
-                hook.name.to_ascii_lowercase(),
-                Arc::new(endpoints::Webhook::new(
-                    hook.clone(),
-                    settings.hostname.clone(),
-                    self.inner.http.clone(),
-                )),
-            ));
+            match endpoints::Webhook::new(
+                hook.clone(),
+                settings.hostname.clone(),
+                self.inner.http.clone(),
+                settings.webhook_timeout,
+            ) {
+                Ok(webhook) => out.push((hook.name.to_ascii_lowercase(), Arc::new(webhook))),
+                // Validation parsed the URL already.
+                Err(err) => {
+                    tracing::error!(endpoint = %hook.name, %err, "routing: bad webhook URL")
+                }
+            }
         }
         for nats in &config.endpoints.nats {
             out.push((
@@ -504,7 +504,7 @@ impl Routing {
     /// Prometheus text: per-endpoint counters and the event queue.
     pub fn render_metrics(&self) -> String {
         let mut out = self.inner.metrics.render();
-        out.push_str(&self.inner.sink.render_metrics());
+        out.push_str(&self.inner.sink.queue.render_metrics());
         out
     }
 
@@ -523,7 +523,7 @@ impl Routing {
         // The edges have stopped: the last events (disconnects) are queued. Give the
         // writer a moment to store them.
         let deadline = tokio::time::Instant::now() + Duration::from_secs(2);
-        while !self.inner.sink.drained() && tokio::time::Instant::now() < deadline {
+        while !self.inner.sink.queue.drained() && tokio::time::Instant::now() < deadline {
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
         tokio::time::sleep(Duration::from_millis(50)).await;
@@ -538,6 +538,23 @@ impl Routing {
         })
         .await;
     }
+}
+
+/// TLS for `https://` webhooks: the ring provider the hub uses everywhere, and the
+/// system's trusted roots.
+fn webhook_tls() -> Result<rustls::ClientConfig, rustls::Error> {
+    let mut roots = rustls::RootCertStore::empty();
+    let native = rustls_native_certs::load_native_certs();
+    for err in &native.errors {
+        tracing::warn!(%err, "webhooks: cannot load a system root certificate");
+    }
+    let (added, _) = roots.add_parsable_certificates(native.certs);
+    tracing::debug!(roots = added, "webhooks: trusted roots");
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    Ok(rustls::ClientConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()?
+        .with_root_certificates(roots)
+        .with_no_client_auth())
 }
 
 impl Inner {
