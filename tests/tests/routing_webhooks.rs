@@ -75,9 +75,16 @@ async fn a_condition_routes_only_matching_messages_the_rest_falls_back_and_enric
             .publish_acked(&topic, json!({ "temp": temp }).to_string().as_bytes())
             .await?;
     }
-    let got_hot = hot
+    let got_hot = match hot
         .wait_for(Duration::from_secs(20), |r| r.events.len() >= 2)
-        .await?;
+        .await
+    {
+        Ok(got) => got,
+        Err(err) => {
+            eprintln!("{}\nrest: {:?}", hub.stderr(), rest.received().await?);
+            return Err(err);
+        }
+    };
     let got_rest = rest
         .wait_for(Duration::from_secs(20), |r| r.events.len() >= 2)
         .await?;

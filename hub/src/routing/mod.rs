@@ -76,6 +76,9 @@ pub enum RoutingError {
     /// The store failed.
     #[error(transparent)]
     Store(#[from] StoreError),
+    /// The delivery runtime's thread could not be started.
+    #[error("cannot start the delivery thread: {0}")]
+    Runtime(std::io::Error),
     /// The stored configuration does not parse (written by another version?).
     #[error("the stored routing configuration is unreadable: {0}")]
     Stored(ConfigError),
@@ -147,8 +150,41 @@ struct Running {
     tasks: Vec<tokio::task::JoinHandle<()>>,
 }
 
+/// The runtime delivery runs on: its own thread, so that delivery work competes with
+/// ingest as one thread among the hub's, not as tasks on the ingest workers; under a
+/// saturated CPU ingest keeps its pace and routing lags, then catches up.
+struct DeliveryRuntime(Option<tokio::runtime::Runtime>);
+
+impl DeliveryRuntime {
+    fn start() -> std::io::Result<Self> {
+        tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(DELIVERY_THREADS)
+            .thread_name("hub-routing")
+            .enable_all()
+            .build()
+            .map(|runtime| Self(Some(runtime)))
+    }
+
+    fn handle(&self) -> Option<&tokio::runtime::Handle> {
+        self.0.as_ref().map(tokio::runtime::Runtime::handle)
+    }
+}
+
+impl Drop for DeliveryRuntime {
+    fn drop(&mut self) {
+        // Dropping a runtime blocks, which an async context may not do.
+        if let Some(runtime) = self.0.take() {
+            runtime.shutdown_background();
+        }
+    }
+}
+
+/// Threads of the delivery runtime.
+const DELIVERY_THREADS: usize = 1;
+
 struct Inner {
     settings: RoutingSettings,
+    runtime: DeliveryRuntime,
     telemetry: Arc<Telemetry>,
     events: Arc<Telemetry>,
     dead_letters: Arc<Telemetry>,
@@ -236,6 +272,7 @@ impl Routing {
             })
         })?;
         let http = endpoints::http_client(tls, settings.webhook_timeout);
+        let runtime = DeliveryRuntime::start().map_err(RoutingError::Runtime)?;
         let routing = Self {
             inner: Arc::new(Inner {
                 settings,
@@ -248,6 +285,7 @@ impl Routing {
                 twins,
                 config: Mutex::new((config.clone(), table)),
                 running: tokio::sync::Mutex::new(None),
+                runtime,
                 metrics: RoutingMetrics::default(),
                 sink,
                 http,
@@ -332,6 +370,7 @@ impl Routing {
         self.inner.store.save(json).await?;
         *self.lock_config() = (config.clone(), table);
         self.stop_workers(&mut running).await;
+        self.place_cursors().await;
         *running = Some(self.spawn_workers());
         Ok(config)
     }
@@ -339,7 +378,41 @@ impl Routing {
     async fn restart(&self) {
         let mut running = self.inner.running.lock().await;
         self.stop_workers(&mut running).await;
+        self.place_cursors().await;
         *running = Some(self.spawn_workers());
+    }
+
+    /// Before the workers start (and before a PUT answers): an endpoint without a
+    /// cursor in a log starts at its end, and so does one that no route takes that log
+    /// to (when a route does, it starts from that moment, not from old history). So
+    /// an endpoint gets exactly what arrives after the configuration is in force.
+    async fn place_cursors(&self) {
+        let inner = &self.inner;
+        let (config, table) = self.lock_config().clone();
+        for (name, _) in self.endpoints(&config) {
+            let sources = table.sources_for(&name);
+            let group = delivery::cursor_group(&name);
+            for (log, events) in [(&inner.telemetry, false), (&inner.events, true)] {
+                let needed = sources.iter().any(|s| s.is_event() == events);
+                for partition in 0..log.partition_count() {
+                    let placed = match log.checkpoint(&group, partition).await {
+                        Ok(Some(_)) if needed => continue,
+                        Ok(_) => log
+                            .partition_info(partition)
+                            .await
+                            .map(|info| info.end_offset),
+                        Err(err) => Err(err),
+                    };
+                    let stored = match placed {
+                        Ok(end) => log.set_checkpoint(&group, partition, end).await,
+                        Err(err) => Err(err),
+                    };
+                    if let Err(err) = stored {
+                        tracing::error!(endpoint = %name, %err, "routing: cannot place the cursor");
+                    }
+                }
+            }
+        }
     }
 
     async fn stop_workers(&self, running: &mut Option<Running>) {
@@ -353,6 +426,8 @@ impl Routing {
 
     fn spawn_workers(&self) -> Running {
         let inner = &self.inner;
+        let current = tokio::runtime::Handle::current();
+        let spawner = inner.runtime.handle().unwrap_or(&current);
         let (config, table) = self.lock_config().clone();
         let (stop, stopped) = watch::channel(false);
         let mut tasks = Vec::new();
@@ -371,20 +446,10 @@ impl Routing {
                 let needed = sources
                     .iter()
                     .any(|s| s.is_event() == (source.name == EVENTS_STREAM));
+                if !needed {
+                    continue;
+                }
                 for partition in 0..source.log.partition_count() {
-                    if !needed {
-                        // Nothing routes this log here: when a route does, the
-                        // endpoint starts from that moment, not from old history.
-                        let log = Arc::clone(&source.log);
-                        let group = delivery::cursor_group(&name);
-                        tasks.push(tokio::spawn(async move {
-                            if let Ok(info) = log.partition_info(partition).await {
-                                let _ =
-                                    log.set_checkpoint(&group, partition, info.end_offset).await;
-                            }
-                        }));
-                        continue;
-                    }
                     let worker = Worker {
                         table: Arc::clone(&table),
                         endpoint_name: name.clone(),
@@ -397,7 +462,7 @@ impl Routing {
                         retry_for: inner.settings.retry_for,
                         max_backoff: inner.settings.max_backoff,
                     };
-                    tasks.push(tokio::spawn(worker.run(stopped.clone())));
+                    tasks.push(spawner.spawn(worker.run(stopped.clone())));
                 }
             }
         }
