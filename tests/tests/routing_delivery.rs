@@ -1,7 +1,8 @@
 //! Delivery guarantees, end to end with a real hub and a real HTTP receiver process:
 //! a receiver answering 503 for 5 s then recovering gets every message, each
 //! device's in order; a `kill -9` of the hub mid-delivery loses nothing acknowledged
-//! (redeliveries after the restart are allowed and counted).
+//! (redeliveries after the restart are allowed and counted); a message refused past
+//! `routing.retry_for_secs` goes to the `dead-letters` stream.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::time::Duration;
@@ -13,7 +14,7 @@ use serde_json::{Value, json};
 
 const JSON: &str = "$.ct=application%2Fjson&$.ce=utf-8";
 
-fn config(url: &str) -> Value {
+fn config_json(url: &str) -> Value {
     json!({
         "endpoints": { "webhooks": [{ "name": "sink", "url": url }] },
         "routes": [{
@@ -70,7 +71,7 @@ async fn a_receiver_failing_for_five_seconds_gets_everything_each_device_in_orde
     let hub = HubOptions::new(dir.path()).start().await?;
     let token = hub.owner_token().await?;
     let receiver = Receiver::start(Duration::from_secs(5)).await?;
-    put_routing(&hub, &token, &config(&receiver.url(""))).await?;
+    put_routing(&hub, &token, &config_json(&receiver.url(""))).await?;
     let devices = ["r-a", "r-b", "r-c", "r-d"];
     let started = std::time::Instant::now();
     publish(&hub, &token, &devices, 25).await?;
@@ -115,7 +116,7 @@ async fn a_kill_9_mid_delivery_loses_nothing_acknowledged() -> Result<()> {
     let receiver = Receiver::start(Duration::ZERO).await?;
     // Slow answers keep delivery going while the hub is killed.
     receiver.control(0.0, 503, 15).await?;
-    put_routing(&hub, &token, &config(&receiver.url(""))).await?;
+    put_routing(&hub, &token, &config_json(&receiver.url(""))).await?;
     let devices = ["k-a", "k-b", "k-c"];
     publish(&hub, &token, &devices, 100).await?;
     let before = receiver
@@ -144,5 +145,52 @@ async fn a_kill_9_mid_delivery_loses_nothing_acknowledged() -> Result<()> {
         "kill -9 after {delivered_before} of 300 delivered: {duplicates} redelivered after the restart"
     );
     hub.stop().await?;
+    Ok(())
+}
+
+#[tokio::test]
+async fn a_message_refused_past_retry_for_goes_to_the_dead_letter_stream() -> Result<()> {
+    let dir = tempfile::tempdir()?;
+    let config = dir.path().join("hub.toml");
+    std::fs::write(
+        &config,
+        "[routing]\nretry_for_secs = 2\nmax_backoff_secs = 1\n",
+    )?;
+    let hub = HubOptions::new(&dir.path().join("data"))
+        .args(["--config", config.to_str().unwrap_or_default()])
+        .start()
+        .await?;
+    let token = hub.owner_token().await?;
+    // Refuses for an hour: every attempt fails.
+    let receiver = Receiver::start(Duration::from_secs(3600)).await?;
+    put_routing(&hub, &token, &config_json(&receiver.url(""))).await?;
+    publish(&hub, &token, &["dl-a"], 3).await?;
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    let dead = loop {
+        let dead = hub_tests::webhook::read_stream(&hub, &token, "dead-letters").await?;
+        if dead.len() >= 3 || tokio::time::Instant::now() > deadline {
+            break dead;
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    };
+    let seqs: Vec<u64> = dead
+        .iter()
+        .map(|m| m["body"]["seq"].as_u64().unwrap_or(u64::MAX))
+        .collect();
+    assert_eq!(seqs, vec![0, 1, 2], "{dead:?}");
+    assert_eq!(dead[0]["properties"]["deadLetterEndpoint"], "sink");
+    assert!(
+        dead[0]["properties"]["deadLetterReason"]
+            .as_str()
+            .unwrap_or_default()
+            .contains("503")
+    );
+    assert_eq!(dead[0]["deviceId"], "dl-a");
+    let metrics = hub.metrics().await?;
+    assert!(
+        metrics.contains("hub_routing_dead_lettered_total{endpoint=\"sink\"} 3"),
+        "{metrics}"
+    );
+    assert_eq!(receiver.received().await?.events.len(), 0);
     Ok(())
 }
