@@ -67,6 +67,39 @@ pub struct Config {
     pub tls: TlsConfig,
     /// The AMQP 1.0 service endpoint (C2D sends, feedback, Event Hub-compatible reads).
     pub amqp: AmqpConfig,
+    /// Routing and device events: delivery settings (the routes themselves are put
+    /// through `PUT /configuration/routing`).
+    pub routing: RoutingSettingsConfig,
+}
+
+/// `[routing]`: how routed messages are delivered.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct RoutingSettingsConfig {
+    /// How long a message an endpoint refuses is retried before it goes to the
+    /// `dead-letters` stream, seconds. Default 86400 (24 h); from 1 to 7 days.
+    pub retry_for_secs: u64,
+    /// The longest pause between two attempts, seconds (the backoff doubles from
+    /// 100 ms up to this). Default 60; from 1 to 3600.
+    pub max_backoff_secs: u64,
+    /// How long a webhook or NATS server may take to answer, seconds. Default 10;
+    /// from 1 to 300.
+    pub webhook_timeout_secs: u64,
+    /// Device events (created, deleted, connected, disconnected, twin changed) that
+    /// may wait to be stored; past it an event is dropped and counted
+    /// (`hub_routing_events_dropped_total`). Default 65536; from 16 to 1048576.
+    pub event_queue: usize,
+}
+
+impl Default for RoutingSettingsConfig {
+    fn default() -> Self {
+        Self {
+            retry_for_secs: 24 * 3600,
+            max_backoff_secs: 60,
+            webhook_timeout_secs: 10,
+            event_queue: 65536,
+        }
+    }
 }
 
 /// `[amqp]`: the AMQP 1.0 service endpoint and its bounds (DECISIONS.md, "AMQP 1.0
@@ -382,6 +415,7 @@ impl Default for Config {
             twins: TwinsConfig::default(),
             tls: TlsConfig::default(),
             amqp: AmqpConfig::default(),
+            routing: RoutingSettingsConfig::default(),
         }
     }
 }
@@ -520,6 +554,22 @@ impl Config {
         };
         if self.data_dir.as_os_str().is_empty() {
             return invalid("data_dir", "must not be empty");
+        }
+        let routing = &self.routing;
+        if !(1..=7 * 24 * 3600).contains(&routing.retry_for_secs) {
+            return invalid(
+                "routing.retry_for_secs",
+                "must be from 1 to 604800 (7 days)",
+            );
+        }
+        if !(1..=3600).contains(&routing.max_backoff_secs) {
+            return invalid("routing.max_backoff_secs", "must be from 1 to 3600");
+        }
+        if !(1..=300).contains(&routing.webhook_timeout_secs) {
+            return invalid("routing.webhook_timeout_secs", "must be from 1 to 300");
+        }
+        if !(16..=1_048_576).contains(&routing.event_queue) {
+            return invalid("routing.event_queue", "must be from 16 to 1048576");
         }
         match (&self.tls.server_cert, &self.tls.server_key) {
             (Some(_), None) => {
@@ -990,6 +1040,14 @@ mod tests {
             check(|c| c.twins.max_tags_bytes = MAX_TWIN_TAGS_BYTES + 1)
                 .starts_with("twins.max_tags_bytes ")
         );
+        assert_eq!(defaults.routing.retry_for_secs, 86_400);
+        assert!(check(|c| c.routing.retry_for_secs = 0).starts_with("routing.retry_for_secs "));
+        assert!(check(|c| c.routing.max_backoff_secs = 0).starts_with("routing.max_backoff_secs "));
+        assert!(
+            check(|c| c.routing.webhook_timeout_secs = 301)
+                .starts_with("routing.webhook_timeout_secs ")
+        );
+        assert!(check(|c| c.routing.event_queue = 1).starts_with("routing.event_queue "));
     }
 
     #[test]

@@ -40,6 +40,9 @@
 //! - [`provisioning`] owns DPS-style enrollments and registrations: it attests a
 //!   registering device, creates its registry device and initial twin, and answers
 //!   the provisioning device contract for the MQTT and HTTPS edges.
+//! - [`routing`] pushes telemetry and device events (created, deleted, connected,
+//!   disconnected, twin changed) to webhooks, NATS subjects and named streams, each
+//!   endpoint behind its own durable cursor in the logs.
 //!
 //! Ground
 //! - [`config`] is the configuration tree, its defaults and validation;
@@ -59,6 +62,7 @@ pub mod http;
 pub mod properties;
 pub mod provisioning;
 pub mod registry;
+pub mod routing;
 pub mod server;
 pub mod storage;
 pub mod store;

@@ -43,6 +43,9 @@ enum Command {
     C2d(cli::C2dCommand),
     /// Invoke a direct method on a device and print its answer.
     Invoke(cli::InvokeArgs),
+    /// Routing: get or set the configuration (Azure's routing JSON), test a message.
+    #[command(subcommand)]
+    Routing(cli::RoutingCommand),
     /// Cluster mode: NATS nodes, stream and bucket leaders and replicas.
     #[command(subcommand)]
     Cluster(cli::ClusterCommand),
@@ -167,6 +170,7 @@ fn main() -> ExitCode {
         Command::C2d(command) => report(runtime.block_on(cli::c2d(command))),
         Command::Twin(command) => report(runtime.block_on(cli::twin(command))),
         Command::Invoke(args) => report(runtime.block_on(cli::invoke(args))),
+        Command::Routing(command) => report(runtime.block_on(cli::routing(command))),
         Command::Cluster(command) => report(runtime.block_on(cli::cluster(command))),
         Command::Cert(command) => report(cli::cert(command)),
         Command::ConnectionString(args) => report(cli::connection_string(&args)),

@@ -38,9 +38,11 @@ use crate::http::serve::ConnectionLimits;
 use crate::provisioning::scope::{self, IdScope, ScopeError};
 use crate::provisioning::{Provisioning, ProvisioningStore};
 use crate::registry::{Presence, Registry, RegistryError};
+use crate::routing::{Routing, RoutingError, RoutingSettings};
 use crate::storage::{ClusterView, StoreError, StoreHealth};
 use crate::store::embedded::EmbeddedStore;
 use crate::store::embedded_provisioning::EmbeddedProvisioning;
+use crate::store::embedded_routing::EmbeddedRouting;
 use crate::store::embedded_twins::EmbeddedTwins;
 use crate::store::nats::NatsStore;
 use crate::store::nats::c2d::NatsCommands;
@@ -92,6 +94,9 @@ pub enum ServeError {
     /// The telemetry streams could not be opened.
     #[error("telemetry: {0}")]
     Telemetry(#[from] TelemetryError),
+    /// Routing could not start (its streams or its stored configuration).
+    #[error("routing: {0}")]
+    Routing(#[from] RoutingError),
     /// A listener could not be bound.
     #[error("cannot bind the {listener} listener on {addr}: {source}")]
     Bind {
@@ -284,6 +289,30 @@ impl Server {
             }
             None => None,
         };
+        // Routing runs in embedded mode; cluster mode does not serve it yet
+        // (docs/DECISIONS.md, "Routing and events").
+        let routing = match &nats {
+            Some(_) => None,
+            None => Some(
+                Routing::start(
+                    RoutingSettings {
+                        hostname: config.hostname.clone(),
+                        retry_for: Duration::from_secs(config.routing.retry_for_secs),
+                        max_backoff: Duration::from_secs(config.routing.max_backoff_secs),
+                        webhook_timeout: Duration::from_secs(config.routing.webhook_timeout_secs),
+                        event_queue: config.routing.event_queue,
+                        telemetry: config.telemetry.clone(),
+                        streams_dir: data_dir.root().join("streams"),
+                    },
+                    Arc::clone(&telemetry),
+                    Arc::new(store.clone()),
+                    Arc::new(EmbeddedRouting::open(&store)),
+                    &registry,
+                    twins.clone(),
+                )
+                .await?,
+            ),
+        };
         let scope_path = scope::scope_path(data_dir.root());
         let local_scope = IdScope::load_or_create(&scope_path)?;
         let (provisioning_store, id_scope): (Arc<dyn ProvisioningStore>, IdScope) = match &nats {
@@ -419,8 +448,16 @@ impl Server {
             store: health,
             metrics: {
                 let metrics = Arc::clone(&metrics);
-                Arc::new(move || metrics.render())
+                let routing = routing.clone();
+                Arc::new(move || {
+                    let mut text = metrics.render();
+                    if let Some(routing) = &routing {
+                        text.push_str(&routing.render_metrics());
+                    }
+                    text
+                })
             },
+            routing,
             telemetry,
             twins,
             commands,
@@ -482,6 +519,7 @@ impl Server {
     ) -> Result<(), ServeError> {
         let running = self.gateway.start(&self.state.registry);
         let telemetry = Arc::clone(&self.state.telemetry);
+        let routing = self.state.routing.clone();
         let retention = tokio::spawn(run_retention(
             Arc::clone(&telemetry),
             self.retention_interval,
@@ -593,6 +631,9 @@ impl Server {
         }
         let _ = retention.await;
         let _ = expiry.await;
+        if let Some(routing) = &routing {
+            routing.shutdown().await;
+        }
         // Device connections are closed: the committers commit what is queued and stop.
         let _ = tokio::task::spawn_blocking(move || telemetry.close()).await;
         // The addresses are no longer served; a stale file would mislead clients.

@@ -9,6 +9,7 @@
 //! services, [`mqtt`] is a raw MQTT test client, and [`nats`] starts a real NATS
 //! JetStream cluster (loopback, free ports, temp dirs) for the cluster-mode tests.
 //! [`azure`] holds what the tests running Azure's Node.js SDKs share.
+//! [`webhook`] runs a webhook receiver process for the routing tests.
 
 pub mod amqp;
 pub mod azure;
@@ -16,6 +17,7 @@ pub mod haproxy;
 pub mod inproc;
 pub mod mqtt;
 pub mod nats;
+pub mod webhook;
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
@@ -450,6 +452,17 @@ impl Hub {
             );
         }
         Ok(response.json().await?)
+    }
+
+    /// The `/metrics` text.
+    pub async fn metrics(&self) -> Result<String> {
+        Ok(self
+            .http
+            .get(format!("{}/metrics", self.url()))
+            .send()
+            .await?
+            .text()
+            .await?)
     }
 
     /// Every telemetry message of every partition, from the earliest offset.

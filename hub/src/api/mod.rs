@@ -18,6 +18,7 @@ mod error;
 mod extract;
 mod health;
 mod provisioning;
+mod routing;
 mod streams;
 mod twins;
 
@@ -61,6 +62,8 @@ pub struct AppState {
     pub provisioning: crate::provisioning::Provisioning,
     /// The cluster's state for `GET /cluster`, in cluster mode.
     pub cluster: Option<Arc<dyn crate::storage::ClusterView>>,
+    /// Routes, endpoints and the hub's extra streams (embedded mode).
+    pub routing: Option<crate::routing::Routing>,
 }
 
 /// Renders counters as Prometheus text, for `/metrics`.
@@ -133,11 +136,11 @@ pub fn router(state: AppState, limits: HttpLimits) -> Router {
         .route("/messages/serviceBound/feedback", get(commands::feedback))
         .route("/twins/{id}/methods", post(commands::invoke))
         .route(
-            "/streams/telemetry/partitions/{p}/messages",
+            "/streams/{stream}/partitions/{p}/messages",
             get(streams::read),
         )
         .route(
-            "/streams/telemetry/partitions/{p}/ws",
+            "/streams/{stream}/partitions/{p}/ws",
             get(streams::websocket),
         )
         .layer(middleware::from_fn_with_state(
@@ -207,11 +210,16 @@ pub fn router(state: AppState, limits: HttpLimits) -> Router {
             "/{scope}/registrations/{id}/operations/{operation}",
             get(provisioning::device_operation),
         )
-        .route("/streams/telemetry", get(streams::info))
+        .route("/streams/{stream}", get(streams::info))
         .route(
-            "/streams/telemetry/consumergroups/{g}/partitions/{p}/checkpoint",
+            "/streams/{stream}/consumergroups/{g}/partitions/{p}/checkpoint",
             put(streams::put_checkpoint),
         )
+        .route(
+            "/configuration/routing",
+            get(routing::get).put(routing::put),
+        )
+        .route("/configuration/routing/test", post(routing::test))
         // Only the routes above wait for a short-request slot; the merged ones have
         // their own limit (long) or none (probes).
         .layer(tower::limit::GlobalConcurrencyLimitLayer::new(

@@ -1,8 +1,11 @@
-//! Telemetry stream routes: partition info, long-poll reads by offset / checkpoint /
+//! Stream routes: partition info, long-poll reads by offset / checkpoint /
 //! earliest / latest, consumer-group checkpoints, and a WebSocket that pushes
-//! messages as they commit. All need the `service:connect` scope.
+//! messages as they commit; for `telemetry` and routing's streams (`device-events`,
+//! `dead-letters` and the named stream endpoints), all read alike. All need the
+//! `service:connect` scope.
 
 use std::collections::HashMap;
+use std::sync::Arc;
 use std::time::Duration;
 
 use axum::Json;
@@ -15,7 +18,19 @@ use serde_json::{Value, json};
 
 use super::extract::{ApiJson, ApiPath, ApiQuery, Authorized, ServiceConnect};
 use super::{ApiError, AppState};
-use crate::telemetry::{DEFAULT_GROUP, TelemetryError, message};
+use crate::telemetry::{DEFAULT_GROUP, Telemetry, TelemetryError, message};
+
+/// The stream named `name`: `telemetry` or one of routing's.
+fn stream(state: &AppState, name: &str) -> Result<Arc<Telemetry>, ApiError> {
+    if name == "telemetry" {
+        return Ok(Arc::clone(&state.telemetry));
+    }
+    state
+        .routing
+        .as_ref()
+        .and_then(|routing| routing.stream(name))
+        .ok_or_else(|| ApiError::NotFound(format!("no stream is named {name:?}")))
+}
 
 /// Longest long-poll wait.
 const MAX_WAIT_MS: u64 = 30_000;
@@ -76,17 +91,16 @@ fn parse_number(
 /// Resolves `from=` to an offset: a number, `earliest`, `latest`, or `checkpoint`
 /// (the default; the earliest offset when the group has none).
 async fn resolve_from(
-    state: &AppState,
+    log: &Telemetry,
     group: &str,
     partition: u32,
     from: Option<&String>,
 ) -> Result<u64, ApiError> {
-    let info = state.telemetry.partition_info(partition).await?;
+    let info = log.partition_info(partition).await?;
     match from.map(String::as_str) {
         Some("earliest") => Ok(info.first_offset),
         Some("latest") => Ok(info.end_offset),
-        None | Some("checkpoint") => Ok(state
-            .telemetry
+        None | Some("checkpoint") => Ok(log
             .checkpoint(group, partition)
             .await?
             .unwrap_or(info.first_offset)),
@@ -98,13 +112,14 @@ async fn resolve_from(
     }
 }
 
-/// `GET /streams/telemetry`.
+/// `GET /streams/{stream}`.
 pub async fn info(
     _auth: Authorized<ServiceConnect>,
     State(state): State<AppState>,
+    ApiPath(name): ApiPath<String>,
 ) -> Result<Json<Value>, ApiError> {
-    let partitions: Vec<Value> = state
-        .telemetry
+    let log = stream(&state, &name)?;
+    let partitions: Vec<Value> = log
         .info()
         .await?
         .into_iter()
@@ -117,23 +132,24 @@ pub async fn info(
         })
         .collect();
     Ok(Json(
-        json!({ "partitionCount": state.telemetry.partition_count(), "partitions": partitions }),
+        json!({ "partitionCount": log.partition_count(), "partitions": partitions }),
     ))
 }
 
-/// `GET /streams/telemetry/partitions/{p}/messages?consumerGroup=&from=&max=&waitMs=`.
+/// `GET /streams/{stream}/partitions/{p}/messages?consumerGroup=&from=&max=&waitMs=`.
 pub async fn read(
     _auth: Authorized<ServiceConnect>,
     State(state): State<AppState>,
-    ApiPath(partition): ApiPath<String>,
+    ApiPath((name, partition)): ApiPath<(String, String)>,
     ApiQuery(query): ApiQuery<HashMap<String, String>>,
 ) -> Result<Json<Value>, ApiError> {
+    let log = stream(&state, &name)?;
     let partition = parse_partition(&partition)?;
     let group = parse_group(query.get("consumerGroup"))?;
     let max = parse_number(&query, "max", 100, MAX_READ as u64)?.max(1) as usize;
     let wait = Duration::from_millis(parse_number(&query, "waitMs", 0, MAX_WAIT_MS)?);
-    let from = resolve_from(&state, &group, partition, query.get("from")).await?;
-    let messages = state.telemetry.read(partition, from, max, wait).await?;
+    let from = resolve_from(&log, &group, partition, query.get("from")).await?;
+    let messages = log.read(partition, from, max, wait).await?;
     let next_offset = messages.last().map_or(from, |m| m.offset + 1);
     let messages: Vec<Value> = messages.iter().map(message::to_json).collect();
     Ok(Json(
@@ -148,49 +164,49 @@ pub struct CheckpointBody {
     offset: u64,
 }
 
-/// `PUT /streams/telemetry/consumergroups/{g}/partitions/{p}/checkpoint` `{offset}`.
+/// `PUT /streams/{stream}/consumergroups/{g}/partitions/{p}/checkpoint` `{offset}`.
 pub async fn put_checkpoint(
     _auth: Authorized<ServiceConnect>,
     State(state): State<AppState>,
-    ApiPath((group, partition)): ApiPath<(String, String)>,
+    ApiPath((name, group, partition)): ApiPath<(String, String, String)>,
     ApiJson(body): ApiJson<CheckpointBody>,
 ) -> Result<Json<Value>, ApiError> {
+    let log = stream(&state, &name)?;
     let group = parse_group(Some(&group))?;
     let partition = parse_partition(&partition)?;
-    let info = state.telemetry.partition_info(partition).await?;
+    let info = log.partition_info(partition).await?;
     if body.offset > info.end_offset {
         return Err(ApiError::InvalidArgument(format!(
             "offset {} is beyond the end of partition {partition} ({})",
             body.offset, info.end_offset
         )));
     }
-    state
-        .telemetry
-        .set_checkpoint(&group, partition, body.offset)
-        .await?;
+    log.set_checkpoint(&group, partition, body.offset).await?;
     Ok(Json(
         json!({ "consumerGroup": group, "partition": partition, "offset": body.offset }),
     ))
 }
 
-/// `GET /streams/telemetry/partitions/{p}/ws?from=&consumerGroup=`: a WebSocket that
+/// `GET /streams/{stream}/partitions/{p}/ws?from=&consumerGroup=`: a WebSocket that
 /// sends each message (one JSON text frame) as soon as it is durable.
+#[allow(clippy::too_many_arguments)]
 pub async fn websocket(
     _auth: Authorized<ServiceConnect>,
     State(state): State<AppState>,
-    ApiPath(partition): ApiPath<String>,
+    ApiPath((name, partition)): ApiPath<(String, String)>,
     ApiQuery(query): ApiQuery<HashMap<String, String>>,
     upgrade: Result<WebSocketUpgrade, WebSocketUpgradeRejection>,
     long_slot: Option<axum::Extension<super::LongRequestSlot>>,
     connection_slot: Option<axum::Extension<crate::http::serve::ConnectionSlot>>,
 ) -> Result<Response, ApiError> {
     let upgrade = upgrade.map_err(|rejection| ApiError::InvalidArgument(rejection.body_text()))?;
+    let log = stream(&state, &name)?;
     let partition = parse_partition(&partition)?;
     let group = parse_group(query.get("consumerGroup"))?;
     let from = match query.get("from") {
         // A live view starts at the end unless told otherwise.
-        None => state.telemetry.partition_info(partition).await?.end_offset,
-        Some(_) => resolve_from(&state, &group, partition, query.get("from")).await?,
+        None => log.partition_info(partition).await?.end_offset,
+        Some(_) => resolve_from(&log, &group, partition, query.get("from")).await?,
     };
     // A browser offers `hub.v1` (and its credential) as subprotocols and fails the
     // connection unless one is selected; other clients offer none.
@@ -199,11 +215,16 @@ pub async fn websocket(
         // The stream outlives this request and its HTTP connection: it keeps their
         // slots (a long request's and a connection's) until it ends.
         let _slots = (long_slot, connection_slot);
-        stream_partition(socket, state, partition, from).await;
+        stream_partition(socket, log, partition, from).await;
     }))
 }
 
-async fn stream_partition(mut socket: WebSocket, state: AppState, partition: u32, mut next: u64) {
+async fn stream_partition(
+    mut socket: WebSocket,
+    log: Arc<Telemetry>,
+    partition: u32,
+    mut next: u64,
+) {
     loop {
         let read = tokio::select! {
             // The client went away (or sent a close): stop.
@@ -211,7 +232,7 @@ async fn stream_partition(mut socket: WebSocket, state: AppState, partition: u32
                 Some(Ok(Message::Close(_))) | None | Some(Err(_)) => return,
                 Some(Ok(_)) => continue,
             },
-            read = state.telemetry.read(partition, next, 100, Duration::from_secs(30)) => read,
+            read = log.read(partition, next, 100, Duration::from_secs(30)) => read,
         };
         let messages = match read {
             Ok(messages) => messages,

@@ -1,4 +1,5 @@
-//! The admin CLI: `hub token`, `hub device …`, `hub twin …`, `hub c2d …`, `hub invoke`
+//! The admin CLI: `hub token`, `hub device …`, `hub twin …`, `hub c2d …`, `hub invoke`,
+//! `hub routing …`
 //! `hub cluster status` and `hub tail` (clients of the REST API, authorized with short-lived tokens minted from the data dir's owner key), and
 //! `hub dps …` (provisioning: the ID scope from the data dir, enrollments and
 //! registrations through the REST API), `hub cert device`, and `hub connection-string` and `hub policy …` (the shared access
@@ -10,6 +11,7 @@ mod commands;
 mod device;
 mod dps;
 mod policy;
+mod routing;
 mod tail;
 mod twin;
 
@@ -27,6 +29,7 @@ pub use commands::{C2dCommand, InvokeArgs, c2d, invoke};
 pub use device::{DeviceCommand, device};
 pub use dps::{DpsCommand, dps};
 pub use policy::{ConnectionStringArgs, PolicyCommand, connection_string, policy};
+pub use routing::{RoutingCommand, routing};
 pub use tail::{TailArgs, tail};
 pub use twin::{TwinCommand, twin};
 

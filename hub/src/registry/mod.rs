@@ -20,7 +20,7 @@ pub use device::{
     SymmetricKeySpec, X509Thumbprint, generate_key, validate_key,
 };
 pub use device_id::{DeviceId, DeviceIdError};
-pub use presence::{DevicePresence, Presence};
+pub use presence::{DevicePresence, Presence, PresenceObserver};
 pub use store::{RegistryStore, RegistryStoreError, Removed};
 
 use crate::storage::StoreError;

@@ -1,5 +1,6 @@
 //! Which devices are connected right now and when each was last active: live state
-//! the gateway writes and the registry and twin views read. Not persisted.
+//! the gateway writes and the registry and twin views read. Not persisted. An
+//! observer (routing's connection-state events) learns of connects and disconnects.
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex, PoisonError};
@@ -17,13 +18,32 @@ pub struct DevicePresence {
     pub last_activity: OffsetDateTime,
 }
 
+/// Told synchronously when a device connects or disconnects (it must not block:
+/// the gateway calls this while it holds its connection table).
+pub trait PresenceObserver: Send + Sync + 'static {
+    /// `id` connected (`true`) or disconnected (`false`) at `at`.
+    fn connection_changed(&self, id: &DeviceId, connected: bool, at: OffsetDateTime);
+}
+
 /// Shared, cheap to clone table of device presence.
-#[derive(Debug, Clone, Default)]
+#[derive(Clone, Default)]
 pub struct Presence {
     devices: Arc<Mutex<HashMap<DeviceId, DevicePresence>>>,
+    observer: Arc<std::sync::OnceLock<Arc<dyn PresenceObserver>>>,
+}
+
+impl std::fmt::Debug for Presence {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Presence").finish_non_exhaustive()
+    }
 }
 
 impl Presence {
+    /// Sets the observer of connects and disconnects (once; later calls are ignored).
+    pub fn observe(&self, observer: Arc<dyn PresenceObserver>) {
+        let _ = self.observer.set(observer);
+    }
+
     /// Records that `id` connected (or sent something) at `now`.
     pub fn connected(&self, id: &DeviceId, now: OffsetDateTime) {
         self.lock().insert(
@@ -33,6 +53,9 @@ impl Presence {
                 last_activity: now,
             },
         );
+        if let Some(observer) = self.observer.get() {
+            observer.connection_changed(id, true, now);
+        }
     }
 
     /// Records that `id` was active at `now` without changing its connection state.
@@ -44,8 +67,12 @@ impl Presence {
 
     /// Records that `id` disconnected.
     pub fn disconnected(&self, id: &DeviceId) {
-        if let Some(entry) = self.lock().get_mut(id) {
-            entry.connected = false;
+        let was_connected = match self.lock().get_mut(id) {
+            Some(entry) => std::mem::replace(&mut entry.connected, false),
+            None => false,
+        };
+        if was_connected && let Some(observer) = self.observer.get() {
+            observer.connection_changed(id, false, OffsetDateTime::now_utc());
         }
     }
 

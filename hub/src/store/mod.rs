@@ -5,5 +5,6 @@
 
 pub mod embedded;
 pub mod embedded_provisioning;
+pub mod embedded_routing;
 pub mod embedded_twins;
 pub mod nats;

@@ -15,7 +15,7 @@ use crate::auth::device::AuthMethod;
 
 /// Device property-bag keys and the system property names they are stored under
 /// (Azure's names, as its routing and Event Hubs consumers see them).
-const SYSTEM_PROPERTIES: [(&str, &str); 8] = [
+pub const SYSTEM_PROPERTIES: [(&str, &str); 8] = [
     ("$.mid", "message-id"),
     ("$.cid", "correlation-id"),
     ("$.uid", "user-id"),
@@ -30,12 +30,12 @@ const SYSTEM_PROPERTIES: [(&str, &str); 8] = [
 /// Azure system properties kept under their own bag names: the module output name,
 /// the interface id and the distributed-tracing diagnostics (`$.diagid`,
 /// `$.diagctx`, …). Other `$.` keys stay reserved for the hub and are dropped.
-fn kept_under_own_name(key: &str) -> bool {
+pub fn kept_under_own_name(key: &str) -> bool {
     matches!(key, "$.on" | "$.ifid") || key.starts_with("$.diag")
 }
 
 /// The system property the model id from the CONNECT username is stamped as.
-const DATA_SCHEMA: &str = "dt-dataschema";
+pub const DATA_SCHEMA: &str = "dt-dataschema";
 /// The system properties the hub stamps on every message.
 const DEVICE_ID: &str = "iothub-connection-device-id";
 const AUTH_METHOD: &str = "iothub-connection-auth-method";

@@ -204,6 +204,25 @@ struct Inner {
     limits: TwinLimits,
     /// Bounds the queries scanning at once.
     query_slots: tokio::sync::Semaphore,
+    /// Told of every change made through this hub (routing's twin change events).
+    observer: std::sync::OnceLock<Arc<dyn TwinObserver>>,
+}
+
+/// How a twin was changed, in Azure's twin change events' `opType`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum TwinChangeKind {
+    /// A merge patch of tags, desired or reported properties (`updateTwin`).
+    Update,
+    /// Tags and desired properties replaced (`replaceTwin`).
+    Replace,
+}
+
+/// Told synchronously after a change made through this hub is stored; it must not
+/// block.
+pub trait TwinObserver: Send + Sync + 'static {
+    /// `id`'s twin is now `twin`; `changed` holds what the change set, in the twin's
+    /// shape (`{"tags": …, "properties": {"desired"|"reported": …}}`).
+    fn changed(&self, id: &DeviceId, kind: TwinChangeKind, twin: &TwinDocument, changed: Value);
 }
 
 /// The twin service.
@@ -291,6 +310,7 @@ impl Twins {
             links,
             limits,
             query_slots: tokio::sync::Semaphore::new(CONCURRENT_QUERIES),
+            observer: std::sync::OnceLock::new(),
         });
         if let Some(changes) = watch {
             tokio::spawn(follow(Arc::downgrade(&inner), changes, desired_seen));
@@ -301,6 +321,17 @@ impl Twins {
 
     fn lock(&self) -> MutexGuard<'_, HashMap<DeviceId, Cached>> {
         self.inner.lock()
+    }
+
+    /// Sets the observer of changes (once; later calls are ignored).
+    pub fn observe(&self, observer: Arc<dyn TwinObserver>) {
+        let _ = self.inner.observer.set(observer);
+    }
+
+    fn notify(&self, id: &DeviceId, kind: TwinChangeKind, twin: &TwinDocument, changed: Value) {
+        if let Some(observer) = self.inner.observer.get() {
+            observer.changed(id, kind, twin, changed);
+        }
     }
 
     /// Every twin, sorted by device id (cheap: the documents are shared).
@@ -468,6 +499,14 @@ impl Twins {
                 }
             })
             .await?;
+        let mut changed = Map::new();
+        if let Some(tags) = tags {
+            changed.insert("tags".into(), Value::Object(tags));
+        }
+        if let Some(desired) = desired {
+            changed.insert("properties".into(), json!({ "desired": desired }));
+        }
+        self.notify(id, TwinChangeKind::Update, &twin, Value::Object(changed));
         Ok(TwinView { device, twin })
     }
 
@@ -499,6 +538,11 @@ impl Twins {
                 Ok(Some(Value::Object(twin.desired.properties.clone())))
             })
             .await?;
+        let changed = json!({
+            "tags": twin.tags,
+            "properties": { "desired": twin.desired.properties },
+        });
+        self.notify(id, TwinChangeKind::Replace, &twin, changed);
         Ok(TwinView { device, twin })
     }
 
@@ -519,6 +563,8 @@ impl Twins {
                 Ok(None)
             })
             .await?;
+        let changed = json!({ "properties": { "reported": patch } });
+        self.notify(id, TwinChangeKind::Update, &twin, changed);
         Ok(twin.reported.version)
     }
 }

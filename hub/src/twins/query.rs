@@ -647,6 +647,30 @@ pub fn parse(text: &str) -> Result<Query, QueryError> {
     Ok(query)
 }
 
+/// Parses a bare condition (the `WHERE` part alone, as routing conditions are
+/// written), with the same bounds as a query.
+pub fn parse_condition(text: &str) -> Result<Expr, QueryError> {
+    let end = text.chars().count();
+    if end > MAX_QUERY_CHARS {
+        return Err(QueryError {
+            position: MAX_QUERY_CHARS,
+            message: format!("condition too long: at most {MAX_QUERY_CHARS} characters"),
+        });
+    }
+    let tokens = tokenize(text)?;
+    let mut parser = Parser {
+        tokens,
+        at: 0,
+        end,
+        terms: 0,
+    };
+    let condition = parser.or(0)?;
+    if parser.at < parser.tokens.len() {
+        return parser.error("unexpected text after the condition");
+    }
+    Ok(condition)
+}
+
 impl Query {
     fn validate(&self) -> Result<(), QueryError> {
         let invalid = |message: &str| {
