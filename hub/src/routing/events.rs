@@ -20,7 +20,7 @@ use crate::properties::PropertyBag;
 use crate::registry::{DeviceId, PresenceObserver, RegistryObserver};
 use crate::telemetry::{Telemetry, TelemetryIngest, TelemetryMessage};
 use crate::twins::document::TwinDocument;
-use crate::twins::{TwinChangeKind, TwinObserver, Twins};
+use crate::twins::{TwinChangeKind, TwinObserver, Twins, WeakTwins};
 
 /// The application property naming an event's schema.
 pub const SCHEMA_PROPERTY: &str = "iothub-message-schema";
@@ -240,7 +240,8 @@ impl EventQueue {
 pub struct EventSink {
     /// The queue to the writer.
     pub queue: EventQueue,
-    twins: Twins,
+    /// Weak: the twins and the registry hold this sink as their observer.
+    twins: WeakTwins,
 }
 
 impl std::fmt::Debug for EventSink {
@@ -260,7 +261,7 @@ impl EventSink {
         let (queue, receiver) = mpsc::channel(capacity.max(1));
         let sink = Arc::new(Self {
             queue: EventQueue::new(hub_name, queue),
-            twins,
+            twins: twins.downgrade(),
         });
         let writer = tokio::spawn(write_events(receiver, log));
         (sink, writer)
@@ -268,6 +269,14 @@ impl EventSink {
 
     fn emit(&self, device: &DeviceId, kind: EventKind, body: &Value, at: OffsetDateTime) {
         self.queue.emit(device, kind, body, at);
+    }
+
+    /// The device's twin for a lifecycle event (empty once the twins are gone).
+    fn twin_of(&self, id: &DeviceId) -> TwinDocument {
+        self.twins
+            .upgrade()
+            .map(|twins| twins.twin_of(id))
+            .unwrap_or_default()
     }
 }
 
@@ -296,12 +305,12 @@ async fn write_events(mut receiver: mpsc::Receiver<TelemetryMessage>, log: Arc<T
 
 impl RegistryObserver for EventSink {
     fn created(&self, id: &DeviceId) {
-        let body = lifecycle_body(id, &self.twins.twin_of(id));
+        let body = lifecycle_body(id, &self.twin_of(id));
         self.emit(id, EventKind::Created, &body, OffsetDateTime::now_utc());
     }
 
     fn deleted(&self, id: &DeviceId) {
-        let body = lifecycle_body(id, &self.twins.twin_of(id));
+        let body = lifecycle_body(id, &self.twin_of(id));
         self.emit(id, EventKind::Deleted, &body, OffsetDateTime::now_utc());
     }
 }

@@ -595,6 +595,11 @@ impl Routing {
         for task in &background {
             task.abort();
         }
+        // Wait until each aborted task is dropped: they hold the store, which a hub
+        // started next on the same data dir must be able to open.
+        for task in background {
+            let _ = task.await;
+        }
         let logs = self.inner.logs();
         let _ = tokio::task::spawn_blocking(move || {
             for log in logs {

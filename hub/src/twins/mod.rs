@@ -231,6 +231,19 @@ pub struct Twins {
     inner: Arc<Inner>,
 }
 
+/// A handle on the twin service that does not keep it alive: for an observer the
+/// twins (or the registry they hold) keep, which would otherwise form a cycle that
+/// never frees the store.
+#[derive(Clone)]
+pub struct WeakTwins(std::sync::Weak<Inner>);
+
+impl WeakTwins {
+    /// The twin service, while it exists.
+    pub fn upgrade(&self) -> Option<Twins> {
+        self.0.upgrade().map(|inner| Twins { inner })
+    }
+}
+
 impl std::fmt::Debug for Twins {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Twins").finish_non_exhaustive()
@@ -321,6 +334,11 @@ impl Twins {
 
     fn lock(&self) -> MutexGuard<'_, HashMap<DeviceId, Cached>> {
         self.inner.lock()
+    }
+
+    /// A handle that does not keep the service alive.
+    pub fn downgrade(&self) -> WeakTwins {
+        WeakTwins(Arc::downgrade(&self.inner))
     }
 
     /// Sets the observer of changes (once; later calls are ignored).
