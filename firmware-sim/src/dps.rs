@@ -178,6 +178,7 @@ impl Session {
             }
         }
         let (mut throttled, mut polls) = (0u32, 0u32);
+        let mut operation: Option<String> = None;
         let body = json!({ "registrationId": self.id }).to_string();
         // Register until the service takes the request (429: wait and send again).
         let mut answer = loop {
@@ -237,12 +238,13 @@ impl Session {
                     return Err(DpsError::Protocol(self.id.clone(), answer.body.to_string()));
                 }
             }
-            let operation = answer.body["operationId"]
-                .as_str()
-                .ok_or_else(|| {
-                    DpsError::Protocol(self.id.clone(), format!("no operationId: {}", answer.body))
-                })?
-                .to_string();
+            // A poll's answer may leave the operation out: the last one named stands.
+            if let Some(named) = answer.body["operationId"].as_str() {
+                operation = Some(named.to_string());
+            }
+            let operation = operation.clone().ok_or_else(|| {
+                DpsError::Protocol(self.id.clone(), format!("no operationId: {}", answer.body))
+            })?;
             // Poll after the wait the service asked for; a 429 is waited out and the
             // same poll made again.
             let mut wait = answer.retry_after;
@@ -260,10 +262,7 @@ impl Session {
                     wait = next.retry_after;
                     continue;
                 }
-                break Answer {
-                    body: with_operation(next.body, &operation),
-                    ..next
-                };
+                break next;
             };
         }
     }
@@ -305,16 +304,6 @@ impl Session {
             }
         }
     }
-}
-
-/// A poll's answer names the operation; an answer without it keeps polling the same.
-fn with_operation(mut body: Value, operation: &str) -> Value {
-    if body.get("operationId").is_none()
-        && let Some(map) = body.as_object_mut()
-    {
-        map.insert("operationId".into(), Value::String(operation.to_string()));
-    }
-    body
 }
 
 /// Reads `$dps/registrations/res/{status}/?$rid={rid}[&retry-after={s}]` and its body.
@@ -375,13 +364,5 @@ mod tests {
         assert!(parse_answer("$dps/registrations/res/abc/?$rid=1", b"").is_none());
         assert!(parse_answer("$dps/registrations/res/200/?retry-after=1", b"").is_none());
         assert!(parse_answer("devices/d/messages/devicebound/", b"").is_none());
-    }
-
-    #[test]
-    fn a_poll_answer_keeps_its_operation() {
-        let body = with_operation(json!({"status": "assigning"}), "op-1");
-        assert_eq!(body["operationId"], "op-1");
-        let body = with_operation(json!({"operationId": "op-2"}), "op-1");
-        assert_eq!(body["operationId"], "op-2");
     }
 }

@@ -297,6 +297,24 @@ struct Parser {
 }
 
 impl Parser {
+    /// A parser over `text` (a `what`: query or condition), refused past
+    /// [`MAX_QUERY_CHARS`].
+    fn new(text: &str, what: &str) -> Result<Self, QueryError> {
+        let end = text.chars().count();
+        if end > MAX_QUERY_CHARS {
+            return Err(QueryError {
+                position: MAX_QUERY_CHARS,
+                message: format!("{what} too long: at most {MAX_QUERY_CHARS} characters"),
+            });
+        }
+        Ok(Self {
+            tokens: tokenize(text)?,
+            at: 0,
+            end,
+            terms: 0,
+        })
+    }
+
     fn position(&self) -> usize {
         self.tokens.get(self.at).map_or(self.end, |(_, p)| *p)
     }
@@ -628,20 +646,7 @@ fn is_reserved(word: &str) -> bool {
 
 /// Parses a query.
 pub fn parse(text: &str) -> Result<Query, QueryError> {
-    let end = text.chars().count();
-    if end > MAX_QUERY_CHARS {
-        return Err(QueryError {
-            position: MAX_QUERY_CHARS,
-            message: format!("query too long: at most {MAX_QUERY_CHARS} characters"),
-        });
-    }
-    let tokens = tokenize(text)?;
-    let mut parser = Parser {
-        tokens,
-        at: 0,
-        end,
-        terms: 0,
-    };
+    let mut parser = Parser::new(text, "query")?;
     let query = parser.query()?;
     query.validate()?;
     Ok(query)
@@ -650,20 +655,7 @@ pub fn parse(text: &str) -> Result<Query, QueryError> {
 /// Parses a bare condition (the `WHERE` part alone, as routing conditions are
 /// written), with the same bounds as a query.
 pub fn parse_condition(text: &str) -> Result<Expr, QueryError> {
-    let end = text.chars().count();
-    if end > MAX_QUERY_CHARS {
-        return Err(QueryError {
-            position: MAX_QUERY_CHARS,
-            message: format!("condition too long: at most {MAX_QUERY_CHARS} characters"),
-        });
-    }
-    let tokens = tokenize(text)?;
-    let mut parser = Parser {
-        tokens,
-        at: 0,
-        end,
-        terms: 0,
-    };
+    let mut parser = Parser::new(text, "condition")?;
     let condition = parser.or(0)?;
     if parser.at < parser.tokens.len() {
         return parser.error("unexpected text after the condition");
